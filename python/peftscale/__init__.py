@@ -1,0 +1,41 @@
+"""peftscale: train small language models cheaply, then make them reason better at test time.
+
+>>> import peftscale as ps
+>>> eng = ps.Engine.load(ps.models.smollm2_135m_instruct())          # doctest: +SKIP
+>>> eng.generate("The capital of France is", max_new_tokens=8).text  # doctest: +SKIP
+"""
+
+from peftscale import models
+from peftscale._core import __version__
+from peftscale.engine import Engine, GenerationOutput, Stats, Tokenizer
+from peftscale.errors import (
+    ChatTemplateError,
+    ContextLengthError,
+    EngineError,
+    InvalidArgument,
+    ModelLoadError,
+    NumericalError,
+    PeftscaleError,
+    TokenizerError,
+)
+from peftscale.strategies import Greedy, Sampling, Strategy
+
+__all__ = [
+    "ChatTemplateError",
+    "ContextLengthError",
+    "Engine",
+    "EngineError",
+    "GenerationOutput",
+    "Greedy",
+    "InvalidArgument",
+    "ModelLoadError",
+    "NumericalError",
+    "PeftscaleError",
+    "Sampling",
+    "Stats",
+    "Strategy",
+    "Tokenizer",
+    "TokenizerError",
+    "__version__",
+    "models",
+]

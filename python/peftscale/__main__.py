@@ -1,0 +1,3 @@
+from peftscale.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""The ``peftscale`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from peftscale import models
+from peftscale.engine import Engine
+from peftscale.errors import PeftscaleError
+from peftscale.strategies import Greedy, Sampling, Strategy
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "f32", "f16", "bf16"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    path = args.model or models.smollm2_135m_instruct()
+    return Engine.load(path, dtype=args.dtype)
+
+
+def _strategy(args: argparse.Namespace) -> Strategy:
+    if args.temperature == 0.0:
+        return Greedy(repetition_penalty=args.repetition_penalty)
+    return Sampling(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    eng = _engine(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = eng.apply_chat_template([{"role": "user", "content": prompt}])
+    for piece in eng.stream(prompt, max_new_tokens=args.max_new_tokens, strategy=_strategy(args)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    eng = _engine(args)
+    history: list[dict[str, str]] = []
+    print("Chatting with", args.model or "the packaged SmolLM2-135M-Instruct", "(empty line or Ctrl-D to quit)")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        prompt = eng.apply_chat_template(history)
+        reply = []
+        for piece in eng.stream(prompt, max_new_tokens=args.max_new_tokens, strategy=_strategy(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    path = args.model or models.smollm2_135m_instruct()
+    print(f"model: {path}")
+    t0 = time.perf_counter()
+    eng = Engine.load(path, dtype=args.dtype)
+    print(f"loaded in {time.perf_counter() - t0:.2f}s ({eng.weight_bytes / 1e6:.1f} MB of weights)")
+    question = "What is the capital of France? Answer in one sentence."
+    prompt = eng.apply_chat_template([{"role": "user", "content": question}])
+    print(f"\nuser: {question}\nassistant: ", end="", flush=True)
+    t0 = time.perf_counter()
+    pieces = []
+    for piece in eng.stream(prompt, max_new_tokens=args.max_new_tokens, strategy=Greedy()):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    out = eng.generate(prompt, max_new_tokens=64, ignore_eos=True)
+    speed = len(out.token_ids) / out.stats.seconds
+    print(
+        f"\ngreedy: {len(out.token_ids)} tokens in {out.stats.seconds:.2f}s = {speed:.1f} tokens/s "
+        f"({out.stats.flops / out.stats.seconds / 1e9:.1f} GFLOP/s, prompt included)"
+    )
+    batch = eng.generate([prompt] * 4, max_new_tokens=32, strategy=Sampling(temperature=0.8, seed=1), ignore_eos=True)
+    n = sum(len(o.token_ids) for o in batch)
+    print(f"batched sampling: 4 rows x 32 tokens, {n / batch[0].stats.seconds:.1f} tokens/s in total")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftscale", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="continue a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat")
+    _add_model_args(c)
+    c.set_defaults(func=cmd_chat)
+    d = sub.add_parser("demo", help="generate from the packaged model and print speed")
+    _add_model_args(d)
+    d.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PeftscaleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

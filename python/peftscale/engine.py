@@ -1,0 +1,244 @@
+"""The Python face of the Rust engine.
+
+The engine decodes batches of prompts in one forward pass per step, releases the GIL while it
+works, and raises typed :mod:`peftscale.errors` exceptions for bad input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import numpy as np
+
+from peftscale import _core
+from peftscale.errors import InvalidArgument
+from peftscale.strategies import Greedy, Strategy
+
+DType = Literal["auto", "f32", "f16", "bf16"]
+Prompt = str | Sequence[int]
+Message = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The compute one ``generate`` call spent (shared by every output of the call)."""
+
+    tokens_forwarded: int
+    forward_passes: int
+    flops: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One generated continuation: the new part only, never the prompt."""
+
+    text: str | None
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["eos", "stop", "length", "context"]
+    prompt_tokens: int
+    stats: Stats
+
+    @classmethod
+    def _from_core(cls, d: dict[str, Any]) -> GenerationOutput:
+        return cls(
+            text=d["text"],
+            token_ids=list(d["token_ids"]),
+            logprobs=list(d["logprobs"]),
+            finish_reason=d["finish_reason"],
+            prompt_tokens=d["prompt_tokens"],
+            stats=Stats(**d["stats"]),
+        )
+
+
+class Tokenizer:
+    """The model's tokenizer (from ``tokenizer.json`` or rebuilt from GGUF metadata)."""
+
+    def __init__(self, core: _core.Engine) -> None:
+        self._core = core
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with BOS where the model's tokenizer adds one."""
+        return self._core.encode(text)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._core.decode(list(ids), skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._core.token_to_id(token)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self._core.eos_token_ids
+
+
+class Engine:
+    """A loaded model, ready to decode.
+
+    Load it with :meth:`Engine.load` from a GGUF file or a Hugging Face folder
+    (``config.json`` + ``*.safetensors``).
+    """
+
+    def __init__(self, core: _core.Engine, path: Path) -> None:
+        self._core = core
+        self.path = path
+        self.tokenizer = Tokenizer(core)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], dtype: DType = "auto") -> Engine:
+        """Load a model.
+
+        ``dtype="auto"`` keeps GGUF weights quantized as stored (dense checkpoints load as f32);
+        ``"f32"``, ``"f16"`` and ``"bf16"`` dequantize or convert every weight to that type.
+        """
+        p = Path(path)
+        return cls(_core.Engine.load(p, dtype), p)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The architecture: vocab size, layers, heads, context length, ..."""
+        return self._core.config
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads."""
+        return self._core.weight_bytes
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits ``[len(token_ids), vocab]`` (float32) at every position, from a fresh cache."""
+        return self._core.logits([int(t) for t in token_ids])
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the model's own chat template."""
+        return self._core.apply_chat_template(_messages(messages), add_generation_prompt)
+
+    @overload
+    def generate(
+        self,
+        prompts: str,
+        *,
+        max_new_tokens: int = ...,
+        strategy: Strategy | None = ...,
+        stop: Sequence[str] | None = ...,
+        ignore_eos: bool = ...,
+    ) -> GenerationOutput: ...
+
+    @overload
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int = ...,
+        strategy: Strategy | None = ...,
+        stop: Sequence[str] | None = ...,
+        ignore_eos: bool = ...,
+    ) -> list[GenerationOutput] | GenerationOutput: ...
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        max_new_tokens: int = 256,
+        strategy: Strategy | None = None,
+        stop: Sequence[str] | None = None,
+        ignore_eos: bool = False,
+    ) -> GenerationOutput | list[GenerationOutput]:
+        """Continue one prompt or a batch of prompts.
+
+        ``prompts`` is a string, a list of token ids, or a list of either; a single prompt
+        returns one :class:`GenerationOutput`, a list returns a list. All prompts of a call are
+        decoded together, one batched forward pass per step. Generation stops at an
+        end-of-sequence token, at ``max_new_tokens``, or when the text contains one of ``stop``
+        (the text is cut before it; ``token_ids`` keep the token that completed it).
+        """
+        ids, single = self._encode_prompts(prompts)
+        kwargs = self._kwargs(max_new_tokens, strategy, stop, ignore_eos)
+        outs = [GenerationOutput._from_core(d) for d in self._core.generate(ids, **kwargs)]
+        return outs[0] if single else outs
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        *,
+        max_new_tokens: int = 256,
+        strategy: Strategy | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> GenerationOutput | list[GenerationOutput]:
+        """Answer one conversation (a list of ``{"role", "content"}``) or a list of them."""
+        if len(messages) > 0 and isinstance(messages[0], Mapping):
+            return self.generate(
+                self.apply_chat_template(messages),  # type: ignore[arg-type]
+                max_new_tokens=max_new_tokens,
+                strategy=strategy,
+                stop=stop,
+            )
+        prompts = [self.apply_chat_template(conv) for conv in messages]  # type: ignore[arg-type]
+        return self.generate(prompts, max_new_tokens=max_new_tokens, strategy=strategy, stop=stop)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        strategy: Strategy | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[str]:
+        """Yield the continuation of one prompt piece by piece as it is decoded."""
+        ids, _ = self._encode_prompts(prompt)
+        gen = self._core.start(ids, **self._kwargs(max_new_tokens, strategy, stop, False))
+        while not gen.done:
+            for _row, piece in gen.step():
+                if piece:
+                    yield piece
+
+    def _encode_prompts(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
+        if isinstance(prompts, str) or _is_ids(prompts):
+            return [self._encode_one(prompts)], True  # type: ignore[arg-type]
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise InvalidArgument("invalid argument: prompts must be a string, token ids, or a non-empty list")
+        return [self._encode_one(p) for p in prompts], False
+
+    def _encode_one(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise InvalidArgument("invalid argument: prompt is empty")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    @staticmethod
+    def _kwargs(
+        max_new_tokens: int, strategy: Strategy | None, stop: Sequence[str] | None, ignore_eos: bool
+    ) -> dict[str, Any]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidArgument(f"invalid argument: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(stop, str):
+            stop = [stop]
+        strategy = strategy if strategy is not None else Greedy()
+        if not hasattr(strategy, "_core_kwargs"):
+            raise InvalidArgument(f"invalid argument: unknown strategy {strategy!r}")
+        return {
+            "max_new_tokens": max_new_tokens,
+            "stop": list(stop or []),
+            "ignore_eos": ignore_eos,
+            **strategy._core_kwargs(),
+        }
+
+
+def _is_ids(x: object) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, str) and len(x) > 0 and all(
+        isinstance(t, (int, np.integer)) for t in x
+    )
+
+
+def _messages(messages: Sequence[Message]) -> list[tuple[str, str]]:
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise InvalidArgument(f"invalid argument: message {i} must be a mapping with 'role' and 'content'")
+        out.append((str(m["role"]), str(m["content"])))
+    return out

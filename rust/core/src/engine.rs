@@ -1,0 +1,281 @@
+//! The engine: a loaded model with its tokenizer, and the loop that turns a strategy's work into
+//! batched forward passes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kv::{SeqId, SeqStore};
+use crate::logits::SamplingParams;
+use crate::model::{self, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
+use crate::search::sampling::StopCriteria;
+use crate::search::{Advance, RowOutput, SamplingStrategy, Strategy, TextDelta};
+use crate::text::{ChatMessage, ChatTemplate, StopMatcher, Tokenizer};
+
+/// Options shared by every prompt of one `generate` call.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+    /// Keep generating past end-of-sequence tokens (for benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            stop: Vec::new(),
+            sampling: SamplingParams::greedy(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// The compute spent on one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    /// Tokens run through the model (prompt and generated), all rows together.
+    pub tokens_forwarded: usize,
+    /// Forward passes (each one batches every active row).
+    pub forward_passes: usize,
+    /// Estimated floating-point operations: 2 x matmul parameters x tokens plus attention.
+    pub flops: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub row: RowOutput,
+    pub stats: Stats,
+}
+
+pub struct Engine {
+    model: Arc<Model>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    chat_template: Option<Arc<ChatTemplate>>,
+    weight_bytes: usize,
+    path: PathBuf,
+}
+
+impl Engine {
+    pub fn load(path: impl AsRef<Path>, dtype: WeightDType) -> Result<Self> {
+        let path = path.as_ref();
+        let device = Device::Cpu;
+        let loaded = model::load(path, dtype, &device)?;
+        if let Some(tok) = &loaded.tokenizer.tokenizer {
+            tok.check_fits(loaded.model.config(), path)?;
+        }
+        let chat_template = match &loaded.tokenizer.chat_template {
+            Some(src) => {
+                let tok = loaded.tokenizer.tokenizer.as_ref();
+                Some(Arc::new(ChatTemplate::new(
+                    src,
+                    tok.and_then(|t| t.bos_token.as_deref()),
+                    tok.and_then(|t| t.eos_token.as_deref()),
+                )?))
+            }
+            None => None,
+        };
+        Ok(Self {
+            model: Arc::new(loaded.model),
+            tokenizer: loaded.tokenizer.tokenizer.map(Arc::new),
+            chat_template,
+            weight_bytes: loaded.weight_bytes,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes of weights read by one decode step.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_deref()
+            .ok_or_else(|| Error::Tokenizer("this model has no tokenizer (no tokenizer.json or GGUF vocabulary)".into()))
+    }
+
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.chat_template
+            .as_ref()
+            .ok_or_else(|| Error::ChatTemplate("this model has no chat template".into()))?
+            .render(messages, add_generation_prompt)
+    }
+
+    /// Logits `[len, vocab]` at every position of `ids`, run as one fresh sequence.
+    pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
+        self.check_prompt(ids)?;
+        let mut store = SeqStore::new(self.model.kv_shape(), self.model.device());
+        let seq = store.create();
+        let rows = [RowInput {
+            seq,
+            tokens: ids,
+            logits: LogitsFor::All,
+        }];
+        let mut out = self.model.forward(&mut store, &rows)?;
+        out.pop().ok_or_else(|| Error::invalid("forward returned no rows"))
+    }
+
+    /// A fresh sequence store for running the model by hand ([`Engine::forward`]).
+    pub fn new_store(&self) -> SeqStore {
+        SeqStore::new(self.model.kv_shape(), self.model.device())
+    }
+
+    /// One batched forward pass over `rows` (for strategies and tests that drive the model).
+    pub fn forward(&self, store: &mut SeqStore, rows: &[RowInput<'_>]) -> Result<Vec<Tensor>> {
+        self.model.forward(store, rows)
+    }
+
+    fn check_prompt(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::invalid("prompt is empty: give at least one token"));
+        }
+        let ctx = self.config().max_position_embeddings;
+        if ids.len() >= ctx {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: ids.len(),
+                context: ctx,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts decoding `prompts` (token ids); drive it with [`Generation::step`].
+    pub fn start(&self, prompts: Vec<Vec<u32>>, opts: &GenerateOptions) -> Result<Generation> {
+        if prompts.is_empty() {
+            return Err(Error::invalid("no prompts given"));
+        }
+        if opts.max_new_tokens == 0 {
+            return Err(Error::invalid("max_new_tokens must be at least 1"));
+        }
+        opts.sampling.validate()?;
+        for p in &prompts {
+            self.check_prompt(p)?;
+        }
+        let eos_token_ids = match (&self.tokenizer, opts.ignore_eos) {
+            (Some(t), false) => t.eos_token_ids.clone(),
+            _ => Vec::new(),
+        };
+        let criteria = StopCriteria {
+            max_new_tokens: opts.max_new_tokens,
+            eos_token_ids,
+            stop: StopMatcher::new(opts.stop.clone()),
+            context: self.config().max_position_embeddings,
+        };
+        let strategy: Box<dyn Strategy> = Box::new(SamplingStrategy::new(
+            opts.sampling,
+            criteria,
+            self.tokenizer.clone(),
+        ));
+        Generation::new(self.model.clone(), strategy, prompts)
+    }
+
+    /// Decodes `prompts` to completion.
+    pub fn generate(&self, prompts: Vec<Vec<u32>>, opts: &GenerateOptions) -> Result<Vec<Output>> {
+        let mut generation = self.start(prompts, opts)?;
+        while !generation.is_done() {
+            generation.step()?;
+        }
+        Ok(generation.outputs())
+    }
+}
+
+/// One decoding run in progress: the strategy, its sequences, and the compute account.
+pub struct Generation {
+    model: Arc<Model>,
+    store: SeqStore,
+    strategy: Box<dyn Strategy>,
+    pending: Vec<Advance>,
+    stats: Stats,
+    started: Instant,
+}
+
+impl Generation {
+    fn new(model: Arc<Model>, mut strategy: Box<dyn Strategy>, prompts: Vec<Vec<u32>>) -> Result<Self> {
+        let mut store = SeqStore::new(model.kv_shape(), model.device());
+        let pending = strategy.start(&mut store, &prompts)?;
+        Ok(Self {
+            model,
+            store,
+            strategy,
+            pending,
+            stats: Stats::default(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Runs one batched forward pass and lets the strategy consume it; returns newly final text.
+    pub fn step(&mut self) -> Result<Vec<TextDelta>> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let work = std::mem::take(&mut self.pending);
+        self.account(&work)?;
+        let rows: Vec<RowInput<'_>> = work
+            .iter()
+            .map(|a| RowInput {
+                seq: a.seq,
+                tokens: &a.tokens,
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        let logits = self.model.forward(&mut self.store, &rows)?;
+        let per_seq: Vec<(SeqId, Vec<f32>)> = work
+            .iter()
+            .zip(logits)
+            .map(|(a, l)| Ok((a.seq, l.squeeze(0)?.to_vec1::<f32>()?)))
+            .collect::<Result<_>>()?;
+        self.pending = self.strategy.consume(&mut self.store, per_seq)?;
+        self.stats.seconds = self.started.elapsed().as_secs_f64();
+        Ok(self.strategy.take_deltas())
+    }
+
+    fn account(&mut self, work: &[Advance]) -> Result<()> {
+        let cfg = self.model.config();
+        let dense = 2.0 * cfg.matmul_parameters() as f64;
+        // q·k and p·v: 2 x 2 x layers x q_dim multiply-adds for each (query, key) pair.
+        let attn = 4.0 * (cfg.num_layers * cfg.num_heads * cfg.head_dim) as f64;
+        for a in work {
+            let past = self.store.len(a.seq)?;
+            let n = a.tokens.len();
+            let pairs: f64 = (0..n).map(|i| (past + i + 1) as f64).sum();
+            self.stats.tokens_forwarded += n;
+            self.stats.flops += dense * n as f64 + attn * pairs;
+        }
+        self.stats.forward_passes += 1;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn outputs(&self) -> Vec<Output> {
+        self.strategy
+            .outputs()
+            .into_iter()
+            .map(|row| Output {
+                row,
+                stats: self.stats,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,50 @@
+//! The error type of the engine. Every failure a user can cause maps to one readable variant.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A model file or folder could not be read or does not describe a supported model.
+    #[error("cannot load model from {path}: {reason}")]
+    ModelLoad { path: PathBuf, reason: String },
+
+    /// A parameter is outside its allowed range or an input is empty.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The prompt (plus the tokens to generate) does not fit in the model's context.
+    #[error(
+        "prompt of {prompt_tokens} tokens does not fit the model's context of {context} tokens \
+         (at least one position must remain for a new token)"
+    )]
+    ContextOverflow { prompt_tokens: usize, context: usize },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    /// The model produced NaN or infinite logits, so no token can be chosen honestly.
+    #[error("non-finite logits at generation step {step} of row {row}: the model produced NaN/inf")]
+    NonFiniteLogits { row: usize, step: usize },
+
+    /// An internal tensor operation failed; this is a bug or an unsupported configuration.
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn load(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
+        Error::ModelLoad {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn invalid(msg: impl std::fmt::Display) -> Self {
+        Error::InvalidArgument(msg.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,311 @@
+//! The sequence store: every row the engine decodes is a sequence with its own key/value cache.
+//!
+//! A sequence's cache is a list of frozen, reference-counted blocks (shared with the sequences it
+//! was forked from or into) followed by a private, growable tail. `fork` freezes the parent's tail
+//! into a block that both parent and child then point at, so a child never copies or recomputes
+//! its prefix; `free` drops a sequence and, with it, whatever blocks nobody else holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+pub type SeqId = u64;
+
+/// Keys and values of one layer, `[kv_heads, len, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct KvPiece {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+/// A frozen run of positions, all layers.
+#[derive(Debug)]
+struct Block {
+    layers: Vec<KvPiece>,
+}
+
+/// A preallocated, growable buffer `[kv_heads, capacity, head_dim]` per layer.
+#[derive(Debug, Default)]
+struct Tail {
+    k: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    blocks: Vec<Arc<Block>>,
+    tail: Tail,
+    len: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct KvShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+}
+
+pub struct SeqStore {
+    shape: KvShape,
+    device: Device,
+    seqs: HashMap<SeqId, Sequence>,
+    next_id: SeqId,
+}
+
+const MIN_TAIL_CAPACITY: usize = 64;
+
+impl SeqStore {
+    pub fn new(shape: KvShape, device: &Device) -> Self {
+        Self {
+            shape,
+            device: device.clone(),
+            seqs: HashMap::new(),
+            next_id: 0,
+        }
+    }
+
+    fn empty_tail(&self) -> Tail {
+        Tail {
+            k: vec![None; self.shape.layers],
+            v: vec![None; self.shape.layers],
+            len: 0,
+        }
+    }
+
+    /// A new, empty sequence.
+    pub fn create(&mut self) -> SeqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let seq = Sequence {
+            blocks: Vec::new(),
+            tail: self.empty_tail(),
+            len: 0,
+        };
+        self.seqs.insert(id, seq);
+        id
+    }
+
+    fn get(&self, id: SeqId) -> Result<&Sequence> {
+        self.seqs
+            .get(&id)
+            .ok_or_else(|| Error::invalid(format!("sequence {id} does not exist (freed?)")))
+    }
+
+    fn get_mut(&mut self, id: SeqId) -> Result<&mut Sequence> {
+        self.seqs
+            .get_mut(&id)
+            .ok_or_else(|| Error::invalid(format!("sequence {id} does not exist (freed?)")))
+    }
+
+    /// A child that shares every cached position of `parent`.
+    pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
+        let empty = self.empty_tail();
+        let seq = self.get_mut(parent)?;
+        if seq.tail.len > 0 {
+            let n = seq.tail.len;
+            let freeze = |t: &Option<Tensor>| -> Result<Tensor> {
+                match t {
+                    Some(t) => Ok(t.narrow(1, 0, n)?.contiguous()?),
+                    None => Err(Error::invalid("tail buffer missing for a non-empty tail")),
+                }
+            };
+            let layers = seq
+                .tail
+                .k
+                .iter()
+                .zip(&seq.tail.v)
+                .map(|(k, v)| {
+                    Ok(KvPiece {
+                        k: freeze(k)?,
+                        v: freeze(v)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            seq.blocks.push(Arc::new(Block { layers }));
+            // The parent keeps its buffers and writes its next positions from offset 0 again.
+            seq.tail.len = 0;
+        }
+        let child = Sequence {
+            blocks: seq.blocks.clone(),
+            tail: empty,
+            len: seq.len,
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, child);
+        Ok(id)
+    }
+
+    pub fn free(&mut self, id: SeqId) {
+        self.seqs.remove(&id);
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self, id: SeqId) -> Result<usize> {
+        Ok(self.get(id)?.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Number of live sequences.
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Bytes held by cache blocks and tails, counting each shared block once.
+    pub fn bytes(&self) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        let piece_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        for seq in self.seqs.values() {
+            for b in &seq.blocks {
+                if seen.insert(Arc::as_ptr(b)) {
+                    total += b
+                        .layers
+                        .iter()
+                        .map(|p| piece_bytes(&p.k) + piece_bytes(&p.v))
+                        .sum::<usize>();
+                }
+            }
+            for t in seq.tail.k.iter().chain(&seq.tail.v).flatten() {
+                total += piece_bytes(t);
+            }
+        }
+        total
+    }
+
+    /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) for layer `layer` after the cached positions and
+    /// returns every piece the new queries attend to, oldest first. The sequence's length only
+    /// moves when [`SeqStore::advance`] is called after the last layer.
+    pub(crate) fn append_and_view(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Vec<KvPiece>> {
+        let shape = self.shape;
+        let device = self.device.clone();
+        let seq = self.get_mut(id)?;
+        let n = k.dim(1)?;
+        let start = seq.tail.len;
+        let needed = start + n;
+        for buf in [&mut seq.tail.k[layer], &mut seq.tail.v[layer]] {
+            let cap = buf.as_ref().map(|t| t.dim(1)).transpose()?.unwrap_or(0);
+            if cap < needed {
+                let new_cap = needed.max(2 * cap).max(MIN_TAIL_CAPACITY);
+                let grown = Tensor::zeros(
+                    (shape.kv_heads, new_cap, shape.head_dim),
+                    shape.dtype,
+                    &device,
+                )?;
+                if let Some(old) = buf.as_ref() {
+                    if start > 0 {
+                        grown.slice_set(&old.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
+                    }
+                }
+                *buf = Some(grown);
+            }
+        }
+        let (Some(tk), Some(tv)) = (&seq.tail.k[layer], &seq.tail.v[layer]) else {
+            return Err(Error::invalid("tail buffer missing after allocation"));
+        };
+        tk.slice_set(&k.contiguous()?, 1, start)?;
+        tv.slice_set(&v.contiguous()?, 1, start)?;
+        let mut pieces: Vec<KvPiece> = seq.blocks.iter().map(|b| b.layers[layer].clone()).collect();
+        pieces.push(KvPiece {
+            k: tk.narrow(1, 0, needed)?,
+            v: tv.narrow(1, 0, needed)?,
+        });
+        Ok(pieces)
+    }
+
+    /// Commits `n` positions written by `append_and_view` on every layer.
+    pub(crate) fn advance(&mut self, id: SeqId, n: usize) -> Result<()> {
+        let seq = self.get_mut(id)?;
+        seq.tail.len += n;
+        seq.len += n;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> SeqStore {
+        let shape = KvShape {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            dtype: DType::F32,
+        };
+        SeqStore::new(shape, &Device::Cpu)
+    }
+
+    fn kv(n: usize, base: f32) -> Tensor {
+        let data: Vec<f32> = (0..2 * n * 4).map(|i| base + i as f32).collect();
+        Tensor::from_vec(data, (2, n, 4), &Device::Cpu).unwrap()
+    }
+
+    fn write(store: &mut SeqStore, id: SeqId, n: usize, base: f32) -> Vec<KvPiece> {
+        let mut last = Vec::new();
+        for layer in 0..2 {
+            last = store
+                .append_and_view(id, layer, &kv(n, base), &kv(n, -base))
+                .unwrap();
+        }
+        store.advance(id, n).unwrap();
+        last
+    }
+
+    fn flat(pieces: &[KvPiece]) -> Vec<f32> {
+        let ks: Vec<Tensor> = pieces.iter().map(|p| p.k.clone()).collect();
+        Tensor::cat(&ks, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn fork_shares_prefix_and_keeps_tails_private() {
+        let mut s = store();
+        let a = s.create();
+        write(&mut s, a, 3, 0.0);
+        let b = s.fork(a).unwrap();
+        assert_eq!(s.len(b).unwrap(), 3);
+        let va = write(&mut s, a, 1, 100.0);
+        let vb = write(&mut s, b, 1, 200.0);
+        assert_eq!(va.len(), 2, "one shared block plus a private tail");
+        assert_eq!(flat(&va[..1]), flat(&vb[..1]));
+        assert_ne!(flat(&va[1..]), flat(&vb[1..]));
+        // Both tails grew independently and the prefix block is stored once.
+        let expected = kv(3, 0.0);
+        let full_b = flat(&vb);
+        let direct = Tensor::cat(&[expected, kv(1, 200.0)], 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(full_b, direct);
+        s.free(a);
+        assert!(s.len(a).is_err());
+        assert_eq!(s.len(b).unwrap(), 4);
+    }
+
+    #[test]
+    fn tail_grows_past_initial_capacity() {
+        let mut s = store();
+        let a = s.create();
+        for i in 0..(MIN_TAIL_CAPACITY + 5) {
+            write(&mut s, a, 1, i as f32);
+        }
+        let view = write(&mut s, a, 2, 7.0);
+        assert_eq!(view[0].k.dim(1).unwrap(), MIN_TAIL_CAPACITY + 7);
+    }
+}

@@ -1,0 +1,326 @@
+//! A llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) that runs a batch of rows per call.
+//!
+//! Every row belongs to its own sequence, with its own cache and position. The projections run
+//! once over the tokens of all rows stacked together; attention runs per row over that row's
+//! cache pieces, so rows of different lengths never need padding and give exactly what each
+//! would give alone.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{ModelConfig, RopeLayout};
+use super::linear::{Embedding, Linear};
+use super::weights::TensorSource;
+use crate::error::{Error, Result};
+use crate::kv::{KvPiece, KvShape, SeqId, SeqStore};
+
+/// Which positions of a row need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    Last,
+    All,
+}
+
+/// One row of a forward pass: append `tokens` to sequence `seq`.
+#[derive(Debug, Clone)]
+pub struct RowInput<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+    pub logits: LogitsFor,
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_attn_norm: Tensor,
+    mlp: Mlp,
+}
+
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl Model {
+    pub(crate) fn load(
+        cfg: ModelConfig,
+        src: &mut dyn TensorSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let q_dim = cfg.num_heads * cfg.head_dim;
+        let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+        let embed = src.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let bias = cfg.attention_bias;
+            layers.push(Layer {
+                input_norm: src.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                attn: Attention {
+                    q: src.linear(&format!("{p}.self_attn.q_proj.weight"), q_dim, h, bias)?,
+                    k: src.linear(&format!("{p}.self_attn.k_proj.weight"), kv_dim, h, bias)?,
+                    v: src.linear(&format!("{p}.self_attn.v_proj.weight"), kv_dim, h, bias)?,
+                    o: src.linear(&format!("{p}.self_attn.o_proj.weight"), h, q_dim, false)?,
+                },
+                post_attn_norm: src.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp: Mlp {
+                    gate: src.linear(&format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h, false)?,
+                    up: src.linear(&format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h, false)?,
+                    down: src.linear(&format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size, false)?,
+                },
+            });
+        }
+        let norm = src.vector("model.norm.weight", h)?;
+        let lm_head = if src.contains("lm_head.weight") {
+            src.linear("lm_head.weight", cfg.vocab_size, h, false)?
+        } else if cfg.tie_word_embeddings {
+            embed.as_linear()?
+        } else {
+            return Err(Error::load(src.path(), "missing tensor lm_head.weight"));
+        };
+        let (cos, sin) = rope_tables(&cfg, dtype, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Bytes of the matrices one decode step reads (the embedding table only when it is tied).
+    pub fn weight_bytes(&self) -> usize {
+        let per_layer = |l: &Layer| {
+            [&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down]
+                .iter()
+                .map(|x| x.bytes())
+                .sum::<usize>()
+        };
+        self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.bytes()
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Shape of the cache a sequence of this model needs.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.cfg.num_layers,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            dtype: self.dtype,
+        }
+    }
+
+    /// Runs all rows through the model in one pass and returns, per row, f32 logits
+    /// `[positions, vocab]` (one position for [`LogitsFor::Last`]).
+    pub fn forward(&self, store: &mut SeqStore, rows: &[RowInput<'_>]) -> Result<Vec<Tensor>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(rows.len());
+        for row in rows {
+            if row.tokens.is_empty() {
+                return Err(Error::invalid("a forward row has no tokens"));
+            }
+            let start = store.len(row.seq)?;
+            let end = start + row.tokens.len();
+            if end > self.cfg.max_position_embeddings {
+                return Err(Error::ContextOverflow {
+                    prompt_tokens: end,
+                    context: self.cfg.max_position_embeddings,
+                });
+            }
+            if let Some(&bad) = row.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(Error::invalid(format!(
+                    "token id {bad} is outside the vocabulary of {} tokens",
+                    self.cfg.vocab_size
+                )));
+            }
+            spans.push((ids.len(), row.tokens.len()));
+            ids.extend_from_slice(row.tokens);
+            positions.extend((start..end).map(|p| p as u32));
+        }
+        let n_total = ids.len();
+        let ids = Tensor::from_vec(ids, n_total, &self.device)?;
+        let positions = Tensor::from_vec(positions, n_total, &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+
+        let mut x = self.embed.forward(&ids, self.dtype)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, store, rows, &spans)?;
+            x = (x + layer.attn.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_attn_norm, self.cfg.rms_norm_eps as f32)?;
+            let gate = candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)?;
+            let mlp = layer.mlp.down.forward(&(gate * layer.mlp.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        for (row, &(_, n)) in rows.iter().zip(&spans) {
+            store.advance(row.seq, n)?;
+        }
+
+        let mut keep = Vec::new();
+        for (row, &(off, n)) in rows.iter().zip(&spans) {
+            match row.logits {
+                LogitsFor::Last => keep.push((off + n - 1) as u32),
+                LogitsFor::All => keep.extend((off..off + n).map(|i| i as u32)),
+            }
+        }
+        let n_keep = keep.len();
+        let keep = Tensor::from_vec(keep, n_keep, &self.device)?;
+        let x = x.index_select(&keep, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut at = 0;
+        for (row, &(_, n)) in rows.iter().zip(&spans) {
+            let len = if row.logits == LogitsFor::All { n } else { 1 };
+            out.push(logits.narrow(0, at, len)?);
+            at += len;
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer_idx: usize,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        store: &mut SeqStore,
+        rows: &[RowInput<'_>],
+        spans: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (n_total, _) = h.dims2()?;
+        let hd = cfg.head_dim;
+        // [n, heads*hd] -> [heads, n, hd], rotated by each token's own position.
+        let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(t.reshape((1, n_total, heads, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let rotate = |t: &Tensor| -> Result<Tensor> {
+            let r = match cfg.rope_layout {
+                RopeLayout::Halves => candle_nn::rotary_emb::rope(t, cos, sin)?,
+                RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(t, cos, sin)?,
+            };
+            Ok(r.squeeze(0)?)
+        };
+        let q = rotate(&to_heads(layer.attn.q.forward(h)?, cfg.num_heads)?)?;
+        let k = rotate(&to_heads(layer.attn.k.forward(h)?, cfg.num_kv_heads)?)?;
+        let v = to_heads(layer.attn.v.forward(h)?, cfg.num_kv_heads)?.squeeze(0)?;
+
+        let mut outs = Vec::with_capacity(rows.len());
+        for (row, &(off, n)) in rows.iter().zip(spans) {
+            let pieces = store.append_and_view(
+                row.seq,
+                layer_idx,
+                &k.narrow(1, off, n)?,
+                &v.narrow(1, off, n)?,
+            )?;
+            let q_row = q.narrow(1, off, n)?;
+            let o = self.attend(&q_row, &pieces)?; // [heads, n, hd]
+            outs.push(o.transpose(0, 1)?.reshape((n, cfg.num_heads * hd))?);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// Causal attention of `q` (`[heads, n, hd]`, the last `n` positions) over the cache pieces.
+    fn attend(&self, q: &Tensor, pieces: &[KvPiece]) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (heads, n, hd) = q.dims3()?;
+        let groups = heads / cfg.num_kv_heads;
+        // Query heads that share a kv head become extra rows, so keys are never repeated.
+        let q = q
+            .contiguous()?
+            .reshape((cfg.num_kv_heads, groups * n, hd))?
+            .to_dtype(DType::F32)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let k = p.k.to_dtype(DType::F32)?;
+            scores.push(q.matmul(&k.t()?)?);
+        }
+        let scores = if scores.len() == 1 {
+            scores.remove(0)
+        } else {
+            Tensor::cat(&scores, 2)?
+        };
+        let total = scores.dim(2)?;
+        let mut scores = (scores * scale)?;
+        if n > 1 {
+            let past = total - n;
+            let mask: Vec<f32> = (0..groups * n)
+                .flat_map(|r| {
+                    let i = r % n;
+                    (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (groups * n, total), &self.device)?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let mut out: Option<Tensor> = None;
+        let mut at = 0;
+        for p in pieces {
+            let len = p.v.dim(1)?;
+            let part = probs.narrow(2, at, len)?.matmul(&p.v.to_dtype(DType::F32)?)?;
+            at += len;
+            out = Some(match out {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+        let out = out.ok_or_else(|| Error::invalid("attention over an empty cache"))?;
+        Ok(out.reshape((heads, n, hd))?.to_dtype(self.dtype)?)
+    }
+}
+
+fn rope_tables(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    // f32 throughout, as transformers computes it, so positions far into the context agree.
+    let theta = cfg.rope_theta as f32;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / cfg.head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let positions: Vec<f32> = (0..cfg.max_position_embeddings).map(|p| p as f32).collect();
+    let positions = Tensor::from_vec(positions, (cfg.max_position_embeddings, 1), device)?;
+    let freqs = positions.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}

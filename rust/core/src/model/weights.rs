@@ -1,0 +1,294 @@
+//! Where the model's tensors come from: a GGUF file or a Hugging Face safetensors folder.
+//!
+//! The model asks for tensors by their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`);
+//! the GGUF source translates them to llama.cpp's names (`blk.0.attn_q.weight`). Every tensor is
+//! checked against the shape the config implies, so a mismatched file fails at load time.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::linear::{Embedding, Linear};
+use crate::error::{Error, Result};
+
+/// The dtype the user asked weights to be held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDType {
+    /// Keep GGUF weights quantized as stored; dense checkpoints become f32 (the fast CPU dtype).
+    Auto,
+    F32,
+    F16,
+    BF16,
+}
+
+impl WeightDType {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            other => Err(Error::invalid(format!(
+                "dtype must be one of \"auto\", \"f32\", \"f16\", \"bf16\", got {other:?}"
+            ))),
+        }
+    }
+
+    /// The dtype of activations and dense weights.
+    pub fn compute_dtype(self) -> DType {
+        match self {
+            Self::Auto | Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+}
+
+pub(crate) trait TensorSource {
+    fn path(&self) -> &Path;
+    fn contains(&self, hf_name: &str) -> bool;
+    /// A weight matrix `[out, in]` with an optional bias `[out]`.
+    fn linear(&mut self, hf_name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear>;
+    /// A dense vector (norm weights).
+    fn vector(&mut self, hf_name: &str, len: usize) -> Result<Tensor>;
+    fn embedding(&mut self, hf_name: &str, vocab: usize, hidden: usize) -> Result<Embedding>;
+}
+
+fn shape_error(path: &Path, name: &str, expected: &[usize], found: &[usize]) -> Error {
+    Error::load(
+        path,
+        format!("tensor {name} has shape {found:?}, but the config implies {expected:?}"),
+    )
+}
+
+/// Tensors of a GGUF file, read on demand.
+pub(crate) struct GgufSource {
+    path: PathBuf,
+    file: File,
+    content: gguf_file::Content,
+    dtype: WeightDType,
+    device: Device,
+}
+
+impl GgufSource {
+    pub fn open(path: &Path, dtype: WeightDType, device: &Device) -> Result<Self> {
+        let mut file =
+            File::open(path).map_err(|e| Error::load(path, format!("cannot open file: {e}")))?;
+        let mut magic = [0u8; 4];
+        file.read_exact(&mut magic)
+            .map_err(|_| Error::load(path, "file is shorter than a GGUF header"))?;
+        if &magic != b"GGUF" {
+            return Err(Error::load(
+                path,
+                format!("not a GGUF file (magic bytes {magic:02x?}, expected \"GGUF\")"),
+            ));
+        }
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::load(path, e))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| Error::load(path, format!("malformed GGUF header: {e}")))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::load(path, e))?
+            .len();
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if elems % block != 0 {
+                return Err(Error::load(
+                    path,
+                    format!("tensor {name}: {elems} elements is not a multiple of the {:?} block size {block}", info.ggml_dtype),
+                ));
+            }
+            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content.tensor_data_offset + info.offset + bytes;
+            if end > file_len {
+                return Err(Error::load(
+                    path,
+                    format!(
+                        "file is truncated: tensor {name} ends at byte {end} but the file has {file_len} bytes"
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            content,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+
+    fn gguf_name(hf_name: &str) -> String {
+        let name = hf_name.strip_prefix("model.").unwrap_or(hf_name);
+        let name = match name {
+            "embed_tokens.weight" => return "token_embd.weight".into(),
+            "norm.weight" => return "output_norm.weight".into(),
+            "lm_head.weight" => return "output.weight".into(),
+            other => other,
+        };
+        let name = name.replacen("layers.", "blk.", 1);
+        [
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+        ]
+        .iter()
+        .fold(name, |n, (hf, gg)| n.replace(hf, gg))
+    }
+
+    fn qtensor(&mut self, hf_name: &str, expected: &[usize]) -> Result<QTensor> {
+        let name = Self::gguf_name(hf_name);
+        let info = self
+            .content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name}")))?;
+        if info.shape.dims() != expected {
+            return Err(shape_error(&self.path, &name, expected, info.shape.dims()));
+        }
+        self.content
+            .tensor(&mut self.file, &name, &self.device)
+            .map_err(|e| Error::load(&self.path, format!("cannot read tensor {name}: {e}")))
+    }
+
+    fn dense(&self, t: &QTensor) -> Result<Tensor> {
+        let dtype = self.dtype.compute_dtype();
+        Ok(t.dequantize(&self.device)?.to_dtype(dtype)?)
+    }
+
+    fn keep_quantized(&self, t: &QTensor) -> bool {
+        self.dtype == WeightDType::Auto
+            && !matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn contains(&self, hf_name: &str) -> bool {
+        self.content
+            .tensor_infos
+            .contains_key(&Self::gguf_name(hf_name))
+    }
+
+    fn linear(&mut self, hf_name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.qtensor(hf_name, &[out, inp])?;
+        let b = if bias {
+            let bname = hf_name.replace(".weight", ".bias");
+            Some(self.vector(&bname, out)?)
+        } else {
+            None
+        };
+        if self.keep_quantized(&w) {
+            Linear::quantized(Arc::new(w), b)
+        } else {
+            Linear::dense(self.dense(&w)?, b)
+        }
+    }
+
+    fn vector(&mut self, hf_name: &str, len: usize) -> Result<Tensor> {
+        let t = self.qtensor(hf_name, &[len])?;
+        Ok(t.dequantize(&self.device)?
+            .to_dtype(self.dtype.compute_dtype())?)
+    }
+
+    fn embedding(&mut self, hf_name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        let t = self.qtensor(hf_name, &[vocab, hidden])?;
+        if self.keep_quantized(&t) {
+            Ok(Embedding::Quantized(Arc::new(t)))
+        } else {
+            Ok(Embedding::Dense(self.dense(&t)?))
+        }
+    }
+}
+
+/// Tensors of a Hugging Face folder (`config.json` + one or more `*.safetensors`).
+pub(crate) struct SafetensorsSource {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    dtype: DType,
+}
+
+impl SafetensorsSource {
+    pub fn open(dir: &Path, dtype: WeightDType, device: &Device) -> Result<Self> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::load(dir, format!("cannot list folder: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::load(dir, "folder has no *.safetensors files"));
+        }
+        let mut tensors = HashMap::new();
+        for f in &files {
+            let loaded = candle_core::safetensors::load(f, device).map_err(|e| {
+                Error::load(f, format!("malformed safetensors file: {e}"))
+            })?;
+            tensors.extend(loaded);
+        }
+        Ok(Self {
+            path: dir.to_path_buf(),
+            tensors,
+            dtype: dtype.compute_dtype(),
+        })
+    }
+
+    fn take(&mut self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name}")))?;
+        if t.dims() != expected {
+            return Err(shape_error(&self.path, name, expected, t.dims()));
+        }
+        Ok(t.to_dtype(self.dtype)?)
+    }
+}
+
+impl TensorSource for SafetensorsSource {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn contains(&self, hf_name: &str) -> bool {
+        self.tensors.contains_key(hf_name)
+    }
+
+    fn linear(&mut self, hf_name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.take(hf_name, &[out, inp])?;
+        let b = if bias {
+            Some(self.take(&hf_name.replace(".weight", ".bias"), &[out])?)
+        } else {
+            None
+        };
+        Linear::dense(w, b)
+    }
+
+    fn vector(&mut self, hf_name: &str, len: usize) -> Result<Tensor> {
+        self.take(hf_name, &[len])
+    }
+
+    fn embedding(&mut self, hf_name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        Ok(Embedding::Dense(self.take(hf_name, &[vocab, hidden])?))
+    }
+}
