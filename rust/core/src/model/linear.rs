@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
+use super::qmatmul::QuantMatrix;
 use crate::error::Result;
 
 /// A weight matrix `[out, in]`, applied as `x · Wᵀ (+ b)` to a `[rows, in]` input.
@@ -19,6 +20,7 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 enum LinearWeight {
+    Blocks(QuantMatrix),
     Quantized(QMatMul),
     Dense(Tensor),
 }
@@ -40,7 +42,10 @@ impl Linear {
         let (out_features, in_features) = weight.shape().dims2()?;
         Ok(Self {
             bytes: weight.storage_size_in_bytes(),
-            weight: LinearWeight::Quantized(QMatMul::from_arc(weight)?),
+            weight: match QuantMatrix::from_qtensor(&weight)? {
+                Some(m) => LinearWeight::Blocks(m),
+                None => LinearWeight::Quantized(QMatMul::from_arc(weight)?),
+            },
             bias,
             out_features,
             in_features,
@@ -62,6 +67,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
+            LinearWeight::Blocks(w) => w.matmul(x)?,
             LinearWeight::Quantized(w) => w.forward(x)?,
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
         };

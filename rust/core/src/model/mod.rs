@@ -4,6 +4,7 @@
 mod config;
 mod linear;
 mod llama;
+mod qmatmul;
 mod weights;
 
 use std::path::{Path, PathBuf};
