@@ -1,0 +1,163 @@
+"""Bad input gets a typed, readable error, never a panic, a hang or a wrong answer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import peftscale as ps
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(ps.ModelLoadError, match="no such file"):
+        ps.Engine.load(tmp_path / "nope.gguf")
+
+
+def test_wrong_magic(tmp_path: Path, smollm2_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    data = bytearray(smollm2_path.read_bytes()[:4096])
+    data[:4] = b"GGML"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ps.ModelLoadError, match="not a GGUF file"):
+        ps.Engine.load(bad)
+
+
+@pytest.mark.parametrize("keep", [2, 100, 3_000_000, 90_000_000])
+def test_truncated_gguf(tmp_path: Path, smollm2_path: Path, keep: int) -> None:
+    bad = tmp_path / "truncated.gguf"
+    with smollm2_path.open("rb") as f:
+        bad.write_bytes(f.read(keep))
+    with pytest.raises(ps.ModelLoadError) as e:
+        ps.Engine.load(bad)
+    assert "truncated" in str(e.value) or "malformed" in str(e.value) or "shorter" in str(e.value)
+
+
+def test_missing_tensor(tmp_path: Path, tiny_llama: Path) -> None:
+    folder = _copy_folder(tiny_llama, tmp_path / "m")
+    st = folder / "model.safetensors"
+    tensors = load_file(st)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, st)
+    with pytest.raises(ps.ModelLoadError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        ps.Engine.load(folder)
+
+
+def test_config_weight_shape_mismatch(tmp_path: Path, tiny_llama: Path) -> None:
+    folder = _copy_folder(tiny_llama, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ps.ModelLoadError, match=r"has shape \[96, 64\], but the config implies \[128, 64\]"):
+        ps.Engine.load(folder)
+
+
+def test_malformed_safetensors(tmp_path: Path, tiny_llama: Path) -> None:
+    folder = _copy_folder(tiny_llama, tmp_path / "m")
+    st = folder / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(ps.ModelLoadError, match="malformed safetensors"):
+        ps.Engine.load(folder)
+
+
+def test_unsupported_architecture(tmp_path: Path, tiny_llama: Path) -> None:
+    folder = _copy_folder(tiny_llama, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ps.ModelLoadError, match="unsupported architecture"):
+        ps.Engine.load(folder)
+
+
+def test_bad_dtype(tiny_llama: Path) -> None:
+    with pytest.raises(ps.InvalidArgument, match="dtype must be one of"):
+        ps.Engine.load(tiny_llama, dtype="int3")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama: Path) -> ps.Engine:
+    return ps.Engine.load(tiny_llama)
+
+
+def test_empty_prompt(tiny: ps.Engine) -> None:
+    with pytest.raises(ps.InvalidArgument, match="prompt is empty"):
+        tiny.generate("")
+    with pytest.raises(ps.InvalidArgument, match="prompt is empty"):
+        tiny.generate([[1, 2], []])
+    with pytest.raises(ps.InvalidArgument):
+        tiny.generate([])
+
+
+def test_prompt_longer_than_context(tiny: ps.Engine) -> None:
+    with pytest.raises(ps.ContextLengthError, match="context of 128 tokens"):
+        tiny.generate(list(range(1, 200)))
+    with pytest.raises(ps.ContextLengthError):
+        tiny.logits(list(range(1, 200)))
+    # A prompt that fits stops at the context edge instead of overflowing.
+    out = tiny.generate(list(range(1, 120)), max_new_tokens=50, ignore_eos=True)
+    assert out.finish_reason == "context"
+    assert out.prompt_tokens + len(out.token_ids) == 128
+
+
+def test_token_ids_outside_vocabulary(tiny: ps.Engine) -> None:
+    with pytest.raises(ps.InvalidArgument, match="outside the vocabulary"):
+        tiny.logits([1, 2, 10**6])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(strategy=ps.Sampling(temperature=-0.5)), "temperature"),
+        (dict(strategy=ps.Sampling(temperature=float("nan"))), "temperature"),
+        (dict(strategy=ps.Sampling(top_p=0.0)), "top_p"),
+        (dict(strategy=ps.Sampling(top_p=1.5)), "top_p"),
+        (dict(strategy=ps.Sampling(min_p=2.0)), "min_p"),
+        (dict(strategy=ps.Sampling(top_k=-1)), "top_k"),
+        (dict(strategy=ps.Greedy(repetition_penalty=0.0)), "repetition_penalty"),
+    ],
+)
+def test_impossible_parameters(tiny: ps.Engine, kwargs: dict, match: str) -> None:
+    with pytest.raises(ps.InvalidArgument, match=match):
+        tiny.generate("Hello", **kwargs)
+
+
+def test_model_without_chat_template(tmp_path: Path, tiny_llama: Path) -> None:
+    folder = _copy_folder(tiny_llama, tmp_path / "m")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ps.ChatTemplateError, match="no chat template"):
+        ps.Engine.load(folder).chat([{"role": "user", "content": "hi"}])
+
+
+def test_nan_logits(tmp_path: Path, tiny_llama: Path) -> None:
+    folder = _copy_folder(tiny_llama, tmp_path / "m")
+    st = folder / "model.safetensors"
+    tensors = load_file(st)
+    tensors["model.norm.weight"][:] = float("nan")
+    save_file(tensors, st)
+    with pytest.raises(ps.NumericalError, match="NaN"):
+        ps.Engine.load(folder).generate([1, 2, 3], max_new_tokens=4)
+
+
+def test_bad_chat_messages(smollm2_q: ps.Engine) -> None:
+    with pytest.raises(ps.InvalidArgument, match="role"):
+        smollm2_q.chat([{"text": "hi"}])  # type: ignore[list-item]
+
+
+def test_errors_share_one_base_class() -> None:
+    for exc in (ps.ModelLoadError, ps.InvalidArgument, ps.ContextLengthError, ps.NumericalError, ps.TokenizerError):
+        assert issubclass(exc, ps.PeftscaleError)
+    assert issubclass(ps.ContextLengthError, ps.InvalidArgument)
