@@ -1,1 +1,105 @@
-fn main(){}
+//! Criterion benches: one decode step of a real model, and the per-step scoring operations over a
+//! 49,152-token vocabulary (SmolLM2's).
+//!
+//! `PEFTSCALE_GGUF=/path/to/model.gguf cargo bench` adds the decode-step bench; without it only the
+//! scoring benches run. The packaged model's path:
+//! `python -c "import peftscale as ps; print(ps.models.smollm2_135m_instruct())"`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use peftscale_core::logits::{self, Rng, SamplingParams};
+use peftscale_core::model::{LogitsFor, RowInput};
+use peftscale_core::{Engine, WeightDType};
+
+const VOCAB: usize = 49_152;
+
+fn fake_logits() -> Vec<f32> {
+    let mut rng = Rng::new(1, 0);
+    (0..VOCAB).map(|_| rng.next_f32() * 20.0 - 10.0).collect()
+}
+
+fn scoring(c: &mut Criterion) {
+    let l = fake_logits();
+    let mut rng = Rng::new(0, 0);
+    let sample = SamplingParams {
+        temperature: 0.7,
+        top_k: 50,
+        top_p: 0.9,
+        min_p: 0.05,
+        ..SamplingParams::greedy()
+    };
+    let full = SamplingParams {
+        temperature: 1.0,
+        ..SamplingParams::greedy()
+    };
+    let mut g = c.benchmark_group("scoring_49152");
+    g.bench_function("argmax", |b| b.iter(|| logits::argmax(black_box(&l))));
+    g.bench_function("log_prob", |b| {
+        b.iter(|| logits::log_prob(black_box(&l), 7))
+    });
+    g.bench_function("sample_top_k50_top_p0.9_min_p0.05", |b| {
+        b.iter(|| logits::choose(black_box(&l), &sample, &mut rng))
+    });
+    g.bench_function("sample_full_softmax", |b| {
+        b.iter(|| logits::choose(black_box(&l), &full, &mut rng))
+    });
+    g.bench_function("repetition_penalty_512_seen", |b| {
+        let seen: Vec<u32> = (0..512).map(|i| (i * 97 % VOCAB) as u32).collect();
+        b.iter(|| {
+            let mut x = l.clone();
+            logits::apply_repetition_penalty(&mut x, &seen, 1.2);
+            x
+        })
+    });
+    g.finish();
+}
+
+fn decode_step(c: &mut Criterion) {
+    let Ok(path) = std::env::var("PEFTSCALE_GGUF") else {
+        eprintln!("PEFTSCALE_GGUF not set: skipping the decode-step bench");
+        return;
+    };
+    for (name, dtype) in [("q4_1", WeightDType::Auto), ("f32", WeightDType::F32)] {
+        let eng = Engine::load(&path, dtype).expect("model loads");
+        let mut store = eng.new_store();
+        let seq = store.create();
+        let prompt: Vec<u32> = (100..164).collect();
+        let rows = [RowInput {
+            seq,
+            tokens: &prompt,
+            logits: LogitsFor::Last,
+        }];
+        eng.forward(&mut store, &rows).expect("prefill");
+        c.bench_function(&format!("decode_step_{name}_ctx64"), |b| {
+            b.iter_batched(
+                || {
+                    let mut s = eng.new_store();
+                    let q = s.create();
+                    let r = [RowInput {
+                        seq: q,
+                        tokens: &prompt,
+                        logits: LogitsFor::Last,
+                    }];
+                    eng.forward(&mut s, &r).expect("prefill");
+                    (s, q)
+                },
+                |(mut s, q)| {
+                    let tok = [42u32];
+                    let r = [RowInput {
+                        seq: q,
+                        tokens: &tok,
+                        logits: LogitsFor::Last,
+                    }];
+                    eng.forward(&mut s, &r).expect("step")
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = scoring, decode_step
+}
+criterion_main!(benches);

@@ -5,9 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 import peftscale as ps
+import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -55,9 +54,7 @@ def hf_smollm2(smollm2_path: Path):
     return model, tok
 
 
-def build_tiny_model(
-    folder: Path, arch: str = "llama", tokenizer=None, seed: int = 0, vocab_size: int = 49152
-) -> Path:
+def build_tiny_model(folder: Path, arch: str = "llama", tokenizer=None, seed: int = 0, vocab_size: int = 49152) -> Path:
     """A randomly initialised 2-layer model saved as a Hugging Face folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

@@ -6,10 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import peftscale as ps
 import pytest
 from safetensors.torch import load_file, save_file
-
-import peftscale as ps
 
 
 def _copy_folder(src: Path, dst: Path) -> Path:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import peftscale as ps
 import pytest
 import torch
-
-import peftscale as ps
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +20,10 @@ TEXTS = [
 PROMPTS = [
     ("chat", "What is 12 times 7?"),
     ("chat", "Write a haiku about the sea."),
-    ("chat", "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips did she sell?"),
+    (
+        "chat",
+        "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips did she sell?",
+    ),
     ("plain", "The history of the Roman Empire"),
     ("plain", "def is_prime(n):"),
     ("plain", "Once upon a time, in a small village,"),
@@ -38,7 +40,11 @@ def test_tokenizer_matches_transformers(smollm2_f32: ps.Engine, hf_smollm2) -> N
 
 def test_chat_template_matches_transformers(smollm2_f32: ps.Engine, hf_smollm2) -> None:
     _, tok = hf_smollm2
-    msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Bye"}]
+    msgs = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "Bye"},
+    ]
     ref = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert smollm2_f32.apply_chat_template(msgs) == ref
 
@@ -64,7 +70,12 @@ def test_greedy_matches_transformers(smollm2_f32: ps.Engine, hf_smollm2) -> None
         with torch.no_grad():
             # An explicit mask: otherwise transformers masks the prompt's <|im_end|> (it is also the pad id).
             ref = model.generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
             )[0, len(ids) :].tolist()
         out = smollm2_f32.generate(prompt, max_new_tokens=64, ignore_eos=True)
         assert out.token_ids == ref, f"{kind}: {text!r}"
@@ -106,7 +117,9 @@ def test_batched_prompts_of_different_lengths_equal_single(smollm2_q: ps.Engine)
 
 
 def test_outputs_carry_text_logprobs_and_stats(smollm2_q: ps.Engine) -> None:
-    out = smollm2_q.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], max_new_tokens=32)
+    out = smollm2_q.chat(
+        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], max_new_tokens=32
+    )
     assert "Paris" in out.text
     assert out.finish_reason == "eos"
     assert len(out.logprobs) == len(out.token_ids)
@@ -141,8 +154,13 @@ def test_repetition_penalty_matches_transformers(smollm2_f32: ps.Engine, hf_smol
     x = torch.tensor([ids])
     with torch.no_grad():
         ref = model.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
-            repetition_penalty=1.3, eos_token_id=None, pad_token_id=2,
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=32,
+            do_sample=False,
+            repetition_penalty=1.3,
+            eos_token_id=None,
+            pad_token_id=2,
         )[0, len(ids) :].tolist()
     out = smollm2_f32.generate(prompt, max_new_tokens=32, strategy=ps.Greedy(repetition_penalty=1.3), ignore_eos=True)
     assert out.token_ids == ref

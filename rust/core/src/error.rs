@@ -17,7 +17,10 @@ pub enum Error {
         "prompt of {prompt_tokens} tokens does not fit the model's context of {context} tokens \
          (at least one position must remain for a new token)"
     )]
-    ContextOverflow { prompt_tokens: usize, context: usize },
+    ContextOverflow {
+        prompt_tokens: usize,
+        context: usize,
+    },
 
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -26,7 +29,9 @@ pub enum Error {
     ChatTemplate(String),
 
     /// The model produced NaN or infinite logits, so no token can be chosen honestly.
-    #[error("non-finite logits at generation step {step} of row {row}: the model produced NaN/inf")]
+    #[error(
+        "non-finite logits at generation step {step} of row {row}: the model produced NaN/inf"
+    )]
     NonFiniteLogits { row: usize, step: usize },
 
     /// An internal tensor operation failed; this is a bug or an unsupported configuration.

@@ -3,20 +3,62 @@
 use numpy::{PyArray1, PyArrayMethods};
 use peftscale_core::search::TextDelta;
 use peftscale_core::text::ChatMessage;
-use peftscale_core::{Engine, Error, GenerateOptions, Generation, Output, SamplingParams, WeightDType};
+use peftscale_core::{
+    Engine, Error, GenerateOptions, Generation, Output, SamplingParams, WeightDType,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-create_exception!(_core, PeftscaleError, PyException, "Base class of every peftscale error.");
-create_exception!(_core, ModelLoadError, PeftscaleError, "A model file or folder cannot be loaded.");
-create_exception!(_core, InvalidArgument, PeftscaleError, "A parameter or input is out of range.");
-create_exception!(_core, ContextLengthError, InvalidArgument, "A prompt does not fit the model's context.");
-create_exception!(_core, TokenizerError, PeftscaleError, "Text could not be encoded or decoded.");
-create_exception!(_core, ChatTemplateError, PeftscaleError, "The chat template failed to render.");
-create_exception!(_core, NumericalError, PeftscaleError, "The model produced NaN or infinite logits.");
-create_exception!(_core, EngineError, PeftscaleError, "An internal tensor operation failed.");
+create_exception!(
+    _core,
+    PeftscaleError,
+    PyException,
+    "Base class of every peftscale error."
+);
+create_exception!(
+    _core,
+    ModelLoadError,
+    PeftscaleError,
+    "A model file or folder cannot be loaded."
+);
+create_exception!(
+    _core,
+    InvalidArgument,
+    PeftscaleError,
+    "A parameter or input is out of range."
+);
+create_exception!(
+    _core,
+    ContextLengthError,
+    InvalidArgument,
+    "A prompt does not fit the model's context."
+);
+create_exception!(
+    _core,
+    TokenizerError,
+    PeftscaleError,
+    "Text could not be encoded or decoded."
+);
+create_exception!(
+    _core,
+    ChatTemplateError,
+    PeftscaleError,
+    "The chat template failed to render."
+);
+create_exception!(
+    _core,
+    NumericalError,
+    PeftscaleError,
+    "The model produced NaN or infinite logits."
+);
+create_exception!(
+    _core,
+    EngineError,
+    PeftscaleError,
+    "An internal tensor operation failed."
+);
 
 fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
@@ -85,7 +127,9 @@ impl PyEngine {
     #[pyo3(signature = (path, dtype = "auto"))]
     fn load(py: Python<'_>, path: std::path::PathBuf, dtype: &str) -> PyResult<Self> {
         let dtype = WeightDType::parse(dtype).map_err(to_py)?;
-        let inner = py.allow_threads(|| Engine::load(&path, dtype)).map_err(to_py)?;
+        let inner = py
+            .allow_threads(|| Engine::load(&path, dtype))
+            .map_err(to_py)?;
         Ok(Self { inner })
     }
 
@@ -106,7 +150,17 @@ impl PyEngine {
         seed: u64,
         ignore_eos: bool,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let opts = options(max_new_tokens, stop, temperature, top_k, top_p, min_p, repetition_penalty, seed, ignore_eos);
+        let opts = options(
+            max_new_tokens,
+            stop,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            ignore_eos,
+        );
         let outs = py
             .allow_threads(|| self.inner.generate(prompts, &opts))
             .map_err(to_py)?;
@@ -130,7 +184,17 @@ impl PyEngine {
         seed: u64,
         ignore_eos: bool,
     ) -> PyResult<PyGeneration> {
-        let opts = options(max_new_tokens, stop, temperature, top_k, top_p, min_p, repetition_penalty, seed, ignore_eos);
+        let opts = options(
+            max_new_tokens,
+            stop,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            ignore_eos,
+        );
         let inner = py
             .allow_threads(|| self.inner.start(prompts, &opts))
             .map_err(to_py)?;
@@ -150,7 +214,10 @@ impl PyEngine {
     }
 
     fn encode(&self, text: &str) -> PyResult<Vec<u32>> {
-        self.inner.tokenizer().and_then(|t| t.encode(text)).map_err(to_py)
+        self.inner
+            .tokenizer()
+            .and_then(|t| t.encode(text))
+            .map_err(to_py)
     }
 
     #[pyo3(signature = (ids, skip_special_tokens = false))]
@@ -166,7 +233,11 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (messages, add_generation_prompt = true))]
-    fn apply_chat_template(&self, messages: Vec<(String, String)>, add_generation_prompt: bool) -> PyResult<String> {
+    fn apply_chat_template(
+        &self,
+        messages: Vec<(String, String)>,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
         let messages: Vec<ChatMessage> = messages
             .into_iter()
             .map(|(role, content)| ChatMessage { role, content })
@@ -217,7 +288,10 @@ impl PyGeneration {
     /// Runs one batched forward step; returns `(row, text)` pieces that became final.
     fn step(&mut self, py: Python<'_>) -> PyResult<Vec<(usize, String)>> {
         let deltas = py.allow_threads(|| self.inner.step()).map_err(to_py)?;
-        Ok(deltas.into_iter().map(|TextDelta { row, text }| (row, text)).collect())
+        Ok(deltas
+            .into_iter()
+            .map(|TextDelta { row, text }| (row, text))
+            .collect())
     }
 
     #[getter]
@@ -226,7 +300,11 @@ impl PyGeneration {
     }
 
     fn outputs<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        self.inner.outputs().iter().map(|o| output_dict(py, o)).collect()
+        self.inner
+            .outputs()
+            .iter()
+            .map(|o| output_dict(py, o))
+            .collect()
     }
 }
 

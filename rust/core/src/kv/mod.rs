@@ -268,7 +268,12 @@ mod tests {
 
     fn flat(pieces: &[KvPiece]) -> Vec<f32> {
         let ks: Vec<Tensor> = pieces.iter().map(|p| p.k.clone()).collect();
-        Tensor::cat(&ks, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        Tensor::cat(&ks, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
     #[test]

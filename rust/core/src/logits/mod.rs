@@ -118,7 +118,11 @@ pub fn sampling_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f3
         .map(|(i, &x)| (i as u32, x / t))
         .filter(|(_, x)| *x > f32::NEG_INFINITY)
         .collect();
-    let k = if p.top_k == 0 { cands.len() } else { p.top_k.min(cands.len()) };
+    let k = if p.top_k == 0 {
+        cands.len()
+    } else {
+        p.top_k.min(cands.len())
+    };
     if k < cands.len() {
         cands.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
         cands.truncate(k);
@@ -195,12 +199,24 @@ mod tests {
         let probs = [0.5f32, 0.25, 0.15, 0.1];
         let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
         let ids = |d: Vec<(u32, f32)>| d.iter().map(|c| c.0).collect::<Vec<_>>();
-        assert_eq!(ids(sampling_distribution(&logits, &params(2, 1.0, 0.0))), [0, 1]);
+        assert_eq!(
+            ids(sampling_distribution(&logits, &params(2, 1.0, 0.0))),
+            [0, 1]
+        );
         // 0.5 < 0.7, 0.75 >= 0.7: the first two reach top_p.
-        assert_eq!(ids(sampling_distribution(&logits, &params(0, 0.7, 0.0))), [0, 1]);
-        assert_eq!(ids(sampling_distribution(&logits, &params(0, 0.5, 0.0))), [0]);
-        // min_p 0.3 keeps tokens with p >= 0.15.
-        assert_eq!(ids(sampling_distribution(&logits, &params(0, 1.0, 0.3))), [0, 1, 2]);
+        assert_eq!(
+            ids(sampling_distribution(&logits, &params(0, 0.7, 0.0))),
+            [0, 1]
+        );
+        assert_eq!(
+            ids(sampling_distribution(&logits, &params(0, 0.5, 0.0))),
+            [0]
+        );
+        // min_p 0.28 keeps tokens with p >= 0.14.
+        assert_eq!(
+            ids(sampling_distribution(&logits, &params(0, 1.0, 0.28))),
+            [0, 1, 2]
+        );
         let d = sampling_distribution(&logits, &params(0, 1.0, 0.0));
         for (c, p) in d.iter().zip(probs) {
             assert!((c.1 - p).abs() < 1e-6);

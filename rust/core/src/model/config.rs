@@ -44,14 +44,17 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads, self.num_layers
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return fail(format!(
                 "num_attention_heads={} is not a multiple of num_key_value_heads={}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return fail(format!("head_dim={} must be even and positive", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return fail(format!(
+                "head_dim={} must be even and positive",
+                self.head_dim
+            ));
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
             return fail("config has a zero vocab, hidden or intermediate size".into());
@@ -106,7 +109,15 @@ impl ModelConfig {
         let rms_norm_eps = content
             .metadata
             .get(&key("attention.layer_norm_rms_epsilon"))
-            .ok_or_else(|| Error::load(path, format!("missing metadata {}", key("attention.layer_norm_rms_epsilon"))))?
+            .ok_or_else(|| {
+                Error::load(
+                    path,
+                    format!(
+                        "missing metadata {}",
+                        key("attention.layer_norm_rms_epsilon")
+                    ),
+                )
+            })?
             .to_f32()
             .map_err(|e| Error::load(path, e))? as f64;
         let cfg = ModelConfig {
@@ -134,8 +145,12 @@ impl ModelConfig {
     }
 
     pub(crate) fn from_hf_json(json: &str, path: &Path) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(json)
-            .map_err(|e| Error::load(path, format!("config.json is not a valid model config: {e}")))?;
+        let raw: HfConfig = serde_json::from_str(json).map_err(|e| {
+            Error::load(
+                path,
+                format!("config.json is not a valid model config: {e}"),
+            )
+        })?;
         let arch = raw
             .architectures
             .as_ref()

@@ -85,9 +85,24 @@ impl Model {
                 },
                 post_attn_norm: src.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 mlp: Mlp {
-                    gate: src.linear(&format!("{p}.mlp.gate_proj.weight"), cfg.intermediate_size, h, false)?,
-                    up: src.linear(&format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h, false)?,
-                    down: src.linear(&format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size, false)?,
+                    gate: src.linear(
+                        &format!("{p}.mlp.gate_proj.weight"),
+                        cfg.intermediate_size,
+                        h,
+                        false,
+                    )?,
+                    up: src.linear(
+                        &format!("{p}.mlp.up_proj.weight"),
+                        cfg.intermediate_size,
+                        h,
+                        false,
+                    )?,
+                    down: src.linear(
+                        &format!("{p}.mlp.down_proj.weight"),
+                        h,
+                        cfg.intermediate_size,
+                        false,
+                    )?,
                 },
             });
         }
@@ -116,10 +131,18 @@ impl Model {
     /// Bytes of the matrices one decode step reads (the embedding table only when it is tied).
     pub fn weight_bytes(&self) -> usize {
         let per_layer = |l: &Layer| {
-            [&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down]
-                .iter()
-                .map(|x| x.bytes())
-                .sum::<usize>()
+            [
+                &l.attn.q,
+                &l.attn.k,
+                &l.attn.v,
+                &l.attn.o,
+                &l.mlp.gate,
+                &l.mlp.up,
+                &l.mlp.down,
+            ]
+            .iter()
+            .map(|x| x.bytes())
+            .sum::<usize>()
         };
         self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.bytes()
     }
@@ -163,7 +186,11 @@ impl Model {
                     context: self.cfg.max_position_embeddings,
                 });
             }
-            if let Some(&bad) = row.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(&bad) = row
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
                 return Err(Error::invalid(format!(
                     "token id {bad} is outside the vocabulary of {} tokens",
                     self.cfg.vocab_size
@@ -184,9 +211,13 @@ impl Model {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
             let attn = self.attention(li, layer, &h, &cos, &sin, store, rows, &spans)?;
             x = (x + layer.attn.o.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_attn_norm, self.cfg.rms_norm_eps as f32)?;
+            let h =
+                candle_nn::ops::rms_norm(&x, &layer.post_attn_norm, self.cfg.rms_norm_eps as f32)?;
             let gate = candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)?;
-            let mlp = layer.mlp.down.forward(&(gate * layer.mlp.up.forward(&h)?)?)?;
+            let mlp = layer
+                .mlp
+                .down
+                .forward(&(gate * layer.mlp.up.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
         for (row, &(_, n)) in rows.iter().zip(&spans) {
@@ -232,7 +263,9 @@ impl Model {
         let hd = cfg.head_dim;
         // [n, heads*hd] -> [heads, n, hd], rotated by each token's own position.
         let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((1, n_total, heads, hd))?.transpose(1, 2)?.contiguous()?)
+            Ok(t.reshape((1, n_total, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let rotate = |t: &Tensor| -> Result<Tensor> {
             let r = match cfg.rope_layout {
@@ -288,7 +321,13 @@ impl Model {
             let mask: Vec<f32> = (0..groups * n)
                 .flat_map(|r| {
                     let i = r % n;
-                    (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })
+                    (0..total).map(move |j| {
+                        if j <= past + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (groups * n, total), &self.device)?;
@@ -299,7 +338,9 @@ impl Model {
         let mut at = 0;
         for p in pieces {
             let len = p.v.dim(1)?;
-            let part = probs.narrow(2, at, len)?.matmul(&p.v.to_dtype(DType::F32)?)?;
+            let part = probs
+                .narrow(2, at, len)?
+                .matmul(&p.v.to_dtype(DType::F32)?)?;
             at += len;
             out = Some(match out {
                 Some(acc) => (acc + part)?,

@@ -65,7 +65,9 @@ impl QuantMatrix {
         }
         let data = t.data()?.into_owned();
         if data.len() != rows * (cols / QK) * kind.block_bytes() {
-            return Err(Error::invalid("quantized tensor data has an unexpected size"));
+            return Err(Error::invalid(
+                "quantized tensor data has an unexpected size",
+            ));
         }
         Ok(Some(Self {
             kind,
@@ -84,7 +86,11 @@ impl QuantMatrix {
                 self.cols
             )));
         }
-        let xs = x.to_dtype(candle_core::DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let xs = x
+            .to_dtype(candle_core::DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let nb = k / QK;
         let acts: Vec<Q8Block> = xs.chunks_exact(QK).map(quantize_block).collect();
         let row_bytes = nb * self.kind.block_bytes();
@@ -141,7 +147,10 @@ type DotFn = fn(&[u8], &[Q8Block]) -> f32;
 fn select_dot(kind: Kind) -> DotFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return match kind {
                 Kind::Q4_0 => |w, a| unsafe { avx2::dot_q4(w, a, false) },
                 Kind::Q4_1 => |w, a| unsafe { avx2::dot_q4(w, a, true) },
@@ -169,8 +178,8 @@ fn dot_q4_scalar(w: &[u8], acts: &[Q8Block], with_min: bool) -> f32 {
         let d = f16_at(blk, 0);
         let qs = &blk[qs_at..qs_at + 16];
         let mut isum = 0i32;
-        for j in 0..16 {
-            isum += (qs[j] & 0x0F) as i32 * a.qs[j] as i32 + (qs[j] >> 4) as i32 * a.qs[j + 16] as i32;
+        for (j, &q) in qs.iter().enumerate() {
+            isum += (q & 0x0F) as i32 * a.qs[j] as i32 + (q >> 4) as i32 * a.qs[j + 16] as i32;
         }
         sum += if with_min {
             d * a.d * isum as f32 + f16_at(blk, 2) * a.s
@@ -243,7 +252,11 @@ mod avx2 {
             let x = _mm256_and_si256(both, mask);
             let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_u8_i8(x, y), acc);
-            offset += if with_min { f16_at(blk, 2) * a.s } else { -8.0 * d * a.s };
+            offset += if with_min {
+                f16_at(blk, 2) * a.s
+            } else {
+                -8.0 * d * a.s
+            };
         }
         hsum(acc) + offset
     }
@@ -271,16 +284,37 @@ mod tests {
 
     fn check(dtype: GgmlDType) {
         let (rows, cols, m) = (40, 96, 3);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
         let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
         let deq = q.dequantize(&Device::Cpu).unwrap();
-        let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect();
         let x = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
-        let ours = QuantMatrix::from_qtensor(&q).unwrap().unwrap().matmul(&x).unwrap();
+        let ours = QuantMatrix::from_qtensor(&q)
+            .unwrap()
+            .unwrap()
+            .matmul(&x)
+            .unwrap();
         let exact = x.matmul(&deq.t().unwrap()).unwrap();
-        let diff = (ours - &exact).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (ours - &exact)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = exact
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         // Only the 8-bit activation rounding separates the two.
         assert!(diff / scale < 1e-2, "{dtype:?}: rel diff {}", diff / scale);
         let scalar = {
@@ -289,16 +323,28 @@ mod tests {
             let acts: Vec<Q8Block> = xs.chunks_exact(QK).map(quantize_block).collect();
             let nb = cols / QK;
             let rb = nb * qm.kind.block_bytes();
-            let f = match qm.kind {
+            match qm.kind {
                 Kind::Q4_0 => dot_q4_scalar(&qm.data[..rb], &acts[..nb], false),
                 Kind::Q4_1 => dot_q4_scalar(&qm.data[..rb], &acts[..nb], true),
                 Kind::Q8_0 => dot_q8_0_scalar(&qm.data[..rb], &acts[..nb]),
-            };
-            f
+            }
         };
-        let simd = QuantMatrix::from_qtensor(&q).unwrap().unwrap().matmul(&x).unwrap();
-        let first = simd.get(0).unwrap().get(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!((first - scalar).abs() <= 1e-4 * scalar.abs().max(1.0), "{first} vs {scalar}");
+        let simd = QuantMatrix::from_qtensor(&q)
+            .unwrap()
+            .unwrap()
+            .matmul(&x)
+            .unwrap();
+        let first = simd
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (first - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
+            "{first} vs {scalar}"
+        );
     }
 
     #[test]

@@ -92,10 +92,7 @@ impl GgufSource {
             .map_err(|e| Error::load(path, e))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| Error::load(path, format!("malformed GGUF header: {e}")))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::load(path, e))?
-            .len();
+        let file_len = file.metadata().map_err(|e| Error::load(path, e))?.len();
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
@@ -241,9 +238,8 @@ impl SafetensorsSource {
         }
         let mut tensors = HashMap::new();
         for f in &files {
-            let loaded = candle_core::safetensors::load(f, device).map_err(|e| {
-                Error::load(f, format!("malformed safetensors file: {e}"))
-            })?;
+            let loaded = candle_core::safetensors::load(f, device)
+                .map_err(|e| Error::load(f, format!("malformed safetensors file: {e}")))?;
             tensors.extend(loaded);
         }
         Ok(Self {

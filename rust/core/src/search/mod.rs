@@ -64,7 +64,11 @@ pub trait Strategy: Send + Sync {
 
     /// Consumes the logits of the last forward (one `[vocab]` row per advanced sequence, in the
     /// order of the work) and returns the next work; empty work means the strategy is done.
-    fn consume(&mut self, store: &mut SeqStore, logits: Vec<(SeqId, Vec<f32>)>) -> Result<Vec<Advance>>;
+    fn consume(
+        &mut self,
+        store: &mut SeqStore,
+        logits: Vec<(SeqId, Vec<f32>)>,
+    ) -> Result<Vec<Advance>>;
 
     /// Text that became final since the last call.
     fn take_deltas(&mut self) -> Vec<TextDelta>;

@@ -39,7 +39,11 @@ pub struct SamplingStrategy {
 }
 
 impl SamplingStrategy {
-    pub fn new(params: SamplingParams, stop: StopCriteria, tokenizer: Option<Arc<Tokenizer>>) -> Self {
+    pub fn new(
+        params: SamplingParams,
+        stop: StopCriteria,
+        tokenizer: Option<Arc<Tokenizer>>,
+    ) -> Self {
         Self {
             params,
             stop,
@@ -136,7 +140,11 @@ impl Strategy for SamplingStrategy {
         Ok(work)
     }
 
-    fn consume(&mut self, store: &mut SeqStore, logits: Vec<(SeqId, Vec<f32>)>) -> Result<Vec<Advance>> {
+    fn consume(
+        &mut self,
+        store: &mut SeqStore,
+        logits: Vec<(SeqId, Vec<f32>)>,
+    ) -> Result<Vec<Advance>> {
         for (seq, scores) in logits {
             let idx = self
                 .rows

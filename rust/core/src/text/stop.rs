@@ -15,7 +15,10 @@ impl StopMatcher {
 
     /// Byte offset where the earliest stop string starts in `text`, if any occurs.
     pub fn find(&self, text: &str) -> Option<usize> {
-        self.stops.iter().filter_map(|s| text.find(s.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
     }
 
     /// Length of the prefix of `text` that can be shown now: it excludes a tail that may be the

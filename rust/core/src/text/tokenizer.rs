@@ -167,10 +167,12 @@ impl TokenizerSource {
                       "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
                       "ignore_merges": false, "vocab": vocab, "merges": merges}
         });
-        let inner: tokenizers::Tokenizer = spec
-            .to_string()
-            .parse()
-            .map_err(|e| Error::load(path, format!("cannot build tokenizer from GGUF metadata: {e}")))?;
+        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
+            Error::load(
+                path,
+                format!("cannot build tokenizer from GGUF metadata: {e}"),
+            )
+        })?;
         let bos_token_id = gguf_u32(content, "tokenizer.ggml.bos_token_id");
         let eos = gguf_u32(content, "tokenizer.ggml.eos_token_id");
         let add_bos_token = content
@@ -231,7 +233,11 @@ impl TokenizerSource {
         let ids_from = |v: Option<&Value>| -> Vec<u32> {
             match v {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect(),
                 _ => Vec::new(),
             }
         };

@@ -1,0 +1,193 @@
+//! Engine-level tests on a tiny random llama written to a temporary Hugging Face folder.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use peftscale_core::kv::SeqStore;
+use peftscale_core::model::{LogitsFor, RowInput};
+use peftscale_core::{Engine, GenerateOptions, WeightDType};
+
+const VOCAB: usize = 300;
+const HIDDEN: usize = 32;
+const INTER: usize = 48;
+const LAYERS: usize = 2;
+
+fn write_tiny_llama(dir: &Path) {
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": true
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let dev = Device::Cpu;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut add = |name: String, shape: &[usize]| {
+        let w = if shape.len() == 1 {
+            Tensor::ones(shape, DType::F32, &dev).unwrap()
+        } else {
+            Tensor::randn(0f32, 0.2, shape, &dev).unwrap()
+        };
+        t.insert(name, w);
+    };
+    add("model.embed_tokens.weight".into(), &[VOCAB, HIDDEN]);
+    add("model.norm.weight".into(), &[HIDDEN]);
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), &[HIDDEN]);
+        add(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN]);
+        add(format!("{p}.self_attn.q_proj.weight"), &[HIDDEN, HIDDEN]);
+        add(format!("{p}.self_attn.k_proj.weight"), &[16, HIDDEN]);
+        add(format!("{p}.self_attn.v_proj.weight"), &[16, HIDDEN]);
+        add(format!("{p}.self_attn.o_proj.weight"), &[HIDDEN, HIDDEN]);
+        add(format!("{p}.mlp.gate_proj.weight"), &[INTER, HIDDEN]);
+        add(format!("{p}.mlp.up_proj.weight"), &[INTER, HIDDEN]);
+        add(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, INTER]);
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}
+
+fn engine() -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_llama(dir.path());
+    let eng = Engine::load(dir.path(), WeightDType::F32).unwrap();
+    (dir, eng)
+}
+
+fn last_logits(eng: &Engine, store: &mut SeqStore, seq: u64, tokens: &[u32]) -> Vec<f32> {
+    let rows = [RowInput {
+        seq,
+        tokens,
+        logits: LogitsFor::Last,
+    }];
+    let out = eng.forward(store, &rows).unwrap();
+    out[0].squeeze(0).unwrap().to_vec1().unwrap()
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    peftscale_core::logits::argmax(x) as u32
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn forked_sequence_continues_like_a_recomputed_prefix() {
+    let (_dir, eng) = engine();
+    let prefix: Vec<u32> = (10..30).collect();
+    let mut store = eng.new_store();
+    let parent = store.create();
+    last_logits(&eng, &mut store, parent, &prefix);
+    let child = store.fork(parent).unwrap();
+    let sibling = store.fork(parent).unwrap();
+
+    // Greedy continuation of the fork, one token per step, against a fresh full recompute.
+    let mut fresh_ids = prefix.clone();
+    let mut next = 42u32;
+    for _ in 0..12 {
+        let forked = last_logits(&eng, &mut store, child, &[next]);
+        fresh_ids.push(next);
+        let full = eng.logits(&fresh_ids).unwrap();
+        let row = full
+            .get(fresh_ids.len() - 1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(max_abs_diff(&forked, &row) < 1e-4);
+        next = argmax(&forked);
+    }
+    // The parent and a sibling are untouched by the child's progress.
+    let from_parent = last_logits(&eng, &mut store, parent, &[7]);
+    let from_sibling = last_logits(&eng, &mut store, sibling, &[7]);
+    assert!(max_abs_diff(&from_parent, &from_sibling) < 1e-6);
+    let mut direct = prefix.clone();
+    direct.push(7);
+    let full = eng.logits(&direct).unwrap();
+    let row = full
+        .get(direct.len() - 1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(max_abs_diff(&from_parent, &row) < 1e-4);
+    store.free(child);
+    assert_eq!(store.num_sequences(), 2);
+}
+
+#[test]
+fn rows_of_one_forward_equal_rows_alone() {
+    let (_dir, eng) = engine();
+    let a: Vec<u32> = vec![5, 6, 7];
+    let b: Vec<u32> = (100..140).collect();
+    let mut store = eng.new_store();
+    let (sa, sb) = (store.create(), store.create());
+    let rows = [
+        RowInput {
+            seq: sa,
+            tokens: &a,
+            logits: LogitsFor::All,
+        },
+        RowInput {
+            seq: sb,
+            tokens: &b,
+            logits: LogitsFor::Last,
+        },
+    ];
+    let out = eng.forward(&mut store, &rows).unwrap();
+    let alone_a = eng.logits(&a).unwrap();
+    let alone_b = eng.logits(&b).unwrap();
+    let diff_a = (&out[0] - &alone_a)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff_a.to_scalar::<f32>().unwrap() < 1e-5);
+    let last_b = alone_b.narrow(0, b.len() - 1, 1).unwrap();
+    let diff_b = (&out[1] - &last_b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff_b.to_scalar::<f32>().unwrap() < 1e-5);
+}
+
+#[test]
+fn generate_without_tokenizer_returns_ids_and_stats() {
+    let (_dir, eng) = engine();
+    let opts = GenerateOptions {
+        max_new_tokens: 5,
+        ..Default::default()
+    };
+    let outs = eng.generate(vec![vec![1, 2, 3], vec![4]], &opts).unwrap();
+    assert_eq!(outs.len(), 2);
+    assert!(outs
+        .iter()
+        .all(|o| o.row.token_ids.len() == 5 && o.row.text.is_none()));
+    // 4 prompt tokens + 4 decode steps of 2 rows.
+    assert_eq!(outs[0].stats.tokens_forwarded, 4 + 2 * 4);
+    assert!(eng.tokenizer().is_err());
+}
+
+#[test]
+fn invalid_requests_are_errors_not_panics() {
+    let (_dir, eng) = engine();
+    let zero = GenerateOptions {
+        max_new_tokens: 0,
+        ..Default::default()
+    };
+    assert!(eng.generate(vec![vec![1]], &zero).is_err());
+    assert!(eng
+        .generate(vec![vec![]], &GenerateOptions::default())
+        .is_err());
+    assert!(eng
+        .generate(vec![(0..300).collect()], &GenerateOptions::default())
+        .is_err());
+    assert!(eng.logits(&[VOCAB as u32]).is_err());
+}

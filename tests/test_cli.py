@@ -1,0 +1,33 @@
+"""The command line runs end to end on the packaged model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "peftscale", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_prints_the_continuation(smollm2_path) -> None:
+    r = _run("generate", "--chat", "--max-new-tokens", "16", "What is the capital of France? Answer in one sentence.")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_demo_reports_speed(smollm2_path) -> None:
+    r = _run("demo", "--max-new-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stdout
+
+
+def test_bad_model_path_is_a_clean_error(tmp_path) -> None:
+    r = _run("generate", "--model", str(tmp_path / "missing.gguf"), "hi")
+    assert r.returncode == 1
+    assert "error: cannot load model" in r.stderr
+    assert "Traceback" not in r.stderr
