@@ -168,6 +168,12 @@ impl Model {
     /// Runs all rows through the model in one pass and returns, per row, f32 logits
     /// `[positions, vocab]` (one position for [`LogitsFor::Last`]).
     pub fn forward(&self, store: &mut SeqStore, rows: &[RowInput<'_>]) -> Result<Vec<Tensor>> {
+        // Running the whole pass on a pool worker lets the calling thread share the kernels' work
+        // instead of sleeping and waking around each of the ~200 parallel matmuls of a step.
+        compute_pool().install(|| self.forward_rows(store, rows))
+    }
+
+    fn forward_rows(&self, store: &mut SeqStore, rows: &[RowInput<'_>]) -> Result<Vec<Tensor>> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -350,6 +356,17 @@ impl Model {
         let out = out.ok_or_else(|| Error::invalid("attention over an empty cache"))?;
         Ok(out.reshape((heads, n, hd))?.to_dtype(self.dtype)?)
     }
+}
+
+fn compute_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("peftscale-{i}"))
+            .build()
+            .or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
+            .expect("a one-thread pool can always be built")
+    })
 }
 
 fn rope_tables(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {

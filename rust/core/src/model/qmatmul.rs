@@ -95,6 +95,7 @@ impl QuantMatrix {
         let acts: Vec<Q8Block> = xs.chunks_exact(QK).map(quantize_block).collect();
         let row_bytes = nb * self.kind.block_bytes();
         let dot = select_dot(self.kind);
+        let dot2 = select_dot2(self.kind);
         // Rows are computed in chunks per task: `[rows, m]` here, transposed below when m > 1.
         let mut out_nm = vec![0f32; self.rows * m];
         let rows_per_task = (self.rows / (4 * rayon::current_num_threads())).max(16);
@@ -103,10 +104,22 @@ impl QuantMatrix {
             .enumerate()
             .for_each(|(task, chunk)| {
                 let first = task * rows_per_task;
-                for (r, out_row) in chunk.chunks_exact_mut(m).enumerate() {
-                    let w = &self.data[(first + r) * row_bytes..(first + r + 1) * row_bytes];
-                    for (j, o) in out_row.iter_mut().enumerate() {
-                        *o = dot(w, &acts[j * nb..(j + 1) * nb]);
+                let row =
+                    |r: usize| &self.data[(first + r) * row_bytes..(first + r + 1) * row_bytes];
+                let rows_here = chunk.len() / m;
+                let mut r = 0;
+                while r + 1 < rows_here {
+                    let (w0, w1) = (row(r), row(r + 1));
+                    for j in 0..m {
+                        let (a, b) = dot2(w0, w1, &acts[j * nb..(j + 1) * nb]);
+                        chunk[r * m + j] = a;
+                        chunk[(r + 1) * m + j] = b;
+                    }
+                    r += 2;
+                }
+                if r < rows_here {
+                    for j in 0..m {
+                        chunk[r * m + j] = dot(row(r), &acts[j * nb..(j + 1) * nb]);
                     }
                 }
             });
@@ -143,6 +156,30 @@ fn quantize_block(x: &[f32]) -> Q8Block {
 }
 
 type DotFn = fn(&[u8], &[Q8Block]) -> f32;
+/// Two weight rows against the same activations: shares the activation loads and gives the CPU
+/// two independent accumulation chains.
+type Dot2Fn = fn(&[u8], &[u8], &[Q8Block]) -> (f32, f32);
+
+fn select_dot2(kind: Kind) -> Dot2Fn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return match kind {
+                Kind::Q4_0 => |w0, w1, a| unsafe { avx2::dot2_q4(w0, w1, a, false) },
+                Kind::Q4_1 => |w0, w1, a| unsafe { avx2::dot2_q4(w0, w1, a, true) },
+                Kind::Q8_0 => |w0, w1, a| unsafe { avx2::dot2_q8_0(w0, w1, a) },
+            };
+        }
+    }
+    match kind {
+        Kind::Q4_0 => |w0, w1, a| (dot_q4_scalar(w0, a, false), dot_q4_scalar(w1, a, false)),
+        Kind::Q4_1 => |w0, w1, a| (dot_q4_scalar(w0, a, true), dot_q4_scalar(w1, a, true)),
+        Kind::Q8_0 => |w0, w1, a| (dot_q8_0_scalar(w0, a), dot_q8_0_scalar(w1, a)),
+    }
+}
 
 fn select_dot(kind: Kind) -> DotFn {
     #[cfg(target_arch = "x86_64")]
@@ -262,6 +299,56 @@ mod avx2 {
     }
 
     /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w0`, `w1` hold `acts.len()` Q4_0/Q4_1 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot2_q4(w0: &[u8], w1: &[u8], acts: &[Q8Block], with_min: bool) -> (f32, f32) {
+        let bb = if with_min { 20 } else { 18 };
+        let qs_at = if with_min { 4 } else { 2 };
+        let mask = _mm256_set1_epi8(0x0F);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut off0, mut off1) = (0f32, 0f32);
+        let nibbles = |blk: &[u8]| {
+            let raw = _mm_loadu_si128(blk.as_ptr().add(qs_at) as *const __m128i);
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask)
+        };
+        for (i, a) in acts.iter().enumerate() {
+            let b0 = &w0[i * bb..(i + 1) * bb];
+            let b1 = &w1[i * bb..(i + 1) * bb];
+            let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            let (d0, d1) = (f16_at(b0, 0), f16_at(b1, 0));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a.d), dot_u8_i8(nibbles(b0), y), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * a.d), dot_u8_i8(nibbles(b1), y), acc1);
+            if with_min {
+                off0 += f16_at(b0, 2) * a.s;
+                off1 += f16_at(b1, 2) * a.s;
+            } else {
+                off0 -= 8.0 * d0 * a.s;
+                off1 -= 8.0 * d1 * a.s;
+            }
+        }
+        (hsum(acc0) + off0, hsum(acc1) + off1)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w0`, `w1` hold `acts.len()` Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot2_q8_0(w0: &[u8], w1: &[u8], acts: &[Q8Block]) -> (f32, f32) {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (i, a) in acts.iter().enumerate() {
+            let b0 = &w0[i * 34..(i + 1) * 34];
+            let b1 = &w1[i * 34..(i + 1) * 34];
+            let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            let x0 = _mm256_loadu_si256(b0.as_ptr().add(2) as *const __m256i);
+            let x1 = _mm256_loadu_si256(b1.as_ptr().add(2) as *const __m256i);
+            let p0 = dot_u8_i8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(y, x0));
+            let p1 = dot_u8_i8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(y, x1));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b0, 0) * a.d), p0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b1, 0) * a.d), p1, acc1);
+        }
+        (hsum(acc0), hsum(acc1))
+    }
+
+    /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `w` holds `acts.len()` Q8_0 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q8_0(w: &[u8], acts: &[Q8Block]) -> f32 {
@@ -283,7 +370,8 @@ mod tests {
     use super::*;
 
     fn check(dtype: GgmlDType) {
-        let (rows, cols, m) = (40, 96, 3);
+        // An odd row count exercises both the two-row kernel and the single-row tail.
+        let (rows, cols, m) = (41, 96, 3);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
             .collect();
