@@ -61,22 +61,28 @@ def test_f32_logits_match_transformers_at_every_position(smollm2_f32: ps.Engine,
         assert rel.max() < 1e-4, f"{text!r}: max relative error {rel.max():.2e}"
 
 
+def _hf_greedy(model, ids: list[int], max_new_tokens: int, **extra) -> list[int]:
+    """transformers' greedy continuation of ``ids``, never stopping at EOS."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        # An explicit mask: otherwise transformers masks the prompt's <|im_end|> (it is also the pad id).
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+            **extra,
+        )
+    return out[0, len(ids) :].tolist()
+
+
 def test_greedy_matches_transformers(smollm2_f32: ps.Engine, hf_smollm2) -> None:
     model, tok = hf_smollm2
     for kind, text in PROMPTS:
         prompt = smollm2_f32.apply_chat_template([{"role": "user", "content": text}]) if kind == "chat" else text
-        ids = tok.encode(prompt)
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            # An explicit mask: otherwise transformers masks the prompt's <|im_end|> (it is also the pad id).
-            ref = model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=64,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=2,
-            )[0, len(ids) :].tolist()
+        ref = _hf_greedy(model, tok.encode(prompt), 64)
         out = smollm2_f32.generate(prompt, max_new_tokens=64, ignore_eos=True)
         assert out.token_ids == ref, f"{kind}: {text!r}"
 
@@ -150,18 +156,7 @@ def test_stream_yields_the_generated_text(smollm2_q: ps.Engine) -> None:
 def test_repetition_penalty_matches_transformers(smollm2_f32: ps.Engine, hf_smollm2) -> None:
     model, tok = hf_smollm2
     prompt = "List the days of the week: Monday, Tuesday,"
-    ids = tok.encode(prompt)
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        ref = model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=32,
-            do_sample=False,
-            repetition_penalty=1.3,
-            eos_token_id=None,
-            pad_token_id=2,
-        )[0, len(ids) :].tolist()
+    ref = _hf_greedy(model, tok.encode(prompt), 32, repetition_penalty=1.3)
     out = smollm2_f32.generate(prompt, max_new_tokens=32, strategy=ps.Greedy(repetition_penalty=1.3), ignore_eos=True)
     assert out.token_ids == ref
     assert out.token_ids != smollm2_f32.generate(prompt, max_new_tokens=32, ignore_eos=True).token_ids

@@ -20,24 +20,12 @@ class Generation:
     @property
     def done(self) -> bool: ...
     def step(self) -> list[tuple[int, str]]: ...
+    def run(self) -> None: ...
     def outputs(self) -> list[dict[str, Any]]: ...
 
 class Engine:
     @staticmethod
     def load(path: str | os.PathLike[str], dtype: str = "auto") -> Engine: ...
-    def generate(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        stop: list[str],
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repetition_penalty: float,
-        seed: int,
-        ignore_eos: bool = False,
-    ) -> list[dict[str, Any]]: ...
     def start(
         self,
         prompts: list[list[int]],

@@ -158,7 +158,9 @@ class Engine:
         """
         ids, single = self._encode_prompts(prompts)
         kwargs = self._kwargs(max_new_tokens, strategy, stop, ignore_eos)
-        outs = [GenerationOutput._from_core(d) for d in self._core.generate(ids, **kwargs)]
+        gen = self._core.start(ids, **kwargs)
+        gen.run()
+        outs = [GenerationOutput._from_core(d) for d in gen.outputs()]
         return outs[0] if single else outs
 
     def chat(

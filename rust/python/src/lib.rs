@@ -78,33 +78,6 @@ struct PyEngine {
     inner: Engine,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn options(
-    max_new_tokens: usize,
-    stop: Vec<String>,
-    temperature: f32,
-    top_k: usize,
-    top_p: f32,
-    min_p: f32,
-    repetition_penalty: f32,
-    seed: u64,
-    ignore_eos: bool,
-) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens,
-        stop,
-        sampling: SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-        },
-        ignore_eos,
-    }
-}
-
 fn output_dict<'py>(py: Python<'py>, out: &Output) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("token_ids", &out.row.token_ids)?;
@@ -136,40 +109,6 @@ impl PyEngine {
     #[pyo3(signature = (prompts, max_new_tokens, stop, temperature, top_k, top_p, min_p,
                         repetition_penalty, seed, ignore_eos = false))]
     #[allow(clippy::too_many_arguments)]
-    fn generate<'py>(
-        &self,
-        py: Python<'py>,
-        prompts: Vec<Vec<u32>>,
-        max_new_tokens: usize,
-        stop: Vec<String>,
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        min_p: f32,
-        repetition_penalty: f32,
-        seed: u64,
-        ignore_eos: bool,
-    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let opts = options(
-            max_new_tokens,
-            stop,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            ignore_eos,
-        );
-        let outs = py
-            .allow_threads(|| self.inner.generate(prompts, &opts))
-            .map_err(to_py)?;
-        outs.iter().map(|o| output_dict(py, o)).collect()
-    }
-
-    #[pyo3(signature = (prompts, max_new_tokens, stop, temperature, top_k, top_p, min_p,
-                        repetition_penalty, seed, ignore_eos = false))]
-    #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
         py: Python<'_>,
@@ -184,17 +123,19 @@ impl PyEngine {
         seed: u64,
         ignore_eos: bool,
     ) -> PyResult<PyGeneration> {
-        let opts = options(
+        let opts = GenerateOptions {
             max_new_tokens,
             stop,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
+            sampling: SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+                seed,
+            },
             ignore_eos,
-        );
+        };
         let inner = py
             .allow_threads(|| self.inner.start(prompts, &opts))
             .map_err(to_py)?;
@@ -292,6 +233,17 @@ impl PyGeneration {
             .into_iter()
             .map(|TextDelta { row, text }| (row, text))
             .collect())
+    }
+
+    /// Decodes to the end with the GIL released.
+    fn run(&mut self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| {
+            while !self.inner.is_done() {
+                self.inner.step()?;
+            }
+            Ok(())
+        })
+        .map_err(to_py)
     }
 
     #[getter]

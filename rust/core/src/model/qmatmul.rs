@@ -163,10 +163,7 @@ type Dot2Fn = fn(&[u8], &[u8], &[Q8Block]) -> (f32, f32);
 fn select_dot2(kind: Kind) -> Dot2Fn {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if avx2::available() {
             return match kind {
                 Kind::Q4_0 => |w0, w1, a| unsafe { avx2::dot2_q4(w0, w1, a, false) },
                 Kind::Q4_1 => |w0, w1, a| unsafe { avx2::dot2_q4(w0, w1, a, true) },
@@ -184,10 +181,7 @@ fn select_dot2(kind: Kind) -> Dot2Fn {
 fn select_dot(kind: Kind) -> DotFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if avx2::available() {
             return match kind {
                 Kind::Q4_0 => |w, a| unsafe { avx2::dot_q4(w, a, false) },
                 Kind::Q4_1 => |w, a| unsafe { avx2::dot_q4(w, a, true) },
@@ -244,6 +238,13 @@ fn dot_q8_0_scalar(w: &[u8], acts: &[Q8Block]) -> f32 {
 mod avx2 {
     use super::Q8Block;
     use std::arch::x86_64::*;
+
+    /// Whether this CPU runs the kernels below.
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
