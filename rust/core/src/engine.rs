@@ -90,6 +90,10 @@ impl Engine {
         })
     }
 
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
     pub fn config(&self) -> &ModelConfig {
         self.model.config()
     }

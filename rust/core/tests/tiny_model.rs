@@ -191,3 +191,44 @@ fn invalid_requests_are_errors_not_panics() {
         .is_err());
     assert!(eng.logits(&[VOCAB as u32]).is_err());
 }
+
+#[test]
+fn host_forward_matches_the_tensor_forward() {
+    let (_dir, eng) = engine();
+    let a: Vec<u32> = vec![5, 6, 7, 8, 9];
+    let b: Vec<u32> = (100..123).collect();
+    // Prefill two rows of different lengths, then decode both for six steps on each path.
+    let (mut host, mut tensors) = (eng.new_store(), eng.new_store());
+    let seqs = |s: &mut SeqStore| (s.create(), s.create());
+    let (ha, hb) = seqs(&mut host);
+    let (ta, tb) = seqs(&mut tensors);
+    let mut steps: Vec<(Vec<u32>, Vec<u32>)> = vec![(a, b)];
+    steps.extend((0..6).map(|i| (vec![20 + i], vec![40 + i])));
+    for (ta_tokens, tb_tokens) in &steps {
+        let make = |sa, sb| {
+            [
+                RowInput {
+                    seq: sa,
+                    tokens: ta_tokens,
+                    logits: LogitsFor::All,
+                },
+                RowInput {
+                    seq: sb,
+                    tokens: tb_tokens,
+                    logits: LogitsFor::Last,
+                },
+            ]
+        };
+        let fast = eng.forward(&mut host, &make(ha, hb)).unwrap();
+        let reference = eng
+            .model()
+            .forward_with_tensors(&mut tensors, &make(ta, tb))
+            .unwrap();
+        for (f, r) in fast.iter().zip(&reference) {
+            assert_eq!(f.dims(), r.dims());
+            let f = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let r = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(max_abs_diff(&f, &r) < 1e-4, "diff {}", max_abs_diff(&f, &r));
+        }
+    }
+}

@@ -3,16 +3,24 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 
-use super::qmatmul::QuantMatrix;
-use crate::error::Result;
+use super::dense;
+use super::parallel::{row_chunks, team, DisjointOut};
+use super::qmatmul::{QuantMatrix, QuantizedActs};
+use crate::error::{Error, Result};
+
+/// Below this many input rows a dense f32 projection runs the matrix-vector kernels; above it,
+/// candle's blocked matmul.
+const DENSE_GEMM_MIN_ROWS: usize = 8;
 
 /// A weight matrix `[out, in]`, applied as `x · Wᵀ (+ b)` to a `[rows, in]` input.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// The bias as f32 on the host, for the CPU forward pass.
+    bias_host: Option<Vec<f32>>,
     out_features: usize,
     in_features: usize,
     bytes: usize,
@@ -32,6 +40,7 @@ impl Linear {
         Ok(Self {
             bytes,
             weight: LinearWeight::Dense(weight),
+            bias_host: host_bias(bias.as_ref())?,
             bias,
             out_features,
             in_features,
@@ -46,6 +55,7 @@ impl Linear {
                 Some(m) => LinearWeight::Blocks(m),
                 None => LinearWeight::Quantized(QMatMul::from_arc(weight)?),
             },
+            bias_host: host_bias(bias.as_ref())?,
             bias,
             out_features,
             in_features,
@@ -76,6 +86,119 @@ impl Linear {
             None => y,
         })
     }
+}
+
+fn host_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    Ok(match bias {
+        Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    })
+}
+
+/// A weight the CPU kernels read directly during one parallel region.
+enum RowSource<'a> {
+    Blocks(&'a QuantMatrix),
+    Dense { w: &'a [f32], cols: usize },
+}
+
+/// `x · Wᵢᵀ + bᵢ` for several projections that share the input `x` (`[m, in]`, f32 on the
+/// host), all in one parallel region (the q/k/v or gate/up projections of a layer).
+/// Returns one `[m, out_i]` buffer per projection.
+pub(crate) fn project_many(x: &[f32], m: usize, linears: &[&Linear]) -> Result<Vec<Vec<f32>>> {
+    let mut outs: Vec<Vec<f32>> = Vec::with_capacity(linears.len());
+    let mut acts: Option<QuantizedActs> = None;
+    // Guards keep dense weights' storage readable while the region runs.
+    let mut guards = Vec::new();
+    for lin in linears {
+        if x.len() != m * lin.in_features {
+            return Err(Error::invalid(format!(
+                "projection input has {} values, expected {m} rows of {}",
+                x.len(),
+                lin.in_features
+            )));
+        }
+        if let (LinearWeight::Blocks(_), None) = (&lin.weight, &acts) {
+            acts = Some(QuantizedActs::new(x, lin.in_features));
+        }
+        if let LinearWeight::Dense(w) = &lin.weight {
+            if m < DENSE_GEMM_MIN_ROWS && w.dtype() == DType::F32 && w.is_contiguous() {
+                if let Device::Cpu = w.device() {
+                    guards.push(Some(w.storage_and_layout()));
+                    continue;
+                }
+            }
+        }
+        guards.push(None);
+    }
+    let mut sources: Vec<Option<RowSource<'_>>> = Vec::with_capacity(linears.len());
+    for (lin, guard) in linears.iter().zip(&guards) {
+        let source = match (&lin.weight, guard) {
+            (LinearWeight::Blocks(q), _) => Some(RowSource::Blocks(q)),
+            (_, Some((storage, layout))) => match &**storage {
+                Storage::Cpu(cpu) => {
+                    let all = cpu.as_slice::<f32>()?;
+                    let start = layout.start_offset();
+                    let len = lin.out_features * lin.in_features;
+                    Some(RowSource::Dense {
+                        w: &all[start..start + len],
+                        cols: lin.in_features,
+                    })
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        if source.is_none() {
+            // Formats without a kernel here go through candle as one call.
+            let xt = Tensor::from_slice(x, (m, lin.in_features), &Device::Cpu)?;
+            outs.push(
+                lin.forward(&xt)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        } else {
+            outs.push(vec![0f32; m * lin.out_features]);
+        }
+        sources.push(source);
+    }
+    {
+        let team = team();
+        let mut tasks = Vec::new();
+        for (i, (src, lin)) in sources.iter().zip(linears).enumerate() {
+            if src.is_some() {
+                tasks.extend(
+                    row_chunks(lin.out_features, team.threads())
+                        .into_iter()
+                        .map(|r| (i, r)),
+                );
+            }
+        }
+        let writers: Vec<DisjointOut<'_>> = outs.iter_mut().map(|o| DisjointOut::new(o)).collect();
+        team.run(tasks.len(), &|t| {
+            let (i, rows) = &tasks[t];
+            // SAFETY: every task owns a distinct row range of one projection's output.
+            match &sources[*i] {
+                Some(RowSource::Blocks(q)) => unsafe {
+                    if let Some(acts) = &acts {
+                        q.compute_rows(acts, rows.clone(), &writers[*i])
+                    }
+                },
+                Some(RowSource::Dense { w, cols }) => unsafe {
+                    dense::compute_rows(w, *cols, x, rows.clone(), &writers[*i])
+                },
+                None => {}
+            }
+        });
+    }
+    for ((lin, src), out) in linears.iter().zip(&sources).zip(outs.iter_mut()) {
+        if let (Some(_), Some(b)) = (src, &lin.bias_host) {
+            for row in out.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+    }
+    Ok(outs)
 }
 
 /// Token embedding table `[vocab, hidden]`.

@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeLayout};
+use super::host_forward::{self, HostParams};
 use super::linear::{Embedding, Linear};
 use super::weights::TensorSource;
 use crate::error::{Error, Result};
@@ -28,36 +29,114 @@ pub struct RowInput<'a> {
     pub logits: LogitsFor,
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+pub(super) struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
 }
 
-struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+pub(super) struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
 }
 
-struct Layer {
-    input_norm: Tensor,
-    attn: Attention,
-    post_attn_norm: Tensor,
-    mlp: Mlp,
+pub(super) struct Layer {
+    pub input_norm: Tensor,
+    pub attn: Attention,
+    pub post_attn_norm: Tensor,
+    pub mlp: Mlp,
 }
 
 pub struct Model {
     cfg: ModelConfig,
-    embed: Embedding,
-    layers: Vec<Layer>,
+    pub(super) embed: Embedding,
+    pub(super) layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Linear,
+    pub(super) lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     dtype: DType,
     device: Device,
+    /// Set when the model runs on the CPU with f32 activations: the host forward pass is used.
+    host: Option<HostParams>,
+}
+
+/// The tokens of one forward call, laid out for the model.
+pub(super) struct RowPlan<'a> {
+    pub rows: &'a [RowInput<'a>],
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Per row: offset of its first token among all tokens, and its token count.
+    pub spans: Vec<(usize, usize)>,
+}
+
+impl<'a> RowPlan<'a> {
+    /// Checks every row against the store and the model's limits.
+    fn new(cfg: &ModelConfig, store: &SeqStore, rows: &'a [RowInput<'a>]) -> Result<Self> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(rows.len());
+        for row in rows {
+            if row.tokens.is_empty() {
+                return Err(Error::invalid("a forward row has no tokens"));
+            }
+            let start = store.len(row.seq)?;
+            let end = start + row.tokens.len();
+            if end > cfg.max_position_embeddings {
+                return Err(Error::ContextOverflow {
+                    prompt_tokens: end,
+                    context: cfg.max_position_embeddings,
+                });
+            }
+            if let Some(&bad) = row.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::invalid(format!(
+                    "token id {bad} is outside the vocabulary of {} tokens",
+                    cfg.vocab_size
+                )));
+            }
+            spans.push((ids.len(), row.tokens.len()));
+            ids.extend_from_slice(row.tokens);
+            positions.extend((start..end).map(|p| p as u32));
+        }
+        Ok(Self {
+            rows,
+            ids,
+            positions,
+            spans,
+        })
+    }
+
+    /// Commits the positions every layer has written.
+    pub fn commit(&self, store: &mut SeqStore) -> Result<()> {
+        for (row, &(_, n)) in self.rows.iter().zip(&self.spans) {
+            store.advance(row.seq, n)?;
+        }
+        Ok(())
+    }
+
+    /// Indices (among all tokens) of the positions that get logits, row after row.
+    pub fn logit_positions(&self) -> impl Iterator<Item = usize> + '_ {
+        self.rows
+            .iter()
+            .zip(&self.spans)
+            .flat_map(|(row, &(off, n))| match row.logits {
+                LogitsFor::Last => off + n - 1..off + n,
+                LogitsFor::All => off..off + n,
+            })
+    }
+
+    /// Per row, how many positions get logits.
+    pub fn logit_counts(&self) -> impl Iterator<Item = usize> + '_ {
+        self.rows
+            .iter()
+            .zip(&self.spans)
+            .map(|(row, &(_, n))| match row.logits {
+                LogitsFor::Last => 1,
+                LogitsFor::All => n,
+            })
+    }
 }
 
 impl Model {
@@ -115,7 +194,12 @@ impl Model {
             return Err(Error::load(src.path(), "missing tensor lm_head.weight"));
         };
         let (cos, sin) = rope_tables(&cfg, dtype, device)?;
+        let host = match (device, dtype) {
+            (Device::Cpu, DType::F32) => Some(HostParams::new(&layers, &norm, &cos, &sin)?),
+            _ => None,
+        };
         Ok(Self {
+            host,
             cfg,
             embed,
             layers,
@@ -168,54 +252,42 @@ impl Model {
     /// Runs all rows through the model in one pass and returns, per row, f32 logits
     /// `[positions, vocab]` (one position for [`LogitsFor::Last`]).
     pub fn forward(&self, store: &mut SeqStore, rows: &[RowInput<'_>]) -> Result<Vec<Tensor>> {
-        // Running the whole pass on a pool worker lets the calling thread share the kernels' work
-        // instead of sleeping and waking around each of the ~200 parallel matmuls of a step.
-        compute_pool().install(|| self.forward_rows(store, rows))
-    }
-
-    fn forward_rows(&self, store: &mut SeqStore, rows: &[RowInput<'_>]) -> Result<Vec<Tensor>> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut spans = Vec::with_capacity(rows.len());
-        for row in rows {
-            if row.tokens.is_empty() {
-                return Err(Error::invalid("a forward row has no tokens"));
-            }
-            let start = store.len(row.seq)?;
-            let end = start + row.tokens.len();
-            if end > self.cfg.max_position_embeddings {
-                return Err(Error::ContextOverflow {
-                    prompt_tokens: end,
-                    context: self.cfg.max_position_embeddings,
-                });
-            }
-            if let Some(&bad) = row
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(Error::invalid(format!(
-                    "token id {bad} is outside the vocabulary of {} tokens",
-                    self.cfg.vocab_size
-                )));
-            }
-            spans.push((ids.len(), row.tokens.len()));
-            ids.extend_from_slice(row.tokens);
-            positions.extend((start..end).map(|p| p as u32));
+        let plan = RowPlan::new(&self.cfg, store, rows)?;
+        match &self.host {
+            Some(host) => host_forward::forward(self, host, store, &plan),
+            None => self.forward_tensors(store, &plan),
         }
-        let n_total = ids.len();
-        let ids = Tensor::from_vec(ids, n_total, &self.device)?;
-        let positions = Tensor::from_vec(positions, n_total, &self.device)?;
+    }
+
+    /// The same forward pass as candle tensor operations: the path for devices and dtypes the
+    /// host pass does not cover, and on the CPU the reference the host pass is tested against.
+    pub fn forward_with_tensors(
+        &self,
+        store: &mut SeqStore,
+        rows: &[RowInput<'_>],
+    ) -> Result<Vec<Tensor>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plan = RowPlan::new(&self.cfg, store, rows)?;
+        self.forward_tensors(store, &plan)
+    }
+
+    fn forward_tensors(&self, store: &mut SeqStore, plan: &RowPlan<'_>) -> Result<Vec<Tensor>> {
+        let (rows, spans) = (plan.rows, &plan.spans);
+        let n_total = plan.ids.len();
+        let ids = Tensor::from_slice(&plan.ids, n_total, &self.device)?;
+        let positions = Tensor::from_slice(&plan.positions, n_total, &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
 
         let mut x = self.embed.forward(&ids, self.dtype)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
-            let attn = self.attention(li, layer, &h, &cos, &sin, store, rows, &spans)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, store, rows, spans)?;
             x = (x + layer.attn.o.forward(&attn)?)?;
             let h =
                 candle_nn::ops::rms_norm(&x, &layer.post_attn_norm, self.cfg.rms_norm_eps as f32)?;
@@ -226,17 +298,9 @@ impl Model {
                 .forward(&(gate * layer.mlp.up.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
-        for (row, &(_, n)) in rows.iter().zip(&spans) {
-            store.advance(row.seq, n)?;
-        }
+        plan.commit(store)?;
 
-        let mut keep = Vec::new();
-        for (row, &(off, n)) in rows.iter().zip(&spans) {
-            match row.logits {
-                LogitsFor::Last => keep.push((off + n - 1) as u32),
-                LogitsFor::All => keep.extend((off..off + n).map(|i| i as u32)),
-            }
-        }
+        let keep: Vec<u32> = plan.logit_positions().map(|i| i as u32).collect();
         let n_keep = keep.len();
         let keep = Tensor::from_vec(keep, n_keep, &self.device)?;
         let x = x.index_select(&keep, 0)?;
@@ -244,8 +308,7 @@ impl Model {
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(rows.len());
         let mut at = 0;
-        for (row, &(_, n)) in rows.iter().zip(&spans) {
-            let len = if row.logits == LogitsFor::All { n } else { 1 };
+        for len in plan.logit_counts() {
             out.push(logits.narrow(0, at, len)?);
             at += len;
         }
@@ -356,17 +419,6 @@ impl Model {
         let out = out.ok_or_else(|| Error::invalid("attention over an empty cache"))?;
         Ok(out.reshape((heads, n, hd))?.to_dtype(self.dtype)?)
     }
-}
-
-fn compute_pool() -> &'static rayon::ThreadPool {
-    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .thread_name(|i| format!("peftscale-{i}"))
-            .build()
-            .or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
-            .expect("a one-thread pool can always be built")
-    })
 }
 
 fn rope_tables(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {

@@ -2,8 +2,11 @@
 //! tokenizer and chat template are built from.
 
 mod config;
+mod dense;
+mod host_forward;
 mod linear;
 mod llama;
+mod parallel;
 mod qmatmul;
 mod weights;
 

@@ -7,8 +7,9 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use half::f16;
-use rayon::prelude::*;
+use std::ops::Range;
 
+use super::parallel::{row_chunks, team, DisjointOut};
 use crate::error::{Error, Result};
 
 const QK: usize = 32;
@@ -77,6 +78,38 @@ impl QuantMatrix {
         }))
     }
 
+    /// Rows `rows` of `x · Wᵀ` for every row of `acts`, written into `out` (`[m, self.rows]`).
+    ///
+    /// # Safety
+    /// No other task of the same parallel region writes these rows of `out`.
+    pub(crate) unsafe fn compute_rows(
+        &self,
+        acts: &QuantizedActs,
+        rows: Range<usize>,
+        out: &DisjointOut<'_>,
+    ) {
+        let nb = self.cols / QK;
+        let row_bytes = nb * self.kind.block_bytes();
+        let dot = select_dot(self.kind);
+        let dot2 = select_dot2(self.kind);
+        let weight_row = |r: usize| &self.data[r * row_bytes..(r + 1) * row_bytes];
+        let mut r = rows.start;
+        while r + 1 < rows.end {
+            let (w0, w1) = (weight_row(r), weight_row(r + 1));
+            for j in 0..acts.m {
+                let (a, b) = dot2(w0, w1, acts.row(j));
+                out.set(j * self.rows + r, a);
+                out.set(j * self.rows + r + 1, b);
+            }
+            r += 2;
+        }
+        if r < rows.end {
+            for j in 0..acts.m {
+                out.set(j * self.rows + r, dot(weight_row(r), acts.row(j)));
+            }
+        }
+    }
+
     /// `x · Wᵀ` for `x` of shape `[m, cols]` (f32), giving `[m, rows]`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
@@ -91,50 +124,39 @@ impl QuantMatrix {
             .contiguous()?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let nb = k / QK;
-        let acts: Vec<Q8Block> = xs.chunks_exact(QK).map(quantize_block).collect();
-        let row_bytes = nb * self.kind.block_bytes();
-        let dot = select_dot(self.kind);
-        let dot2 = select_dot2(self.kind);
-        // Rows are computed in chunks per task: `[rows, m]` here, transposed below when m > 1.
-        let mut out_nm = vec![0f32; self.rows * m];
-        let rows_per_task = (self.rows / (4 * rayon::current_num_threads())).max(16);
-        out_nm
-            .par_chunks_mut(rows_per_task * m)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * rows_per_task;
-                let row =
-                    |r: usize| &self.data[(first + r) * row_bytes..(first + r + 1) * row_bytes];
-                let rows_here = chunk.len() / m;
-                let mut r = 0;
-                while r + 1 < rows_here {
-                    let (w0, w1) = (row(r), row(r + 1));
-                    for j in 0..m {
-                        let (a, b) = dot2(w0, w1, &acts[j * nb..(j + 1) * nb]);
-                        chunk[r * m + j] = a;
-                        chunk[(r + 1) * m + j] = b;
-                    }
-                    r += 2;
-                }
-                if r < rows_here {
-                    for j in 0..m {
-                        chunk[r * m + j] = dot(row(r), &acts[j * nb..(j + 1) * nb]);
-                    }
-                }
-            });
-        let out = if m == 1 {
-            out_nm
-        } else {
-            let mut t = vec![0f32; m * self.rows];
-            for r in 0..self.rows {
-                for j in 0..m {
-                    t[j * self.rows + r] = out_nm[r * m + j];
-                }
-            }
-            t
-        };
+        let acts = QuantizedActs::new(&xs, k);
+        let mut out = vec![0f32; m * self.rows];
+        let writer = DisjointOut::new(&mut out);
+        let team = team();
+        let chunks = row_chunks(self.rows, team.threads());
+        // SAFETY: the chunks are disjoint row ranges.
+        team.run(chunks.len(), &|t| unsafe {
+            self.compute_rows(&acts, chunks[t].clone(), &writer)
+        });
         Ok(Tensor::from_vec(out, (m, self.rows), x.device())?)
+    }
+}
+
+/// Activations `[m, cols]` quantized to the kernels' 8-bit blocks.
+pub(crate) struct QuantizedActs {
+    blocks: Vec<Q8Block>,
+    per_row: usize,
+    m: usize,
+}
+
+impl QuantizedActs {
+    /// `x` holds `m` rows of `cols` values; `cols` is a multiple of 32.
+    pub fn new(x: &[f32], cols: usize) -> Self {
+        let blocks: Vec<Q8Block> = x.chunks_exact(QK).map(quantize_block).collect();
+        Self {
+            blocks,
+            per_row: cols / QK,
+            m: x.len() / cols.max(1),
+        }
+    }
+
+    fn row(&self, j: usize) -> &[Q8Block] {
+        &self.blocks[j * self.per_row..(j + 1) * self.per_row]
     }
 }
 
@@ -194,6 +216,12 @@ fn select_dot(kind: Kind) -> DotFn {
         Kind::Q4_1 => |w, a| dot_q4_scalar(w, a, true),
         Kind::Q8_0 => dot_q8_0_scalar,
     }
+}
+
+/// Whether the AVX2 kernels run on this CPU.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_available() -> bool {
+    avx2::available()
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {

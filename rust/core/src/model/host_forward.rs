@@ -1,0 +1,289 @@
+//! The forward pass on the CPU with f32 activations, written over plain host buffers.
+//!
+//! Same model, same batch semantics as the candle path in `llama.rs` (rows of different lengths,
+//! each with its own cache and positions), but a decode step of a small model is hundreds of tiny
+//! operations, and going through a tensor library costs more per operation than the arithmetic.
+//! Here each layer is four parallel regions (q/k/v together, attention, o, gate/up together, down
+//! makes five) on the engine's thread team, and the small operations between them (norms, RoPE,
+//! SiLU, residuals) run inline on the calling thread.
+
+use candle_core::{DType, Device, Layout, Storage, Tensor};
+
+use super::config::{ModelConfig, RopeLayout};
+use super::dense::{axpy, dot};
+use super::linear::project_many;
+use super::llama::{Layer, Model, RowPlan};
+use super::parallel::{team, DisjointOut};
+use crate::error::{Error, Result};
+use crate::kv::{KvPiece, SeqStore};
+
+/// Host copies of the small per-layer vectors and the RoPE tables.
+pub(crate) struct HostParams {
+    input_norms: Vec<Vec<f32>>,
+    post_norms: Vec<Vec<f32>>,
+    final_norm: Vec<f32>,
+    /// `[max_positions, head_dim / 2]` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl HostParams {
+    pub fn new(layers: &[Layer], norm: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        let host = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        Ok(Self {
+            input_norms: layers
+                .iter()
+                .map(|l| host(&l.input_norm))
+                .collect::<Result<_>>()?,
+            post_norms: layers
+                .iter()
+                .map(|l| host(&l.post_attn_norm))
+                .collect::<Result<_>>()?,
+            final_norm: host(norm)?,
+            cos: host(cos)?,
+            sin: host(sin)?,
+        })
+    }
+}
+
+pub(crate) fn forward(
+    model: &Model,
+    host: &HostParams,
+    store: &mut SeqStore,
+    plan: &RowPlan<'_>,
+) -> Result<Vec<Tensor>> {
+    let cfg = model.config();
+    let h = cfg.hidden_size;
+    let n = plan.ids.len();
+    let ids = Tensor::from_slice(&plan.ids, n, &Device::Cpu)?;
+    let mut x = model
+        .embed
+        .forward(&ids, DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let eps = cfg.rms_norm_eps as f32;
+    for (li, layer) in model.layers.iter().enumerate() {
+        let normed = rms_norm(&x, &host.input_norms[li], eps);
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            project_many(&normed, n, &[&layer.attn.q, &layer.attn.k, &layer.attn.v])?
+                .try_into()
+                .map_err(|_| Error::invalid("q/k/v projection count"))?;
+        rope(&mut q, cfg.num_heads, cfg, host, &plan.positions);
+        rope(&mut k, cfg.num_kv_heads, cfg, host, &plan.positions);
+        let attn = attention(cfg, li, &q, &k, &v, store, plan)?;
+        let [o]: [Vec<f32>; 1] = project_many(&attn, n, &[&layer.attn.o])?
+            .try_into()
+            .map_err(|_| Error::invalid("o projection count"))?;
+        add_into(&mut x, &o);
+
+        let normed = rms_norm(&x, &host.post_norms[li], eps);
+        let [gate, up]: [Vec<f32>; 2] =
+            project_many(&normed, n, &[&layer.mlp.gate, &layer.mlp.up])?
+                .try_into()
+                .map_err(|_| Error::invalid("gate/up projection count"))?;
+        let act: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        let [down]: [Vec<f32>; 1] = project_many(&act, n, &[&layer.mlp.down])?
+            .try_into()
+            .map_err(|_| Error::invalid("down projection count"))?;
+        add_into(&mut x, &down);
+    }
+    plan.commit(store)?;
+
+    let kept: Vec<f32> = plan
+        .logit_positions()
+        .flat_map(|i| x[i * h..(i + 1) * h].iter().copied())
+        .collect();
+    let n_keep = kept.len() / h;
+    let normed = rms_norm(&kept, &host.final_norm, eps);
+    let [logits]: [Vec<f32>; 1] = project_many(&normed, n_keep, &[&model.lm_head])?
+        .try_into()
+        .map_err(|_| Error::invalid("lm_head projection count"))?;
+    let vocab = cfg.vocab_size;
+    let mut out = Vec::with_capacity(plan.rows.len());
+    let mut at = 0;
+    for len in plan.logit_counts() {
+        let part = logits[at * vocab..(at + len) * vocab].to_vec();
+        out.push(Tensor::from_vec(part, (len, vocab), &Device::Cpu)?);
+        at += len;
+    }
+    Ok(out)
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+/// RMSNorm of every row, computed in f32 as transformers does.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(w.len()) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, w)| w * (v * inv)));
+    }
+    out
+}
+
+/// Rotates every head of every token (`[tokens, heads * head_dim]`) by the token's position.
+fn rope(x: &mut [f32], heads: usize, cfg: &ModelConfig, host: &HostParams, positions: &[u32]) {
+    let hd = cfg.head_dim;
+    let half = hd / 2;
+    for (t, &pos) in positions.iter().enumerate() {
+        let cos = &host.cos[pos as usize * half..(pos as usize + 1) * half];
+        let sin = &host.sin[pos as usize * half..(pos as usize + 1) * half];
+        for head in x[t * heads * hd..(t + 1) * heads * hd].chunks_exact_mut(hd) {
+            for i in 0..half {
+                let (a, b) = match cfg.rope_layout {
+                    RopeLayout::Halves => (i, i + half),
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (xa, xb) = (head[a], head[b]);
+                head[a] = xa * cos[i] - xb * sin[i];
+                head[b] = xb * cos[i] + xa * sin[i];
+            }
+        }
+    }
+}
+
+/// One cache piece of one layer, readable as host f32: head `h`, position `p` starts at
+/// `h * head_stride + p * head_dim` of `k` and `v`.
+struct PieceView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    len: usize,
+    head_stride: usize,
+}
+
+/// The host f32 values of a `[kv_heads, len, head_dim]` cache piece, its length and head stride.
+fn host_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<(&'a [f32], usize, usize)> {
+    let Storage::Cpu(cpu) = storage else {
+        return Err(Error::invalid("the host forward pass needs a CPU cache"));
+    };
+    let all = cpu.as_slice::<f32>()?;
+    let dims = layout.dims();
+    let stride = layout.stride();
+    if dims.len() != 3 || stride[2] != 1 || stride[1] != dims[2] {
+        return Err(Error::invalid("cache piece has an unexpected layout"));
+    }
+    let start = layout.start_offset();
+    let end = start + (dims[0] - 1) * stride[0] + dims[1] * dims[2];
+    Ok((&all[start..end], dims[1], stride[0]))
+}
+
+/// Writes each row's new keys and values into its cache and attends over the whole cache.
+/// `q` is `[tokens, heads * hd]`, `k`/`v` are `[tokens, kv_heads * hd]`; returns
+/// `[tokens, heads * hd]`.
+fn attention(
+    cfg: &ModelConfig,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    store: &mut SeqStore,
+    plan: &RowPlan<'_>,
+) -> Result<Vec<f32>> {
+    let hd = cfg.head_dim;
+    let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
+    let kv_dim = kv_heads * hd;
+    let mut pieces: Vec<Vec<KvPiece>> = Vec::with_capacity(plan.rows.len());
+    for (row, &(off, n)) in plan.rows.iter().zip(&plan.spans) {
+        // [n, kv_heads, hd] -> the cache's [kv_heads, n, hd].
+        let by_head = |src: &[f32]| -> Vec<f32> {
+            let mut out = Vec::with_capacity(n * kv_dim);
+            for head in 0..kv_heads {
+                for t in off..off + n {
+                    out.extend_from_slice(
+                        &src[t * kv_dim + head * hd..t * kv_dim + (head + 1) * hd],
+                    );
+                }
+            }
+            out
+        };
+        let kt = Tensor::from_vec(by_head(k), (kv_heads, n, hd), &Device::Cpu)?;
+        let vt = Tensor::from_vec(by_head(v), (kv_heads, n, hd), &Device::Cpu)?;
+        pieces.push(store.append_and_view(row.seq, layer, &kt, &vt)?);
+    }
+    let guards: Vec<Vec<_>> = pieces
+        .iter()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| (p.k.storage_and_layout(), p.v.storage_and_layout()))
+                .collect()
+        })
+        .collect();
+    let views: Vec<Vec<PieceView<'_>>> = guards
+        .iter()
+        .map(|gs| {
+            gs.iter()
+                .map(|(gk, gv)| {
+                    let (k, len, head_stride) = host_slice(&gk.0, gk.1)?;
+                    let (v, _, _) = host_slice(&gv.0, gv.1)?;
+                    Ok(PieceView {
+                        k,
+                        v,
+                        len,
+                        head_stride,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<_>>()?;
+
+    let mut out = vec![0f32; q.len()];
+    let writer = DisjointOut::new(&mut out);
+    let groups = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let tasks = plan.rows.len() * kv_heads;
+    team().run(tasks, &|task| {
+        let (r, kvh) = (task / kv_heads, task % kv_heads);
+        let (off, n) = plan.spans[r];
+        let row_views = &views[r];
+        let total: usize = row_views.iter().map(|p| p.len).sum();
+        let past = total - n;
+        let mut scores = vec![0f32; total];
+        let mut acc = vec![0f32; hd];
+        for head in kvh * groups..(kvh + 1) * groups {
+            for i in 0..n {
+                let t = off + i;
+                let qv = &q[t * heads * hd + head * hd..t * heads * hd + (head + 1) * hd];
+                let visible = past + i + 1;
+                let mut at = 0;
+                for p in row_views {
+                    for pos in 0..p.len.min(visible.saturating_sub(at)) {
+                        let base = kvh * p.head_stride + pos * hd;
+                        scores[at + pos] = dot(qv, &p.k[base..base + hd]) * scale;
+                    }
+                    at += p.len;
+                }
+                let s = &mut scores[..visible];
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for v in s.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                let mut at = 0;
+                for p in row_views {
+                    for pos in 0..p.len.min(visible.saturating_sub(at)) {
+                        let base = kvh * p.head_stride + pos * hd;
+                        axpy(&mut acc, scores[at + pos] / sum, &p.v[base..base + hd]);
+                    }
+                    at += p.len;
+                }
+                let dst = t * heads * hd + head * hd;
+                for (d, &a) in acc.iter().enumerate() {
+                    // SAFETY: each (row, kv head) task writes only its own tokens' heads.
+                    unsafe { writer.set(dst + d, a) };
+                }
+            }
+        }
+    });
+    Ok(out)
+}

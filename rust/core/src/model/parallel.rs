@@ -1,0 +1,294 @@
+//! A small team of persistent worker threads for the CPU forward pass.
+//!
+//! One decode step of a small model is a few hundred short parallel regions (each projection,
+//! each attention layer), most of them well under 100 µs. A general task pool pays a wake-up per
+//! region; here the workers spin between regions for a short while (as llama.cpp's do), so
+//! handing out a region costs well under a microsecond while the model is decoding, and they
+//! sleep on a condition variable once the engine goes quiet.
+//!
+//! Work is split into numbered tasks that the calling thread and the workers claim one at a time;
+//! every task's result depends only on its number, so outputs do not depend on the thread count.
+
+use std::ops::Range;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it goes to sleep.
+const SPIN: Duration = Duration::from_micros(300);
+
+type Job<'a> = dyn Fn(usize) + Sync + 'a;
+
+struct Shared {
+    /// The region's number, its task count and the next task to claim, packed so that one
+    /// compare-and-swap both checks and claims (see [`pack`]).
+    state: AtomicU64,
+    /// The current region's job, replaced only while no task is claimable.
+    job: Mutex<Option<&'static Job<'static>>>,
+    done: AtomicUsize,
+    sleepers: AtomicUsize,
+    worker_panicked: AtomicBool,
+    wake_lock: Mutex<()>,
+    wake: Condvar,
+}
+
+pub(crate) struct Team {
+    shared: Arc<Shared>,
+    threads: usize,
+    /// Serialises regions: engines used from several threads take turns.
+    busy: Mutex<()>,
+}
+
+impl Team {
+    fn new(threads: usize) -> Self {
+        let shared = Arc::new(Shared {
+            state: AtomicU64::new(0),
+            job: Mutex::new(None),
+            done: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            worker_panicked: AtomicBool::new(false),
+            wake_lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut started = 1;
+        for i in 1..threads {
+            let s = shared.clone();
+            let spawned = thread::Builder::new()
+                .name(format!("peftscale-{i}"))
+                .spawn(move || worker(&s));
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        Self {
+            shared,
+            threads: started,
+            busy: Mutex::new(()),
+        }
+    }
+
+    /// Threads that share the work, the caller included.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `job(0) .. job(tasks - 1)` across the team and returns when all have finished.
+    pub fn run(&self, tasks: usize, job: &Job<'_>) {
+        if tasks == 0 {
+            return;
+        }
+        if tasks == 1 || self.threads == 1 || tasks > MAX_TASKS {
+            (0..tasks).for_each(job);
+            return;
+        }
+        let _turn = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        // SAFETY: the reference is cleared below before this function returns, and workers only
+        // call it for tasks claimed in this region, all of which finish before `done` reaches
+        // `tasks`; so it is never used after `job`'s lifetime ends.
+        let job_static: &'static Job<'static> =
+            unsafe { std::mem::transmute::<&Job<'_>, &'static Job<'static>>(job) };
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job_static);
+        s.done.store(0, Ordering::Relaxed);
+        let region = (region_of(s.state.load(Ordering::Relaxed)) + 1) & REGION_MASK;
+        s.state
+            .store(pack(region, tasks as u64, 0), Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = s.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| claim_tasks(s, region, job)));
+        while s.done.load(Ordering::Acquire) < tasks {
+            std::hint::spin_loop();
+        }
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // A task that panicked is a bug; it surfaces on the caller, never as a hang.
+        if let Err(panic) = mine {
+            resume_unwind(panic);
+        }
+        if s.worker_panicked.swap(false, Ordering::AcqRel) {
+            panic!("a peftscale worker thread panicked during a parallel region");
+        }
+    }
+}
+
+const TASK_BITS: u32 = 20;
+const MAX_TASKS: usize = (1 << TASK_BITS) - 1;
+const REGION_MASK: u64 = (1 << (64 - 2 * TASK_BITS)) - 1;
+
+fn pack(region: u64, tasks: u64, next: u64) -> u64 {
+    (region << (2 * TASK_BITS)) | (tasks << TASK_BITS) | next
+}
+
+fn region_of(state: u64) -> u64 {
+    state >> (2 * TASK_BITS)
+}
+
+/// Claims and runs tasks of region `region` until none are left.
+fn claim_tasks(s: &Shared, region: u64, run: impl Fn(usize)) {
+    let low = (1u64 << TASK_BITS) - 1;
+    let mut cur = s.state.load(Ordering::Acquire);
+    while region_of(cur) == region && (cur & low) < ((cur >> TASK_BITS) & low) {
+        match s
+            .state
+            .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                // Counted as done even when it panics, so the caller never waits forever.
+                let ran = catch_unwind(AssertUnwindSafe(|| run((cur & low) as usize)));
+                s.done.fetch_add(1, Ordering::Release);
+                if let Err(panic) = ran {
+                    resume_unwind(panic);
+                }
+                cur = s.state.load(Ordering::Acquire);
+            }
+            Err(now) => cur = now,
+        }
+    }
+}
+
+fn worker(s: &Shared) {
+    let mut seen = 0u64;
+    loop {
+        let spin_start = Instant::now();
+        let mut spins = 0u32;
+        let region = loop {
+            let region = region_of(s.state.load(Ordering::Acquire));
+            if region != seen {
+                break region;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) && spin_start.elapsed() > SPIN {
+                let mut g = s.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
+                while region_of(s.state.load(Ordering::SeqCst)) == seen {
+                    g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
+                drop(g);
+            }
+            std::hint::spin_loop();
+        };
+        seen = region;
+        // The job is read only once a task of this region is claimed: until every claimed task
+        // has finished, the caller keeps the region's job in place.
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            claim_tasks(s, region, |i| {
+                let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(job) = job {
+                    job(i);
+                }
+            })
+        }));
+        if ran.is_err() {
+            s.worker_panicked.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// An output buffer that the tasks of one region fill at disjoint positions.
+pub(crate) struct DisjointOut<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: tasks write through it only at positions no other task touches (see `set`).
+unsafe impl Send for DisjointOut<'_> {}
+unsafe impl Sync for DisjointOut<'_> {}
+
+impl<'a> DisjointOut<'a> {
+    pub fn new(buf: &'a mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// No other task of the same region reads or writes position `i`.
+    #[inline]
+    pub unsafe fn set(&self, i: usize, v: f32) {
+        assert!(
+            i < self.len,
+            "output position {i} outside a buffer of {}",
+            self.len
+        );
+        *self.ptr.add(i) = v;
+    }
+}
+
+/// Splits `rows` output rows into ranges for the tasks of one region: enough tasks for the
+/// threads to balance, each long enough to amortise claiming it, boundaries on even rows so the
+/// two-row kernels stay paired.
+pub(crate) fn row_chunks(rows: usize, threads: usize) -> Vec<Range<usize>> {
+    let per = rows.div_ceil(threads * 8).max(16).next_multiple_of(2);
+    (0..rows)
+        .step_by(per)
+        .map(|r| r..(r + per).min(rows))
+        .collect()
+}
+
+/// The process-wide team: one thread per core, or `PEFTSCALE_NUM_THREADS`.
+pub(crate) fn team() -> &'static Team {
+    static TEAM: OnceLock<Team> = OnceLock::new();
+    TEAM.get_or_init(|| {
+        let threads = std::env::var("PEFTSCALE_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()));
+        Team::new(threads)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_per_region() {
+        let team = Team::new(3);
+        for tasks in [1usize, 2, 7, 64] {
+            for _ in 0..50 {
+                let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                team.run(tasks, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller_and_the_team_survives() {
+        let team = Team::new(2);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            team.run(8, &|i| {
+                if i == 5 {
+                    panic!("task 5");
+                }
+            })
+        }));
+        assert!(result.is_err());
+        let count = AtomicUsize::new(0);
+        team.run(8, &|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn workers_wake_after_sleeping() {
+        let team = Team::new(2);
+        thread::sleep(SPIN * 4);
+        let sum = AtomicUsize::new(0);
+        team.run(10, &|i| {
+            sum.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 45);
+    }
+}
