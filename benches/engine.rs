@@ -97,9 +97,35 @@ fn decode_step(c: &mut Criterion) {
     }
 }
 
+/// Quantized matrix-vector products (one activation row), the kernels a decode step spends most
+/// of its time in: reported as time per call; bytes / time is the bandwidth the kernel reaches.
+fn matvec(c: &mut Criterion) {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use peftscale_core::model::Linear;
+    use std::sync::Arc;
+    let mut g = c.benchmark_group("matvec");
+    for (name, dtype, rows, cols) in [
+        ("q4_1_1536x576", GgmlDType::Q4_1, 1536, 576),
+        ("q4_1_16384x2048", GgmlDType::Q4_1, 16384, 2048),
+        ("q8_0_49152x576", GgmlDType::Q8_0, 49152, 576),
+    ] {
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).expect("weights");
+        let q = QTensor::quantize(&w, dtype).expect("quantize");
+        let bytes = q.storage_size_in_bytes();
+        let lin = Linear::quantized(Arc::new(q), None).expect("linear");
+        let x = Tensor::randn(0f32, 1.0, (1, cols), &Device::Cpu).expect("input");
+        g.throughput(criterion::Throughput::Bytes(bytes as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| lin.forward(black_box(&x)).expect("matvec"))
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = scoring, decode_step
+    targets = scoring, matvec, decode_step
 }
 criterion_main!(benches);

@@ -34,35 +34,58 @@ pub(crate) unsafe fn compute_rows(
     }
     for r in r..rows.end {
         for j in 0..m {
-            out.set(j * out_rows + r, dot(row(r), &x[j * cols..(j + 1) * cols]));
+            out.set(
+                j * out_rows + r,
+                dot4([row(r); 4], &x[j * cols..(j + 1) * cols])[0],
+            );
         }
     }
 }
 
-/// `Σ a[i]·b[i]`.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    #[cfg(target_arch = "x86_64")]
-    if super::qmatmul::avx2_available() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::dot(a, b) };
+/// `out[r] = scale · (row r of `rows`) · x` for a row-major `rows` of `out.len()` rows of
+/// `x.len()` values (attention scores against a run of cached keys).
+pub(crate) fn scaled_matvec(rows: &[f32], x: &[f32], scale: f32, out: &mut [f32]) {
+    let cols = x.len();
+    debug_assert_eq!(rows.len(), out.len() * cols);
+    let mut r = 0;
+    while r + 4 <= out.len() {
+        let ws = [0, 1, 2, 3].map(|i| &rows[(r + i) * cols..(r + i + 1) * cols]);
+        for (o, v) in out[r..r + 4].iter_mut().zip(dot4(ws, x)) {
+            *o = v * scale;
+        }
+        r += 4;
     }
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    for (i, o) in out.iter_mut().enumerate().skip(r) {
+        let w = [&rows[i * cols..(i + 1) * cols]; 4];
+        *o = dot4(w, x)[0] * scale;
+    }
 }
 
-/// `y += a·x`.
-#[inline]
-pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    debug_assert_eq!(y.len(), x.len());
+/// `acc += Σ_r weights[r] · (row r of `rows`)` (attention probabilities against cached values).
+pub(crate) fn weighted_row_sum(rows: &[f32], weights: &[f32], acc: &mut [f32]) {
+    debug_assert_eq!(rows.len(), weights.len() * acc.len());
     #[cfg(target_arch = "x86_64")]
     if super::qmatmul::avx2_available() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::axpy(y, a, x) };
+        return unsafe { avx2::weighted_row_sum(rows, weights, acc) };
     }
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+    let cols = acc.len();
+    for (row, &w) in rows.chunks_exact(cols).zip(weights) {
+        for (a, v) in acc.iter_mut().zip(row) {
+            *a += w * v;
+        }
     }
+}
+
+/// `x[i] = e^x[i]` for every element, to within a few f32 ulps (NaN stays NaN, -inf gives 0,
+/// and above 88.37, a hair below f32's limit, +inf).
+pub fn exp_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::avx2_available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::exp_in_place(x) };
+    }
+    x.iter_mut().for_each(|v| *v = v.exp());
 }
 
 fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
@@ -86,48 +109,79 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
+    /// e^x for eight lanes: x = n·ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial
+    /// (Cephes' expf coefficients), 2^n built in the exponent bits.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-                acc0,
-            );
-            acc1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-                acc1,
-            );
-            i += 16;
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let hi = _mm256_set1_ps(88.376_26);
+        let lo = _mm256_set1_ps(-87.336_55);
+        let xc = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
-        let mut s = hsum(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            s += a[i] * b[i];
-            i += 1;
-        }
-        s
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        ));
+        let y = _mm256_mul_ps(y, pow2);
+        // Below the clamp e^x is (almost) zero, above it +inf; NaN passes through.
+        let y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+        let y = _mm256_blendv_ps(
+            y,
+            _mm256_set1_ps(f32::INFINITY),
+            _mm256_cmp_ps(x, hi, _CMP_GT_OQ),
+        );
+        _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q))
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let av = _mm256_set1_ps(a);
-        let mut i = 0;
-        while i + 8 <= n {
-            let p = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(
-                p,
-                _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
-            );
-            i += 8;
+    pub unsafe fn exp_in_place(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr())));
         }
-        while i < n {
-            y[i] += a * x[i];
-            i += 1;
+        for v in chunks.into_remainder() {
+            *v = v.exp();
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_row_sum(rows: &[f32], weights: &[f32], acc: &mut [f32]) {
+        let cols = acc.len();
+        assert!(rows.len() >= weights.len() * cols);
+        let mut c = 0;
+        // Four vectors of the accumulator stay in registers across all rows.
+        while c + 32 <= cols {
+            let p = acc.as_mut_ptr().add(c);
+            let mut a = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+            for (r, &w) in weights.iter().enumerate() {
+                let wv = _mm256_set1_ps(w);
+                let row = rows.as_ptr().add(r * cols + c);
+                for (i, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * i)), *a);
+                }
+            }
+            for (i, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(p.add(8 * i), *a);
+            }
+            c += 32;
+        }
+        for c in c..cols {
+            for (r, &w) in weights.iter().enumerate() {
+                acc[c] += w * rows[r * cols + c];
+            }
         }
     }
 
@@ -159,6 +213,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn exp_is_accurate_and_keeps_special_values() {
+        let mut x: Vec<f32> = (-2000..=1960).map(|i| i as f32 * 0.045).collect();
+        x.extend([
+            f32::NEG_INFINITY,
+            -1e30,
+            1e-8,
+            0.0,
+            f32::NAN,
+            88.0,
+            89.0,
+            f32::INFINITY,
+        ]);
+        let mut y = x.clone();
+        exp_in_place(&mut y);
+        for (&x, &y) in x.iter().zip(&y) {
+            let e = x.exp();
+            if x.is_nan() {
+                assert!(y.is_nan());
+            } else if x > 88.38 {
+                assert_eq!(y, f32::INFINITY);
+            } else if e < 1e-37 {
+                assert!(y < 1e-37, "e^{x} = {y}");
+            } else {
+                assert!((y - e).abs() <= 2e-7 * e, "e^{x}: {y} vs {e}");
+            }
+        }
+    }
+
+    #[test]
     fn matches_naive_products() {
         let (rows, cols, m) = (7, 37, 2);
         let w: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 - 6.0).collect();
@@ -173,12 +256,20 @@ mod tests {
                 assert!((out[j * rows + r] - naive).abs() < 1e-3);
             }
         }
-        let mut y = vec![1f32; cols];
-        axpy(&mut y, 2.0, &x[..cols]);
-        assert!((y[3] - (1.0 + 2.0 * x[3])).abs() < 1e-6);
-        assert!(
-            (dot(&x[..cols], &x[..cols]) - x[..cols].iter().map(|v| v * v).sum::<f32>()).abs()
-                < 1e-3
-        );
+        let mut scores = vec![0f32; rows];
+        scaled_matvec(&w, &x[..cols], 0.5, &mut scores);
+        let mut acc = vec![1f32; cols];
+        weighted_row_sum(&w, &scores, &mut acc);
+        for r in 0..rows {
+            let naive: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum::<f32>() * 0.5;
+            assert!((scores[r] - naive).abs() < 1e-3);
+        }
+        for (c, a) in acc.iter().enumerate() {
+            let naive: f32 = 1.0 + (0..rows).map(|r| scores[r] * w[r * cols + c]).sum::<f32>();
+            assert!(
+                (a - naive).abs() < 1e-2 * naive.abs().max(1.0),
+                "{a} vs {naive}"
+            );
+        }
     }
 }

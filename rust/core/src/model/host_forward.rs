@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Layout, Storage, Tensor};
 
 use super::config::{ModelConfig, RopeLayout};
-use super::dense::{axpy, dot};
+use super::dense::{exp_in_place, scaled_matvec, weighted_row_sum};
 use super::linear::project_many;
 use super::llama::{Layer, Model, RowPlan};
 use super::parallel::{team, DisjointOut};
@@ -83,11 +83,7 @@ pub(crate) fn forward(
             project_many(&normed, n, &[&layer.mlp.gate, &layer.mlp.up])?
                 .try_into()
                 .map_err(|_| Error::invalid("gate/up projection count"))?;
-        let act: Vec<f32> = gate
-            .iter()
-            .zip(&up)
-            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
+        let act = silu_mul(&gate, &up);
         let [down]: [Vec<f32>; 1] = project_many(&act, n, &[&layer.mlp.down])?
             .try_into()
             .map_err(|_| Error::invalid("down projection count"))?;
@@ -117,6 +113,17 @@ pub(crate) fn forward(
 
 fn add_into(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+/// `silu(gate) · up`, with `silu(g) = g / (1 + e^-g)`.
+fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut e: Vec<f32> = gate.iter().map(|g| -g).collect();
+    exp_in_place(&mut e);
+    e.iter()
+        .zip(gate)
+        .zip(up)
+        .map(|((e, g), u)| g / (1.0 + e) * u)
+        .collect()
 }
 
 /// RMSNorm of every row, computed in f32 as transformers does.
@@ -239,49 +246,46 @@ fn attention(
     let writer = DisjointOut::new(&mut out);
     let groups = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let tasks = plan.rows.len() * kv_heads;
-    team().run(tasks, &|task| {
-        let (r, kvh) = (task / kv_heads, task % kv_heads);
+    // One task per (row, query head): enough tasks for the threads to balance.
+    team().run(plan.rows.len() * heads, &|task| {
+        let (r, head) = (task / heads, task % heads);
+        let kvh = head / groups;
         let (off, n) = plan.spans[r];
         let row_views = &views[r];
         let total: usize = row_views.iter().map(|p| p.len).sum();
         let past = total - n;
-        let mut scores = vec![0f32; total];
+        let mut probs = vec![0f32; total];
         let mut acc = vec![0f32; hd];
-        for head in kvh * groups..(kvh + 1) * groups {
-            for i in 0..n {
-                let t = off + i;
-                let qv = &q[t * heads * hd + head * hd..t * heads * hd + (head + 1) * hd];
-                let visible = past + i + 1;
-                let mut at = 0;
-                for p in row_views {
-                    for pos in 0..p.len.min(visible.saturating_sub(at)) {
-                        let base = kvh * p.head_stride + pos * hd;
-                        scores[at + pos] = dot(qv, &p.k[base..base + hd]) * scale;
-                    }
-                    at += p.len;
-                }
-                let s = &mut scores[..visible];
-                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f32;
-                for v in s.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                let mut at = 0;
-                for p in row_views {
-                    for pos in 0..p.len.min(visible.saturating_sub(at)) {
-                        let base = kvh * p.head_stride + pos * hd;
-                        axpy(&mut acc, scores[at + pos] / sum, &p.v[base..base + hd]);
-                    }
-                    at += p.len;
-                }
-                let dst = t * heads * hd + head * hd;
-                for (d, &a) in acc.iter().enumerate() {
-                    // SAFETY: each (row, kv head) task writes only its own tokens' heads.
-                    unsafe { writer.set(dst + d, a) };
-                }
+        for i in 0..n {
+            let t = off + i;
+            let qv = &q[t * heads * hd + head * hd..t * heads * hd + (head + 1) * hd];
+            // Causal: query i sees the cache and the new positions up to its own.
+            let visible = past + i + 1;
+            let mut at = 0;
+            for p in row_views {
+                let count = p.len.min(visible.saturating_sub(at));
+                let keys = &p.k[kvh * p.head_stride..kvh * p.head_stride + count * hd];
+                scaled_matvec(keys, qv, scale, &mut probs[at..at + count]);
+                at += p.len;
+            }
+            let s = &mut probs[..visible];
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            s.iter_mut().for_each(|v| *v -= max);
+            exp_in_place(s);
+            let sum: f32 = s.iter().sum();
+            s.iter_mut().for_each(|v| *v /= sum);
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            let mut at = 0;
+            for p in row_views {
+                let count = p.len.min(visible.saturating_sub(at));
+                let values = &p.v[kvh * p.head_stride..kvh * p.head_stride + count * hd];
+                weighted_row_sum(values, &probs[at..at + count], &mut acc);
+                at += p.len;
+            }
+            let dst = t * heads * hd + head * hd;
+            for (d, &a) in acc.iter().enumerate() {
+                // SAFETY: each (row, head) task writes only its own head of its own tokens.
+                unsafe { writer.set(dst + d, a) };
             }
         }
     });

@@ -221,11 +221,15 @@ impl<'a> DisjointOut<'a> {
     }
 }
 
-/// Splits `rows` output rows into ranges for the tasks of one region: enough tasks for the
-/// threads to balance, each long enough to amortise claiming it, boundaries on even rows so the
-/// two-row kernels stay paired.
+/// Splits `rows` output rows into one contiguous range per thread, on whole groups of the
+/// quantized kernels' interleaved rows. Each thread then streams its part of the weights in one
+/// run, which the hardware prefetcher rewards: eight smaller ranges per thread, claimed
+/// dynamically, made a decode step's projections about 40% slower.
 pub(crate) fn row_chunks(rows: usize, threads: usize) -> Vec<Range<usize>> {
-    let per = rows.div_ceil(threads * 8).max(16).next_multiple_of(2);
+    let per = rows
+        .div_ceil(threads)
+        .max(16)
+        .next_multiple_of(super::qmatmul::GROUP);
     (0..rows)
         .step_by(per)
         .map(|r| r..(r + per).min(rows))
