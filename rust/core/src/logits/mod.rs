@@ -88,7 +88,15 @@ pub fn argmax(xs: &[f32]) -> usize {
 /// `log_softmax(xs)[index]`, computed stably.
 pub fn log_prob(xs: &[f32], index: usize) -> f32 {
     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = xs.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    // Vectorised exp in chunks, summed in f64 so a 50k-token vocabulary loses no precision.
+    let mut buf = [0f32; 1024];
+    let mut sum = 0f64;
+    for chunk in xs.chunks(buf.len()) {
+        let part = &mut buf[..chunk.len()];
+        part.iter_mut().zip(chunk).for_each(|(b, &x)| *b = x - max);
+        crate::model::exp_in_place(part);
+        sum += part.iter().map(|&e| e as f64).sum::<f64>();
+    }
     xs[index] - max - sum.ln() as f32
 }
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 pub use config::{ModelConfig, RopeLayout};
+pub(crate) use dense::exp_in_place;
 pub use linear::{Embedding, Linear};
 pub use llama::{LogitsFor, Model, RowInput};
 pub use weights::WeightDType;
