@@ -63,32 +63,20 @@ fn decode_step(c: &mut Criterion) {
         let mut store = eng.new_store();
         let seq = store.create();
         let prompt: Vec<u32> = (100..164).collect();
-        let rows = [RowInput {
-            seq,
-            tokens: &prompt,
-            logits: LogitsFor::Last,
-        }];
+        let rows = [RowInput::new(seq, &prompt, LogitsFor::Last)];
         eng.forward(&mut store, &rows).expect("prefill");
         c.bench_function(&format!("decode_step_{name}_ctx64"), |b| {
             b.iter_batched(
                 || {
                     let mut s = eng.new_store();
                     let q = s.create();
-                    let r = [RowInput {
-                        seq: q,
-                        tokens: &prompt,
-                        logits: LogitsFor::Last,
-                    }];
+                    let r = [RowInput::new(q, &prompt, LogitsFor::Last)];
                     eng.forward(&mut s, &r).expect("prefill");
                     (s, q)
                 },
                 |(mut s, q)| {
                     let tok = [42u32];
-                    let r = [RowInput {
-                        seq: q,
-                        tokens: &tok,
-                        logits: LogitsFor::Last,
-                    }];
+                    let r = [RowInput::new(q, &tok, LogitsFor::Last)];
                     eng.forward(&mut s, &r).expect("step")
                 },
                 criterion::BatchSize::LargeInput,

@@ -1,6 +1,7 @@
 //! The engine: a loaded model with its tokenizer, and the loop that turns a strategy's work into
 //! batched forward passes.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,7 +10,8 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kv::{SeqId, SeqStore};
-use crate::logits::SamplingParams;
+use crate::logits::{ColdParams, SamplingParams};
+use crate::lora::LoraAdapter;
 use crate::model::{self, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
 use crate::search::sampling::StopCriteria;
 use crate::search::{Advance, RowOutput, SamplingStrategy, Strategy, TextDelta};
@@ -23,6 +25,11 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Keep generating past end-of-sequence tokens (for benchmarks).
     pub ignore_eos: bool,
+    /// Names of loaded adapters the rows decode with: none, one for every prompt, or one per
+    /// prompt (`None` for the base model).
+    pub adapters: Vec<Option<String>>,
+    /// Decode with Contrastive LoRA Decoding instead of `sampling` (needs an adapter per row).
+    pub cold: Option<ColdParams>,
 }
 
 impl Default for GenerateOptions {
@@ -32,6 +39,8 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             sampling: SamplingParams::greedy(),
             ignore_eos: false,
+            adapters: Vec::new(),
+            cold: None,
         }
     }
 }
@@ -56,6 +65,7 @@ pub struct Output {
 
 pub struct Engine {
     model: Arc<Model>,
+    adapters: HashMap<String, Arc<LoraAdapter>>,
     tokenizer: Option<Arc<Tokenizer>>,
     chat_template: Option<Arc<ChatTemplate>>,
     weight_bytes: usize,
@@ -83,6 +93,7 @@ impl Engine {
         };
         Ok(Self {
             model: Arc::new(loaded.model),
+            adapters: HashMap::new(),
             tokenizer: loaded.tokenizer.tokenizer.map(Arc::new),
             chat_template,
             weight_bytes: loaded.weight_bytes,
@@ -128,17 +139,81 @@ impl Engine {
 
     /// Logits `[len, vocab]` at every position of `ids`, run as one fresh sequence.
     pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
-        self.check_prompt(ids)?;
-        let mut store = SeqStore::new(self.model.kv_shape(), self.model.device());
-        let seq = store.create();
-        let rows = [RowInput {
-            seq,
-            tokens: ids,
-            logits: LogitsFor::All,
-        }];
-        let mut out = self.model.forward(&mut store, &rows)?;
-        out.pop()
+        self.logits_batch(&[(ids, None)])?
+            .pop()
             .ok_or_else(|| Error::invalid("forward returned no rows"))
+    }
+
+    /// Logits at every position of several sequences, each through the named adapter or the
+    /// base model, all in one forward pass.
+    pub fn logits_batch(&self, items: &[(&[u32], Option<&str>)]) -> Result<Vec<Tensor>> {
+        let mut store = SeqStore::new(self.model.kv_shape(), self.model.device());
+        let mut adapters = Vec::with_capacity(items.len());
+        for (ids, name) in items {
+            self.check_prompt(ids)?;
+            adapters.push(name.map(|n| self.adapter(n)).transpose()?);
+        }
+        let rows: Vec<RowInput<'_>> = items
+            .iter()
+            .zip(&adapters)
+            .map(|((ids, _), a)| {
+                RowInput::new(store.create(), ids, LogitsFor::All).with_adapter(a.as_deref())
+            })
+            .collect();
+        self.model.forward(&mut store, &rows)
+    }
+
+    /// Loads the peft LoRA adapter folder `path` under `name`, to be named by rows.
+    pub fn load_adapter(&mut self, path: impl AsRef<Path>, name: &str) -> Result<()> {
+        let path = path.as_ref();
+        if !self.model.supports_adapters() {
+            return Err(self.model.adapters_unsupported());
+        }
+        if name.is_empty() {
+            return Err(Error::invalid("an adapter needs a non-empty name"));
+        }
+        if self.adapters.contains_key(name) {
+            return Err(Error::invalid(format!(
+                "an adapter named `{name}` is already loaded; unload it first or pick another name"
+            )));
+        }
+        let adapter = LoraAdapter::load(path, name, self.model.config())?;
+        self.adapters.insert(name.to_string(), Arc::new(adapter));
+        Ok(())
+    }
+
+    /// Forgets the adapter `name`; generations already running keep their own reference.
+    pub fn unload_adapter(&mut self, name: &str) -> Result<()> {
+        self.adapters
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| self.unknown_adapter(name))
+    }
+
+    pub fn adapter(&self, name: &str) -> Result<Arc<LoraAdapter>> {
+        self.adapters
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.unknown_adapter(name))
+    }
+
+    /// Names of the loaded adapters, sorted.
+    pub fn adapter_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.adapters.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn unknown_adapter(&self, name: &str) -> Error {
+        let loaded = self.adapter_names();
+        Error::invalid(if loaded.is_empty() {
+            format!("no adapter named `{name}` is loaded (none are; use load_adapter)")
+        } else {
+            format!(
+                "no adapter named `{name}` is loaded (loaded: {})",
+                loaded.join(", ")
+            )
+        })
     }
 
     /// A fresh sequence store for running the model by hand ([`Engine::forward`]).
@@ -187,12 +262,35 @@ impl Engine {
             stop: StopMatcher::new(opts.stop.clone()),
             context: self.config().max_position_embeddings,
         };
+        if opts.adapters.len() > 1 && opts.adapters.len() != prompts.len() {
+            return Err(Error::invalid(format!(
+                "{} adapters given for {} prompts: give one for all, or one per prompt",
+                opts.adapters.len(),
+                prompts.len()
+            )));
+        }
+        let adapters = opts
+            .adapters
+            .iter()
+            .map(|a| a.as_deref().map(|n| self.adapter(n)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(cold) = &opts.cold {
+            cold.validate()?;
+            if adapters.is_empty() || adapters.iter().any(Option::is_none) {
+                return Err(Error::invalid(
+                    "CoLD contrasts an adapter with its base model: every prompt needs an adapter",
+                ));
+            }
+        }
         let strategy: Box<dyn Strategy> = Box::new(SamplingStrategy::new(
             opts.sampling,
             criteria,
             self.tokenizer.clone(),
+            adapters,
+            opts.cold,
         ));
-        Generation::new(self.model.clone(), strategy, prompts)
+        let separate_passes = opts.cold.is_some_and(|c| !c.paired);
+        Generation::new(self.model.clone(), strategy, prompts, separate_passes)
     }
 
     /// Decodes `prompts` to completion.
@@ -213,6 +311,8 @@ pub struct Generation {
     pending: Vec<Advance>,
     stats: Stats,
     started: Instant,
+    /// Run rows with different adapters in separate forward passes (naive CoLD, for comparison).
+    separate_passes: bool,
 }
 
 impl Generation {
@@ -220,6 +320,7 @@ impl Generation {
         model: Arc<Model>,
         mut strategy: Box<dyn Strategy>,
         prompts: Vec<Vec<u32>>,
+        separate_passes: bool,
     ) -> Result<Self> {
         let mut store = SeqStore::new(model.kv_shape(), model.device());
         let pending = strategy.start(&mut store, &prompts)?;
@@ -230,6 +331,7 @@ impl Generation {
             pending,
             stats: Stats::default(),
             started: Instant::now(),
+            separate_passes,
         })
     }
 
@@ -246,13 +348,42 @@ impl Generation {
         self.account(&work)?;
         let rows: Vec<RowInput<'_>> = work
             .iter()
-            .map(|a| RowInput {
-                seq: a.seq,
-                tokens: &a.tokens,
-                logits: LogitsFor::Last,
+            .map(|a| {
+                RowInput::new(a.seq, &a.tokens, LogitsFor::Last).with_adapter(a.adapter.as_deref())
             })
             .collect();
-        let logits = self.model.forward(&mut self.store, &rows)?;
+        let logits = if self.separate_passes {
+            // One pass per adapter (the base model being one of them), results back in order.
+            let mut logits: Vec<Option<Tensor>> = vec![None; rows.len()];
+            let mut groups: Vec<Vec<usize>> = Vec::new();
+            for (i, r) in rows.iter().enumerate() {
+                let same = |g: &&mut Vec<usize>| {
+                    let other = rows[g[0]].adapter;
+                    match (other, r.adapter) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => std::ptr::eq(a, b),
+                        _ => false,
+                    }
+                };
+                match groups.iter_mut().find(same) {
+                    Some(g) => g.push(i),
+                    None => groups.push(vec![i]),
+                }
+            }
+            self.stats.forward_passes += groups.len().saturating_sub(1);
+            for g in groups {
+                let part: Vec<RowInput<'_>> = g.iter().map(|&i| rows[i].clone()).collect();
+                for (i, l) in g
+                    .into_iter()
+                    .zip(self.model.forward(&mut self.store, &part)?)
+                {
+                    logits[i] = Some(l);
+                }
+            }
+            logits.into_iter().flatten().collect()
+        } else {
+            self.model.forward(&mut self.store, &rows)?
+        };
         let per_seq: Vec<(SeqId, Vec<f32>)> = work
             .iter()
             .zip(logits)

@@ -8,6 +8,11 @@ pub enum Error {
     #[error("cannot load model from {path}: {reason}")]
     ModelLoad { path: PathBuf, reason: String },
 
+    /// A LoRA adapter folder could not be read, does not fit the model, or uses a feature the
+    /// engine does not apply.
+    #[error("cannot load adapter from {path}: {reason}")]
+    AdapterLoad { path: PathBuf, reason: String },
+
     /// A parameter is outside its allowed range or an input is empty.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -42,6 +47,13 @@ pub enum Error {
 impl Error {
     pub(crate) fn load(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
         Error::ModelLoad {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn adapter(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
+        Error::AdapterLoad {
             path: path.into(),
             reason: reason.to_string(),
         }

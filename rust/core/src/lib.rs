@@ -7,6 +7,7 @@ pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod logits;
+pub mod lora;
 pub mod model;
 pub mod search;
 pub mod text;

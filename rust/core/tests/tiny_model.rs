@@ -57,11 +57,7 @@ fn engine() -> (tempfile::TempDir, Engine) {
 }
 
 fn last_logits(eng: &Engine, store: &mut SeqStore, seq: u64, tokens: &[u32]) -> Vec<f32> {
-    let rows = [RowInput {
-        seq,
-        tokens,
-        logits: LogitsFor::Last,
-    }];
+    let rows = [RowInput::new(seq, tokens, LogitsFor::Last)];
     let out = eng.forward(store, &rows).unwrap();
     out[0].squeeze(0).unwrap().to_vec1().unwrap()
 }
@@ -127,16 +123,8 @@ fn rows_of_one_forward_equal_rows_alone() {
     let mut store = eng.new_store();
     let (sa, sb) = (store.create(), store.create());
     let rows = [
-        RowInput {
-            seq: sa,
-            tokens: &a,
-            logits: LogitsFor::All,
-        },
-        RowInput {
-            seq: sb,
-            tokens: &b,
-            logits: LogitsFor::Last,
-        },
+        RowInput::new(sa, &a, LogitsFor::All),
+        RowInput::new(sb, &b, LogitsFor::Last),
     ];
     let out = eng.forward(&mut store, &rows).unwrap();
     let alone_a = eng.logits(&a).unwrap();
@@ -207,16 +195,8 @@ fn host_forward_matches_the_tensor_forward() {
     for (ta_tokens, tb_tokens) in &steps {
         let make = |sa, sb| {
             [
-                RowInput {
-                    seq: sa,
-                    tokens: ta_tokens,
-                    logits: LogitsFor::All,
-                },
-                RowInput {
-                    seq: sb,
-                    tokens: tb_tokens,
-                    logits: LogitsFor::Last,
-                },
+                RowInput::new(sa, ta_tokens, LogitsFor::All),
+                RowInput::new(sb, tb_tokens, LogitsFor::Last),
             ]
         };
         let fast = eng.forward(&mut host, &make(ha, hb)).unwrap();

@@ -1,8 +1,10 @@
 //! Per-step scoring on the CPU: repetition penalty, temperature, top-k, top-p, min-p, seeded
 //! sampling, argmax and log-probabilities over one row of logits.
 
+mod cold;
 mod rng;
 
+pub use cold::{cold_choose, cold_scores, ColdParams};
 pub use rng::Rng;
 
 use crate::error::{Error, Result};

@@ -11,11 +11,12 @@ use candle_core::{DType, Device, Layout, Storage, Tensor};
 
 use super::config::{ModelConfig, RopeLayout};
 use super::dense::{exp_in_place, scaled_matvec, weighted_row_sum};
-use super::linear::project_many;
+use super::linear::{project_many, LoraUse};
 use super::llama::{Layer, Model, RowPlan};
 use super::parallel::{team, DisjointOut};
 use crate::error::{Error, Result};
 use crate::kv::{KvPiece, SeqStore};
+use crate::lora::{LoraAdapter, Proj};
 
 /// Host copies of the small per-layer vectors and the RoPE tables.
 pub(crate) struct HostParams {
@@ -64,29 +65,54 @@ pub(crate) fn forward(
         .flatten_all()?
         .to_vec1::<f32>()?;
     let eps = cfg.rms_norm_eps as f32;
+    let adapter_tokens = tokens_by_adapter(plan);
+    let uses = |li: usize, projs: &[Proj]| -> Vec<LoraUse<'_>> {
+        let mut uses = Vec::new();
+        for (output, &proj) in projs.iter().enumerate() {
+            for (adapter, tokens) in &adapter_tokens {
+                if let Some(pair) = adapter.pair(li, proj) {
+                    uses.push(LoraUse {
+                        output,
+                        pair,
+                        tokens,
+                    });
+                }
+            }
+        }
+        uses
+    };
     for (li, layer) in model.layers.iter().enumerate() {
         let normed = rms_norm(&x, &host.input_norms[li], eps);
-        let [mut q, mut k, v]: [Vec<f32>; 3] =
-            project_many(&normed, n, &[&layer.attn.q, &layer.attn.k, &layer.attn.v])?
-                .try_into()
-                .map_err(|_| Error::invalid("q/k/v projection count"))?;
+        let [mut q, mut k, v]: [Vec<f32>; 3] = project_many(
+            &normed,
+            n,
+            &[&layer.attn.q, &layer.attn.k, &layer.attn.v],
+            &uses(li, &[Proj::Q, Proj::K, Proj::V]),
+        )?
+        .try_into()
+        .map_err(|_| Error::invalid("q/k/v projection count"))?;
         rope(&mut q, cfg.num_heads, cfg, host, &plan.positions);
         rope(&mut k, cfg.num_kv_heads, cfg, host, &plan.positions);
         let attn = attention(cfg, li, &q, &k, &v, store, plan)?;
-        let [o]: [Vec<f32>; 1] = project_many(&attn, n, &[&layer.attn.o])?
+        let [o]: [Vec<f32>; 1] = project_many(&attn, n, &[&layer.attn.o], &uses(li, &[Proj::O]))?
             .try_into()
             .map_err(|_| Error::invalid("o projection count"))?;
         add_into(&mut x, &o);
 
         let normed = rms_norm(&x, &host.post_norms[li], eps);
-        let [gate, up]: [Vec<f32>; 2] =
-            project_many(&normed, n, &[&layer.mlp.gate, &layer.mlp.up])?
-                .try_into()
-                .map_err(|_| Error::invalid("gate/up projection count"))?;
+        let [gate, up]: [Vec<f32>; 2] = project_many(
+            &normed,
+            n,
+            &[&layer.mlp.gate, &layer.mlp.up],
+            &uses(li, &[Proj::Gate, Proj::Up]),
+        )?
+        .try_into()
+        .map_err(|_| Error::invalid("gate/up projection count"))?;
         let act = silu_mul(&gate, &up);
-        let [down]: [Vec<f32>; 1] = project_many(&act, n, &[&layer.mlp.down])?
-            .try_into()
-            .map_err(|_| Error::invalid("down projection count"))?;
+        let [down]: [Vec<f32>; 1] =
+            project_many(&act, n, &[&layer.mlp.down], &uses(li, &[Proj::Down]))?
+                .try_into()
+                .map_err(|_| Error::invalid("down projection count"))?;
         add_into(&mut x, &down);
     }
     plan.commit(store)?;
@@ -97,7 +123,7 @@ pub(crate) fn forward(
         .collect();
     let n_keep = kept.len() / h;
     let normed = rms_norm(&kept, &host.final_norm, eps);
-    let [logits]: [Vec<f32>; 1] = project_many(&normed, n_keep, &[&model.lm_head])?
+    let [logits]: [Vec<f32>; 1] = project_many(&normed, n_keep, &[&model.lm_head], &[])?
         .try_into()
         .map_err(|_| Error::invalid("lm_head projection count"))?;
     let vocab = cfg.vocab_size;
@@ -109,6 +135,19 @@ pub(crate) fn forward(
         at += len;
     }
     Ok(out)
+}
+
+/// The tokens of each adapter used in this pass (rows sharing an adapter share one update).
+fn tokens_by_adapter<'a>(plan: &RowPlan<'a>) -> Vec<(&'a LoraAdapter, Vec<usize>)> {
+    let mut groups: Vec<(&LoraAdapter, Vec<usize>)> = Vec::new();
+    for (row, &(off, n)) in plan.rows.iter().zip(&plan.spans) {
+        let Some(adapter) = row.adapter else { continue };
+        match groups.iter_mut().find(|(a, _)| std::ptr::eq(*a, adapter)) {
+            Some((_, tokens)) => tokens.extend(off..off + n),
+            None => groups.push((adapter, (off..off + n).collect())),
+        }
+    }
+    groups
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {

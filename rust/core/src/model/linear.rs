@@ -9,6 +9,8 @@ use super::dense;
 use super::parallel::{row_chunks, team, DisjointOut};
 use super::qmatmul::{QuantMatrix, QuantizedActs};
 use crate::error::{Error, Result};
+use crate::lora::LoraPair;
+use std::ops::Range;
 
 /// Below this many input rows a dense f32 projection runs the matrix-vector kernels; above it,
 /// candle's blocked matmul.
@@ -101,10 +103,30 @@ enum RowSource<'a> {
     Dense { w: &'a [f32], cols: usize },
 }
 
+/// A LoRA update to add to one projection's output, for some of the input rows.
+pub(crate) struct LoraUse<'a> {
+    /// Which of the projections passed to [`project_many`] it updates.
+    pub output: usize,
+    pub pair: &'a LoraPair,
+    /// The input rows (tokens) that use it.
+    pub tokens: &'a [usize],
+}
+
+enum Task {
+    Base(usize, Range<usize>),
+    LoraDown(usize),
+}
+
 /// `x · Wᵢᵀ + bᵢ` for several projections that share the input `x` (`[m, in]`, f32 on the
-/// host), all in one parallel region (the q/k/v or gate/up projections of a layer).
-/// Returns one `[m, out_i]` buffer per projection.
-pub(crate) fn project_many(x: &[f32], m: usize, linears: &[&Linear]) -> Result<Vec<Vec<f32>>> {
+/// host), all in one parallel region (the q/k/v or gate/up projections of a layer), plus the
+/// LoRA updates `scale · (x_t · Aᵀ) · Bᵀ` of the rows `t` that use an adapter: their `x · Aᵀ`
+/// runs in the same region, over those rows only. Returns one `[m, out_i]` buffer per projection.
+pub(crate) fn project_many(
+    x: &[f32],
+    m: usize,
+    linears: &[&Linear],
+    loras: &[LoraUse<'_>],
+) -> Result<Vec<Vec<f32>>> {
     let mut outs: Vec<Vec<f32>> = Vec::with_capacity(linears.len());
     let mut acts: Option<QuantizedActs> = None;
     // Guards keep dense weights' storage readable while the region runs.
@@ -129,6 +151,17 @@ pub(crate) fn project_many(x: &[f32], m: usize, linears: &[&Linear]) -> Result<V
             }
         }
         guards.push(None);
+    }
+    for l in loras {
+        let lin = linears
+            .get(l.output)
+            .ok_or_else(|| Error::invalid("LoRA update for a missing projection"))?;
+        if l.pair.in_features() != lin.in_features || l.pair.out_features() != lin.out_features {
+            return Err(Error::invalid("LoRA update does not fit its projection"));
+        }
+        if l.tokens.iter().any(|&t| t >= m) {
+            return Err(Error::invalid("LoRA update for a row outside the input"));
+        }
     }
     let mut sources: Vec<Option<RowSource<'_>>> = Vec::with_capacity(linears.len());
     for (lin, guard) in linears.iter().zip(&guards) {
@@ -162,6 +195,20 @@ pub(crate) fn project_many(x: &[f32], m: usize, linears: &[&Linear]) -> Result<V
         }
         sources.push(source);
     }
+    let lora_inputs: Vec<Vec<f32>> = loras
+        .iter()
+        .map(|l| {
+            let cols = l.pair.in_features();
+            l.tokens
+                .iter()
+                .flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied())
+                .collect()
+        })
+        .collect();
+    let mut lora_down: Vec<Vec<f32>> = loras
+        .iter()
+        .map(|l| vec![0f32; l.tokens.len() * l.pair.rank])
+        .collect();
     {
         let team = team();
         let mut tasks = Vec::new();
@@ -170,15 +217,17 @@ pub(crate) fn project_many(x: &[f32], m: usize, linears: &[&Linear]) -> Result<V
                 tasks.extend(
                     row_chunks(lin.out_features, team.threads())
                         .into_iter()
-                        .map(|r| (i, r)),
+                        .map(|r| Task::Base(i, r)),
                 );
             }
         }
+        tasks.extend((0..loras.len()).map(Task::LoraDown));
         let writers: Vec<DisjointOut<'_>> = outs.iter_mut().map(|o| DisjointOut::new(o)).collect();
-        team.run(tasks.len(), &|t| {
-            let (i, rows) = &tasks[t];
-            // SAFETY: every task owns a distinct row range of one projection's output.
-            match &sources[*i] {
+        let down_writers: Vec<DisjointOut<'_>> =
+            lora_down.iter_mut().map(|o| DisjointOut::new(o)).collect();
+        team.run(tasks.len(), &|t| match &tasks[t] {
+            // SAFETY: every task owns a distinct row range of one output.
+            Task::Base(i, rows) => match &sources[*i] {
                 Some(RowSource::Blocks(q)) => unsafe {
                     if let Some(acts) = &acts {
                         q.compute_rows(acts, rows.clone(), &writers[*i])
@@ -188,7 +237,17 @@ pub(crate) fn project_many(x: &[f32], m: usize, linears: &[&Linear]) -> Result<V
                     dense::compute_rows(w, *cols, x, rows.clone(), &writers[*i])
                 },
                 None => {}
-            }
+            },
+            Task::LoraDown(k) => unsafe {
+                let pair = loras[*k].pair;
+                dense::compute_rows(
+                    &pair.a,
+                    pair.in_features(),
+                    &lora_inputs[*k],
+                    0..pair.rank,
+                    &down_writers[*k],
+                )
+            },
         });
     }
     for ((lin, src), out) in linears.iter().zip(&sources).zip(outs.iter_mut()) {
@@ -196,6 +255,20 @@ pub(crate) fn project_many(x: &[f32], m: usize, linears: &[&Linear]) -> Result<V
             for row in out.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
+        }
+    }
+    for (l, down) in loras.iter().zip(&lora_down) {
+        let (rank, cols) = (l.pair.rank, l.pair.out_features());
+        let mut up = vec![0f32; cols];
+        for (j, &t) in l.tokens.iter().enumerate() {
+            dense::scaled_matvec(
+                &l.pair.b,
+                &down[j * rank..(j + 1) * rank],
+                l.pair.scale,
+                &mut up,
+            );
+            let y = &mut outs[l.output][t * cols..(t + 1) * cols];
+            y.iter_mut().zip(&up).for_each(|(y, u)| *y += u);
         }
     }
     Ok(outs)

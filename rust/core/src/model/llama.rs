@@ -13,6 +13,7 @@ use super::linear::{Embedding, Linear};
 use super::weights::TensorSource;
 use crate::error::{Error, Result};
 use crate::kv::{KvPiece, KvShape, SeqId, SeqStore};
+use crate::lora::LoraAdapter;
 
 /// Which positions of a row need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,12 +22,30 @@ pub enum LogitsFor {
     All,
 }
 
-/// One row of a forward pass: append `tokens` to sequence `seq`.
+/// One row of a forward pass: append `tokens` to sequence `seq`, through the base model or with
+/// a LoRA adapter's updates.
 #[derive(Debug, Clone)]
 pub struct RowInput<'a> {
     pub seq: SeqId,
     pub tokens: &'a [u32],
     pub logits: LogitsFor,
+    pub adapter: Option<&'a LoraAdapter>,
+}
+
+impl<'a> RowInput<'a> {
+    /// A row through the base model.
+    pub fn new(seq: SeqId, tokens: &'a [u32], logits: LogitsFor) -> Self {
+        Self {
+            seq,
+            tokens,
+            logits,
+            adapter: None,
+        }
+    }
+
+    pub fn with_adapter(self, adapter: Option<&'a LoraAdapter>) -> Self {
+        Self { adapter, ..self }
+    }
 }
 
 pub(super) struct Attention {
@@ -212,6 +231,19 @@ impl Model {
         })
     }
 
+    /// Whether LoRA adapters can run on this model (the host forward pass applies them).
+    pub fn supports_adapters(&self) -> bool {
+        self.host.is_some()
+    }
+
+    pub(crate) fn adapters_unsupported(&self) -> Error {
+        Error::invalid(format!(
+            "LoRA adapters run on the CPU with f32 activations; this model runs with {:?} on {:?} \
+             (load it with dtype=\"auto\" or \"f32\")",
+            self.dtype, self.device
+        ))
+    }
+
     /// Bytes of the matrices one decode step reads (the embedding table only when it is tied).
     pub fn weight_bytes(&self) -> usize {
         let per_layer = |l: &Layer| {
@@ -277,6 +309,9 @@ impl Model {
     }
 
     fn forward_tensors(&self, store: &mut SeqStore, plan: &RowPlan<'_>) -> Result<Vec<Tensor>> {
+        if plan.rows.iter().any(|r| r.adapter.is_some()) {
+            return Err(self.adapters_unsupported());
+        }
         let (rows, spans) = (plan.rows, &plan.spans);
         let n_total = plan.ids.len();
         let ids = Tensor::from_slice(&plan.ids, n_total, &self.device)?;

@@ -6,14 +6,19 @@ pub(crate) mod sampling;
 
 pub use sampling::SamplingStrategy;
 
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::kv::{SeqId, SeqStore};
+use crate::lora::LoraAdapter;
 
-/// Append `tokens` to `seq` in the next forward pass; its last-position logits come back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Append `tokens` to `seq` in the next forward pass, with `adapter`'s updates or through the
+/// base model; its last-position logits come back.
+#[derive(Debug, Clone)]
 pub struct Advance {
     pub seq: SeqId,
     pub tokens: Vec<u32>,
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,11 +1,13 @@
 //! Greedy decoding and sampling: one sequence per prompt, one token per step.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Advance, FinishReason, RowOutput, Strategy, TextDelta};
 use crate::error::{Error, Result};
 use crate::kv::{SeqId, SeqStore};
-use crate::logits::{self, Rng, SamplingParams};
+use crate::logits::{self, ColdParams, Rng, SamplingParams};
+use crate::lora::LoraAdapter;
 use crate::text::{StopMatcher, Tokenizer};
 
 /// Limits shared by every row of a generation.
@@ -20,6 +22,9 @@ pub struct StopCriteria {
 
 struct Row {
     seq: SeqId,
+    /// CoLD's base-model twin of `seq`, fed the same tokens.
+    base_seq: Option<SeqId>,
+    adapter: Option<Arc<LoraAdapter>>,
     prompt: Vec<u32>,
     generated: Vec<u32>,
     logprobs: Vec<f32>,
@@ -29,8 +34,13 @@ struct Row {
     streamed: usize,
 }
 
+/// One sequence per prompt, with the adapter the rows decode with; with CoLD, each also has a
+/// twin through the base model whose logits the expert's are contrasted with.
 pub struct SamplingStrategy {
     params: SamplingParams,
+    /// One per prompt, or a single one for every prompt.
+    adapters: Vec<Option<Arc<LoraAdapter>>>,
+    cold: Option<ColdParams>,
     stop: StopCriteria,
     tokenizer: Option<Arc<Tokenizer>>,
     rows: Vec<Row>,
@@ -43,9 +53,13 @@ impl SamplingStrategy {
         params: SamplingParams,
         stop: StopCriteria,
         tokenizer: Option<Arc<Tokenizer>>,
+        adapters: Vec<Option<Arc<LoraAdapter>>>,
+        cold: Option<ColdParams>,
     ) -> Self {
         Self {
             params,
+            adapters,
+            cold,
             stop,
             tokenizer,
             rows: Vec::new(),
@@ -54,8 +68,8 @@ impl SamplingStrategy {
         }
     }
 
-    fn accept(&mut self, idx: usize, mut scores: Vec<f32>) -> Result<()> {
-        if !logits::all_finite(&scores) {
+    fn accept(&mut self, idx: usize, mut scores: Vec<f32>, base: Option<Vec<f32>>) -> Result<()> {
+        if !logits::all_finite(&scores) || !base.as_deref().is_none_or(logits::all_finite) {
             return Err(Error::NonFiniteLogits {
                 row: idx,
                 step: self.step,
@@ -63,7 +77,11 @@ impl SamplingStrategy {
         }
         let row = &mut self.rows[idx];
         let raw_logprob = |scores: &[f32], tok: u32| logits::log_prob(scores, tok as usize);
-        let token = if self.params.repetition_penalty != 1.0 {
+        let token = if let (Some(cold), Some(base)) = (&self.cold, &base) {
+            let t = logits::cold_choose(&scores, base, cold, &mut row.rng);
+            row.logprobs.push(raw_logprob(&scores, t));
+            t
+        } else if self.params.repetition_penalty != 1.0 {
             let raw = scores.clone();
             let seen: Vec<u32> = row.prompt.iter().chain(&row.generated).copied().collect();
             logits::apply_repetition_penalty(&mut scores, &seen, self.params.repetition_penalty);
@@ -117,25 +135,55 @@ impl SamplingStrategy {
     }
 }
 
+impl SamplingStrategy {
+    /// Work that feeds `tokens` to a row (and to its base twin, without the adapter).
+    fn advance(
+        seq: SeqId,
+        base_seq: Option<SeqId>,
+        adapter: &Option<Arc<LoraAdapter>>,
+        tokens: &[u32],
+    ) -> Vec<Advance> {
+        let mut work = vec![Advance {
+            seq,
+            tokens: tokens.to_vec(),
+            adapter: adapter.clone(),
+        }];
+        if let Some(base) = base_seq {
+            work.push(Advance {
+                seq: base,
+                tokens: tokens.to_vec(),
+                adapter: None,
+            });
+        }
+        work
+    }
+}
+
 impl Strategy for SamplingStrategy {
     fn start(&mut self, store: &mut SeqStore, prompts: &[Vec<u32>]) -> Result<Vec<Advance>> {
         let mut work = Vec::with_capacity(prompts.len());
+        let seed = self.cold.map_or(self.params.seed, |c| c.seed);
         for (i, p) in prompts.iter().enumerate() {
             let seq = store.create();
+            let base_seq = self.cold.map(|_| store.create());
+            let adapter = match self.adapters.len() {
+                0 => None,
+                1 => self.adapters[0].clone(),
+                _ => self.adapters.get(i).cloned().flatten(),
+            };
             self.rows.push(Row {
                 seq,
+                base_seq,
+                adapter: adapter.clone(),
                 prompt: p.clone(),
                 generated: Vec::new(),
                 logprobs: Vec::new(),
-                rng: Rng::new(self.params.seed, i as u64),
+                rng: Rng::new(seed, i as u64),
                 finish: None,
                 text: String::new(),
                 streamed: 0,
             });
-            work.push(Advance {
-                seq,
-                tokens: p.clone(),
-            });
+            work.extend(Self::advance(seq, base_seq, &adapter, p));
         }
         Ok(work)
     }
@@ -145,25 +193,35 @@ impl Strategy for SamplingStrategy {
         store: &mut SeqStore,
         logits: Vec<(SeqId, Vec<f32>)>,
     ) -> Result<Vec<Advance>> {
-        for (seq, scores) in logits {
-            let idx = self
-                .rows
-                .iter()
-                .position(|r| r.seq == seq)
-                .ok_or_else(|| Error::invalid(format!("logits for unknown sequence {seq}")))?;
-            self.accept(idx, scores)?;
+        let mut by_seq: HashMap<SeqId, Vec<f32>> = logits.into_iter().collect();
+        for idx in 0..self.rows.len() {
+            let (seq, base_seq) = (self.rows[idx].seq, self.rows[idx].base_seq);
+            let Some(scores) = by_seq.remove(&seq) else {
+                continue;
+            };
+            let base = match base_seq {
+                Some(b) => Some(by_seq.remove(&b).ok_or_else(|| {
+                    Error::invalid(format!("no base-model logits for sequence {seq}"))
+                })?),
+                None => None,
+            };
+            self.accept(idx, scores, base)?;
+        }
+        if let Some(seq) = by_seq.keys().next() {
+            return Err(Error::invalid(format!("logits for unknown sequence {seq}")));
         }
         self.step += 1;
         let mut work = Vec::new();
         for row in &self.rows {
             match (row.finish, row.generated.last()) {
-                (None, Some(&t)) => work.push(Advance {
-                    seq: row.seq,
-                    tokens: vec![t],
-                }),
+                (None, Some(&t)) => {
+                    work.extend(Self::advance(row.seq, row.base_seq, &row.adapter, &[t]))
+                }
                 (Some(_), _) => {
-                    if store.len(row.seq).is_ok() {
-                        store.free(row.seq);
+                    for seq in std::iter::once(row.seq).chain(row.base_seq) {
+                        if store.len(seq).is_ok() {
+                            store.free(seq);
+                        }
                     }
                 }
                 (None, None) => {}

@@ -1,0 +1,304 @@
+//! peft LoRA adapters, loaded once and applied unmerged: `y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`.
+//!
+//! An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` with keys such as
+//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (`A`: `[r, in]`, `B`:
+//! `[out, r]`). The scale is `alpha / r`, or `alpha / sqrt(r)` with `use_rslora`, where `r` and
+//! `alpha` may be overridden per module by `rank_pattern` / `alpha_pattern`. What this engine
+//! cannot apply exactly (DoRA, `modules_to_save`, embedding or head adapters, trained biases) is
+//! refused with an error naming it, never loaded approximately.
+
+mod config;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+pub use config::AdapterConfig;
+
+/// The seven projections of a llama-family layer an adapter can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The module name peft and transformers use.
+    pub fn module_name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    fn parent(self) -> &'static str {
+        match self {
+            Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
+            Proj::Gate | Proj::Up | Proj::Down => "mlp",
+        }
+    }
+
+    pub fn from_module_name(name: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.module_name() == name)
+    }
+
+    /// `(out_features, in_features)` of this projection in a model with `cfg`.
+    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
+        let h = cfg.hidden_size;
+        let q = cfg.num_heads * cfg.head_dim;
+        let kv = cfg.num_kv_heads * cfg.head_dim;
+        match self {
+            Proj::Q => (q, h),
+            Proj::K | Proj::V => (kv, h),
+            Proj::O => (h, q),
+            Proj::Gate | Proj::Up => (cfg.intermediate_size, h),
+            Proj::Down => (h, cfg.intermediate_size),
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The low-rank update of one projection, as f32 on the host.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// `[rank, in]`, row-major.
+    pub a: Vec<f32>,
+    /// `[out, rank]`, row-major.
+    pub b: Vec<f32>,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+impl LoraPair {
+    pub fn in_features(&self) -> usize {
+        self.a.len() / self.rank
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.b.len() / self.rank
+    }
+
+    /// Parameters of `A` and `B` together.
+    pub fn params(&self) -> usize {
+        self.a.len() + self.b.len()
+    }
+}
+
+/// A loaded adapter: per layer, an optional update for each of the seven projections.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub name: String,
+    pub path: PathBuf,
+    pub config: AdapterConfig,
+    layers: Vec<[Option<LoraPair>; 7]>,
+}
+
+impl LoraAdapter {
+    /// Loads the adapter folder `dir` for a model with `cfg`, checking every tensor against the
+    /// model's shapes and the config.
+    pub fn load(dir: &Path, name: &str, cfg: &ModelConfig) -> Result<Self> {
+        let err = |reason: String| Error::adapter(dir, reason);
+        if !dir.is_dir() {
+            return Err(err(
+                "not a folder (expected a peft adapter folder with adapter_config.json)".into(),
+            ));
+        }
+        let config = AdapterConfig::read(&dir.join("adapter_config.json"))?;
+        config.check_supported(dir)?;
+        for module in config.target_module_names() {
+            if Proj::from_module_name(&module).is_none() {
+                return Err(err(format!(
+                    "target_modules names `{module}`, which a llama-family model does not have \
+                     (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                )));
+            }
+        }
+        let weights_path = dir.join("adapter_model.safetensors");
+        if !weights_path.exists() {
+            let hint = if dir.join("adapter_model.bin").exists() {
+                " (adapter_model.bin is a pickle; save with safe_serialization=True)"
+            } else {
+                ""
+            };
+            return Err(err(format!("adapter_model.safetensors is missing{hint}")));
+        }
+        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+            .map_err(|e| err(format!("cannot read adapter_model.safetensors: {e}")))?;
+
+        let mut halves: HashMap<(usize, Proj), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        for (key, tensor) in tensors {
+            let (layer, proj, half) = parse_key(&key).map_err(&err)?;
+            if layer >= cfg.num_layers {
+                return Err(err(format!(
+                    "tensor {key} is for layer {layer}, but the model has {} layers",
+                    cfg.num_layers
+                )));
+            }
+            if !config.targets(proj, layer) {
+                return Err(err(format!(
+                    "tensor {key} is for {}.{} of layer {layer}, which adapter_config.json does not \
+                     target (target_modules / layers_to_transform)",
+                    proj.parent(),
+                    proj.module_name()
+                )));
+            }
+            let entry = halves.entry((layer, proj)).or_default();
+            match half {
+                Half::A => entry.0 = Some(tensor),
+                Half::B => entry.1 = Some(tensor),
+            }
+        }
+        if halves.is_empty() {
+            return Err(err("adapter_model.safetensors holds no LoRA tensors".into()));
+        }
+
+        let mut layers: Vec<[Option<LoraPair>; 7]> =
+            (0..cfg.num_layers).map(|_| Default::default()).collect();
+        for ((layer, proj), (a, b)) in halves {
+            let module = format!(
+                "model.layers.{layer}.{}.{}",
+                proj.parent(),
+                proj.module_name()
+            );
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(err(format!("{module} has only one of lora_A / lora_B")));
+            };
+            let (out_f, in_f) = proj.shape(cfg);
+            let (rank, a_in) = a
+                .dims2()
+                .map_err(|e| err(format!("{module}.lora_A: {e}")))?;
+            let (b_out, b_rank) = b
+                .dims2()
+                .map_err(|e| err(format!("{module}.lora_B: {e}")))?;
+            if a_in != in_f || b_out != out_f || b_rank != rank || rank == 0 {
+                return Err(err(format!(
+                    "{module}: lora_A is [{rank}, {a_in}] and lora_B is [{b_out}, {b_rank}], but this \
+                     model's {} is [{out_f}, {in_f}] (an adapter trained for a different base model?)",
+                    proj.module_name()
+                )));
+            }
+            let expected_rank = config.rank_for(&module);
+            if expected_rank != rank {
+                return Err(err(format!(
+                    "{module} has rank {rank} but adapter_config.json gives it rank {expected_rank} \
+                     (r / rank_pattern)"
+                )));
+            }
+            let alpha = config.alpha_for(&module);
+            let scale = if config.use_rslora {
+                alpha / (rank as f64).sqrt()
+            } else {
+                alpha / rank as f64
+            };
+            let host = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let pair = LoraPair {
+                a: host(&a)?,
+                b: host(&b)?,
+                rank,
+                scale: scale as f32,
+            };
+            if !pair.a.iter().chain(&pair.b).all(|v| v.is_finite()) {
+                return Err(err(format!("{module} holds NaN or infinite weights")));
+            }
+            layers[layer][proj.index()] = Some(pair);
+        }
+        Ok(Self {
+            name: name.to_string(),
+            path: dir.to_path_buf(),
+            config,
+            layers,
+        })
+    }
+
+    /// The update of projection `proj` in layer `layer`, if the adapter has one.
+    pub fn pair(&self, layer: usize, proj: Proj) -> Option<&LoraPair> {
+        self.layers.get(layer)?[proj.index()].as_ref()
+    }
+
+    /// Parameters of all `A` and `B` matrices.
+    pub fn params(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(LoraPair::params)
+            .sum()
+    }
+}
+
+enum Half {
+    A,
+    B,
+}
+
+/// `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}[.{adapter}].weight`.
+fn parse_key(key: &str) -> std::result::Result<(usize, Proj, Half), String> {
+    let unsupported = |what: &str| {
+        Err(format!(
+            "tensor {key}: {what} is not supported by the engine"
+        ))
+    };
+    if key.contains("lora_magnitude_vector") {
+        return unsupported("DoRA (lora_magnitude_vector)");
+    }
+    if key.contains("lora_embedding_") || key.contains("embed_tokens") {
+        return unsupported("an adapter on the token embedding");
+    }
+    if key.contains("lm_head") {
+        return unsupported("an adapter on lm_head");
+    }
+    if key.ends_with(".bias") {
+        return unsupported("a trained bias");
+    }
+    let parts: Vec<&str> = key.split('.').collect();
+    let Some(li) = parts.iter().position(|p| *p == "layers") else {
+        return Err(format!(
+            "tensor {key} is not a LoRA weight of a decoder layer"
+        ));
+    };
+    let layer = parts
+        .get(li + 1)
+        .and_then(|s| s.parse::<usize>().ok())
+        .ok_or_else(|| format!("tensor {key}: no layer number after `layers`"))?;
+    let proj = parts
+        .get(li + 3)
+        .and_then(|s| Proj::from_module_name(s))
+        .ok_or_else(|| format!("tensor {key} does not adapt a q/k/v/o/gate/up/down projection"))?;
+    let half = match parts.get(li + 4) {
+        Some(&"lora_A") => Half::A,
+        Some(&"lora_B") => Half::B,
+        _ => return Err(format!("tensor {key} is neither lora_A nor lora_B")),
+    };
+    if parts.last() != Some(&"weight") {
+        return Err(format!("tensor {key} is not a weight"));
+    }
+    Ok((layer, proj, half))
+}
