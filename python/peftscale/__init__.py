@@ -9,6 +9,7 @@ from peftscale import models
 from peftscale._core import __version__
 from peftscale.engine import Engine, GenerationOutput, Stats, Tokenizer
 from peftscale.errors import (
+    AdapterError,
     ChatTemplateError,
     ContextLengthError,
     EngineError,
@@ -18,10 +19,12 @@ from peftscale.errors import (
     PeftscaleError,
     TokenizerError,
 )
-from peftscale.strategies import Greedy, Sampling, Strategy
+from peftscale.strategies import CoLD, Greedy, Sampling, Strategy
 
 __all__ = [
+    "AdapterError",
     "ChatTemplateError",
+    "CoLD",
     "ContextLengthError",
     "Engine",
     "EngineError",

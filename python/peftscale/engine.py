@@ -109,9 +109,51 @@ class Engine:
         """Bytes of weights one decode step reads."""
         return self._core.weight_bytes
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits ``[len(token_ids), vocab]`` (float32) at every position, from a fresh cache."""
-        return self._core.logits([int(t) for t in token_ids])
+    def load_adapter(self, path: str | os.PathLike[str], name: str = "default") -> None:
+        """Load a peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        The adapter stays unmerged: rows that name it in ``generate(..., adapter=name)`` or
+        ``logits(..., adapter=name)`` get its low-rank update, every other row runs the base model,
+        and several adapters can be loaded side by side. Raises :class:`peftscale.AdapterError`
+        for adapters the engine cannot apply exactly (DoRA, ``modules_to_save``, embedding or
+        head adapters, shapes of another base model, ...).
+        """
+        self._core.load_adapter(Path(path), name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget a loaded adapter."""
+        self._core.unload_adapter(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return self._core.adapter_names
+
+    @overload
+    def logits(self, token_ids: Sequence[int], *, adapter: str | None = ...) -> np.ndarray: ...
+
+    @overload
+    def logits(
+        self, token_ids: Sequence[Sequence[int]], *, adapter: str | None | Sequence[str | None] = ...
+    ) -> list[np.ndarray]: ...
+
+    def logits(
+        self,
+        token_ids: Sequence[int] | Sequence[Sequence[int]],
+        *,
+        adapter: str | None | Sequence[str | None] = None,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Logits ``[len, vocab]`` (float32) at every position, from a fresh cache.
+
+        ``token_ids`` is one sequence (returns one array) or a list of sequences (returns a list,
+        all computed in one batched forward pass). ``adapter`` names a loaded adapter, ``None``
+        for the base model, or gives one per sequence.
+        """
+        single = _is_ids(token_ids)
+        seqs = [[int(t) for t in token_ids]] if single else [[int(t) for t in s] for s in token_ids]  # type: ignore[union-attr]
+        names = _per_row(adapter, len(seqs), "sequences")
+        out = self._core.logits_batch(seqs, names)
+        return out[0] if single else out
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """Render a conversation with the model's own chat template."""
@@ -126,6 +168,7 @@ class Engine:
         strategy: Strategy | None = ...,
         stop: Sequence[str] | None = ...,
         ignore_eos: bool = ...,
+        adapter: str | None = ...,
     ) -> GenerationOutput: ...
 
     @overload
@@ -137,6 +180,7 @@ class Engine:
         strategy: Strategy | None = ...,
         stop: Sequence[str] | None = ...,
         ignore_eos: bool = ...,
+        adapter: str | None | Sequence[str | None] = ...,
     ) -> list[GenerationOutput] | GenerationOutput: ...
 
     def generate(
@@ -147,6 +191,7 @@ class Engine:
         strategy: Strategy | None = None,
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
+        adapter: str | None | Sequence[str | None] = None,
     ) -> GenerationOutput | list[GenerationOutput]:
         """Continue one prompt or a batch of prompts.
 
@@ -155,10 +200,12 @@ class Engine:
         decoded together, one batched forward pass per step. Generation stops at an
         end-of-sequence token, at ``max_new_tokens``, or when the text contains one of ``stop``
         (the text is cut before it; ``token_ids`` keep the token that completed it).
+        ``adapter`` names a loaded LoRA adapter for every prompt, or gives one per prompt
+        (``None`` for the base model); :class:`peftscale.CoLD` needs one.
         """
         ids, single = self._encode_prompts(prompts)
         kwargs = self._kwargs(max_new_tokens, strategy, stop, ignore_eos)
-        gen = self._core.start(ids, **kwargs)
+        gen = self._core.start(ids, adapters=_per_row(adapter, len(ids), "prompts"), **kwargs)
         gen.run()
         outs = [GenerationOutput._from_core(d) for d in gen.outputs()]
         return outs[0] if single else outs
@@ -170,6 +217,7 @@ class Engine:
         max_new_tokens: int = 256,
         strategy: Strategy | None = None,
         stop: Sequence[str] | None = None,
+        adapter: str | None = None,
     ) -> GenerationOutput | list[GenerationOutput]:
         """Answer one conversation (a list of ``{"role", "content"}``) or a list of them."""
         if len(messages) > 0 and isinstance(messages[0], Mapping):
@@ -178,9 +226,10 @@ class Engine:
                 max_new_tokens=max_new_tokens,
                 strategy=strategy,
                 stop=stop,
+                adapter=adapter,
             )
         prompts = [self.apply_chat_template(conv) for conv in messages]  # type: ignore[arg-type]
-        return self.generate(prompts, max_new_tokens=max_new_tokens, strategy=strategy, stop=stop)
+        return self.generate(prompts, max_new_tokens=max_new_tokens, strategy=strategy, stop=stop, adapter=adapter)
 
     def stream(
         self,
@@ -189,10 +238,12 @@ class Engine:
         max_new_tokens: int = 256,
         strategy: Strategy | None = None,
         stop: Sequence[str] | None = None,
+        adapter: str | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as it is decoded."""
         ids, _ = self._encode_prompts(prompt)
-        gen = self._core.start(ids, **self._kwargs(max_new_tokens, strategy, stop, False))
+        kwargs = self._kwargs(max_new_tokens, strategy, stop, False)
+        gen = self._core.start(ids, adapters=_per_row(adapter, 1, "prompts"), **kwargs)
         while not gen.done:
             for _row, piece in gen.step():
                 if piece:
@@ -229,6 +280,15 @@ class Engine:
             "ignore_eos": ignore_eos,
             **strategy._core_kwargs(),
         }
+
+
+def _per_row(adapter: str | None | Sequence[str | None], rows: int, what: str) -> list[str | None]:
+    if adapter is None or isinstance(adapter, str):
+        return [adapter] * rows
+    names = list(adapter)
+    if len(names) != rows:
+        raise InvalidArgument(f"invalid argument: {len(names)} adapters given for {rows} {what}")
+    return names
 
 
 def _is_ids(x: object) -> bool:

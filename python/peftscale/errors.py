@@ -1,6 +1,7 @@
 """The exceptions peftscale raises. Every one derives from :class:`PeftscaleError`."""
 
 from peftscale._core import (
+    AdapterError,
     ChatTemplateError,
     ContextLengthError,
     EngineError,
@@ -12,6 +13,7 @@ from peftscale._core import (
 )
 
 __all__ = [
+    "AdapterError",
     "ChatTemplateError",
     "ContextLengthError",
     "EngineError",

@@ -61,4 +61,45 @@ class Sampling:
         }
 
 
-Strategy = Greedy | Sampling
+@dataclass(frozen=True)
+class CoLD:
+    """Contrastive LoRA Decoding (Heisler et al., KDD 2025): contrast the adapter ("expert")
+    with its own base model at every step.
+
+    With expert logits ``s_e`` and base logits ``s_b``, tokens below ``alpha`` times the expert's
+    best probability are dropped, the rest are scored ``(1 + beta) * s_e - beta * s_b /
+    base_temperature``, and the best (or, with ``sample=True``, a draw from
+    ``softmax(score / temperature)``) is taken by both rows. ``beta=0`` is greedy decoding with
+    the adapter. Needs ``adapter=`` in ``generate``. ``paired=False`` runs base and expert as two
+    separate forward passes per step (the naive version, for comparison); the default runs them
+    as two rows of one pass, reading the base weights once.
+    """
+
+    alpha: float = 0.1
+    beta: float = 0.5
+    base_temperature: float = 1.0
+    sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    paired: bool = True
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        if self.seed < 0:
+            from peftscale.errors import InvalidArgument
+
+            raise InvalidArgument(f"invalid argument: seed must be >= 0, got {self.seed}")
+        return {
+            **Greedy()._core_kwargs(),
+            "cold": (
+                float(self.alpha),
+                float(self.beta),
+                float(self.base_temperature),
+                bool(self.sample),
+                float(self.temperature),
+                int(self.seed),
+                bool(self.paired),
+            ),
+        }
+
+
+Strategy = Greedy | Sampling | CoLD

@@ -1,6 +1,8 @@
 //! PyO3 bindings for peftscale-core: conversions and error mapping only, no logic.
 
+use candle_core::Tensor;
 use numpy::{PyArray1, PyArrayMethods};
+use peftscale_core::logits::ColdParams;
 use peftscale_core::search::TextDelta;
 use peftscale_core::text::ChatMessage;
 use peftscale_core::{
@@ -10,6 +12,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::sync::{RwLock, RwLockReadGuard};
 
 create_exception!(
     _core,
@@ -22,6 +25,12 @@ create_exception!(
     ModelLoadError,
     PeftscaleError,
     "A model file or folder cannot be loaded."
+);
+create_exception!(
+    _core,
+    AdapterError,
+    ModelLoadError,
+    "A LoRA adapter cannot be loaded: unreadable, made for another base model, or using a feature the engine does not apply."
 );
 create_exception!(
     _core,
@@ -64,6 +73,7 @@ fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
         Error::ModelLoad { .. } => ModelLoadError::new_err(msg),
+        Error::AdapterLoad { .. } => AdapterError::new_err(msg),
         Error::InvalidArgument(_) => InvalidArgument::new_err(msg),
         Error::ContextOverflow { .. } => ContextLengthError::new_err(msg),
         Error::Tokenizer(_) => TokenizerError::new_err(msg),
@@ -75,7 +85,25 @@ fn to_py(err: Error) -> PyErr {
 
 #[pyclass(name = "Engine", module = "peftscale._core", frozen)]
 struct PyEngine {
-    inner: Engine,
+    /// Written only by `load_adapter` / `unload_adapter`; generations hold their own references.
+    inner: RwLock<Engine>,
+}
+
+impl PyEngine {
+    fn engine(&self) -> RwLockReadGuard<'_, Engine> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn logits_array(py: Python<'_>, t: Tensor) -> PyResult<Bound<'_, PyAny>> {
+    let (rows, vocab) = t.dims2().map_err(|e| to_py(e.into()))?;
+    let data = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| to_py(e.into()))?;
+    Ok(PyArray1::from_vec(py, data)
+        .reshape([rows, vocab])?
+        .into_any())
 }
 
 fn output_dict<'py>(py: Python<'py>, out: &Output) -> PyResult<Bound<'py, PyDict>> {
@@ -103,11 +131,38 @@ impl PyEngine {
         let inner = py
             .allow_threads(|| Engine::load(&path, dtype))
             .map_err(to_py)?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner: RwLock::new(inner),
+        })
+    }
+
+    #[pyo3(signature = (path, name))]
+    fn load_adapter(&self, py: Python<'_>, path: std::path::PathBuf, name: &str) -> PyResult<()> {
+        py.allow_threads(|| {
+            self.inner
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .load_adapter(&path, name)
+        })
+        .map_err(to_py)
+    }
+
+    fn unload_adapter(&self, name: &str) -> PyResult<()> {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .unload_adapter(name)
+            .map_err(to_py)
+    }
+
+    #[getter]
+    fn adapter_names(&self) -> Vec<String> {
+        self.engine().adapter_names()
     }
 
     #[pyo3(signature = (prompts, max_new_tokens, stop, temperature, top_k, top_p, min_p,
-                        repetition_penalty, seed, ignore_eos = false))]
+                        repetition_penalty, seed, ignore_eos = false, adapters = Vec::new(),
+                        cold = None))]
     #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
@@ -122,7 +177,20 @@ impl PyEngine {
         repetition_penalty: f32,
         seed: u64,
         ignore_eos: bool,
+        adapters: Vec<Option<String>>,
+        cold: Option<(f32, f32, f32, bool, f32, u64, bool)>,
     ) -> PyResult<PyGeneration> {
+        let cold = cold.map(
+            |(alpha, beta, base_temperature, sample, temperature, seed, paired)| ColdParams {
+                alpha,
+                beta,
+                base_temperature,
+                sample,
+                temperature,
+                seed,
+                paired,
+            },
+        );
         let opts = GenerateOptions {
             max_new_tokens,
             stop,
@@ -135,27 +203,45 @@ impl PyEngine {
                 seed,
             },
             ignore_eos,
+            adapters,
+            cold,
         };
         let inner = py
-            .allow_threads(|| self.inner.start(prompts, &opts))
+            .allow_threads(|| self.engine().start(prompts, &opts))
             .map_err(to_py)?;
         Ok(PyGeneration { inner })
     }
 
-    fn logits<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyAny>> {
-        let (data, rows, vocab) = py
-            .allow_threads(|| -> peftscale_core::Result<_> {
-                let t = self.inner.logits(&ids)?;
-                let (rows, vocab) = t.dims2()?;
-                Ok((t.flatten_all()?.to_vec1::<f32>()?, rows, vocab))
+    /// Logits `[len, vocab]` of each sequence, each through its adapter (or the base model),
+    /// all in one forward pass.
+    fn logits_batch<'py>(
+        &self,
+        py: Python<'py>,
+        sequences: Vec<Vec<u32>>,
+        adapters: Vec<Option<String>>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        if adapters.len() != sequences.len() {
+            return Err(InvalidArgument::new_err(format!(
+                "{} adapters given for {} sequences",
+                adapters.len(),
+                sequences.len()
+            )));
+        }
+        let tensors = py
+            .allow_threads(|| {
+                let items: Vec<(&[u32], Option<&str>)> = sequences
+                    .iter()
+                    .zip(&adapters)
+                    .map(|(s, a)| (s.as_slice(), a.as_deref()))
+                    .collect();
+                self.engine().logits_batch(&items)
             })
             .map_err(to_py)?;
-        let arr = PyArray1::from_vec(py, data).reshape([rows, vocab])?;
-        Ok(arr.into_any())
+        tensors.into_iter().map(|t| logits_array(py, t)).collect()
     }
 
     fn encode(&self, text: &str) -> PyResult<Vec<u32>> {
-        self.inner
+        self.engine()
             .tokenizer()
             .and_then(|t| t.encode(text))
             .map_err(to_py)
@@ -163,14 +249,14 @@ impl PyEngine {
 
     #[pyo3(signature = (ids, skip_special_tokens = false))]
     fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
-        self.inner
+        self.engine()
             .tokenizer()
             .and_then(|t| t.decode(&ids, skip_special_tokens))
             .map_err(to_py)
     }
 
     fn token_to_id(&self, token: &str) -> PyResult<Option<u32>> {
-        Ok(self.inner.tokenizer().map_err(to_py)?.token_to_id(token))
+        Ok(self.engine().tokenizer().map_err(to_py)?.token_to_id(token))
     }
 
     #[pyo3(signature = (messages, add_generation_prompt = true))]
@@ -183,14 +269,14 @@ impl PyEngine {
             .into_iter()
             .map(|(role, content)| ChatMessage { role, content })
             .collect();
-        self.inner
+        self.engine()
             .apply_chat_template(&messages, add_generation_prompt)
             .map_err(to_py)
     }
 
     #[getter]
     fn eos_token_ids(&self) -> Vec<u32> {
-        self.inner
+        self.engine()
             .tokenizer()
             .map(|t| t.eos_token_ids.clone())
             .unwrap_or_default()
@@ -198,12 +284,13 @@ impl PyEngine {
 
     #[getter]
     fn weight_bytes(&self) -> usize {
-        self.inner.weight_bytes()
+        self.engine().weight_bytes()
     }
 
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let c = self.inner.config();
+        let engine = self.engine();
+        let c = engine.config();
         let d = PyDict::new(py);
         d.set_item("architecture", &c.architecture)?;
         d.set_item("vocab_size", c.vocab_size)?;
@@ -267,6 +354,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGeneration>()?;
     m.add("PeftscaleError", py.get_type::<PeftscaleError>())?;
     m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
+    m.add("AdapterError", py.get_type::<AdapterError>())?;
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
     m.add("ContextLengthError", py.get_type::<ContextLengthError>())?;
     m.add("TokenizerError", py.get_type::<TokenizerError>())?;

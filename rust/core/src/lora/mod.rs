@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, RopeLayout};
 pub use config::AdapterConfig;
 
 /// The seven projections of a llama-family layer an adapter can target.
@@ -132,6 +132,12 @@ impl LoraAdapter {
         let config = AdapterConfig::read(&dir.join("adapter_config.json"))?;
         config.check_supported(dir)?;
         for module in config.target_module_names() {
+            if module == "embed_tokens" || module == "lm_head" {
+                return Err(err(format!(
+                    "target_modules includes `{module}`: adapters on the embedding or the output head \
+                     are not supported (only q/k/v/o/gate/up/down projections)"
+                )));
+            }
             if Proj::from_module_name(&module).is_none() {
                 return Err(err(format!(
                     "target_modules names `{module}`, which a llama-family model does not have \
@@ -219,9 +225,19 @@ impl LoraAdapter {
             let host = |t: &Tensor| -> Result<Vec<f32>> {
                 Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
             };
+            let mut b = host(&b)?;
+            // A GGUF llama stores q/k rows in the interleaved RoPE order (llama.cpp permutes them
+            // at conversion); peft's B rows follow the Hugging Face order, so permute them alike.
+            if cfg.rope_layout == RopeLayout::Interleaved {
+                match proj {
+                    Proj::Q => b = interleave_heads(&b, cfg.num_heads, cfg.head_dim, rank),
+                    Proj::K => b = interleave_heads(&b, cfg.num_kv_heads, cfg.head_dim, rank),
+                    _ => {}
+                }
+            }
             let pair = LoraPair {
                 a: host(&a)?,
-                b: host(&b)?,
+                b,
                 rank,
                 scale: scale as f32,
             };
@@ -252,6 +268,21 @@ impl LoraAdapter {
             .map(LoraPair::params)
             .sum()
     }
+}
+
+/// Reorders the rows of `[heads * head_dim, cols]` from the half-split RoPE order to the
+/// interleaved one: within each head, row `i` goes to `2i` and row `i + head_dim/2` to `2i + 1`.
+fn interleave_heads(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..head_dim {
+            let dst = h * head_dim + if i < half { 2 * i } else { 2 * (i - half) + 1 };
+            let src = h * head_dim + i;
+            out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+        }
+    }
+    out
 }
 
 enum Half {
