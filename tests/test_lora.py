@@ -241,3 +241,10 @@ def test_missing_files_and_bad_requests(eng: ps.Engine, adapters, tmp_path: Path
         eng.generate("Hi", max_new_tokens=2, adapter="full", strategy=ps.CoLD(alpha=0.0))
     with pytest.raises(ps.InvalidArgument, match="2 adapters given for 1"):
         eng.logits([1, 2, 3], adapter=["full", None])
+
+
+def test_cold_departs_from_greedy_with_the_adapter(eng: ps.Engine) -> None:
+    """The contrast must matter: on these prompts CoLD and plain expert greedy part ways."""
+    outs = eng.generate(COLD_PROMPTS, max_new_tokens=48, adapter="full", strategy=ps.CoLD(), ignore_eos=True)
+    greedy = eng.generate(COLD_PROMPTS, max_new_tokens=48, adapter="full", ignore_eos=True)
+    assert sum(c.token_ids != g.token_ids for c, g in zip(outs, greedy, strict=True)) >= 2
