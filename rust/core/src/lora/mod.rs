@@ -12,10 +12,10 @@ mod config;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{ModelConfig, RopeLayout};
+use crate::model::{host_f32, ModelConfig, RopeLayout};
 pub use config::AdapterConfig;
 
 /// The seven projections of a llama-family layer an adapter can target.
@@ -222,10 +222,7 @@ impl LoraAdapter {
             } else {
                 alpha / rank as f64
             };
-            let host = |t: &Tensor| -> Result<Vec<f32>> {
-                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-            };
-            let mut b = host(&b)?;
+            let mut b = host_f32(&b)?;
             // A GGUF llama stores q/k rows in the interleaved RoPE order (llama.cpp permutes them
             // at conversion); peft's B rows follow the Hugging Face order, so permute them alike.
             if cfg.rope_layout == RopeLayout::Interleaved {
@@ -236,7 +233,7 @@ impl LoraAdapter {
                 }
             }
             let pair = LoraPair {
-                a: host(&a)?,
+                a: host_f32(&a)?,
                 b,
                 rank,
                 scale: scale as f32,

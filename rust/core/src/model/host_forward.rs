@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Layout, Storage, Tensor};
 
 use super::config::{ModelConfig, RopeLayout};
 use super::dense::{exp_in_place, scaled_matvec, weighted_row_sum};
-use super::linear::{project_many, LoraUse};
+use super::linear::{host_f32, project_many, LoraUse};
 use super::llama::{Layer, Model, RowPlan};
 use super::parallel::{team, DisjointOut};
 use crate::error::{Error, Result};
@@ -30,21 +30,18 @@ pub(crate) struct HostParams {
 
 impl HostParams {
     pub fn new(layers: &[Layer], norm: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Self> {
-        let host = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
         Ok(Self {
             input_norms: layers
                 .iter()
-                .map(|l| host(&l.input_norm))
+                .map(|l| host_f32(&l.input_norm))
                 .collect::<Result<_>>()?,
             post_norms: layers
                 .iter()
-                .map(|l| host(&l.post_attn_norm))
+                .map(|l| host_f32(&l.post_attn_norm))
                 .collect::<Result<_>>()?,
-            final_norm: host(norm)?,
-            cos: host(cos)?,
-            sin: host(sin)?,
+            final_norm: host_f32(norm)?,
+            cos: host_f32(cos)?,
+            sin: host_f32(sin)?,
         })
     }
 }
@@ -86,33 +83,25 @@ pub(crate) fn forward(
         let [mut q, mut k, v]: [Vec<f32>; 3] = project_many(
             &normed,
             n,
-            &[&layer.attn.q, &layer.attn.k, &layer.attn.v],
+            [&layer.attn.q, &layer.attn.k, &layer.attn.v],
             &uses(li, &[Proj::Q, Proj::K, Proj::V]),
-        )?
-        .try_into()
-        .map_err(|_| Error::invalid("q/k/v projection count"))?;
+        )?;
         rope(&mut q, cfg.num_heads, cfg, host, &plan.positions);
         rope(&mut k, cfg.num_kv_heads, cfg, host, &plan.positions);
         let attn = attention(cfg, li, &q, &k, &v, store, plan)?;
-        let [o]: [Vec<f32>; 1] = project_many(&attn, n, &[&layer.attn.o], &uses(li, &[Proj::O]))?
-            .try_into()
-            .map_err(|_| Error::invalid("o projection count"))?;
+        let [o]: [Vec<f32>; 1] = project_many(&attn, n, [&layer.attn.o], &uses(li, &[Proj::O]))?;
         add_into(&mut x, &o);
 
         let normed = rms_norm(&x, &host.post_norms[li], eps);
         let [gate, up]: [Vec<f32>; 2] = project_many(
             &normed,
             n,
-            &[&layer.mlp.gate, &layer.mlp.up],
+            [&layer.mlp.gate, &layer.mlp.up],
             &uses(li, &[Proj::Gate, Proj::Up]),
-        )?
-        .try_into()
-        .map_err(|_| Error::invalid("gate/up projection count"))?;
+        )?;
         let act = silu_mul(&gate, &up);
         let [down]: [Vec<f32>; 1] =
-            project_many(&act, n, &[&layer.mlp.down], &uses(li, &[Proj::Down]))?
-                .try_into()
-                .map_err(|_| Error::invalid("down projection count"))?;
+            project_many(&act, n, [&layer.mlp.down], &uses(li, &[Proj::Down]))?;
         add_into(&mut x, &down);
     }
     plan.commit(store)?;
@@ -123,9 +112,7 @@ pub(crate) fn forward(
         .collect();
     let n_keep = kept.len() / h;
     let normed = rms_norm(&kept, &host.final_norm, eps);
-    let [logits]: [Vec<f32>; 1] = project_many(&normed, n_keep, &[&model.lm_head], &[])?
-        .try_into()
-        .map_err(|_| Error::invalid("lm_head projection count"))?;
+    let [logits]: [Vec<f32>; 1] = project_many(&normed, n_keep, [&model.lm_head], &[])?;
     let vocab = cfg.vocab_size;
     let mut out = Vec::with_capacity(plan.rows.len());
     let mut at = 0;

@@ -91,10 +91,12 @@ impl Linear {
 }
 
 fn host_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
-    Ok(match bias {
-        Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-        None => None,
-    })
+    bias.map(host_f32).transpose()
+}
+
+/// The values of `t`, flattened, as f32 on the host.
+pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// A weight the CPU kernels read directly during one parallel region.
@@ -121,13 +123,13 @@ enum Task {
 /// host), all in one parallel region (the q/k/v or gate/up projections of a layer), plus the
 /// LoRA updates `scale · (x_t · Aᵀ) · Bᵀ` of the rows `t` that use an adapter: their `x · Aᵀ`
 /// runs in the same region, over those rows only. Returns one `[m, out_i]` buffer per projection.
-pub(crate) fn project_many(
+pub(crate) fn project_many<const N: usize>(
     x: &[f32],
     m: usize,
-    linears: &[&Linear],
+    linears: [&Linear; N],
     loras: &[LoraUse<'_>],
-) -> Result<Vec<Vec<f32>>> {
-    let mut outs: Vec<Vec<f32>> = Vec::with_capacity(linears.len());
+) -> Result<[Vec<f32>; N]> {
+    let mut outs: Vec<Vec<f32>> = Vec::with_capacity(N);
     let mut acts: Option<QuantizedActs> = None;
     // Guards keep dense weights' storage readable while the region runs.
     let mut guards = Vec::new();
@@ -163,7 +165,7 @@ pub(crate) fn project_many(
             return Err(Error::invalid("LoRA update for a row outside the input"));
         }
     }
-    let mut sources: Vec<Option<RowSource<'_>>> = Vec::with_capacity(linears.len());
+    let mut sources: Vec<Option<RowSource<'_>>> = Vec::with_capacity(N);
     for (lin, guard) in linears.iter().zip(&guards) {
         let source = match (&lin.weight, guard) {
             (LinearWeight::Blocks(q), _) => Some(RowSource::Blocks(q)),
@@ -271,7 +273,8 @@ pub(crate) fn project_many(
             y.iter_mut().zip(&up).for_each(|(y, u)| *y += u);
         }
     }
-    Ok(outs)
+    outs.try_into()
+        .map_err(|_| Error::invalid("projection count changed"))
 }
 
 /// Token embedding table `[vocab, hidden]`.

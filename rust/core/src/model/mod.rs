@@ -16,6 +16,7 @@ use candle_core::Device;
 
 pub use config::{ModelConfig, RopeLayout};
 pub(crate) use dense::exp_in_place;
+pub(crate) use linear::host_f32;
 pub use linear::{Embedding, Linear};
 pub use llama::{LogitsFor, Model, RowInput};
 pub use weights::WeightDType;

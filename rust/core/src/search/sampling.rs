@@ -68,7 +68,7 @@ impl SamplingStrategy {
         }
     }
 
-    fn accept(&mut self, idx: usize, mut scores: Vec<f32>, base: Option<Vec<f32>>) -> Result<()> {
+    fn accept(&mut self, idx: usize, scores: Vec<f32>, base: Option<Vec<f32>>) -> Result<()> {
         if !logits::all_finite(&scores) || !base.as_deref().is_none_or(logits::all_finite) {
             return Err(Error::NonFiniteLogits {
                 row: idx,
@@ -76,23 +76,18 @@ impl SamplingStrategy {
             });
         }
         let row = &mut self.rows[idx];
-        let raw_logprob = |scores: &[f32], tok: u32| logits::log_prob(scores, tok as usize);
         let token = if let (Some(cold), Some(base)) = (&self.cold, &base) {
-            let t = logits::cold_choose(&scores, base, cold, &mut row.rng);
-            row.logprobs.push(raw_logprob(&scores, t));
-            t
+            logits::cold_choose(&scores, base, cold, &mut row.rng)
         } else if self.params.repetition_penalty != 1.0 {
-            let raw = scores.clone();
+            let mut penalized = scores.clone();
             let seen: Vec<u32> = row.prompt.iter().chain(&row.generated).copied().collect();
-            logits::apply_repetition_penalty(&mut scores, &seen, self.params.repetition_penalty);
-            let t = logits::choose(&scores, &self.params, &mut row.rng);
-            row.logprobs.push(raw_logprob(&raw, t));
-            t
+            logits::apply_repetition_penalty(&mut penalized, &seen, self.params.repetition_penalty);
+            logits::choose(&penalized, &self.params, &mut row.rng)
         } else {
-            let t = logits::choose(&scores, &self.params, &mut row.rng);
-            row.logprobs.push(raw_logprob(&scores, t));
-            t
+            logits::choose(&scores, &self.params, &mut row.rng)
         };
+        // Reported under the model's own distribution, before any penalty or contrast.
+        row.logprobs.push(logits::log_prob(&scores, token as usize));
         row.generated.push(token);
 
         if self.stop.eos_token_ids.contains(&token) {
