@@ -248,3 +248,60 @@ def test_cold_departs_from_greedy_with_the_adapter(eng: ps.Engine) -> None:
     outs = eng.generate(COLD_PROMPTS, max_new_tokens=48, adapter="full", strategy=ps.CoLD(), ignore_eos=True)
     greedy = eng.generate(COLD_PROMPTS, max_new_tokens=48, adapter="full", ignore_eos=True)
     assert sum(c.token_ids != g.token_ids for c, g in zip(outs, greedy, strict=True)) >= 2
+
+
+@pytest.mark.parametrize("name", ["full", "rslora"])
+def test_merged_adapter_matches_peft_merge_and_unload(smollm2_path: Path, adapters, hf_smollm2, name: str) -> None:
+    _, tok = hf_smollm2
+    path, model = adapters[name]
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    e = ps.Engine.load(smollm2_path, dtype="f32")
+    ids = tok.encode(TEXTS[1])
+    before = e.logits(ids)
+    with pytest.raises(ps.AdapterError, match="not a folder"):
+        e.merge_adapter(path / "nowhere")
+    assert e.merged_adapters == [] and np.array_equal(e.logits(ids), before)
+
+    e.merge_adapter(path)
+    assert e.merged_adapters == [path]
+    for text in TEXTS:
+        ids = tok.encode(text)
+        with torch.no_grad():
+            ref = merged(torch.tensor([ids])).logits[0].numpy()
+        assert _rel(e.logits(ids), ref) < 1e-4, name
+
+
+def test_half_precision_model_merges_an_adapter(smollm2_path: Path, adapters, hf_smollm2) -> None:
+    """Unmerged adapters need f32 activations; merging works on an f16 model too."""
+    _, tok = hf_smollm2
+    path, model = adapters["full"]
+    e = ps.Engine.load(smollm2_path, dtype="f16")
+    with pytest.raises(ps.InvalidArgument, match="f32"):
+        e.load_adapter(path, name="full")
+    ids = tok.encode(TEXTS[1] + " " + TEXTS[0])
+    ref = _peft_logits(model, ids)
+    base = e.logits(ids)
+    e.merge_adapter(path)
+    ours = e.logits(ids)
+    # f16 rounding stays; the adapter's own effect (far larger here) must be gone.
+    assert _rel(ours, ref) < _rel(base, ref) / 3
+    assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= 0.95
+
+
+def test_merging_into_quantized_weights_keeps_their_format(smollm2_path: Path, adapters, tmp_path: Path) -> None:
+    """Dequantize, add, requantize: a zero update gives back the very same Q4_1 blocks."""
+    zero = tmp_path / "zero"
+    shutil.copytree(adapters["full"][0], zero)
+    weights = load_file(zero / "adapter_model.safetensors")
+    save_file(
+        {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+        zero / "adapter_model.safetensors",
+    )
+    e = ps.Engine.load(smollm2_path)
+    ids = e.tokenizer.encode(TEXTS[1])
+    before, size = e.logits(ids), e.weight_bytes
+    e.merge_adapter(zero)
+    assert np.array_equal(e.logits(ids), before)
+    e.merge_adapter(adapters["full"][0])
+    assert not np.array_equal(e.logits(ids), before)
+    assert e.weight_bytes == size

@@ -63,3 +63,9 @@ def test_trained_adapter_loads_and_decodes_with_cold(tmp_path: Path, smollm2_pat
     base_out = eng.generate(held_out, max_new_tokens=12, stop=["\n"])
     assert all(o.text.strip().startswith(FORMAT) for o in cold), [o.text for o in cold]
     assert not all(o.text.strip().startswith(FORMAT) for o in base_out), "the base model already used the format"
+
+    # Merged into the Q4_1 weights (requantized), plain greedy keeps the trained format.
+    merged = ps.Engine.load(smollm2_path)
+    merged.merge_adapter(tmp_path / "adder")
+    greedy = merged.generate(held_out, max_new_tokens=12, stop=["\n"])
+    assert all(o.text.strip().startswith(FORMAT) for o in greedy), [o.text for o in greedy]

@@ -120,6 +120,30 @@ class Engine:
         """
         self._core.load_adapter(Path(path), name)
 
+    def merge_adapter(self, path: str | os.PathLike[str]) -> None:
+        """Merge a peft LoRA adapter folder into the weights, for plain speed.
+
+        Every later call runs the adapted model at the base model's cost (no ``adapter=``
+        needed), like peft's ``merge_and_unload``. A float base (``dtype="f32"``, ``"f16"``,
+        ``"bf16"``) gets ``W + scale * B @ A``, exact up to its dtype. A quantized base (Q4_0,
+        Q4_1, Q8_0) keeps its format: a LoRA update is usually smaller than the format's step,
+        so each weight is rounded *stochastically* onto its block's grid, which keeps the update
+        on average but adds rounding noise (see ``benches/RESULTS.md`` for the measured cost);
+        serve the adapter unmerged (:meth:`load_adapter`) where exact adapter logits matter.
+        Other quantized formats raise :class:`peftscale.InvalidArgument`. Merging cannot be
+        undone; load the model again for the base weights.
+
+        >>> eng = ps.Engine.load(ps.models.smollm2_135m_instruct(), dtype="f32")  # doctest: +SKIP
+        >>> eng.merge_adapter("runs/gsm8k-lora")                     # doctest: +SKIP
+        >>> eng.generate("Q: What is 2 plus 3?")                     # doctest: +SKIP
+        """
+        self._core.merge_adapter(Path(path))
+
+    @property
+    def merged_adapters(self) -> list[Path]:
+        """The adapter folders merged into the weights, in order."""
+        return list(self._core.merged_adapters)
+
     def unload_adapter(self, name: str) -> None:
         """Forget a loaded adapter."""
         self._core.unload_adapter(name)

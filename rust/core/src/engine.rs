@@ -66,6 +66,8 @@ pub struct Output {
 pub struct Engine {
     model: Arc<Model>,
     adapters: HashMap<String, Arc<LoraAdapter>>,
+    /// Adapter folders merged into the weights, in order.
+    merged: Vec<PathBuf>,
     tokenizer: Option<Arc<Tokenizer>>,
     chat_template: Option<Arc<ChatTemplate>>,
     weight_bytes: usize,
@@ -94,6 +96,7 @@ impl Engine {
         Ok(Self {
             model: Arc::new(loaded.model),
             adapters: HashMap::new(),
+            merged: Vec::new(),
             tokenizer: loaded.tokenizer.tokenizer.map(Arc::new),
             chat_template,
             weight_bytes: loaded.weight_bytes,
@@ -180,6 +183,26 @@ impl Engine {
         let adapter = LoraAdapter::load(path, name, self.model.config())?;
         self.adapters.insert(name.to_string(), Arc::new(adapter));
         Ok(())
+    }
+
+    /// Merges the peft LoRA adapter folder `path` into the model's weights: every later forward
+    /// pass runs the adapted model at the base model's speed. A float base gets `W + scale·B·A`
+    /// in its dtype; a quantized one keeps its GGML format, the sum rounded stochastically onto
+    /// each block's grid (see `model::requantize`: unbiased, but it adds rounding noise; use a
+    /// float base, or the adapter unmerged, for exact adapter logits). Adapters loaded by name
+    /// apply on top of the merged weights. Generations already running keep the weights they
+    /// started with.
+    pub fn merge_adapter(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let adapter = LoraAdapter::load(path, "merged", self.model.config())?;
+        Arc::make_mut(&mut self.model).merge_adapter(&adapter)?;
+        self.merged.push(path.to_path_buf());
+        Ok(())
+    }
+
+    /// The adapter folders merged into the weights, in the order they were merged.
+    pub fn merged_adapters(&self) -> &[PathBuf] {
+        &self.merged
     }
 
     /// Forgets the adapter `name`; generations already running keep their own reference.

@@ -212,3 +212,86 @@ fn host_forward_matches_the_tensor_forward() {
         }
     }
 }
+
+/// A random rank-4 peft adapter on all seven projections of the tiny llama.
+fn write_tiny_adapter(dir: &Path) {
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let dev = Device::Cpu;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let shapes = [
+        ("self_attn.q_proj", HIDDEN, HIDDEN),
+        ("self_attn.k_proj", 16, HIDDEN),
+        ("self_attn.v_proj", 16, HIDDEN),
+        ("self_attn.o_proj", HIDDEN, HIDDEN),
+        ("mlp.gate_proj", INTER, HIDDEN),
+        ("mlp.up_proj", INTER, HIDDEN),
+        ("mlp.down_proj", HIDDEN, INTER),
+    ];
+    for i in 0..LAYERS {
+        for (module, out, inp) in shapes {
+            let p = format!("base_model.model.model.layers.{i}.{module}");
+            let a = Tensor::randn(0f32, 0.3, (4, inp), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.3, (out, 4), &dev).unwrap();
+            t.insert(format!("{p}.lora_A.weight"), a);
+            t.insert(format!("{p}.lora_B.weight"), b);
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+}
+
+fn all_logits(eng: &Engine, tokens: &[u32], adapter: Option<&str>) -> Vec<f32> {
+    let out = eng.logits_batch(&[(tokens, adapter)]).unwrap();
+    let logits = out[0].to_dtype(DType::F32).unwrap();
+    logits.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn merged_adapter_equals_the_unmerged_one() {
+    let (dir, mut eng) = engine();
+    let adapter = tempfile::tempdir().unwrap();
+    write_tiny_adapter(adapter.path());
+    let tokens: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79];
+    eng.load_adapter(adapter.path(), "tiny").unwrap();
+    let unmerged = all_logits(&eng, &tokens, Some("tiny"));
+    let base = all_logits(&eng, &tokens, None);
+    assert!(
+        max_abs_diff(&unmerged, &base) > 0.1,
+        "the adapter changes nothing"
+    );
+
+    eng.merge_adapter(adapter.path()).unwrap();
+    assert_eq!(eng.merged_adapters(), [adapter.path().to_path_buf()]);
+    let merged = all_logits(&eng, &tokens, None);
+    assert!(
+        max_abs_diff(&merged, &unmerged) < 1e-4,
+        "diff {}",
+        max_abs_diff(&merged, &unmerged)
+    );
+
+    // A half-precision model cannot run adapters unmerged, but can merge one.
+    let mut half = Engine::load(dir.path(), WeightDType::F16).unwrap();
+    assert!(half.load_adapter(adapter.path(), "tiny").is_err());
+    half.merge_adapter(adapter.path()).unwrap();
+    let merged_half = all_logits(&half, &tokens, None);
+    let scale = unmerged.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        max_abs_diff(&merged_half, &unmerged) < 2e-2 * scale,
+        "diff {} (scale {scale})",
+        max_abs_diff(&merged_half, &unmerged)
+    );
+}
+
+#[test]
+fn a_failed_merge_leaves_the_weights_alone() {
+    let (dir, mut eng) = engine();
+    let tokens: Vec<u32> = vec![1, 2, 3, 4];
+    let before = all_logits(&eng, &tokens, None);
+    // The model folder itself is not an adapter folder.
+    assert!(eng.merge_adapter(dir.path()).is_err());
+    assert!(eng.merged_adapters().is_empty());
+    assert_eq!(all_logits(&eng, &tokens, None), before);
+}

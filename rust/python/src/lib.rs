@@ -147,6 +147,21 @@ impl PyEngine {
         .map_err(to_py)
     }
 
+    fn merge_adapter(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
+        py.allow_threads(|| {
+            self.inner
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .merge_adapter(&path)
+        })
+        .map_err(to_py)
+    }
+
+    #[getter]
+    fn merged_adapters(&self) -> Vec<std::path::PathBuf> {
+        self.engine().merged_adapters().to_vec()
+    }
+
     fn unload_adapter(&self, name: &str) -> PyResult<()> {
         self.inner
             .write()

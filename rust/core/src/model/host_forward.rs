@@ -19,6 +19,7 @@ use crate::kv::{KvPiece, SeqStore};
 use crate::lora::{LoraAdapter, Proj};
 
 /// Host copies of the small per-layer vectors and the RoPE tables.
+#[derive(Clone)]
 pub(crate) struct HostParams {
     input_norms: Vec<Vec<f32>>,
     post_norms: Vec<Vec<f32>>,

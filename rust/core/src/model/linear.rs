@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 use super::dense;
 use super::parallel::{row_chunks, team, DisjointOut};
 use super::qmatmul::{QuantMatrix, QuantizedActs};
+use super::requantize;
 use crate::error::{Error, Result};
+use crate::logits::Rng;
 use crate::lora::LoraPair;
 use std::ops::Range;
 
@@ -88,6 +90,50 @@ impl Linear {
             None => y,
         })
     }
+
+    /// This projection with the LoRA update `scale · B · A` added to its weight, stored as the
+    /// weight was: a float weight in its dtype (exact up to that dtype's rounding), a quantized
+    /// one in its GGML format, rounded stochastically with `rng` (see [`requantize`]).
+    pub(crate) fn merged(&self, pair: &LoraPair, rng: &mut Rng) -> Result<Linear> {
+        if pair.in_features() != self.in_features || pair.out_features() != self.out_features {
+            return Err(Error::invalid(format!(
+                "LoRA update [{}, {}] does not fit a [{}, {}] projection",
+                pair.out_features(),
+                pair.in_features(),
+                self.out_features,
+                self.in_features
+            )));
+        }
+        let cpu = Device::Cpu;
+        let a = Tensor::from_slice(&pair.a, (pair.rank, self.in_features), &cpu)?;
+        let b = Tensor::from_slice(&pair.b, (self.out_features, pair.rank), &cpu)?;
+        let delta = (b.matmul(&a)? * f64::from(pair.scale))?;
+        let quantized = |w: &QTensor, rng: &mut Rng| -> Result<Linear> {
+            let sum = requantize::add_update(w, &host_f32(&delta)?, rng)?;
+            Linear::quantized(Arc::new(sum), self.bias.clone())
+        };
+        let float = |weight: LinearWeight| Linear {
+            weight,
+            ..self.clone()
+        };
+        match &self.weight {
+            LinearWeight::Blocks(q) => quantized(&q.to_qtensor()?, rng),
+            LinearWeight::Quantized(QMatMul::QTensor(q)) => quantized(q, rng),
+            LinearWeight::Dense(w) => Ok(float(LinearWeight::Dense(float_sum(w, &delta)?))),
+            LinearWeight::Quantized(QMatMul::Tensor(w)) => Ok(float(LinearWeight::Quantized(
+                QMatMul::Tensor(float_sum(w, &delta)?),
+            ))),
+            LinearWeight::Quantized(QMatMul::TensorF16(w)) => Ok(float(LinearWeight::Quantized(
+                QMatMul::TensorF16(float_sum(w, &delta)?),
+            ))),
+        }
+    }
+}
+
+/// `w + delta` computed in f32 and stored back in `w`'s dtype and device.
+fn float_sum(w: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    let sum = (w.to_device(&Device::Cpu)?.to_dtype(DType::F32)? + delta)?;
+    Ok(sum.to_dtype(w.dtype())?.to_device(w.device())?)
 }
 
 fn host_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {

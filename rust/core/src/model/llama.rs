@@ -13,7 +13,8 @@ use super::linear::{Embedding, Linear};
 use super::weights::TensorSource;
 use crate::error::{Error, Result};
 use crate::kv::{KvPiece, KvShape, SeqId, SeqStore};
-use crate::lora::LoraAdapter;
+use crate::logits::Rng;
+use crate::lora::{LoraAdapter, Proj};
 
 /// Which positions of a row need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,7 @@ impl<'a> RowInput<'a> {
     }
 }
 
+#[derive(Clone)]
 pub(super) struct Attention {
     pub q: Linear,
     pub k: Linear,
@@ -55,12 +57,14 @@ pub(super) struct Attention {
     pub o: Linear,
 }
 
+#[derive(Clone)]
 pub(super) struct Mlp {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
 }
 
+#[derive(Clone)]
 pub(super) struct Layer {
     pub input_norm: Tensor,
     pub attn: Attention,
@@ -68,6 +72,25 @@ pub(super) struct Layer {
     pub mlp: Mlp,
 }
 
+impl Layer {
+    fn proj_mut(&mut self, proj: Proj) -> &mut Linear {
+        match proj {
+            Proj::Q => &mut self.attn.q,
+            Proj::K => &mut self.attn.k,
+            Proj::V => &mut self.attn.v,
+            Proj::O => &mut self.attn.o,
+            Proj::Gate => &mut self.mlp.gate,
+            Proj::Up => &mut self.mlp.up,
+            Proj::Down => &mut self.mlp.down,
+        }
+    }
+}
+
+/// Seed of the stochastic rounding when an adapter is merged into quantized weights.
+const MERGE_SEED: u64 = 0x5eed;
+
+/// Cloning shares the weights (candle tensors and packed blocks are reference-counted).
+#[derive(Clone)]
 pub struct Model {
     cfg: ModelConfig,
     pub(super) embed: Embedding,
@@ -229,6 +252,26 @@ impl Model {
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Adds `adapter`'s updates into the weights they apply to (see [`Linear::merged`]). Every
+    /// merged projection is built before any is replaced, so an error leaves the model as it was.
+    pub fn merge_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        let mut merged = Vec::new();
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for proj in Proj::ALL {
+                if let Some(pair) = adapter.pair(li, proj) {
+                    // One fixed stream per projection: merging is reproducible.
+                    let stream = (li * Proj::ALL.len() + proj.index()) as u64;
+                    let mut rng = Rng::new(MERGE_SEED, stream);
+                    merged.push((li, proj, layer.proj_mut(proj).merged(pair, &mut rng)?));
+                }
+            }
+        }
+        for (li, proj, linear) in merged {
+            *self.layers[li].proj_mut(proj) = linear;
+        }
+        Ok(())
     }
 
     /// Whether LoRA adapters can run on this model (the host forward pass applies them).

@@ -8,6 +8,7 @@ mod linear;
 mod llama;
 mod parallel;
 mod qmatmul;
+mod requantize;
 mod weights;
 
 use std::path::{Path, PathBuf};

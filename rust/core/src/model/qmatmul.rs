@@ -12,10 +12,12 @@
 //! instruction. This cuts the instructions per weight block about three-fold against a row at a
 //! time, which is what makes the kernels keep up with memory on a small CPU.
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use half::f16;
+use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::parallel::{row_chunks, team, DisjointOut};
 use crate::error::{Error, Result};
@@ -59,7 +61,9 @@ impl Kind {
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     kind: Kind,
-    data: Vec<u8>,
+    /// Shared so that a cloned model (merging an adapter while a generation runs on the old
+    /// one) costs no copy of the weights.
+    data: Arc<[u8]>,
     rows: usize,
     cols: usize,
 }
@@ -96,10 +100,25 @@ impl QuantMatrix {
         }
         Ok(Some(Self {
             kind,
-            data: repack(kind, &raw, rows, cols),
+            data: repack(kind, &raw, rows, cols).into(),
             rows,
             cols,
         }))
+    }
+
+    pub fn ggml_dtype(&self) -> GgmlDType {
+        match self.kind {
+            Kind::Q4_0 => GgmlDType::Q4_0,
+            Kind::Q4_1 => GgmlDType::Q4_1,
+            Kind::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// The matrix back as a GGML tensor, bit for bit as it was loaded.
+    pub fn to_qtensor(&self) -> Result<QTensor> {
+        let raw = unpack(self.kind, &self.data, self.rows, self.cols);
+        let storage = QStorage::from_data(Cow::Owned(raw), &Device::Cpu, self.ggml_dtype())?;
+        Ok(QTensor::new(storage, (self.rows, self.cols))?)
     }
 
     fn group_bytes(&self) -> usize {
@@ -182,6 +201,29 @@ fn repack(kind: Kind, raw: &[u8], rows: usize, cols: usize) -> Vec<u8> {
                     let at = GROUP * hb + c * GROUP * 4 + r * 4;
                     dst[at..at + 4].copy_from_slice(word);
                 }
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`repack`]: GGML's row-major block order.
+fn unpack(kind: Kind, packed: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let bb = kind.block_bytes();
+    let hb = kind.header_bytes();
+    let nb = cols / QK;
+    let mut out = vec![0u8; rows * nb * bb];
+    for (row, dst_row) in out.chunks_exact_mut(nb * bb).enumerate() {
+        let (g, r) = (row / GROUP, row % GROUP);
+        for (b, dst) in dst_row.chunks_exact_mut(bb).enumerate() {
+            let src = &packed[(g * nb + b) * GROUP * bb..(g * nb + b + 1) * GROUP * bb];
+            for f in 0..hb / 2 {
+                dst[f * 2..f * 2 + 2]
+                    .copy_from_slice(&src[f * GROUP * 2 + r * 2..f * GROUP * 2 + r * 2 + 2]);
+            }
+            for (c, word) in dst[hb..].chunks_exact_mut(4).enumerate() {
+                let at = GROUP * hb + c * GROUP * 4 + r * 4;
+                word.copy_from_slice(&src[at..at + 4]);
             }
         }
     }
@@ -426,6 +468,13 @@ mod tests {
         x.extend(std::iter::repeat_n(-1.0, cols));
         let m = x.len() / cols;
         let qm = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+        let back = qm.to_qtensor().unwrap();
+        assert_eq!(back.dtype(), dtype);
+        assert_eq!(
+            back.data().unwrap(),
+            q.data().unwrap(),
+            "{dtype:?}: unpack(repack(raw)) != raw"
+        );
         let ours = qm
             .matmul(&Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap())
             .unwrap()
