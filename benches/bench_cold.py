@@ -1,6 +1,6 @@
 """Per-token latency of CoLD against greedy decoding with the same unmerged adapter.
 
-Run:  python benches/bench_cold.py [--new-tokens 128] [--repeats 3]
+Run:  python benches/bench_cold.py [--new-tokens 128] [--repeats 5]
 
 The packaged SmolLM2-135M-Instruct kept quantized (Q4_1), with a random r=16 LoRA adapter on all
 seven projections of every layer (written in peft's format; its values do not affect speed).
@@ -45,19 +45,28 @@ def write_adapter(folder: Path, eng: ps.Engine, rank: int = 16) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
-def ms_per_token(eng: ps.Engine, prompt: str, n: int, repeats: int, **kw: object) -> float:
-    eng.generate(prompt, max_new_tokens=4, ignore_eos=True, **kw)  # type: ignore[arg-type]
-    best = float("inf")
+def ms_per_token(
+    runs: dict[str, tuple[ps.Engine, dict[str, object]]], prompt: str, n: int, repeats: int
+) -> dict[str, float]:
+    """Best milliseconds per generated token of each named (engine, generate kwargs) run.
+
+    The runs take turns, round after round, so that a slow spell of a shared machine hits all
+    of them alike rather than whichever happened to run then.
+    """
+    for eng, kw in runs.values():
+        eng.generate(prompt, max_new_tokens=4, ignore_eos=True, **kw)  # type: ignore[arg-type]
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        out = eng.generate(prompt, max_new_tokens=n, ignore_eos=True, **kw)  # type: ignore[arg-type]
-        best = min(best, 1000 * out.stats.seconds / len(out.token_ids))
+        for name, (eng, kw) in runs.items():
+            out = eng.generate(prompt, max_new_tokens=n, ignore_eos=True, **kw)  # type: ignore[arg-type]
+            best[name] = min(best[name], 1000 * out.stats.seconds / len(out.token_ids))
     return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     eng = ps.Engine.load(ps.models.smollm2_135m_instruct())
     with tempfile.TemporaryDirectory() as d:
@@ -65,10 +74,18 @@ def main() -> None:
         eng.load_adapter(d, name="r16")
     prompt = eng.apply_chat_template([{"role": "user", "content": "Explain why the sky is blue."}])
     n, r = args.new_tokens, args.repeats
-    base = ms_per_token(eng, prompt, n, r)
-    greedy = ms_per_token(eng, prompt, n, r, adapter="r16")
-    paired = ms_per_token(eng, prompt, n, r, adapter="r16", strategy=ps.CoLD())
-    naive = ms_per_token(eng, prompt, n, r, adapter="r16", strategy=ps.CoLD(paired=False))
+    ms = ms_per_token(
+        {
+            "base": (eng, {}),
+            "greedy": (eng, {"adapter": "r16"}),
+            "paired": (eng, {"adapter": "r16", "strategy": ps.CoLD()}),
+            "naive": (eng, {"adapter": "r16", "strategy": ps.CoLD(paired=False)}),
+        },
+        prompt,
+        n,
+        r,
+    )
+    base, greedy, paired, naive = ms["base"], ms["greedy"], ms["paired"], ms["naive"]
     print(f"Q4_1 SmolLM2-135M, r=16 all-linear adapter, {n} new tokens, best of {r}")
     print("| decoding | ms/token | ratio |")
     print("|---|---|---|")

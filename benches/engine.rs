@@ -85,8 +85,9 @@ fn decode_step(c: &mut Criterion) {
     }
 }
 
-/// Quantized matrix-vector products (one activation row), the kernels a decode step spends most
-/// of its time in: reported as time per call; bytes / time is the bandwidth the kernel reaches.
+/// Quantized matrix products with one or two activation rows (a decode step of one sequence, or
+/// of a CoLD pair or two beams), the kernels a decode step spends most of its time in: reported
+/// as time per call; bytes / time is the bandwidth the kernel reaches.
 fn matvec(c: &mut Criterion) {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
@@ -102,11 +103,13 @@ fn matvec(c: &mut Criterion) {
         let q = QTensor::quantize(&w, dtype).expect("quantize");
         let bytes = q.storage_size_in_bytes();
         let lin = Linear::quantized(Arc::new(q), None).expect("linear");
-        let x = Tensor::randn(0f32, 1.0, (1, cols), &Device::Cpu).expect("input");
         g.throughput(criterion::Throughput::Bytes(bytes as u64));
-        g.bench_function(name, |b| {
-            b.iter(|| lin.forward(black_box(&x)).expect("matvec"))
-        });
+        for m in [1, 2] {
+            let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).expect("input");
+            g.bench_function(format!("{name}_m{m}"), |b| {
+                b.iter(|| lin.forward(black_box(&x)).expect("matvec"))
+            });
+        }
     }
     g.finish();
 }

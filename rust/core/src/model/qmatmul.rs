@@ -138,15 +138,25 @@ impl QuantMatrix {
     ) {
         debug_assert_eq!(rows.start % GROUP, 0);
         let gb = self.group_bytes();
-        let kernel = select_kernel(self.kind);
+        let kernels = select_kernels(self.kind);
         for first in rows.clone().step_by(GROUP) {
             let group = &self.data[first / GROUP * gb..(first / GROUP + 1) * gb];
             let live = (rows.end.min(self.rows) - first).min(GROUP);
-            for j in 0..acts.m {
-                let sums = kernel(group, acts.row(j));
+            let write = |j: usize, sums: &[f32; GROUP]| {
                 for (r, &v) in sums[..live].iter().enumerate() {
                     out.set(j * self.rows + first + r, v);
                 }
+            };
+            // Two activation rows per pass share the weight loads and nibble unpacking.
+            let mut j = 0;
+            while j + 2 <= acts.m {
+                let [a, b] = (kernels.pair)(group, [acts.row(j), acts.row(j + 1)]);
+                write(j, &a);
+                write(j + 1, &b);
+                j += 2;
+            }
+            if j < acts.m {
+                write(j, &(kernels.one)(group, [acts.row(j)])[0]);
             }
         }
     }
@@ -270,24 +280,47 @@ fn quantize_block(x: &[f32]) -> Q8Block {
     }
 }
 
-/// The eight dot products of one row group with one row of activations.
-type GroupKernel = fn(&[u8], &[Q8Block]) -> [f32; GROUP];
+/// The eight dot products of one row group with each of `R` rows of activations.
+type GroupKernel<const R: usize> = fn(&[u8], [&[Q8Block]; R]) -> [[f32; GROUP]; R];
 
-fn select_kernel(kind: Kind) -> GroupKernel {
+struct Kernels {
+    one: GroupKernel<1>,
+    pair: GroupKernel<2>,
+}
+
+fn select_kernels(kind: Kind) -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
         if avx2::available() {
             return match kind {
-                Kind::Q4_0 => |w, a| unsafe { avx2::group_q4(w, a, false) },
-                Kind::Q4_1 => |w, a| unsafe { avx2::group_q4(w, a, true) },
-                Kind::Q8_0 => |w, a| unsafe { avx2::group_q8_0(w, a) },
+                Kind::Q4_0 => Kernels {
+                    one: |w, a| unsafe { avx2::group_q4(w, a, false) },
+                    pair: |w, a| unsafe { avx2::group_q4(w, a, false) },
+                },
+                Kind::Q4_1 => Kernels {
+                    one: |w, a| unsafe { avx2::group_q4(w, a, true) },
+                    pair: |w, a| unsafe { avx2::group_q4(w, a, true) },
+                },
+                Kind::Q8_0 => Kernels {
+                    one: |w, a| unsafe { avx2::group_q8_0(w, a) },
+                    pair: |w, a| unsafe { avx2::group_q8_0(w, a) },
+                },
             };
         }
     }
     match kind {
-        Kind::Q4_0 => |w, a| group_scalar(Kind::Q4_0, w, a),
-        Kind::Q4_1 => |w, a| group_scalar(Kind::Q4_1, w, a),
-        Kind::Q8_0 => |w, a| group_scalar(Kind::Q8_0, w, a),
+        Kind::Q4_0 => Kernels {
+            one: |w, a| a.map(|a| group_scalar(Kind::Q4_0, w, a)),
+            pair: |w, a| a.map(|a| group_scalar(Kind::Q4_0, w, a)),
+        },
+        Kind::Q4_1 => Kernels {
+            one: |w, a| a.map(|a| group_scalar(Kind::Q4_1, w, a)),
+            pair: |w, a| a.map(|a| group_scalar(Kind::Q4_1, w, a)),
+        },
+        Kind::Q8_0 => Kernels {
+            one: |w, a| a.map(|a| group_scalar(Kind::Q8_0, w, a)),
+            pair: |w, a| a.map(|a| group_scalar(Kind::Q8_0, w, a)),
+        },
     }
 }
 
@@ -374,68 +407,91 @@ mod avx2 {
     }
 
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `w` holds `acts.len()` grouped Q4_0/Q4_1 blocks.
+    /// The CPU must support AVX2, FMA and F16C; `w` holds `acts[i].len()` grouped Q4_0/Q4_1
+    /// blocks, the same count for every `i`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q4(w: &[u8], acts: &[Q8Block], with_min: bool) -> [f32; GROUP] {
+    pub unsafe fn group_q4<const R: usize>(
+        w: &[u8],
+        acts: [&[Q8Block]; R],
+        with_min: bool,
+    ) -> [[f32; GROUP]; R] {
         let bb = if with_min { 20 } else { 18 } * GROUP;
         let qs_at = if with_min { 32 } else { 16 };
-        assert!(w.len() >= acts.len() * bb);
+        let blocks = acts[0].len();
+        assert!(w.len() >= blocks * bb && acts.iter().all(|a| a.len() == blocks));
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut off = _mm256_setzero_ps();
-        for (b, a) in acts.iter().enumerate() {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut off = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
             let blk = w.as_ptr().add(b * bb);
             let d = f16x8(blk);
-            off = if with_min {
-                _mm256_fmadd_ps(f16x8(blk.add(16)), _mm256_set1_ps(a.s), off)
-            } else {
-                _mm256_fmadd_ps(d, _mm256_set1_ps(-8.0 * a.s), off)
-            };
+            let m = if with_min { f16x8(blk.add(16)) } else { d };
+            for (off, a) in off.iter_mut().zip(&acts) {
+                let s = if with_min { a[b].s } else { -8.0 * a[b].s };
+                *off = _mm256_fmadd_ps(m, _mm256_set1_ps(s), *off);
+            }
             // |w·a| <= 2·15·127 per pair, so eight pair sums still fit in i16.
-            let mut sum16 = _mm256_setzero_si256();
+            let mut sum16 = [_mm256_setzero_si256(); R];
             for c in 0..4 {
                 let q = _mm256_loadu_si256(blk.add(qs_at + c * 32) as *const __m256i);
                 let lo = _mm256_and_si256(q, mask);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
-                sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(lo, act_word(a, 4 * c)));
-                sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(hi, act_word(a, 16 + 4 * c)));
+                for (sum16, a) in sum16.iter_mut().zip(&acts) {
+                    let a = &a[b];
+                    *sum16 = _mm256_add_epi16(*sum16, _mm256_maddubs_epi16(lo, act_word(a, 4 * c)));
+                    *sum16 =
+                        _mm256_add_epi16(*sum16, _mm256_maddubs_epi16(hi, act_word(a, 16 + 4 * c)));
+                }
             }
-            let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.d)), sum, acc);
+            for ((acc, sum16), a) in acc.iter_mut().zip(sum16).zip(&acts) {
+                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
+                *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a[b].d)), sum, *acc);
+            }
         }
-        to_array(_mm256_add_ps(acc, off))
+        let mut out = [[0f32; GROUP]; R];
+        for ((out, acc), off) in out.iter_mut().zip(acc).zip(off) {
+            *out = to_array(_mm256_add_ps(acc, off));
+        }
+        out
     }
 
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `w` holds `acts.len()` grouped Q8_0 blocks.
+    /// The CPU must support AVX2, FMA and F16C; `w` holds `acts[i].len()` grouped Q8_0 blocks,
+    /// the same count for every `i`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q8_0(w: &[u8], acts: &[Q8Block]) -> [f32; GROUP] {
+    pub unsafe fn group_q8_0<const R: usize>(w: &[u8], acts: [&[Q8Block]; R]) -> [[f32; GROUP]; R] {
         let bb = 34 * GROUP;
-        assert!(w.len() >= acts.len() * bb);
+        let blocks = acts[0].len();
+        assert!(w.len() >= blocks * bb && acts.iter().all(|a| a.len() == blocks));
         let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        for (b, a) in acts.iter().enumerate() {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
             let blk = w.as_ptr().add(b * bb);
             let d = f16x8(blk);
-            let mut sum = _mm256_setzero_si256();
+            let mut sum = [_mm256_setzero_si256(); R];
             for c in 0..8 {
                 let q = _mm256_loadu_si256(blk.add(16 + c * 32) as *const __m256i);
                 // maddubs needs an unsigned left operand: move the weights' signs onto the
                 // activations. Pair sums reach 2·127·127, so each goes to i32 at once.
-                let p = _mm256_maddubs_epi16(
-                    _mm256_sign_epi8(q, q),
-                    _mm256_sign_epi8(act_word(a, 4 * c), q),
-                );
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+                let magnitude = _mm256_sign_epi8(q, q);
+                for (sum, a) in sum.iter_mut().zip(&acts) {
+                    let p = _mm256_maddubs_epi16(
+                        magnitude,
+                        _mm256_sign_epi8(act_word(&a[b], 4 * c), q),
+                    );
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p, ones));
+                }
             }
-            acc = _mm256_fmadd_ps(
-                _mm256_mul_ps(d, _mm256_set1_ps(a.d)),
-                _mm256_cvtepi32_ps(sum),
-                acc,
-            );
+            for ((acc, sum), a) in acc.iter_mut().zip(sum).zip(&acts) {
+                *acc = _mm256_fmadd_ps(
+                    _mm256_mul_ps(d, _mm256_set1_ps(a[b].d)),
+                    _mm256_cvtepi32_ps(sum),
+                    *acc,
+                );
+            }
         }
-        to_array(acc)
+        acc.map(|acc| to_array(acc))
     }
 }
 
@@ -511,17 +567,25 @@ mod tests {
         }
         // The selected (SIMD) kernel against the portable one, group by group.
         let acts = QuantizedActs::new(&x, cols);
-        let kernel = select_kernel(qm.kind);
+        let kernels = select_kernels(qm.kind);
         for g in 0..rows.div_ceil(GROUP) {
             let group = &qm.data[g * qm.group_bytes()..(g + 1) * qm.group_bytes()];
             for j in 0..m {
-                let fast = kernel(group, acts.row(j));
                 let portable = group_scalar(qm.kind, group, acts.row(j));
-                for (f, p) in fast.iter().zip(&portable) {
-                    assert!(
-                        (f - p).abs() <= 1e-4 * p.abs().max(1.0),
-                        "{dtype:?}: {f} vs {p}"
-                    );
+                let one = (kernels.one)(group, [acts.row(j)])[0];
+                // Row j in either slot of a pair, beside another row.
+                let other = acts.row((j + 1) % m);
+                let paired = [
+                    (kernels.pair)(group, [acts.row(j), other])[0],
+                    (kernels.pair)(group, [other, acts.row(j)])[1],
+                ];
+                for fast in [one, paired[0], paired[1]] {
+                    for (f, p) in fast.iter().zip(&portable) {
+                        assert!(
+                            (f - p).abs() <= 1e-4 * p.abs().max(1.0),
+                            "{dtype:?}: {f} vs {p}"
+                        );
+                    }
                 }
             }
         }
