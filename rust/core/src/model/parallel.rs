@@ -219,6 +219,21 @@ impl<'a> DisjointOut<'a> {
         );
         *self.ptr.add(i) = v;
     }
+
+    /// Writes `values` at positions `start..start + values.len()`.
+    ///
+    /// # Safety
+    /// No other task of the same region reads or writes those positions.
+    #[inline]
+    pub unsafe fn set_slice(&self, start: usize, values: &[f32]) {
+        assert!(
+            start + values.len() <= self.len,
+            "output positions {start}..{} outside a buffer of {}",
+            start + values.len(),
+            self.len
+        );
+        std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(start), values.len());
+    }
 }
 
 /// Splits `rows` output rows into one contiguous range per thread, on whole groups of the
