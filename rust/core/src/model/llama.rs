@@ -254,8 +254,9 @@ impl Model {
         })
     }
 
-    /// Adds `adapter`'s updates into the weights they apply to (see [`Linear::merged`]). Every
-    /// merged projection is built before any is replaced, so an error leaves the model as it was.
+    /// Adds `adapter`'s updates into the weights they apply to (float weights exactly, quantized
+    /// ones by stochastic rounding: see `requantize`). Every merged projection is built before
+    /// any is replaced, so an error leaves the model as it was.
     pub fn merge_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
         let mut merged = Vec::new();
         for (li, layer) in self.layers.iter_mut().enumerate() {
