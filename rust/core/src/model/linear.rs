@@ -247,10 +247,11 @@ pub(crate) fn project_many<const N: usize>(
         .iter()
         .map(|l| {
             let cols = l.pair.in_features();
-            l.tokens
-                .iter()
-                .flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied())
-                .collect()
+            let mut rows = Vec::with_capacity(l.tokens.len() * cols);
+            for &t in l.tokens {
+                rows.extend_from_slice(&x[t * cols..(t + 1) * cols]);
+            }
+            rows
         })
         .collect();
     let mut lora_down: Vec<Vec<f32>> = loras
