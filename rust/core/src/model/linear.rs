@@ -81,7 +81,12 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Blocks(w) => w.matmul(x)?,
+            LinearWeight::Blocks(_) => {
+                // The CPU kernels, which add the bias themselves.
+                let (m, _) = x.dims2()?;
+                let [y] = project_many(&host_f32(x)?, m, [self], &[])?;
+                return Ok(Tensor::from_vec(y, (m, self.out_features), x.device())?);
+            }
             LinearWeight::Quantized(w) => w.forward(x)?,
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
         };
@@ -232,12 +237,7 @@ pub(crate) fn project_many<const N: usize>(
         if source.is_none() {
             // Formats without a kernel here go through candle as one call.
             let xt = Tensor::from_slice(x, (m, lin.in_features), &Device::Cpu)?;
-            outs.push(
-                lin.forward(&xt)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
+            outs.push(host_f32(&lin.forward(&xt)?)?);
         } else {
             outs.push(vec![0f32; m * lin.out_features]);
         }

@@ -13,13 +13,13 @@
 //! time, which is what makes the kernels keep up with memory on a small CPU.
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use half::f16;
 use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::parallel::{row_chunks, team, DisjointOut};
+use super::parallel::DisjointOut;
 use crate::error::{Error, Result};
 
 const QK: usize = 32;
@@ -156,32 +156,6 @@ impl QuantMatrix {
                 write(j, &(kernels.one)(group, [acts.row(j)])[0]);
             }
         }
-    }
-
-    /// `x · Wᵀ` for `x` of shape `[m, cols]` (f32), giving `[m, rows]`.
-    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.cols {
-            return Err(Error::invalid(format!(
-                "quantized matmul: input has {k} columns, weight expects {}",
-                self.cols
-            )));
-        }
-        let xs = x
-            .to_dtype(candle_core::DType::F32)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let acts = QuantizedActs::new(&xs, k);
-        let mut out = vec![0f32; m * self.rows];
-        let writer = DisjointOut::new(&mut out);
-        let team = team();
-        let chunks = row_chunks(self.rows, team.threads());
-        // SAFETY: the chunks are disjoint row ranges.
-        team.run(chunks.len(), &|t| unsafe {
-            self.compute_rows(&acts, chunks[t].clone(), &writer)
-        });
-        Ok(Tensor::from_vec(out, (m, self.rows), x.device())?)
     }
 }
 
@@ -500,6 +474,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Tensor;
 
     /// 41 rows (five groups and a padded one); two rows near the integer limits of the kernels
     /// (nearly all quants at 15 for Q4, against activations of ±127).
@@ -533,13 +508,10 @@ mod tests {
             q.data().unwrap(),
             "{dtype:?}: unpack(repack(raw)) != raw"
         );
-        let ours = qm
-            .matmul(&Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let acts = QuantizedActs::new(&x, cols);
+        let mut ours = vec![0f32; m * rows];
+        // SAFETY: one task writes the whole output.
+        unsafe { qm.compute_rows(&acts, 0..rows, &DisjointOut::new(&mut ours)) };
         let exact = Tensor::from_slice(&x, (m, cols), &Device::Cpu)
             .unwrap()
             .matmul(&deq.t().unwrap())
@@ -568,7 +540,6 @@ mod tests {
             }
         }
         // The selected (SIMD) kernel against the portable one, group by group.
-        let acts = QuantizedActs::new(&x, cols);
         let kernels = select_kernels(qm.kind);
         for g in 0..rows.div_ceil(GROUP) {
             let group = &qm.data[g * qm.group_bytes()..(g + 1) * qm.group_bytes()];
