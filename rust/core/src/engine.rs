@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{ColdParams, SamplingParams};
-use crate::lora::LoraAdapter;
+use crate::lora::{group_by_adapter, LoraAdapter};
 use crate::model::{self, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
 use crate::search::sampling::StopCriteria;
 use crate::search::{Advance, RowOutput, SamplingStrategy, Strategy, TextDelta};
@@ -378,23 +378,9 @@ impl Generation {
         let logits = if self.separate_passes {
             // One pass per adapter (the base model being one of them), results back in order.
             let mut logits: Vec<Option<Tensor>> = vec![None; rows.len()];
-            let mut groups: Vec<Vec<usize>> = Vec::new();
-            for (i, r) in rows.iter().enumerate() {
-                let same = |g: &&mut Vec<usize>| {
-                    let other = rows[g[0]].adapter;
-                    match (other, r.adapter) {
-                        (None, None) => true,
-                        (Some(a), Some(b)) => std::ptr::eq(a, b),
-                        _ => false,
-                    }
-                };
-                match groups.iter_mut().find(same) {
-                    Some(g) => g.push(i),
-                    None => groups.push(vec![i]),
-                }
-            }
+            let groups = group_by_adapter(rows.iter().map(|r| r.adapter));
             self.stats.forward_passes += groups.len().saturating_sub(1);
-            for g in groups {
+            for (_, g) in groups {
                 let part: Vec<RowInput<'_>> = g.iter().map(|&i| rows[i].clone()).collect();
                 for (i, l) in g
                     .into_iter()

@@ -5,8 +5,8 @@
 //! `(1 + beta)·s_e - beta·(s_b / base_temperature)` on `V` and `-inf` elsewhere, then take the
 //! argmax or sample `softmax(score / temperature)` over `V`.
 
-use super::{argmax, choose, Rng, SamplingParams};
-use crate::error::{Error, Result};
+use super::{argmax, check_param, choose, Rng, SamplingParams};
+use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ColdParams {
@@ -40,31 +40,25 @@ impl Default for ColdParams {
 
 impl ColdParams {
     pub fn validate(&self) -> Result<()> {
-        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            return Err(Error::invalid(format!(
-                "CoLD alpha must be in (0, 1], got {}",
-                self.alpha
-            )));
-        }
-        if !(self.beta.is_finite() && self.beta >= 0.0) {
-            return Err(Error::invalid(format!(
-                "CoLD beta must be a finite number >= 0, got {}",
-                self.beta
-            )));
-        }
-        if !(self.base_temperature.is_finite() && self.base_temperature > 0.0) {
-            return Err(Error::invalid(format!(
-                "CoLD base_temperature must be a finite number > 0, got {}",
-                self.base_temperature
-            )));
-        }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(Error::invalid(format!(
-                "CoLD temperature must be a finite number > 0, got {}",
-                self.temperature
-            )));
-        }
-        Ok(())
+        let a = self.alpha;
+        check_param("CoLD alpha", a, a > 0.0 && a <= 1.0, "in (0, 1]")?;
+        let b = self.beta;
+        check_param(
+            "CoLD beta",
+            b,
+            b.is_finite() && b >= 0.0,
+            "a finite number >= 0",
+        )?;
+        let bt = self.base_temperature;
+        let positive = "a finite number > 0";
+        check_param(
+            "CoLD base_temperature",
+            bt,
+            bt.is_finite() && bt > 0.0,
+            positive,
+        )?;
+        let t = self.temperature;
+        check_param("CoLD temperature", t, t.is_finite() && t > 0.0, positive)
     }
 }
 

@@ -48,31 +48,35 @@ impl SamplingParams {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::invalid(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            )));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::invalid(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(Error::invalid(format!(
-                "min_p must be in [0, 1], got {}",
-                self.min_p
-            )));
-        }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(Error::invalid(format!(
-                "repetition_penalty must be a finite number > 0, got {}",
-                self.repetition_penalty
-            )));
-        }
+        let t = self.temperature;
+        check_param(
+            "temperature",
+            t,
+            t.is_finite() && t >= 0.0,
+            "a finite number >= 0",
+        )?;
+        let p = self.top_p;
+        check_param("top_p", p, p > 0.0 && p <= 1.0, "in (0, 1]")?;
+        let m = self.min_p;
+        check_param("min_p", m, (0.0..=1.0).contains(&m), "in [0, 1]")?;
+        let r = self.repetition_penalty;
+        check_param(
+            "repetition_penalty",
+            r,
+            r.is_finite() && r > 0.0,
+            "a finite number > 0",
+        )
+    }
+}
+
+/// `Ok` when `ok`, else the error "`name` must be `rule`, got `value`".
+pub(crate) fn check_param(name: &str, value: f32, ok: bool, rule: &str) -> Result<()> {
+    if ok {
         Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{name} must be {rule}, got {value}"
+        )))
     }
 }
 

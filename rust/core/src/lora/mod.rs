@@ -267,6 +267,22 @@ impl LoraAdapter {
     }
 }
 
+/// The indices of `adapters` grouped by adapter (compared by identity; `None`, the base model,
+/// forms a group too), groups in order of first appearance.
+pub(crate) fn group_by_adapter<'a>(
+    adapters: impl IntoIterator<Item = Option<&'a LoraAdapter>>,
+) -> Vec<(Option<&'a LoraAdapter>, Vec<usize>)> {
+    let id = |a: Option<&LoraAdapter>| a.map(|a| a as *const LoraAdapter);
+    let mut groups: Vec<(Option<&LoraAdapter>, Vec<usize>)> = Vec::new();
+    for (i, adapter) in adapters.into_iter().enumerate() {
+        match groups.iter_mut().find(|(a, _)| id(*a) == id(adapter)) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((adapter, vec![i])),
+        }
+    }
+    groups
+}
+
 /// Reorders the rows of `[heads * head_dim, cols]` from the half-split RoPE order to the
 /// interleaved one: within each head, row `i` goes to `2i` and row `i + head_dim/2` to `2i + 1`.
 fn interleave_heads(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {

@@ -16,7 +16,7 @@ use super::llama::{Layer, Model, RowPlan};
 use super::parallel::{team, DisjointOut};
 use crate::error::{Error, Result};
 use crate::kv::{KvPiece, SeqStore};
-use crate::lora::{LoraAdapter, Proj};
+use crate::lora::{group_by_adapter, LoraAdapter, Proj};
 
 /// Host copies of the small per-layer vectors and the RoPE tables.
 #[derive(Clone)]
@@ -127,15 +127,16 @@ pub(crate) fn forward(
 
 /// The tokens of each adapter used in this pass (rows sharing an adapter share one update).
 fn tokens_by_adapter<'a>(plan: &RowPlan<'a>) -> Vec<(&'a LoraAdapter, Vec<usize>)> {
-    let mut groups: Vec<(&LoraAdapter, Vec<usize>)> = Vec::new();
-    for (row, &(off, n)) in plan.rows.iter().zip(&plan.spans) {
-        let Some(adapter) = row.adapter else { continue };
-        match groups.iter_mut().find(|(a, _)| std::ptr::eq(*a, adapter)) {
-            Some((_, tokens)) => tokens.extend(off..off + n),
-            None => groups.push((adapter, (off..off + n).collect())),
-        }
-    }
-    groups
+    group_by_adapter(plan.rows.iter().map(|r| r.adapter))
+        .into_iter()
+        .filter_map(|(adapter, rows)| {
+            let tokens = rows.iter().flat_map(|&r| {
+                let (off, n) = plan.spans[r];
+                off..off + n
+            });
+            Some((adapter?, tokens.collect()))
+        })
+        .collect()
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {
