@@ -9,6 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from peftscale.errors import InvalidArgument
+
+
+def _non_negative(name: str, value: int) -> int:
+    # Checked here: the engine takes these as unsigned integers, so a negative one would fail
+    # in the conversion with a less readable message.
+    if value < 0:
+        raise InvalidArgument(f"invalid argument: {name} must be >= 0, got {value}")
+    return int(value)
+
 
 @dataclass(frozen=True)
 class Greedy:
@@ -43,21 +53,13 @@ class Sampling:
     seed: int = 0
 
     def _core_kwargs(self) -> dict[str, Any]:
-        if self.top_k < 0:
-            from peftscale.errors import InvalidArgument
-
-            raise InvalidArgument(f"invalid argument: top_k must be >= 0, got {self.top_k}")
-        if self.seed < 0:
-            from peftscale.errors import InvalidArgument
-
-            raise InvalidArgument(f"invalid argument: seed must be >= 0, got {self.seed}")
         return {
             "temperature": float(self.temperature),
-            "top_k": int(self.top_k),
+            "top_k": _non_negative("top_k", self.top_k),
             "top_p": float(self.top_p),
             "min_p": float(self.min_p),
             "repetition_penalty": float(self.repetition_penalty),
-            "seed": int(self.seed),
+            "seed": _non_negative("seed", self.seed),
         }
 
 
@@ -84,10 +86,6 @@ class CoLD:
     paired: bool = True
 
     def _core_kwargs(self) -> dict[str, Any]:
-        if self.seed < 0:
-            from peftscale.errors import InvalidArgument
-
-            raise InvalidArgument(f"invalid argument: seed must be >= 0, got {self.seed}")
         return {
             **Greedy()._core_kwargs(),
             "cold": (
@@ -96,7 +94,7 @@ class CoLD:
                 float(self.base_temperature),
                 bool(self.sample),
                 float(self.temperature),
-                int(self.seed),
+                _non_negative("seed", self.seed),
                 bool(self.paired),
             ),
         }
