@@ -5,7 +5,7 @@
 //! `(1 + beta)·s_e - beta·(s_b / base_temperature)` on `V` and `-inf` elsewhere, then take the
 //! argmax or sample `softmax(score / temperature)` over `V`.
 
-use super::{argmax, check_param, choose, Rng, SamplingParams};
+use super::{check_param, choose, Rng, SamplingParams};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,27 +64,41 @@ impl ColdParams {
 
 /// The contrastive scores: finite on the plausible set `V`, `-inf` elsewhere.
 pub fn cold_scores(expert: &[f32], base: &[f32], p: &ColdParams) -> Vec<f32> {
-    let max = expert.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let cut = p.alpha.ln() + max;
+    let cut = plausibility_cut(expert, p);
     expert
         .iter()
         .zip(base)
-        .map(|(&e, &b)| {
-            if e >= cut {
-                (1.0 + p.beta) * e - p.beta * (b / p.base_temperature)
-            } else {
-                f32::NEG_INFINITY
-            }
-        })
+        .map(|(&e, &b)| score(e, b, cut, p))
         .collect()
+}
+
+fn plausibility_cut(expert: &[f32], p: &ColdParams) -> f32 {
+    p.alpha.ln() + expert.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+fn score(e: f32, b: f32, cut: f32, p: &ColdParams) -> f32 {
+    if e >= cut {
+        (1.0 + p.beta) * e - p.beta * (b / p.base_temperature)
+    } else {
+        f32::NEG_INFINITY
+    }
 }
 
 /// The token CoLD picks from one expert row and its base row.
 pub fn cold_choose(expert: &[f32], base: &[f32], p: &ColdParams, rng: &mut Rng) -> u32 {
-    let scores = cold_scores(expert, base, p);
     if !p.sample {
-        return argmax(&scores) as u32;
+        // `argmax(cold_scores(..))` without building the scores: the first best one wins.
+        let cut = plausibility_cut(expert, p);
+        let mut best = (0, f32::NEG_INFINITY);
+        for (i, (&e, &b)) in expert.iter().zip(base).enumerate() {
+            let s = score(e, b, cut, p);
+            if s > best.1 {
+                best = (i, s);
+            }
+        }
+        return best.0 as u32;
     }
+    let scores = cold_scores(expert, base, p);
     let params = SamplingParams {
         temperature: p.temperature,
         ..SamplingParams::greedy()
@@ -95,6 +109,24 @@ pub fn cold_choose(expert: &[f32], base: &[f32], p: &ColdParams, rng: &mut Rng) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logits::argmax;
+
+    #[test]
+    fn greedy_pick_is_the_argmax_of_the_scores() {
+        let mut rng = Rng::new(7, 0);
+        for beta in [0.0, 0.5, 2.0] {
+            let p = ColdParams {
+                beta,
+                ..ColdParams::default()
+            };
+            for _ in 0..50 {
+                let expert: Vec<f32> = (0..300).map(|_| 4.0 * rng.next_f32()).collect();
+                let base: Vec<f32> = (0..300).map(|_| 4.0 * rng.next_f32()).collect();
+                let want = argmax(&cold_scores(&expert, &base, &p)) as u32;
+                assert_eq!(cold_choose(&expert, &base, &p, &mut Rng::new(0, 0)), want);
+            }
+        }
+    }
 
     #[test]
     fn plausibility_cut_and_contrast() {

@@ -114,12 +114,12 @@ pub(crate) fn forward(
     let n_keep = kept.len() / h;
     let normed = rms_norm(&kept, &host.final_norm, eps);
     let [logits]: [Vec<f32>; 1] = project_many(&normed, n_keep, [&model.lm_head], &[])?;
-    let vocab = cfg.vocab_size;
+    // Each row's logits are a view of one buffer, not a copy (a vocabulary row is ~200 kB).
+    let logits = Tensor::from_vec(logits, (n_keep, cfg.vocab_size), &Device::Cpu)?;
     let mut out = Vec::with_capacity(plan.rows.len());
     let mut at = 0;
     for len in plan.logit_counts() {
-        let part = logits[at * vocab..(at + len) * vocab].to_vec();
-        out.push(Tensor::from_vec(part, (len, vocab), &Device::Cpu)?);
+        out.push(logits.narrow(0, at, len)?);
         at += len;
     }
     Ok(out)
@@ -184,6 +184,15 @@ fn rope(x: &mut [f32], heads: usize, cfg: &ModelConfig, host: &HostParams, posit
             }
         }
     }
+}
+
+/// How many query heads of one KV group an attention task takes: the whole group (its keys and
+/// values are then read once) unless that leaves fewer than two tasks per thread to balance.
+fn heads_per_task(row_kv_heads: usize, groups: usize, threads: usize) -> usize {
+    (1..=groups)
+        .rev()
+        .find(|&h| row_kv_heads * groups.div_ceil(h) >= 2 * threads)
+        .unwrap_or(1)
 }
 
 /// One cache piece of one layer, readable as host f32: head `h`, position `p` starts at
@@ -274,46 +283,55 @@ fn attention(
     let writer = DisjointOut::new(&mut out);
     let groups = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    // One task per (row, query head): enough tasks for the threads to balance.
-    team().run(plan.rows.len() * heads, &|task| {
-        let (r, head) = (task / heads, task % heads);
-        let kvh = head / groups;
+    let per_task = heads_per_task(plan.rows.len() * kv_heads, groups, team().threads());
+    let slices = groups.div_ceil(per_task);
+    team().run(plan.rows.len() * kv_heads * slices, &|task| {
+        let (r, kvh, slice) = (
+            task / (kv_heads * slices),
+            task / slices % kv_heads,
+            task % slices,
+        );
         let (off, n) = plan.spans[r];
         let row_views = &views[r];
         let total: usize = row_views.iter().map(|p| p.len).sum();
         let past = total - n;
         let mut probs = vec![0f32; total];
         let mut acc = vec![0f32; hd];
-        for i in 0..n {
-            let t = off + i;
-            let qv = &q[t * heads * hd + head * hd..t * heads * hd + (head + 1) * hd];
-            // Causal: query i sees the cache and the new positions up to its own.
-            let visible = past + i + 1;
-            let mut at = 0;
-            for p in row_views {
-                let count = p.len.min(visible.saturating_sub(at));
-                let keys = &p.k[kvh * p.head_stride..kvh * p.head_stride + count * hd];
-                scaled_matvec(keys, qv, scale, &mut probs[at..at + count]);
-                at += p.len;
-            }
-            let s = &mut probs[..visible];
-            let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            s.iter_mut().for_each(|v| *v -= max);
-            exp_in_place(s);
-            let sum: f32 = s.iter().sum();
-            s.iter_mut().for_each(|v| *v /= sum);
-            acc.iter_mut().for_each(|a| *a = 0.0);
-            let mut at = 0;
-            for p in row_views {
-                let count = p.len.min(visible.saturating_sub(at));
-                let values = &p.v[kvh * p.head_stride..kvh * p.head_stride + count * hd];
-                weighted_row_sum(values, &probs[at..at + count], &mut acc);
-                at += p.len;
-            }
-            let dst = t * heads * hd + head * hd;
-            for (d, &a) in acc.iter().enumerate() {
-                // SAFETY: each (row, head) task writes only its own head of its own tokens.
-                unsafe { writer.set(dst + d, a) };
+        let first = kvh * groups + slice * per_task;
+        // The query heads of one KV head run back to back, so its keys and values come from
+        // memory once and from the core's cache after that.
+        for head in first..(first + per_task).min((kvh + 1) * groups) {
+            for i in 0..n {
+                let t = off + i;
+                let qv = &q[t * heads * hd + head * hd..t * heads * hd + (head + 1) * hd];
+                // Causal: query i sees the cache and the new positions up to its own.
+                let visible = past + i + 1;
+                let mut at = 0;
+                for p in row_views {
+                    let count = p.len.min(visible.saturating_sub(at));
+                    let keys = &p.k[kvh * p.head_stride..kvh * p.head_stride + count * hd];
+                    scaled_matvec(keys, qv, scale, &mut probs[at..at + count]);
+                    at += p.len;
+                }
+                let s = &mut probs[..visible];
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                s.iter_mut().for_each(|v| *v -= max);
+                exp_in_place(s);
+                let sum: f32 = s.iter().sum();
+                s.iter_mut().for_each(|v| *v /= sum);
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                let mut at = 0;
+                for p in row_views {
+                    let count = p.len.min(visible.saturating_sub(at));
+                    let values = &p.v[kvh * p.head_stride..kvh * p.head_stride + count * hd];
+                    weighted_row_sum(values, &probs[at..at + count], &mut acc);
+                    at += p.len;
+                }
+                let dst = t * heads * hd + head * hd;
+                for (d, &a) in acc.iter().enumerate() {
+                    // SAFETY: each task writes only its own heads of its own row's tokens.
+                    unsafe { writer.set(dst + d, a) };
+                }
             }
         }
     });

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::logits::Rng;
 use crate::lora::LoraPair;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Below this many input rows a dense f32 projection runs the matrix-vector kernels; above it,
 /// candle's blocked matmul.
@@ -165,6 +166,29 @@ pub(crate) struct LoraUse<'a> {
     pub tokens: &'a [usize],
 }
 
+/// Adds `scale · B[rows] · down_j` to output rows `rows` of each token `t_j` of `l`, with
+/// `down` its `[tokens, rank]` values of `x · Aᵀ`.
+///
+/// # Safety
+/// No other task of the same region touches those rows of `out`.
+unsafe fn add_lora_rows(l: &LoraUse<'_>, down: &[f32], rows: Range<usize>, out: &DisjointOut<'_>) {
+    let (rank, cols) = (l.pair.rank, l.pair.out_features());
+    let b = &l.pair.b[rows.start * rank..rows.end * rank];
+    let mut up = vec![0f32; rows.len()];
+    for (j, &t) in l.tokens.iter().enumerate() {
+        dense::scaled_matvec(b, &down[j * rank..(j + 1) * rank], l.pair.scale, &mut up);
+        out.add_slice(t * cols + rows.start, &up);
+    }
+}
+
+struct CountOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
 enum Task {
     Base(usize, Range<usize>),
     LoraDown(usize),
@@ -260,7 +284,9 @@ pub(crate) fn project_many<const N: usize>(
         .collect();
     {
         let team = team();
-        let mut tasks = Vec::new();
+        // The `x · Aᵀ` tasks come first: tasks are claimed in order, so every one of them has
+        // been claimed (and will finish) before a base task starts waiting on them.
+        let mut tasks: Vec<Task> = (0..loras.len()).map(Task::LoraDown).collect();
         for (i, (src, lin)) in sources.iter().zip(linears).enumerate() {
             if src.is_some() {
                 tasks.extend(
@@ -270,33 +296,59 @@ pub(crate) fn project_many<const N: usize>(
                 );
             }
         }
-        tasks.extend((0..loras.len()).map(Task::LoraDown));
+        let downs_done = AtomicUsize::new(0);
         let writers: Vec<DisjointOut<'_>> = outs.iter_mut().map(|o| DisjointOut::new(o)).collect();
         let down_writers: Vec<DisjointOut<'_>> =
             lora_down.iter_mut().map(|o| DisjointOut::new(o)).collect();
         team.run(tasks.len(), &|t| match &tasks[t] {
             // SAFETY: every task owns a distinct row range of one output.
-            Task::Base(i, rows) => match &sources[*i] {
-                Some(RowSource::Blocks(q)) => unsafe {
-                    if let Some(acts) = &acts {
-                        q.compute_rows(acts, rows.clone(), &writers[*i])
+            Task::Base(i, rows) => {
+                match &sources[*i] {
+                    Some(RowSource::Blocks(q)) => unsafe {
+                        if let Some(acts) = &acts {
+                            q.compute_rows(acts, rows.clone(), &writers[*i])
+                        }
+                    },
+                    Some(RowSource::Dense { w, cols }) => unsafe {
+                        dense::compute_rows(w, *cols, x, rows.clone(), &writers[*i])
+                    },
+                    None => {}
+                }
+                let mine = loras
+                    .iter()
+                    .zip(&down_writers)
+                    .filter(|(l, _)| l.output == *i);
+                let mut waited = false;
+                for (l, down) in mine {
+                    if !waited {
+                        while downs_done.load(Ordering::Acquire) < loras.len() {
+                            std::hint::spin_loop();
+                        }
+                        waited = true;
                     }
-                },
-                Some(RowSource::Dense { w, cols }) => unsafe {
-                    dense::compute_rows(w, *cols, x, rows.clone(), &writers[*i])
-                },
-                None => {}
-            },
-            Task::LoraDown(k) => unsafe {
+                    // SAFETY: every `x · Aᵀ` task has finished writing; the rows are this
+                    // task's own rows of its output, as in the base work above.
+                    unsafe {
+                        let down = down.read(0, l.tokens.len() * l.pair.rank);
+                        add_lora_rows(l, down, rows.clone(), &writers[*i])
+                    };
+                }
+            }
+            Task::LoraDown(k) => {
+                // Counted even if it panics, so that no base task waits forever.
+                let _done = CountOnDrop(&downs_done);
                 let pair = loras[*k].pair;
-                dense::compute_rows(
-                    &pair.a,
-                    pair.in_features(),
-                    &lora_inputs[*k],
-                    0..pair.rank,
-                    &down_writers[*k],
-                )
-            },
+                // SAFETY: this task alone writes the `x · Aᵀ` of LoRA update `k`.
+                unsafe {
+                    dense::compute_rows(
+                        &pair.a,
+                        pair.in_features(),
+                        &lora_inputs[*k],
+                        0..pair.rank,
+                        &down_writers[*k],
+                    )
+                }
+            }
         });
     }
     for ((lin, src), out) in linears.iter().zip(&sources).zip(outs.iter_mut()) {
@@ -306,18 +358,12 @@ pub(crate) fn project_many<const N: usize>(
             }
         }
     }
+    // Outputs that went through candle had no base task to add their updates.
     for (l, down) in loras.iter().zip(&lora_down) {
-        let (rank, cols) = (l.pair.rank, l.pair.out_features());
-        let mut up = vec![0f32; cols];
-        for (j, &t) in l.tokens.iter().enumerate() {
-            dense::scaled_matvec(
-                &l.pair.b,
-                &down[j * rank..(j + 1) * rank],
-                l.pair.scale,
-                &mut up,
-            );
-            let y = &mut outs[l.output][t * cols..(t + 1) * cols];
-            y.iter_mut().zip(&up).for_each(|(y, u)| *y += u);
+        if sources[l.output].is_none() {
+            let writer = DisjointOut::new(&mut outs[l.output]);
+            // SAFETY: no parallel region is running.
+            unsafe { add_lora_rows(l, down, 0..l.pair.out_features(), &writer) };
         }
     }
     outs.try_into()

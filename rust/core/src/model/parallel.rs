@@ -234,6 +234,37 @@ impl<'a> DisjointOut<'a> {
         );
         std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(start), values.len());
     }
+
+    /// The values at positions `start..start + len`.
+    ///
+    /// # Safety
+    /// No task writes those positions while the returned slice lives.
+    #[inline]
+    pub unsafe fn read(&self, start: usize, len: usize) -> &[f32] {
+        assert!(
+            start + len <= self.len,
+            "positions {start}..{} outside a buffer of {}",
+            start + len,
+            self.len
+        );
+        std::slice::from_raw_parts(self.ptr.add(start), len)
+    }
+
+    /// Adds `values` to positions `start..start + values.len()`.
+    ///
+    /// # Safety
+    /// No other task of the same region reads or writes those positions.
+    #[inline]
+    pub unsafe fn add_slice(&self, start: usize, values: &[f32]) {
+        assert!(
+            start + values.len() <= self.len,
+            "output positions {start}..{} outside a buffer of {}",
+            start + values.len(),
+            self.len
+        );
+        let out = std::slice::from_raw_parts_mut(self.ptr.add(start), values.len());
+        out.iter_mut().zip(values).for_each(|(o, v)| *o += v);
+    }
 }
 
 /// Splits `rows` output rows into one contiguous range per thread, on whole groups of the
