@@ -5,7 +5,8 @@ Run:  python benches/bench_cold.py [--new-tokens 128] [--repeats 9]
 The packaged SmolLM2-135M-Instruct kept quantized (Q4_1), with a random r=16 LoRA adapter on all
 seven projections of every layer (written in peft's format; its values do not affect speed).
 Reports base greedy, greedy with the adapter, paired CoLD (base and expert rows in one forward
-pass) and naive CoLD (two passes per step), each as milliseconds per generated token.
+pass) and naive CoLD (two passes per step), in milliseconds: per generated token with the prompt's
+pass included, per output token after the first (TPOT), and to the first token (TTFT).
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ def write_adapter(folder: Path, eng: ps.Engine, rank: int = 16) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
-def ms_per_token(
-    runs: dict[str, tuple[ps.Engine, dict[str, object]]], prompt: str, n: int, repeats: int
-) -> dict[str, float]:
-    """Median milliseconds per generated token of each named (engine, generate kwargs) run.
+Timings = dict[str, dict[str, float]]
+
+
+def timings(runs: dict[str, tuple[ps.Engine, dict[str, object]]], prompt: str, n: int, repeats: int) -> Timings:
+    """Median timings of each named (engine, generate kwargs) run, in milliseconds:
+    ``per_token`` (whole call over new tokens, prompt included), ``tpot`` (per output token
+    after the first) and ``ttft`` (time to the first token: the prompt and one step).
 
     The runs take turns, round after round, so that a slow spell of a shared machine hits all
     of them alike rather than whichever happened to run then; the median of the rounds then
@@ -56,12 +60,21 @@ def ms_per_token(
     """
     for eng, kw in runs.values():
         eng.generate(prompt, max_new_tokens=4, ignore_eos=True, **kw)  # type: ignore[arg-type]
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    got: dict[str, dict[str, list[float]]] = {name: {"per_token": [], "tpot": [], "ttft": []} for name in runs}
     for _ in range(repeats):
         for name, (eng, kw) in runs.items():
             out = eng.generate(prompt, max_new_tokens=n, ignore_eos=True, **kw)  # type: ignore[arg-type]
-            times[name].append(1000 * out.stats.seconds / len(out.token_ids))
-    return {name: float(np.median(t)) for name, t in times.items()}
+            got[name]["per_token"].append(1000 * out.stats.seconds / len(out.token_ids))
+            got[name]["tpot"].append(1000 * out.stats.seconds_per_output_token)
+            got[name]["ttft"].append(1000 * out.stats.first_token_seconds)
+    return {name: {k: float(np.median(v)) for k, v in t.items()} for name, t in got.items()}
+
+
+def ms_per_token(
+    runs: dict[str, tuple[ps.Engine, dict[str, object]]], prompt: str, n: int, repeats: int
+) -> dict[str, float]:
+    """Median milliseconds per generated token (prompt included) of each run; see `timings`."""
+    return {name: t["per_token"] for name, t in timings(runs, prompt, n, repeats).items()}
 
 
 def main() -> None:
@@ -75,7 +88,7 @@ def main() -> None:
         eng.load_adapter(d, name="r16")
     prompt = eng.apply_chat_template([{"role": "user", "content": "Explain why the sky is blue."}])
     n, r = args.new_tokens, args.repeats
-    ms = ms_per_token(
+    t = timings(
         {
             "base": (eng, {}),
             "greedy": (eng, {"adapter": "r16"}),
@@ -86,14 +99,24 @@ def main() -> None:
         n,
         r,
     )
-    base, greedy, paired, naive = ms["base"], ms["greedy"], ms["paired"], ms["naive"]
-    print(f"Q4_1 SmolLM2-135M, r=16 all-linear adapter, {n} new tokens, median of {r} rounds")
-    print("| decoding | ms/token | ratio |")
-    print("|---|---|---|")
-    print(f"| greedy, base model | {base:.2f} | {base / greedy:.2f}x greedy+adapter |")
-    print(f"| greedy, unmerged adapter | {greedy:.2f} | {greedy / base:.2f}x base greedy |")
-    print(f"| CoLD, paired (one pass) | {paired:.2f} | {paired / greedy:.2f}x greedy+adapter |")
-    print(f"| CoLD, naive (two passes) | {naive:.2f} | {naive / greedy:.2f}x greedy+adapter |")
+    prompt_tokens = len(eng.tokenizer.encode(prompt))
+    print(f"Q4_1 SmolLM2-135M, r=16 all-linear adapter, {prompt_tokens}-token prompt, {n} new tokens, ", end="")
+    print(f"median of {r} rounds")
+    print("| decoding | ms/token, prompt included | per output token (TPOT) | first token (TTFT) |")
+    print("|---|---|---|---|")
+    rows = [
+        ("greedy, base model", "base", "base"),
+        ("greedy, unmerged adapter", "greedy", "base"),
+        ("CoLD, paired (one pass)", "paired", "greedy"),
+        ("CoLD, naive (two passes)", "naive", "greedy"),
+    ]
+    for label, name, ref in rows:
+        cells = []
+        for k in ("per_token", "tpot", "ttft"):
+            v = t[name][k]
+            against = "" if name == ref else f" = {v / t[ref][k]:.2f}x {'base' if ref == 'base' else 'greedy+adapter'}"
+            cells.append(f"{v:.2f}{against}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ def test_cold_beta_zero_is_greedy_with_the_adapter_and_naive_pairing_agrees(eng:
     naive = eng.generate(prompt, max_new_tokens=24, adapter="full", strategy=ps.CoLD(paired=False), ignore_eos=True)
     assert naive.token_ids == paired.token_ids
     assert naive.stats.forward_passes == 2 * paired.stats.forward_passes
+    assert naive.stats.steps == paired.stats.steps == len(paired.token_ids)
     sampled = [
         eng.generate(prompt, max_new_tokens=12, adapter="full", strategy=ps.CoLD(sample=True, seed=s)).token_ids
         for s in (3, 3)

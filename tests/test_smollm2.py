@@ -132,6 +132,10 @@ def test_outputs_carry_text_logprobs_and_stats(smollm2_q: ps.Engine) -> None:
     assert all(lp <= 0 for lp in out.logprobs)
     assert out.stats.tokens_forwarded == out.prompt_tokens + len(out.token_ids) - 1
     assert out.stats.flops > 2 * 100e6 * out.stats.tokens_forwarded
+    assert out.stats.steps == len(out.token_ids)
+    assert 0 < out.stats.first_token_seconds < out.stats.seconds
+    later = (out.stats.seconds - out.stats.first_token_seconds) / (len(out.token_ids) - 1)
+    assert out.stats.seconds_per_output_token == pytest.approx(later)
     assert out.text == smollm2_q.tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 

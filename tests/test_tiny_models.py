@@ -54,7 +54,7 @@ def test_batch_rows_equal_single_rows(tiny_llama: Path) -> None:
     together = eng.generate(prompts, max_new_tokens=20, ignore_eos=True)
     assert [o.token_ids for o in together] == alone
     # The batch ran as one forward per step: 1 prefill + 19 decode steps.
-    assert together[0].stats.forward_passes == 20
+    assert together[0].stats.forward_passes == together[0].stats.steps == 20
 
 
 def test_seeded_sampling_is_reproducible(tiny_llama: Path) -> None:

@@ -29,8 +29,18 @@ class Stats:
 
     tokens_forwarded: int
     forward_passes: int
+    #: Decoding steps (one new token for every active row each); the first also runs the prompts.
+    steps: int
     flops: float
     seconds: float
+    #: Time to the first new token: the prompts' forward pass and the first decoding step.
+    first_token_seconds: float
+
+    @property
+    def seconds_per_output_token(self) -> float:
+        """Mean seconds per decoding step after the first token (TPOT), 0.0 if there was none."""
+        later = self.steps - 1
+        return (self.seconds - self.first_token_seconds) / later if later > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,14 @@ pub struct Stats {
     pub tokens_forwarded: usize,
     /// Forward passes (each one batches every active row).
     pub forward_passes: usize,
+    /// Decoding steps, each adding one token to every active row; the first also runs the
+    /// prompts. Equal to `forward_passes` except where a step runs several (naive CoLD).
+    pub steps: usize,
     /// Estimated floating-point operations: 2 x matmul parameters x tokens plus attention.
     pub flops: f64,
     pub seconds: f64,
+    /// Seconds until the first step (the prompts and the first new token) had finished.
+    pub first_token_seconds: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -399,7 +404,11 @@ impl Generation {
             .map(|(a, l)| Ok((a.seq, l.squeeze(0)?.to_vec1::<f32>()?)))
             .collect::<Result<_>>()?;
         self.pending = self.strategy.consume(&mut self.store, per_seq)?;
+        self.stats.steps += 1;
         self.stats.seconds = self.started.elapsed().as_secs_f64();
+        if self.stats.first_token_seconds == 0.0 {
+            self.stats.first_token_seconds = self.stats.seconds;
+        }
         Ok(self.strategy.take_deltas())
     }
 

@@ -116,8 +116,10 @@ fn output_dict<'py>(py: Python<'py>, out: &Output) -> PyResult<Bound<'py, PyDict
     let s = PyDict::new(py);
     s.set_item("tokens_forwarded", out.stats.tokens_forwarded)?;
     s.set_item("forward_passes", out.stats.forward_passes)?;
+    s.set_item("steps", out.stats.steps)?;
     s.set_item("flops", out.stats.flops)?;
     s.set_item("seconds", out.stats.seconds)?;
+    s.set_item("first_token_seconds", out.stats.first_token_seconds)?;
     d.set_item("stats", s)?;
     Ok(d)
 }
