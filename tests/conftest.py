@@ -54,7 +54,14 @@ def hf_smollm2(smollm2_path: Path):
     return model, tok
 
 
-def build_tiny_model(folder: Path, arch: str = "llama", tokenizer=None, seed: int = 0, vocab_size: int = 49152) -> Path:
+def build_tiny_model(
+    folder: Path,
+    arch: str = "llama",
+    tokenizer=None,
+    seed: int = 0,
+    vocab_size: int = 49152,
+    intermediate_size: int = 96,
+) -> Path:
     """A randomly initialised 2-layer model saved as a Hugging Face folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -63,7 +70,7 @@ def build_tiny_model(folder: Path, arch: str = "llama", tokenizer=None, seed: in
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

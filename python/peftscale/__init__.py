@@ -41,4 +41,14 @@ __all__ = [
     "TokenizerError",
     "__version__",
     "models",
+    "train",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The training stack (torch, transformers, peft) loads only when it is asked for.
+    if name == "train":
+        import importlib
+
+        return importlib.import_module("peftscale.train")
+    raise AttributeError(f"module 'peftscale' has no attribute '{name}'")

