@@ -13,6 +13,7 @@ the losses) and ``loss.png``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from peftscale.train.config import ConfigError, TrainConfig, load_config
@@ -25,13 +26,19 @@ if TYPE_CHECKING:
 __all__ = ["ConfigError", "RunResult", "TrainConfig", "load_config", "run"]
 
 
-def run(config: TrainConfig | str | Path | dict[str, Any], resume: bool = False) -> RunResult:
-    """Runs the training a config describes (a ``TrainConfig``, a YAML path or a dict)."""
+def run(
+    config: TrainConfig | str | Path | dict[str, Any], resume: bool = False, callbacks: Sequence[Any] = ()
+) -> RunResult:
+    """Runs the training a config describes (a ``TrainConfig``, a YAML path or a dict).
+
+    ``resume`` continues from the newest checkpoint; ``callbacks`` are transformers
+    ``TrainerCallback`` objects added to the run.
+    """
     from peftscale.train.finetune import run as _run
 
     if not isinstance(config, TrainConfig):
         config = load_config(config)
-    return _run(config, resume=resume)
+    return _run(config, resume=resume, callbacks=callbacks)
 
 
 def __getattr__(name: str) -> Any:

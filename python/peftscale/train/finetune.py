@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,10 +94,11 @@ def _wrap(model: Any, config: TrainConfig) -> Any:
         raise ConfigError(f"lora: {e}") from None
 
 
-def run(config: TrainConfig, resume: bool = False) -> RunResult:
+def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
     """Trains as the config says and writes the outputs into ``config.output``.
 
-    ``resume`` continues from the newest checkpoint in ``output/checkpoints``. Ctrl-C stops the
+    ``resume`` continues from the newest checkpoint in ``output/checkpoints``; ``callbacks`` are
+    added to the Trainer's (transformers ``TrainerCallback`` objects). Ctrl-C stops the
     run after saving what it has (the adapter, or the model, with ``"interrupted": true`` in its
     record) and then raises ``KeyboardInterrupt``.
     """
@@ -154,7 +155,7 @@ def run(config: TrainConfig, resume: bool = False) -> RunResult:
         train_dataset=_Examples(splits.train),
         eval_dataset=_Examples(splits.eval) if splits.eval else None,
         data_collator=collator,
-        callbacks=[stop],
+        callbacks=[stop, *callbacks],
     )
     main = trainer.is_world_process_zero()
     if main and splits.dropped:
