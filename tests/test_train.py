@@ -294,3 +294,75 @@ def test_torchrun_two_processes_train_one_adapter(tiny_llama: Path, arithmetic: 
     record = json.loads((out / RECORD).read_text())
     assert record["processes"] == 2 and record["steps"] == 4
     assert set(adapter_tensors(out)) == set(adapter_tensors_names(tiny_llama))
+
+
+# ---------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "taylor"])
+def test_pruned_model_loads_in_transformers_and_the_engine_alike(
+    tiny_llama: Path, gguf_tokenizer, arithmetic: Path, tmp_path: Path, criterion: str
+) -> None:
+    from peftscale.train import prune
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    cfg = model.config
+    splits = load_examples(DataConfig(path=arithmetic, eval_rows=8), gguf_tokenizer, 128)
+    calibration = prune.batches(splits.train[:8], gguf_tokenizer.pad_token_id)
+    stats = prune.calibrate(model, calibration, criterion)
+    plan = prune.plan(model, criterion, stats, heads=0.5, mlp=0.25)
+    # Every KV group keeps the same number of query heads: 1 of its 2.
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for heads in plan.heads:
+        assert [h // group for h in heads] == list(range(cfg.num_key_value_heads))
+    before = prune.parameter_count(model)
+    prune.apply(model, plan)
+    model.zero_grad(set_to_none=True)
+    hd, h, layers = 16, cfg.hidden_size, cfg.num_hidden_layers
+    removed_per_layer = 2 * (2 * hd * h) + 24 * 3 * h  # two heads (q rows, o columns), 24 of 96 channels
+    assert prune.parameter_count(model) == before - layers * removed_per_layer
+    model.save_pretrained(str(tmp_path / "pruned"))
+    ids = [1, 42, 7, 300, 12, 5, 99, 3]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"), dtype=torch.float32)
+    assert (again.config.num_attention_heads, again.config.head_dim, again.config.intermediate_size) == (2, 16, 72)
+    with torch.no_grad():
+        np.testing.assert_array_equal(again(torch.tensor([ids])).logits[0].numpy(), want)
+    got = ps.Engine.load(tmp_path / "pruned", dtype="f32").logits(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_magnitude_pruning_keeps_the_strongest_heads_and_channels(tiny_llama: Path) -> None:
+    from peftscale.train import prune
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight[16:32] *= 10  # head 1 (group 0) and head 2 (group 1)
+            layer.self_attn.q_proj.weight[32:48] *= 10
+            layer.mlp.down_proj.weight[:, 90:] *= 10  # channels 90..95
+    plan = prune.plan(model, "magnitude", {}, heads=0.5, mlp=0.9)
+    assert plan.heads == [[1, 2]] * 2
+    assert all(set(range(90, 96)) <= set(c) for c in plan.channels) and len(plan.channels[0]) == 10
+
+
+def test_prune_method_reports_params_and_three_perplexities(tiny_llama: Path, arithmetic: Path, tmp_path: Path):
+    raw = config(tiny_llama, arithmetic, tmp_path / "p", max_steps=10, eval_every=5, save_every=5)
+    raw["method"] = "prune"
+    raw["prune"] = {"heads": 0.5, "mlp": 0.25, "layers": 1, "criterion": "wanda", "calibration_rows": 8}
+    result = ps.train.run(raw)
+    record = json.loads((tmp_path / "p" / RECORD).read_text())
+    p = record["pruning"]
+    assert record["method"] == "prune" and p["layers_dropped"] in ([0], [1])
+    assert p["parameters_after"] < p["parameters_before"]
+    assert p["perplexity_recovered"] < p["perplexity_pruned"]
+    assert record["base_model"]["sha256"] == content_hash(tmp_path / "p" / "pruned")
+    assert record["pruned_from"]["sha256"] == content_hash(tiny_llama)
+    assert result.eval_loss_after < result.eval_loss_before
+    # The recovery adapter applies to the pruned model, in the engine too.
+    eng = ps.Engine.load(tmp_path / "p" / "pruned", dtype="f32")
+    eng.load_adapter(tmp_path / "p", name="recovery")
+    assert eng.config["num_layers"] == 1 and eng.config["num_heads"] == 2

@@ -1,4 +1,5 @@
-"""Training from one config: LoRA, QLoRA (4-bit NF4 base) and full fine-tuning.
+"""Training from one config: LoRA, QLoRA (4-bit NF4 base), full fine-tuning, and structured
+pruning with LoRA recovery.
 
 >>> import peftscale as ps
 >>> config = ps.train.load_config("examples/lora-gsm8k.yaml")   # doctest: +SKIP
@@ -34,11 +35,15 @@ def run(
     ``resume`` continues from the newest checkpoint; ``callbacks`` are transformers
     ``TrainerCallback`` objects added to the run.
     """
-    from peftscale.train.finetune import run as _run
-
     if not isinstance(config, TrainConfig):
         config = load_config(config)
-    return _run(config, resume=resume, callbacks=callbacks)
+    if config.method == "prune":
+        from peftscale.train import pruning_run
+
+        return pruning_run.run(config, resume=resume, callbacks=callbacks)
+    from peftscale.train import finetune
+
+    return finetune.run(config, resume=resume, callbacks=callbacks)
 
 
 def __getattr__(name: str) -> Any:

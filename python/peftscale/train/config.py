@@ -1,7 +1,7 @@
 """The training configuration: one YAML schema for every method, validated with readable errors.
 
 ```yaml
-method: lora                  # lora | qlora | full
+method: lora                  # lora | qlora | full | prune
 model: packaged               # the packaged model, a GGUF file or a Hugging Face folder
 data: {path: ../shared/data/gsm8k/train.jsonl, format: gsm8k, limit: 2000}
 lora: {r: 16, alpha: 32, target_modules: all-linear}
@@ -25,7 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from peftscale.errors import PeftscaleError
 
-Method = Literal["lora", "qlora", "full"]
+Method = Literal["lora", "qlora", "full", "prune"]
 DataFormat = Literal["gsm8k", "prompt_completion", "chat"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -75,6 +75,22 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """Structured pruning (method ``prune``), followed by LoRA recovery training."""
+
+    #: Fraction of query heads removed, evenly from every grouped-query group (rounded to whole
+    #: heads per group).
+    heads: float = 0.25
+    #: Fraction of MLP channels removed.
+    mlp: float = 0.25
+    #: Whole decoder layers removed (those whose output changes their input least).
+    layers: int = 0
+    criterion: Literal["magnitude", "wanda", "taylor"] = "wanda"
+    #: Training rows used to measure activations (wanda), gradients (taylor) or layer influence.
+    calibration_rows: int = 32
+
+
+@dataclass(frozen=True)
 class TrainSection:
     max_steps: int = 300
     #: Rows per device per optimizer step, before gradient accumulation.
@@ -107,6 +123,7 @@ class TrainConfig:
     model: str = "packaged"
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainSection = field(default_factory=TrainSection)
     #: Also write the adapter merged into the base, as a Hugging Face folder (``output/merged``).
     merge: bool = False
@@ -232,6 +249,11 @@ def _check_values(config: Any, where: str) -> None:
         need(config.r > 0, "r", "> 0")
         need(config.alpha > 0, "alpha", "> 0")
         need(0.0 <= config.dropout < 1.0, "dropout", "in [0, 1)")
+    elif isinstance(config, PruneConfig):
+        need(0.0 <= config.heads < 1.0, "heads", "in [0, 1)")
+        need(0.0 <= config.mlp < 1.0, "mlp", "in [0, 1)")
+        need(config.layers >= 0, "layers", ">= 0")
+        need(config.calibration_rows > 0, "calibration_rows", "> 0")
     elif isinstance(config, TrainSection):
         for key in ("max_steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_every", "save_every"):
             need(getattr(config, key) > 0, key, "> 0")
