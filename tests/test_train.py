@@ -366,3 +366,61 @@ def test_prune_method_reports_params_and_three_perplexities(tiny_llama: Path, ar
     eng = ps.Engine.load(tmp_path / "p" / "pruned", dtype="f32")
     eng.load_adapter(tmp_path / "p", name="recovery")
     assert eng.config["num_layers"] == 1 and eng.config["num_heads"] == 2
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_divergences_follow_their_definitions() -> None:
+    from peftscale.train.config import DistillConfig
+    from peftscale.train.distill import divergence
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    ps_, pt = torch.softmax(s / 2, -1), torch.softmax(t / 2, -1)
+    forward = (pt * (pt.log() - ps_.log())).sum(-1) * 4
+    reverse = (ps_ * (ps_.log() - pt.log())).sum(-1) * 4
+    m = 0.3 * pt + 0.7 * ps_
+    jsd = (0.3 * (pt * (pt.log() - m.log())).sum(-1) + 0.7 * (ps_ * (ps_.log() - m.log())).sum(-1)) * 4
+    for loss, beta, want in [
+        ("forward_kl", 0.5, forward),
+        ("reverse_kl", 0.5, reverse),
+        ("jsd", 0.3, jsd),
+        ("jsd", 0.0, forward),
+        ("jsd", 1.0, reverse),
+    ]:
+        got = divergence(s, t, DistillConfig(loss=loss, beta=beta, temperature=2.0))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{loss} beta={beta}")
+    assert divergence(s, s, DistillConfig(loss="jsd")).abs().max() < 1e-6
+
+
+def test_distillation_lowers_kl_to_the_teacher(
+    tiny_llama: Path, gguf_tokenizer, arithmetic: Path, tmp_path: Path
+) -> None:
+    student = build_tiny_model(tmp_path / "student", "llama", gguf_tokenizer, seed=3)
+    raw = config(student, arithmetic, tmp_path / "d", max_steps=12, eval_every=6, save_every=6, lr=3e-3)
+    raw["method"] = "distill"
+    raw["distill"] = {"teacher": str(tiny_llama), "loss": "forward_kl", "student": "full"}
+    ps.train.run(raw)
+    record = json.loads((tmp_path / "d" / RECORD).read_text())
+    d = record["distillation"]
+    assert record["method"] == "distill" and record["teacher"]["sha256"] == content_hash(tiny_llama)
+    assert d["kl_after"] < 0.95 * d["kl_before"], d
+
+    # GKD's mix: JSD, some cross-entropy, half the batches on the student's own samples.
+    raw["distill"] = {"teacher": str(tiny_llama), "loss": "jsd", "ce_weight": 0.2, "on_policy": 0.5}
+    raw["distill"]["max_new_tokens"] = 16
+    raw["train"] = {**raw["train"], "max_steps": 4, "log_every": 1}
+    raw["output"] = str(tmp_path / "gkd")
+    ps.train.run(raw)
+    losses = [h["loss"] for h in json.loads((tmp_path / "gkd" / RECORD).read_text())["log_history"] if "loss" in h]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+
+    other_tok = tmp_path / "other_tok"
+    shutil.copytree(tiny_llama, other_tok)
+    tok = type(gguf_tokenizer).from_pretrained(str(other_tok))
+    tok.add_tokens(["<not-in-the-student>"])
+    tok.save_pretrained(str(other_tok))
+    raw["distill"] = {"teacher": str(other_tok)}
+    with pytest.raises(ConfigError, match="does not share the student's tokenizer"):
+        ps.train.run(raw)

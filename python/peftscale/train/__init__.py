@@ -1,5 +1,5 @@
-"""Training from one config: LoRA, QLoRA (4-bit NF4 base), full fine-tuning, and structured
-pruning with LoRA recovery.
+"""Training from one config: LoRA, QLoRA (4-bit NF4 base), full fine-tuning, structured pruning
+with LoRA recovery, and distillation from a teacher.
 
 >>> import peftscale as ps
 >>> config = ps.train.load_config("examples/lora-gsm8k.yaml")   # doctest: +SKIP
@@ -41,6 +41,10 @@ def run(
         from peftscale.train import pruning_run
 
         return pruning_run.run(config, resume=resume, callbacks=callbacks)
+    if config.method == "distill":
+        from peftscale.train import distill
+
+        return distill.run(config, resume=resume, callbacks=callbacks)
     from peftscale.train import finetune
 
     return finetune.run(config, resume=resume, callbacks=callbacks)

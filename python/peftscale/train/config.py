@@ -1,7 +1,7 @@
 """The training configuration: one YAML schema for every method, validated with readable errors.
 
 ```yaml
-method: lora                  # lora | qlora | full | prune
+method: lora                  # lora | qlora | full | prune | distill
 model: packaged               # the packaged model, a GGUF file or a Hugging Face folder
 data: {path: ../shared/data/gsm8k/train.jsonl, format: gsm8k, limit: 2000}
 lora: {r: 16, alpha: 32, target_modules: all-linear}
@@ -25,7 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from peftscale.errors import PeftscaleError
 
-Method = Literal["lora", "qlora", "full", "prune"]
+Method = Literal["lora", "qlora", "full", "prune", "distill"]
 DataFormat = Literal["gsm8k", "prompt_completion", "chat"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -91,6 +91,30 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation (method ``distill``): the student is ``model``, trained with LoRA (``lora``)
+    or fully, towards a teacher that shares its tokenizer."""
+
+    #: ``packaged``, a ``.gguf`` file or a Hugging Face folder.
+    teacher: str = "packaged"
+    #: A peft adapter folder applied to the teacher (e.g. its task LoRA), or null.
+    teacher_adapter: Path | None = None
+    #: ``forward_kl`` KL(teacher‖student), ``reverse_kl`` KL(student‖teacher), or ``jsd``, the
+    #: generalised Jensen-Shannon divergence with ``beta`` (GKD).
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    #: Weight of the usual cross-entropy on the data's replies; the divergence gets ``1 - ce_weight``.
+    ce_weight: float = 0.0
+    #: Fraction of batches whose replies the student generates itself (on-policy, as in GKD).
+    on_policy: float = 0.0
+    #: Longest reply the student generates for an on-policy batch.
+    max_new_tokens: int = 96
+    #: ``lora`` trains an adapter on the student; ``full`` trains all of its weights.
+    student: Literal["lora", "full"] = "lora"
+
+
+@dataclass(frozen=True)
 class TrainSection:
     max_steps: int = 300
     #: Rows per device per optimizer step, before gradient accumulation.
@@ -124,6 +148,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainSection = field(default_factory=TrainSection)
     #: Also write the adapter merged into the base, as a Hugging Face folder (``output/merged``).
     merge: bool = False
@@ -254,6 +279,14 @@ def _check_values(config: Any, where: str) -> None:
         need(0.0 <= config.mlp < 1.0, "mlp", "in [0, 1)")
         need(config.layers >= 0, "layers", ">= 0")
         need(config.calibration_rows > 0, "calibration_rows", "> 0")
+    elif isinstance(config, DistillConfig):
+        need(0.0 <= config.beta <= 1.0, "beta", "in [0, 1]")
+        need(config.temperature > 0, "temperature", "> 0")
+        need(0.0 <= config.ce_weight <= 1.0, "ce_weight", "in [0, 1]")
+        need(0.0 <= config.on_policy <= 1.0, "on_policy", "in [0, 1]")
+        need(config.max_new_tokens > 0, "max_new_tokens", "> 0")
+        if config.teacher_adapter is not None and not (config.teacher_adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"teacher adapter not found: {config.teacher_adapter} (no adapter_config.json)")
     elif isinstance(config, TrainSection):
         for key in ("max_steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_every", "save_every"):
             need(getattr(config, key) > 0, key, "> 0")

@@ -94,11 +94,17 @@ def _wrap(model: Any, config: TrainConfig) -> Any:
         raise ConfigError(f"lora: {e}") from None
 
 
-def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
+def run(
+    config: TrainConfig,
+    resume: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+    trainer_class: type[Trainer] = Trainer,
+) -> RunResult:
     """Trains as the config says and writes the outputs into ``config.output``.
 
     ``resume`` continues from the newest checkpoint in ``output/checkpoints``; ``callbacks`` are
-    added to the Trainer's (transformers ``TrainerCallback`` objects). Ctrl-C stops the
+    added to the Trainer's (transformers ``TrainerCallback`` objects); ``trainer_class`` is the
+    Trainer to use (distillation brings one with its own loss). Ctrl-C stops the
     run after saving what it has (the adapter, or the model, with ``"interrupted": true`` in its
     record) and then raises ``KeyboardInterrupt``.
     """
@@ -149,7 +155,7 @@ def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCa
     )
     stop = _StopOnInterrupt()
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=_Examples(splits.train),
