@@ -61,6 +61,7 @@ def build_tiny_model(
     seed: int = 0,
     vocab_size: int = 49152,
     intermediate_size: int = 96,
+    rope_theta: float = 10000.0,
 ) -> Path:
     """A randomly initialised 2-layer model saved as a Hugging Face folder."""
     import torch
@@ -76,7 +77,7 @@ def build_tiny_model(
         num_key_value_heads=2,
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_theta=rope_theta,
         eos_token_id=2,
         bos_token_id=1,
     )

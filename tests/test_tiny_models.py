@@ -27,6 +27,27 @@ def test_logits_match_transformers(fixture: str, request: pytest.FixtureRequest)
     assert _rel_err(eng.logits(ids), ref) < 1e-4
 
 
+def test_rope_settings_in_either_config_format(tmp_path: Path, gguf_tokenizer) -> None:
+    import json
+
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "theta", "llama", gguf_tokenizer, rope_theta=100000.0)
+    config = json.loads((folder / "config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = list(range(200, 260))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    # transformers >= 5 writes `rope_parameters`; older versions a top-level `rope_theta`.
+    theta = config.get("rope_parameters", {}).pop("rope_theta", None) or config.pop("rope_theta")
+    for layout in ({"rope_parameters": {"rope_theta": theta, "rope_type": "default"}}, {"rope_theta": theta}):
+        (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": None, **layout}))
+        assert _rel_err(ps.Engine.load(folder, dtype="f32").logits(ids), ref) < 1e-4, layout
+    (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn"}}))
+    with pytest.raises(ps.ModelLoadError, match="rope_type \"yarn\" is not supported"):
+        ps.Engine.load(folder, dtype="f32")
+
+
 def test_bf16_and_f16_weights_stay_close(tiny_llama: Path) -> None:
     ids = list(range(100, 130))
     ref = ps.Engine.load(tiny_llama, dtype="f32").logits(ids)

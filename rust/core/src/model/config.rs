@@ -177,6 +177,27 @@ impl ModelConfig {
                 format!("rope_scaling {scaling} is not supported yet"),
             ));
         }
+        // transformers >= 5 writes RoPE settings as `rope_parameters`; older files use
+        // `rope_theta` (and `rope_scaling`, refused above).
+        let rope = raw.rope_parameters.as_ref().filter(|v| !v.is_null());
+        if let Some(kind) = rope
+            .and_then(|r| r.get("rope_type"))
+            .and_then(|t| t.as_str())
+        {
+            if kind != "default" {
+                return Err(Error::load(
+                    path,
+                    format!("rope_type {kind:?} is not supported yet (only \"default\" RoPE)"),
+                ));
+            }
+        }
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| {
+                rope.and_then(|r| r.get("rope_theta"))
+                    .and_then(|t| t.as_f64())
+            })
+            .unwrap_or(10_000.0);
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let cfg = ModelConfig {
             architecture: family.to_string(),
@@ -190,7 +211,7 @@ impl ModelConfig {
                 .head_dim
                 .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_layout: RopeLayout::Halves,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -215,6 +236,7 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,

@@ -220,18 +220,22 @@ impl<'a> DisjointOut<'a> {
         *self.ptr.add(i) = v;
     }
 
+    fn check_range(&self, start: usize, len: usize) {
+        assert!(
+            start + len <= self.len,
+            "positions {start}..{} outside a buffer of {}",
+            start + len,
+            self.len
+        );
+    }
+
     /// Writes `values` at positions `start..start + values.len()`.
     ///
     /// # Safety
     /// No other task of the same region reads or writes those positions.
     #[inline]
     pub unsafe fn set_slice(&self, start: usize, values: &[f32]) {
-        assert!(
-            start + values.len() <= self.len,
-            "output positions {start}..{} outside a buffer of {}",
-            start + values.len(),
-            self.len
-        );
+        self.check_range(start, values.len());
         std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(start), values.len());
     }
 
@@ -241,12 +245,7 @@ impl<'a> DisjointOut<'a> {
     /// No task writes those positions while the returned slice lives.
     #[inline]
     pub unsafe fn read(&self, start: usize, len: usize) -> &[f32] {
-        assert!(
-            start + len <= self.len,
-            "positions {start}..{} outside a buffer of {}",
-            start + len,
-            self.len
-        );
+        self.check_range(start, len);
         std::slice::from_raw_parts(self.ptr.add(start), len)
     }
 
@@ -256,12 +255,7 @@ impl<'a> DisjointOut<'a> {
     /// No other task of the same region reads or writes those positions.
     #[inline]
     pub unsafe fn add_slice(&self, start: usize, values: &[f32]) {
-        assert!(
-            start + values.len() <= self.len,
-            "output positions {start}..{} outside a buffer of {}",
-            start + values.len(),
-            self.len
-        );
+        self.check_range(start, values.len());
         let out = std::slice::from_raw_parts_mut(self.ptr.add(start), values.len());
         out.iter_mut().zip(values).for_each(|(o, v)| *o += v);
     }
