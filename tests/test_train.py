@@ -180,7 +180,7 @@ def test_lora_run_lowers_loss_and_peft_and_the_engine_load_it(tiny_llama: Path, 
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    result = ps.train.run(config(tiny_llama, arithmetic, out))
+    result = ps.train.run({**config(tiny_llama, arithmetic, out), "merge": True})
     assert result.steps == 12 and not result.interrupted
     assert result.eval_loss_after < 0.9 * result.eval_loss_before, result
     record = json.loads((out / RECORD).read_text())
@@ -194,6 +194,9 @@ def test_lora_run_lowers_loss_and_peft_and_the_engine_load_it(tiny_llama: Path, 
     ids = [1, 42, 7, 300, 12, 5, 99]
     with torch.no_grad():
         want = peft_model(torch.tensor([ids])).logits[0].numpy()
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor([ids])).logits[0].numpy(), want, rtol=1e-4, atol=1e-4)
     eng = ps.Engine.load(tiny_llama, dtype="f32")
     eng.load_adapter(out, name="sums")
     got = eng.logits(ids, adapter="sums")
