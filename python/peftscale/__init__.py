@@ -5,6 +5,8 @@
 >>> eng.generate("The capital of France is", max_new_tokens=8).text  # doctest: +SKIP
 """
 
+from typing import TYPE_CHECKING
+
 from peftscale import models
 from peftscale._core import __version__
 from peftscale.engine import Engine, GenerationOutput, Stats, Tokenizer
@@ -20,6 +22,9 @@ from peftscale.errors import (
     TokenizerError,
 )
 from peftscale.strategies import CoLD, Greedy, Sampling, Strategy
+
+if TYPE_CHECKING:
+    from peftscale import train
 
 __all__ = [
     "AdapterError",
