@@ -113,6 +113,19 @@ def test_config_file_defaults_paths_and_cli_errors(
 
     assert main(["train", str(path), "--set", "train.lr=-1"]) == 1
     assert "'train.lr' must be > 0" in capsys.readouterr().err
+    # `peftscale prune` is the same config with method: prune (so the prune section is checked).
+    assert main(["prune", str(path), "--set", "prune.heads=1.5"]) == 1
+    assert "'prune.heads' must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_paged_optimizer_falls_back_on_the_cpu() -> None:
+    from peftscale.train.finetune import _optimizer
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU fallback")
+    with pytest.warns(UserWarning, match="paged optimizers need a GPU"):
+        assert _optimizer("paged_adamw8bit") == "adamw_bnb_8bit"
+    assert _optimizer("adamw") == "adamw_torch"
 
 
 # ---------------------------------------------------------------- data

@@ -123,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not isinstance(node, dict):
                 raise train.ConfigError(f"--set {key}: '{p}' is not a section")
         node[last] = yaml.safe_load(value)
+    if args.command == "prune":
+        raw["method"] = "prune"
     base = Path(args.config).parent if args.config else Path.cwd()
     config = train.config.build(raw, base)
     try:
@@ -156,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the output")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.lr=1e-4")
     t.set_defaults(func=cmd_train)
+    pr = sub.add_parser("prune", help="structured pruning + LoRA recovery (a train config with method: prune)")
+    pr.add_argument("config", help="the YAML config (see examples/prune-gsm8k.yaml)")
+    pr.add_argument("--resume", action="store_true", help="continue the recovery from its newest checkpoint")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    pr.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
