@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -108,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from peftscale import train
+    from peftscale.provenance import RECORD
 
     raw = yaml.safe_load(open(args.config, encoding="utf-8")) if args.config else {}
     if not isinstance(raw, dict):
@@ -136,6 +138,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: {result.steps} steps, held-out loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}; "
         f"outputs in {result.output}"
     )
+    record = json.loads((result.output / RECORD).read_text())
+    if "pruning" in record:
+        p = record["pruning"]
+        print(
+            f"parameters {p['parameters_before']:,} -> {p['parameters_after']:,}; held-out perplexity "
+            f"{p['perplexity_before']:.2f} before, {p['perplexity_pruned']:.2f} pruned, "
+            f"{p['perplexity_recovered']:.2f} recovered"
+        )
+    if "distillation" in record:
+        d = record["distillation"]
+        print(f"KL(teacher||student) on held-out rows: {d['kl_before']:.4f} -> {d['kl_after']:.4f}")
     return 0
 
 
