@@ -42,6 +42,9 @@ def load_tokenizer(base: BaseModel) -> Any:
     tok = AutoTokenizer.from_pretrained(**base.location)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if not getattr(tok, "is_fast", False):
+        # The loss mask maps reply spans to tokens through the fast tokenizers' offsets.
+        raise ConfigError(f"the tokenizer of {base.path} has no fast (tokenizer.json) version, which training needs")
     if not tok.chat_template:
         raise ConfigError(f"the tokenizer of {base.path} has no chat template to format the training rows with")
     return tok
