@@ -67,10 +67,14 @@ class DistillTrainer(Trainer):
         if model.training and dc.on_policy > 0 and random.random() < dc.on_policy:
             inputs = self._on_policy(model, inputs)
         out = model(**inputs)
+        device = inputs["input_ids"].device
+        if next(self.teacher.parameters()).device != device:
+            # Trainer places the student; the teacher follows it on first use.
+            type(self).teacher = self.teacher.to(device)
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         mask = _reply_mask(inputs["labels"])
-        div = divergence(out.logits[mask], teacher_logits[mask].to(out.logits.device), dc).mean()
+        div = divergence(out.logits[mask], teacher_logits[mask], dc).mean()
         loss = dc.ce_weight * out.loss + (1.0 - dc.ce_weight) * div if dc.ce_weight > 0 else div
         return (loss, out) if return_outputs else loss
 
