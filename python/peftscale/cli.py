@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -138,7 +139,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: {result.steps} steps, held-out loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}; "
         f"outputs in {result.output}"
     )
-    record = json.loads((result.output / RECORD).read_text())
+    record_path = result.output / RECORD
+    if os.environ.get("RANK", "0") != "0" or not record_path.is_file():
+        return 0  # under torchrun only the first process writes (and reports) the outputs
+    record = json.loads(record_path.read_text())
     if "pruning" in record:
         p = record["pruning"]
         print(
