@@ -314,18 +314,17 @@ pub(crate) fn project_many<const N: usize>(
                     },
                     None => {}
                 }
-                let mine = loras
+                let mut mine = loras
                     .iter()
                     .zip(&down_writers)
-                    .filter(|(l, _)| l.output == *i);
-                let mut waited = false;
-                for (l, down) in mine {
-                    if !waited {
-                        while downs_done.load(Ordering::Acquire) < loras.len() {
-                            std::hint::spin_loop();
-                        }
-                        waited = true;
+                    .filter(|(l, _)| l.output == *i)
+                    .peekable();
+                if mine.peek().is_some() {
+                    while downs_done.load(Ordering::Acquire) < loras.len() {
+                        std::hint::spin_loop();
                     }
+                }
+                for (l, down) in mine {
                     // SAFETY: every `x · Aᵀ` task has finished writing; the rows are this
                     // task's own rows of its output, as in the base work above.
                     unsafe {

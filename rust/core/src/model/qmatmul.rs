@@ -273,39 +273,31 @@ struct Kernels {
     pair: GroupKernel<2>,
 }
 
+/// The one-row and two-row instances of one kernel expression generic over the row count.
+macro_rules! kernels {
+    (|$w:ident, $a:ident| $body:expr) => {
+        Kernels {
+            one: |$w, $a| $body,
+            pair: |$w, $a| $body,
+        }
+    };
+}
+
 fn select_kernels(kind: Kind) -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
         if avx2::available() {
             return match kind {
-                Kind::Q4_0 => Kernels {
-                    one: |w, a| unsafe { avx2::group_q4(w, a, false) },
-                    pair: |w, a| unsafe { avx2::group_q4(w, a, false) },
-                },
-                Kind::Q4_1 => Kernels {
-                    one: |w, a| unsafe { avx2::group_q4(w, a, true) },
-                    pair: |w, a| unsafe { avx2::group_q4(w, a, true) },
-                },
-                Kind::Q8_0 => Kernels {
-                    one: |w, a| unsafe { avx2::group_q8_0(w, a) },
-                    pair: |w, a| unsafe { avx2::group_q8_0(w, a) },
-                },
+                Kind::Q4_0 => kernels!(|w, a| unsafe { avx2::group_q4(w, a, false) }),
+                Kind::Q4_1 => kernels!(|w, a| unsafe { avx2::group_q4(w, a, true) }),
+                Kind::Q8_0 => kernels!(|w, a| unsafe { avx2::group_q8_0(w, a) }),
             };
         }
     }
     match kind {
-        Kind::Q4_0 => Kernels {
-            one: |w, a| a.map(|a| group_scalar(Kind::Q4_0, w, a)),
-            pair: |w, a| a.map(|a| group_scalar(Kind::Q4_0, w, a)),
-        },
-        Kind::Q4_1 => Kernels {
-            one: |w, a| a.map(|a| group_scalar(Kind::Q4_1, w, a)),
-            pair: |w, a| a.map(|a| group_scalar(Kind::Q4_1, w, a)),
-        },
-        Kind::Q8_0 => Kernels {
-            one: |w, a| a.map(|a| group_scalar(Kind::Q8_0, w, a)),
-            pair: |w, a| a.map(|a| group_scalar(Kind::Q8_0, w, a)),
-        },
+        Kind::Q4_0 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q4_0, w, a))),
+        Kind::Q4_1 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q4_1, w, a))),
+        Kind::Q8_0 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q8_0, w, a))),
     }
 }
 
