@@ -112,9 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftscale import train
     from peftscale.provenance import RECORD
 
-    raw = yaml.safe_load(open(args.config, encoding="utf-8")) if args.config else {}
-    if not isinstance(raw, dict):
-        raise train.ConfigError(f"{args.config} must hold a mapping of keys (method, model, data, ...)")
+    path = Path(args.config)
+    raw = train.config.read_yaml(path)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -128,8 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         node[last] = yaml.safe_load(value)
     if args.command == "prune":
         raw["method"] = "prune"
-    base = Path(args.config).parent if args.config else Path.cwd()
-    config = train.config.build(raw, base)
+    config = train.config.build(raw, path.parent)
     try:
         result = train.run(config, resume=args.resume)
     except KeyboardInterrupt:
@@ -170,16 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("demo", help="generate from the packaged model and print speed")
     _add_model_args(d)
     d.set_defaults(func=cmd_demo)
-    t = sub.add_parser("train", help="train from a YAML config (LoRA, QLoRA, full)")
-    t.add_argument("config", help="the YAML config (see examples/)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the output")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.lr=1e-4")
-    t.set_defaults(func=cmd_train)
-    pr = sub.add_parser("prune", help="structured pruning + LoRA recovery (a train config with method: prune)")
-    pr.add_argument("config", help="the YAML config (see examples/prune-gsm8k.yaml)")
-    pr.add_argument("--resume", action="store_true", help="continue the recovery from its newest checkpoint")
-    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    pr.set_defaults(func=cmd_train)
+    for name, what in (
+        ("train", "train from a YAML config (lora, qlora, full, prune, distill; see examples/)"),
+        ("prune", "structured pruning + LoRA recovery: a train config with method: prune"),
+    ):
+        t = sub.add_parser(name, help=what)
+        t.add_argument("config", help="the YAML config")
+        t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the output")
+        t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key: train.lr=1e-4")
+        t.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -111,10 +111,9 @@ def _plain_f32(model: Any) -> Any:
 def _quantized_from_gguf(base: BaseModel, kwargs: dict[str, Any]) -> Any:
     import tempfile
 
-    import torch
     from transformers import AutoModelForCausalLM
 
-    plain = _plain_f32(AutoModelForCausalLM.from_pretrained(**base.location, dtype=torch.float32))
+    plain = load_model(base)
     with tempfile.TemporaryDirectory(prefix="peftscale-gguf-") as d:
         plain.save_pretrained(d)
         del plain

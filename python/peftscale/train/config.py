@@ -160,14 +160,12 @@ def build(raw: dict[str, Any], base: Path) -> TrainConfig:
 
     config = _build(TrainConfig, raw, "", base)
     # Checked now rather than minutes into a run; a relative path is taken from `base` too.
-    return dataclasses.replace(config, model=str(resolve(config.model, base).path))
+    teacher = dataclasses.replace(config.distill, teacher=str(resolve(config.distill.teacher, base).path))
+    return dataclasses.replace(config, model=str(resolve(config.model, base).path), distill=teacher)
 
 
-def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
-    """A validated configuration from a YAML file or from a dict (paths then relative to the cwd)."""
-    if isinstance(source, dict):
-        return build(source, Path.cwd())
-    path = Path(source)
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds, unvalidated."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     import yaml
@@ -178,7 +176,15 @@ def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of keys (method, model, data, ...)")
-    return build(raw, path.parent)
+    return raw
+
+
+def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
+    """A validated configuration from a YAML file or from a dict (paths then relative to the cwd)."""
+    if isinstance(source, dict):
+        return build(source, Path.cwd())
+    path = Path(source)
+    return build(read_yaml(path), path.parent)
 
 
 def _build(cls: type, raw: Any, where: str, base: Path) -> Any:

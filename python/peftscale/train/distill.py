@@ -5,7 +5,7 @@ generations (on-policy, as in GKD: Agarwal et al., 2024)."""
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from peftscale.provenance import RECORD, content_hash
+from peftscale.provenance import content_hash
 from peftscale.train import finetune
-from peftscale.train.base import load_model, load_tokenizer, resolve
+from peftscale.train.base import BaseModel, load_model, load_tokenizer, resolve
 from peftscale.train.config import ConfigError, DistillConfig, TrainConfig
-from peftscale.train.data import IGNORE, load_examples
+from peftscale.train.data import IGNORE, Example, load_examples
 from peftscale.train.prune import batches
 
 
@@ -58,9 +58,11 @@ class DistillTrainer(Trainer):
     """A Trainer whose loss is ``ce_weight·CE + (1 - ce_weight)·divergence(student, teacher)`` on
     the reply positions."""
 
-    teacher: Any = None
-    distill: DistillConfig = DistillConfig()
-    pad_token_id: int = 0
+    def __init__(self, *args: Any, teacher: Any, distill: DistillConfig, pad_token_id: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.distill = distill
+        self.pad_token_id = pad_token_id
 
     def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, **kw: Any):
         dc = self.distill
@@ -70,7 +72,7 @@ class DistillTrainer(Trainer):
         device = inputs["input_ids"].device
         if next(self.teacher.parameters()).device != device:
             # Trainer places the student; the teacher follows it on first use.
-            type(self).teacher = self.teacher.to(device)
+            self.teacher = self.teacher.to(device)
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         mask = _reply_mask(inputs["labels"])
@@ -96,26 +98,19 @@ class DistillTrainer(Trainer):
                     pad_token_id=self.pad_token_id,
                 )[0]
             reply = gen[start:].tolist()
-            rows.append(_Row(ids[:start].tolist() + reply, [IGNORE] * start + reply))
+            rows.append(Example(ids[:start].tolist() + reply, [IGNORE] * start + reply))
         return {k: v.to(inputs["input_ids"].device) for k, v in batches(rows, self.pad_token_id, len(rows))[0].items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Row:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def load_teacher(dc: DistillConfig, student_tokenizer: Any, config_dir: Path | None = None) -> Any:
-    teacher_base = resolve(dc.teacher, config_dir)
+def load_teacher(teacher_base: BaseModel, adapter: Path | None, student_tokenizer: Any) -> Any:
     tok = load_tokenizer(teacher_base)
     if tok.get_vocab() != student_tokenizer.get_vocab():
         raise ConfigError(f"teacher {teacher_base.path} does not share the student's tokenizer (vocabularies differ)")
     teacher = load_model(teacher_base)
-    if dc.teacher_adapter is not None:
+    if adapter is not None:
         from peft import PeftModel
 
-        teacher = PeftModel.from_pretrained(teacher, str(dc.teacher_adapter))
+        teacher = PeftModel.from_pretrained(teacher, str(adapter))
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -141,21 +136,21 @@ def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[Any] = ()
     before and after in ``output/peftscale.json``."""
     dc = config.distill
     student_base = resolve(config.model)
+    teacher_base = resolve(dc.teacher)
     tokenizer = load_tokenizer(student_base)
-    teacher = load_teacher(dc, tokenizer)
+    teacher = load_teacher(teacher_base, dc.teacher_adapter, tokenizer)
     splits = load_examples(config.data, tokenizer, config.train.max_length)
     held_out = batches(splits.eval, tokenizer.pad_token_id)
     output = Path(config.output)
-    kl_before = mean_kl(teacher, load_model(student_base).eval(), held_out) if not resume else None
+    # On resume, read before the training run below rewrites the record.
+    if resume:
+        kl_before = finetune.recorded(output, "distillation", "kl_before")
+    else:
+        kl_before = mean_kl(teacher, load_model(student_base).eval(), held_out)
 
-    class _Trainer(DistillTrainer):
-        pass
-
-    _Trainer.teacher = teacher
-    _Trainer.distill = dc
-    _Trainer.pad_token_id = tokenizer.pad_token_id
+    make_trainer = functools.partial(DistillTrainer, teacher=teacher, distill=dc, pad_token_id=tokenizer.pad_token_id)
     method = "lora" if dc.student == "lora" else "full"
-    result = finetune.run(dataclasses.replace(config, method=method), resume, callbacks, trainer_class=_Trainer)
+    result = finetune.run(dataclasses.replace(config, method=method), resume, callbacks, make_trainer=make_trainer)
 
     if dc.student == "lora":
         from peft import PeftModel
@@ -163,13 +158,17 @@ def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[Any] = ()
         student = PeftModel.from_pretrained(load_model(student_base), str(output)).eval()
     else:
         student = load_model(resolve(str(output))).eval()
-    record_path = output / RECORD
-    record = json.loads(record_path.read_text())
-    if kl_before is None:
-        kl_before = record.get("distillation", {}).get("kl_before")
-    record["method"] = record["config"]["method"] = "distill"
-    teacher_path = resolve(dc.teacher).path
-    record["teacher"] = {"path": str(teacher_path), "sha256": content_hash(teacher_path), "adapter": dc.teacher_adapter}
-    record["distillation"] = {"kl_before": kl_before, "kl_after": mean_kl(teacher, student, held_out)}
-    record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    finetune.amend_record(
+        output,
+        "distill",
+        teacher={
+            "path": str(teacher_base.path),
+            "sha256": content_hash(teacher_base.path),
+            "adapter": dc.teacher_adapter,
+        },
+        distillation={
+            "kl_before": finetune.finite_or_none(kl_before),
+            "kl_after": mean_kl(teacher, student, held_out),
+        },
+    )
     return result

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
+from peftscale._core import __version__
 from peftscale.provenance import RECORD, content_hash
 from peftscale.train.base import BaseModel, load_model, load_tokenizer, resolve
 from peftscale.train.config import ConfigError, TrainConfig, as_dict
@@ -98,13 +99,13 @@ def run(
     config: TrainConfig,
     resume: bool = False,
     callbacks: Sequence[TrainerCallback] = (),
-    trainer_class: type[Trainer] = Trainer,
+    make_trainer: Callable[..., Trainer] = Trainer,
 ) -> RunResult:
     """Trains as the config says and writes the outputs into ``config.output``.
 
     ``resume`` continues from the newest checkpoint in ``output/checkpoints``; ``callbacks`` are
-    added to the Trainer's (transformers ``TrainerCallback`` objects); ``trainer_class`` is the
-    Trainer to use (distillation brings one with its own loss). Ctrl-C stops the
+    added to the Trainer's (transformers ``TrainerCallback`` objects); ``make_trainer`` builds the
+    Trainer from Trainer's arguments (distillation brings one with its own loss). Ctrl-C stops the
     run after saving what it has (the adapter, or the model, with ``"interrupted": true`` in its
     record) and then raises ``KeyboardInterrupt``.
     """
@@ -155,7 +156,7 @@ def run(
     )
     stop = _StopOnInterrupt()
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
-    trainer = trainer_class(
+    trainer = make_trainer(
         model=model,
         args=args,
         train_dataset=_Examples(splits.train),
@@ -172,7 +173,7 @@ def run(
     interrupted = stop.requested
     after = float(trainer.evaluate()["eval_loss"]) if splits.eval and not interrupted else float("nan")
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-    before = _recorded(output, "eval_loss_before") if resume else (evals[0] if evals else float("nan"))
+    before = recorded(output, "metrics", "eval_loss_before") if resume else (evals[0] if evals else float("nan"))
     result = RunResult(output, trainer.state.global_step, before, after, interrupted)
     if main:
         _save(trainer, tokenizer, config, base, result)
@@ -186,9 +187,10 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _recorded(output: Path, key: str) -> float:
+def recorded(output: Path, section: str, key: str) -> float:
+    """A figure of an earlier run's record in ``output``, NaN where there is none."""
     try:
-        return float(json.loads((output / RECORD).read_text())["metrics"][key])
+        return float(json.loads((output / RECORD).read_text())[section][key])
     except (OSError, KeyError, ValueError, TypeError):
         return float("nan")
 
@@ -205,15 +207,15 @@ def _save(trainer: Any, tokenizer: Any, config: TrainConfig, base: BaseModel, re
         tokenizer.save_pretrained(str(output / "merged"))
     history = trainer.state.log_history
     record = {
-        "peftscale_version": _version(),
+        "peftscale_version": __version__,
         "method": config.method,
         "base_model": {"path": str(base.path), "sha256": content_hash(base.path)},
         "steps": result.steps,
         "processes": _world_size(),
         "interrupted": result.interrupted,
         "metrics": {
-            "eval_loss_before": _finite_or_none(result.eval_loss_before),
-            "eval_loss_after": _finite_or_none(result.eval_loss_after),
+            "eval_loss_before": finite_or_none(result.eval_loss_before),
+            "eval_loss_after": finite_or_none(result.eval_loss_after),
         },
         "config": as_dict(config),
         "log_history": history,
@@ -223,14 +225,18 @@ def _save(trainer: Any, tokenizer: Any, config: TrainConfig, base: BaseModel, re
     plot_losses(history, output / "loss.png")
 
 
-def _finite_or_none(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _version() -> str:
-    from peftscale import __version__
-
-    return __version__
+def amend_record(output: Path, method: str, **sections: Any) -> None:
+    """Rewrites the run's record in ``output`` as a ``method`` run with ``sections`` added (the
+    pruning and distillation runs report on top of the training run they wrap)."""
+    path = output / RECORD
+    record = json.loads(path.read_text())
+    record["method"] = record["config"]["method"] = method
+    record.update(sections)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> bool:

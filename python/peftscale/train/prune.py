@@ -39,6 +39,10 @@ def _layers(model: Any) -> Any:
     return model.model.layers
 
 
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def keep_counts(config: Any, heads: float, mlp: float) -> tuple[int, int]:
     """Query heads per KV group and MLP channels kept for pruning fractions ``heads`` and ``mlp``."""
     group = config.num_attention_heads // config.num_key_value_heads
@@ -49,8 +53,7 @@ def keep_counts(config: Any, heads: float, mlp: float) -> tuple[int, int]:
 
 def head_scores(model: Any, criterion: Criterion, stats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, one importance score per query head."""
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    hd = _head_dim(model.config)
     out = []
     for i, layer in enumerate(_layers(model)):
         q = layer.self_attn.q_proj.weight  # [heads*hd, hidden]
@@ -141,7 +144,7 @@ def plan(model: Any, criterion: Criterion, stats: dict[str, torch.Tensor], heads
 def apply(model: Any, p: PrunePlan) -> Any:
     """Slices the model's weights in place to the kept heads and channels and updates its config."""
     cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    hd = _head_dim(cfg)
     for layer, heads, channels in zip(_layers(model), p.heads, p.channels, strict=True):
         rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
         attn = layer.self_attn

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftscale.provenance import RECORD, content_hash
+from peftscale.provenance import content_hash
 from peftscale.train import finetune, prune
 from peftscale.train.base import load_model, load_tokenizer, resolve
 from peftscale.train.config import TrainConfig
@@ -59,11 +59,10 @@ def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[Any] = ()
     recovered = PeftModel.from_pretrained(load_model(resolve(str(pruned_dir))), str(output)).eval()
     report["perplexity_recovered"] = prune.perplexity(recovered, held_out)
 
-    record_path = output / RECORD
-    record = json.loads(record_path.read_text())
-    record["method"] = "prune"
-    record["config"]["method"] = "prune"
-    record["pruned_from"] = {"path": str(base.path), "sha256": content_hash(base.path)}
-    record["pruning"] = {k: v for k, v in report.items() if k != "heads_kept"}
-    record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    finetune.amend_record(
+        output,
+        "prune",
+        pruned_from={"path": str(base.path), "sha256": content_hash(base.path)},
+        pruning={k: v for k, v in report.items() if k != "heads_kept"},
+    )
     return result
