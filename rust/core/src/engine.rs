@@ -14,7 +14,9 @@ use crate::logits::{ColdParams, SamplingParams};
 use crate::lora::{group_by_adapter, LoraAdapter};
 use crate::model::{self, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
 use crate::search::sampling::StopCriteria;
-use crate::search::{Advance, RowOutput, SamplingStrategy, Strategy, TextDelta};
+use crate::search::{
+    build_search, Advance, RowOutput, SamplingStrategy, SearchSpec, Strategy, TextDelta,
+};
 use crate::text::{ChatMessage, ChatTemplate, StopMatcher, Tokenizer};
 
 /// Options shared by every prompt of one `generate` call.
@@ -30,6 +32,8 @@ pub struct GenerateOptions {
     pub adapters: Vec<Option<String>>,
     /// Decode with Contrastive LoRA Decoding instead of `sampling` (needs an adapter per row).
     pub cold: Option<ColdParams>,
+    /// A test-time search (beam search, best-of-N, ...) instead of one continuation per prompt.
+    pub search: Option<SearchSpec>,
 }
 
 impl Default for GenerateOptions {
@@ -41,6 +45,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             adapters: Vec::new(),
             cold: None,
+            search: None,
         }
     }
 }
@@ -302,13 +307,28 @@ impl Engine {
             .iter()
             .map(|a| a.as_deref().map(|n| self.adapter(n)).transpose())
             .collect::<Result<Vec<_>>>()?;
-        if let Some(cold) = &opts.cold {
+        let cold = opts
+            .search
+            .as_ref()
+            .map_or(opts.cold, |s| s.cold().or(opts.cold));
+        if let Some(cold) = &cold {
             cold.validate()?;
             if adapters.is_empty() || adapters.iter().any(Option::is_none) {
                 return Err(Error::invalid(
                     "CoLD contrasts an adapter with its base model: every prompt needs an adapter",
                 ));
             }
+        }
+        if let Some(search) = &opts.search {
+            search.validate()?;
+            let strategy = build_search(
+                search,
+                &prompts,
+                adapters,
+                criteria,
+                self.tokenizer.clone(),
+            )?;
+            return Generation::new(self.model.clone(), strategy, prompts, false);
         }
         let strategy: Box<dyn Strategy> = Box::new(SamplingStrategy::new(
             opts.sampling,

@@ -39,6 +39,11 @@ pub enum Error {
     )]
     NonFiniteLogits { row: usize, step: usize },
 
+    /// A user callback (scorer, extractor, evaluator, reward) failed or returned a bad value.
+    /// The Python bindings re-raise the callback's own exception in place of this one.
+    #[error("{what} callback failed: {message}")]
+    Callback { what: String, message: String },
+
     /// An internal tensor operation failed; this is a bug or an unsupported configuration.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),

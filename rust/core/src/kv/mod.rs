@@ -58,6 +58,8 @@ pub struct SeqStore {
 }
 
 const MIN_TAIL_CAPACITY: usize = 64;
+/// Forking copies a parent's private tail below this many positions and shares it above.
+pub const FORK_COPY_LIMIT: usize = 16;
 
 impl SeqStore {
     pub fn new(shape: KvShape, device: &Device) -> Self {
@@ -103,10 +105,30 @@ impl SeqStore {
     }
 
     /// A child that shares every cached position of `parent`.
+    ///
+    /// A tail shorter than [`FORK_COPY_LIMIT`] is copied into the child instead of being frozen
+    /// into a shared block: searches fork every few tokens, and blocks of one or two positions
+    /// would make attention walk hundreds of pieces per row.
     pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
-        let empty = self.empty_tail();
+        let mut child_tail = self.empty_tail();
         let seq = self.get_mut(parent)?;
-        if seq.tail.len > 0 {
+        if seq.tail.len > 0 && seq.tail.len < FORK_COPY_LIMIT {
+            let n = seq.tail.len;
+            let copy = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                let t = t
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("tail buffer missing for a non-empty tail"))?;
+                let (heads, _, hd) = t.dims3()?;
+                let buf = Tensor::zeros((heads, MIN_TAIL_CAPACITY, hd), t.dtype(), t.device())?;
+                buf.slice_set(&t.narrow(1, 0, n)?.contiguous()?, 1, 0)?;
+                Ok(Some(buf))
+            };
+            for layer in 0..seq.tail.k.len() {
+                child_tail.k[layer] = copy(&seq.tail.k[layer])?;
+                child_tail.v[layer] = copy(&seq.tail.v[layer])?;
+            }
+            child_tail.len = n;
+        } else if seq.tail.len > 0 {
             let n = seq.tail.len;
             let freeze = |t: &Option<Tensor>| -> Result<Tensor> {
                 match t {
@@ -132,7 +154,7 @@ impl SeqStore {
         }
         let child = Sequence {
             blocks: seq.blocks.clone(),
-            tail: empty,
+            tail: child_tail,
             len: seq.len,
         };
         let id = self.next_id;
@@ -280,16 +302,17 @@ mod tests {
     fn fork_shares_prefix_and_keeps_tails_private() {
         let mut s = store();
         let a = s.create();
-        write(&mut s, a, 3, 0.0);
+        let n = FORK_COPY_LIMIT;
+        write(&mut s, a, n, 0.0);
         let b = s.fork(a).unwrap();
-        assert_eq!(s.len(b).unwrap(), 3);
+        assert_eq!(s.len(b).unwrap(), n);
         let va = write(&mut s, a, 1, 100.0);
         let vb = write(&mut s, b, 1, 200.0);
         assert_eq!(va.len(), 2, "one shared block plus a private tail");
         assert_eq!(flat(&va[..1]), flat(&vb[..1]));
         assert_ne!(flat(&va[1..]), flat(&vb[1..]));
         // Both tails grew independently and the prefix block is stored once.
-        let expected = kv(3, 0.0);
+        let expected = kv(n, 0.0);
         let full_b = flat(&vb);
         let direct = Tensor::cat(&[expected, kv(1, 200.0)], 1)
             .unwrap()
@@ -300,6 +323,26 @@ mod tests {
         assert_eq!(full_b, direct);
         s.free(a);
         assert!(s.len(a).is_err());
+        assert_eq!(s.len(b).unwrap(), n + 1);
+    }
+
+    #[test]
+    fn fork_copies_a_short_tail() {
+        let mut s = store();
+        let a = s.create();
+        write(&mut s, a, 3, 0.0);
+        let b = s.fork(a).unwrap();
+        let va = write(&mut s, a, 1, 100.0);
+        let vb = write(&mut s, b, 1, 200.0);
+        assert_eq!(vb.len(), 1, "no block: the child got its own copy of the tail");
+        assert_eq!(flat(&va)[..3 * 4], flat(&vb)[..3 * 4]);
+        let direct = Tensor::cat(&[kv(3, 0.0), kv(1, 200.0)], 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(flat(&vb), direct);
         assert_eq!(s.len(b).unwrap(), 4);
     }
 

@@ -2,9 +2,29 @@
 //! hands the engine a list of sequences to advance, the engine runs all of them in one batched
 //! forward pass, and the strategy consumes the resulting logits.
 
+pub(crate) mod answers;
+pub(crate) mod beam;
+pub(crate) mod best_of_n;
+pub(crate) mod branch;
+pub mod callbacks;
+pub(crate) mod driver;
+pub(crate) mod mcts;
+pub(crate) mod adaptive;
 pub(crate) mod sampling;
+pub(crate) mod self_consistency;
+pub(crate) mod spec;
+pub(crate) mod tot;
+pub mod tree;
 
+pub use answers::{extract, Extractor, Vote};
+pub use beam::{BeamParams, EarlyStopping};
+pub use callbacks::{Evaluator, ExtractFn, Scorer};
 pub use sampling::SamplingStrategy;
+pub use spec::{
+    AdaptiveParams, BestOfNParams, MctsParams, Ranking, Reward, Rollout, SearchSpec,
+    SelfConsistencyParams, ToTEvaluator, ToTGenerate, ToTParams, ToTSearch, TokenScorer,
+};
+pub use tree::{TreeNodeReport, TreeReport};
 
 use std::sync::Arc;
 
@@ -51,6 +71,20 @@ pub struct TextDelta {
     pub text: String,
 }
 
+/// One continuation a search strategy considered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub token_ids: Vec<u32>,
+    /// Log-probability of each token under the model's unmodified distribution.
+    pub logprobs: Vec<f32>,
+    pub text: Option<String>,
+    pub finish_reason: FinishReason,
+    /// The strategy's score (beam: transformers' `sequences_scores`; best-of-N: the scorer's).
+    pub score: f64,
+    /// The answer extracted from the text (self-consistency, adaptive).
+    pub answer: Option<String>,
+}
+
 /// The finished result of one output row.
 #[derive(Debug, Clone)]
 pub struct RowOutput {
@@ -61,6 +95,130 @@ pub struct RowOutput {
     pub text: Option<String>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// The chosen output's score under the strategy (search strategies only).
+    pub score: Option<f64>,
+    /// What the strategy considered, best first where it ranks them.
+    pub candidates: Vec<Candidate>,
+    /// The voted or extracted answer (self-consistency, adaptive, tree searches).
+    pub answer: Option<String>,
+    /// Votes per answer, largest first (ties in first-seen order).
+    pub votes: Vec<(String, f64)>,
+    /// The search tree (Tree-of-Thought, MCTS).
+    pub tree: Option<TreeReport>,
+    /// Tokens forwarded for this row alone (adaptive compute's spend per question).
+    pub tokens_spent: usize,
+}
+
+impl RowOutput {
+    /// A plain output with no search details.
+    pub fn plain(
+        token_ids: Vec<u32>,
+        logprobs: Vec<f32>,
+        text: Option<String>,
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+    ) -> Self {
+        Self {
+            token_ids,
+            logprobs,
+            text,
+            finish_reason,
+            prompt_tokens,
+            score: None,
+            candidates: Vec::new(),
+            answer: None,
+            votes: Vec::new(),
+            tree: None,
+            tokens_spent: 0,
+        }
+    }
+
+    pub(crate) fn from_candidate(c: &Candidate, prompt_tokens: usize) -> Self {
+        Self {
+            score: Some(c.score),
+            answer: c.answer.clone(),
+            ..Self::plain(
+                c.token_ids.clone(),
+                c.logprobs.clone(),
+                c.text.clone(),
+                c.finish_reason,
+                prompt_tokens,
+            )
+        }
+    }
+}
+
+/// The strategy that runs `spec` over `prompts`.
+pub(crate) fn build_search(
+    spec: &SearchSpec,
+    prompts: &[Vec<u32>],
+    adapters: Vec<Option<Arc<LoraAdapter>>>,
+    criteria: sampling::StopCriteria,
+    tokenizer: Option<Arc<crate::text::Tokenizer>>,
+) -> Result<Box<dyn Strategy>> {
+    let adapter_of = |i: usize| match adapters.len() {
+        0 => None,
+        1 => adapters[0].clone(),
+        _ => adapters.get(i).cloned().flatten(),
+    };
+    if let SearchSpec::Beam(p) = spec {
+        return Ok(Box::new(beam::BeamSearch::new(
+            *p,
+            criteria.max_new_tokens,
+            criteria.eos_token_ids,
+            criteria.context,
+            tokenizer,
+            adapters,
+        )));
+    }
+    let stop = criteria.stop.strings().to_vec();
+    let jobs: Vec<best_of_n::PromptJob> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| best_of_n::PromptJob {
+            prompt: Arc::new(p.clone()),
+            adapter: adapter_of(i),
+            max_new_tokens: criteria.max_new_tokens,
+            stop: stop.clone(),
+        })
+        .collect();
+    let needs_text = !matches!(spec, SearchSpec::BestOfN(_));
+    if needs_text && tokenizer.is_none() {
+        return Err(crate::error::Error::Tokenizer(format!(
+            "{} reads text and this model has no tokenizer",
+            spec.name()
+        )));
+    }
+    let searches: Vec<Box<dyn driver::Search>> = match spec {
+        SearchSpec::Beam(_) => Vec::new(),
+        SearchSpec::BestOfN(p) => jobs
+            .into_iter()
+            .map(|j| Box::new(best_of_n::BestOfN::new(j, p.clone())) as Box<dyn driver::Search>)
+            .collect(),
+        SearchSpec::SelfConsistency(p) => jobs
+            .into_iter()
+            .map(|j| {
+                Box::new(self_consistency::SelfConsistency::new(j, p.clone()))
+                    as Box<dyn driver::Search>
+            })
+            .collect(),
+        SearchSpec::TreeOfThought(p) => jobs
+            .into_iter()
+            .map(|j| Box::new(tot::TreeOfThought::new(j, p.clone())) as Box<dyn driver::Search>)
+            .collect(),
+        SearchSpec::Mcts(p) => jobs
+            .into_iter()
+            .map(|j| Box::new(mcts::Mcts::new(j, p.clone())) as Box<dyn driver::Search>)
+            .collect(),
+        SearchSpec::Adaptive(p) => vec![Box::new(adaptive::Adaptive::new(jobs, p.clone())?)],
+    };
+    let pool = branch::Pool::new(branch::PoolConfig {
+        cold: spec.cold(),
+        tokenizer,
+        eos_token_ids: criteria.eos_token_ids,
+        context: criteria.context,
+    });
+    Ok(Box::new(driver::SearchDriver::new(searches, pool)))
 }
 
 pub trait Strategy: Send + Sync {

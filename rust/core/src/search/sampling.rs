@@ -232,12 +232,14 @@ impl Strategy for SamplingStrategy {
     fn outputs(&self) -> Vec<RowOutput> {
         self.rows
             .iter()
-            .map(|r| RowOutput {
-                token_ids: r.generated.clone(),
-                logprobs: r.logprobs.clone(),
-                text: self.tokenizer.as_ref().map(|_| r.text.clone()),
-                finish_reason: r.finish.unwrap_or(FinishReason::Length),
-                prompt_tokens: r.prompt.len(),
+            .map(|r| {
+                RowOutput::plain(
+                    r.generated.clone(),
+                    r.logprobs.clone(),
+                    self.tokenizer.as_ref().map(|_| r.text.clone()),
+                    r.finish.unwrap_or(FinishReason::Length),
+                    r.prompt.len(),
+                )
             })
             .collect()
     }

@@ -13,6 +13,10 @@ impl StopMatcher {
         }
     }
 
+    pub fn strings(&self) -> &[String] {
+        &self.stops
+    }
+
     /// Byte offset where the earliest stop string starts in `text`, if any occurs.
     pub fn find(&self, text: &str) -> Option<usize> {
         self.stops

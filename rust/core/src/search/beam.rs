@@ -1,0 +1,476 @@
+//! Beam search with transformers' semantics (its vectorised `_beam_search`, transformers 5.x):
+//! each step keeps the top `max(2, 1 + n_eos) * num_beams` continuations of all beams by summed
+//! log-probability; those that hit a stopping criterion and rank within the top `num_beams`
+//! may join the finished hypotheses, scored `sum_logprob / generated_len ** length_penalty`;
+//! the best `num_beams` that did not stop run on. Scores are f32 and the `-1e9` masks are
+//! added as there, so ties and near-ties resolve the same way.
+//!
+//! Beams are sequences: a surviving beam's first child takes its parent's sequence, the others
+//! fork it (sharing the cached prefix), and beams without children are freed.
+
+use std::sync::Arc;
+
+use super::branch::Head;
+use super::{Advance, Candidate, FinishReason, RowOutput, Strategy, TextDelta};
+use crate::error::{Error, Result};
+use crate::kv::{SeqId, SeqStore};
+use crate::logits::{self, ColdParams};
+use crate::lora::LoraAdapter;
+use crate::text::Tokenizer;
+
+/// When beam search stops (transformers' `early_stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyStopping {
+    /// Stop as soon as `num_beams` hypotheses have finished.
+    True,
+    /// Stop when the best running beam, at its current length, cannot beat the worst finished
+    /// hypothesis (transformers' default heuristic).
+    False,
+    /// Stop only when no running beam can improve (the canonical rule; with a positive
+    /// length penalty the best case is taken at the maximum length).
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BeamParams {
+    pub num_beams: usize,
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+    pub num_return_sequences: usize,
+    pub cold: Option<ColdParams>,
+}
+
+impl Default for BeamParams {
+    fn default() -> Self {
+        Self {
+            num_beams: 4,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::False,
+            num_return_sequences: 1,
+            cold: None,
+        }
+    }
+}
+
+impl BeamParams {
+    pub fn validate(&self) -> Result<()> {
+        if self.num_beams == 0 {
+            return Err(Error::invalid("num_beams must be at least 1, got 0"));
+        }
+        if self.num_return_sequences == 0 || self.num_return_sequences > self.num_beams {
+            return Err(Error::invalid(format!(
+                "num_return_sequences must be in 1..=num_beams ({}), got {}",
+                self.num_beams, self.num_return_sequences
+            )));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(Error::invalid(format!(
+                "length_penalty must be finite, got {}",
+                self.length_penalty
+            )));
+        }
+        self.cold.as_ref().map_or(Ok(()), ColdParams::validate)
+    }
+}
+
+const MASK: f32 = -1.0e9;
+
+#[derive(Debug, Clone)]
+struct Beam {
+    head: Head,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    score: f32,
+}
+
+#[derive(Debug, Clone)]
+struct Hypothesis {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    finish: FinishReason,
+}
+
+/// The beams of one prompt.
+struct Group {
+    prompt: Vec<u32>,
+    adapter: Option<Arc<LoraAdapter>>,
+    running: Vec<Beam>,
+    /// `num_beams` slots, best first; `None` is transformers' empty `-1e9` slot.
+    finished: Vec<(f32, Option<Hypothesis>)>,
+    heuristic_unsatisfied: bool,
+    done: bool,
+}
+
+pub(crate) struct BeamSearch {
+    params: BeamParams,
+    max_new_tokens: usize,
+    eos: Vec<u32>,
+    context: usize,
+    tokenizer: Option<Arc<Tokenizer>>,
+    adapters: Vec<Option<Arc<LoraAdapter>>>,
+    groups: Vec<Group>,
+    step: usize,
+}
+
+struct Cand {
+    score: f32,
+    beam: usize,
+    token: u32,
+    logprob: f32,
+    hit: Option<FinishReason>,
+}
+
+impl BeamSearch {
+    pub fn new(
+        params: BeamParams,
+        max_new_tokens: usize,
+        eos: Vec<u32>,
+        context: usize,
+        tokenizer: Option<Arc<Tokenizer>>,
+        adapters: Vec<Option<Arc<LoraAdapter>>>,
+    ) -> Self {
+        Self {
+            params,
+            max_new_tokens,
+            eos,
+            context,
+            tokenizer,
+            adapters,
+            groups: Vec::new(),
+            step: 0,
+        }
+    }
+
+    fn advance(&self, g: &Group, beam: &Beam, tokens: Vec<u32>) -> Vec<Advance> {
+        let mut work = vec![Advance {
+            seq: beam.head.seq,
+            tokens: tokens.clone(),
+            adapter: g.adapter.clone(),
+        }];
+        if let Some(base) = beam.head.base {
+            work.push(Advance {
+                seq: base,
+                tokens,
+                adapter: None,
+            });
+        }
+        work
+    }
+
+    /// Token scores of one beam: log-softmax of the logits, or under CoLD of the contrastive
+    /// scores.
+    fn token_scores(&self, expert: &[f32], base: Option<&[f32]>) -> Vec<f32> {
+        let scores = match (&self.params.cold, base) {
+            (Some(c), Some(b)) => logits::cold_scores(expert, b, c),
+            _ => expert.to_vec(),
+        };
+        log_softmax(&scores)
+    }
+
+    /// One step of group `gi`: picks continuations, updates finished hypotheses, decides
+    /// whether to go on.
+    fn step_group(
+        &mut self,
+        gi: usize,
+        store: &mut SeqStore,
+        rows: Vec<(Vec<f32>, Option<Vec<f32>>)>,
+    ) -> Result<()> {
+        let p = self.params;
+        let k = p.num_beams;
+        let keep = (1 + self.eos.len()).max(2) * k;
+        let g = &self.groups[gi];
+        let prompt_len = g.prompt.len();
+        let generated = g.running.first().map_or(0, |b| b.tokens.len()) + 1;
+        let mut cands: Vec<Cand> = Vec::with_capacity(keep * rows.len());
+        for (bi, (expert, base)) in rows.iter().enumerate() {
+            if !logits::all_finite(expert) || !base.as_deref().is_none_or(logits::all_finite) {
+                return Err(Error::NonFiniteLogits {
+                    row: gi,
+                    step: self.step,
+                });
+            }
+            let lp = self.token_scores(expert, base.as_deref());
+            let beam_score = g.running[bi].score;
+            for t in top_indices(&lp, keep) {
+                let hit = if self.eos.contains(&(t as u32)) {
+                    Some(FinishReason::Eos)
+                } else if generated >= self.max_new_tokens {
+                    Some(FinishReason::Length)
+                } else if prompt_len + generated >= self.context {
+                    Some(FinishReason::Context)
+                } else {
+                    None
+                };
+                let logprob = if p.cold.is_some() {
+                    logits::log_prob(expert, t)
+                } else {
+                    lp[t]
+                };
+                cands.push(Cand {
+                    score: lp[t] + beam_score,
+                    beam: bi,
+                    token: t as u32,
+                    logprob,
+                    hit,
+                });
+            }
+        }
+        // torch.topk over the flattened [num_beams * vocab] scores: best first, and on equal
+        // scores the smaller flat index (beam, then token) first.
+        cands.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then(a.beam.cmp(&b.beam))
+                .then(a.token.cmp(&b.token))
+        });
+        cands.truncate(keep);
+
+        // Finished hypotheses: only hits among the top `num_beams` may enter.
+        let g = &mut self.groups[gi];
+        let all_finished = g.finished.iter().all(|f| f.1.is_some());
+        let divisor = ((generated as f64).powf(p.length_penalty as f64)) as f32;
+        let mut merged: Vec<(f32, Option<Hypothesis>)> = std::mem::take(&mut g.finished);
+        for (ci, c) in cands.iter().enumerate() {
+            let mut s = c.score / divisor;
+            if all_finished && p.early_stopping == EarlyStopping::True {
+                s += MASK;
+            }
+            if !g.heuristic_unsatisfied {
+                s += MASK;
+            }
+            let eligible = c.hit.is_some() && ci < k;
+            if !eligible {
+                s += MASK;
+            }
+            let hyp = eligible.then(|| {
+                let parent = &g.running[c.beam];
+                let mut tokens = parent.tokens.clone();
+                tokens.push(c.token);
+                let mut logprobs = parent.logprobs.clone();
+                logprobs.push(c.logprob);
+                Hypothesis {
+                    tokens,
+                    logprobs,
+                    finish: c.hit.unwrap_or(FinishReason::Length),
+                }
+            });
+            merged.push((s, hyp));
+        }
+        let order = stable_top(merged.iter().map(|m| m.0), k);
+        g.finished = order.into_iter().map(|i| merged[i].clone()).collect();
+
+        // Running beams: the best `num_beams` continuations, the stopped ones masked.
+        let masked: Vec<f32> = cands
+            .iter()
+            .map(|c| c.score + if c.hit.is_some() { MASK } else { 0.0 })
+            .collect();
+        let next = stable_top(masked.iter().copied(), k);
+        let all_hit = cands.iter().all(|c| c.hit.is_some());
+
+        // transformers' stopping rule, evaluated on the new running beams.
+        let best_len = if p.early_stopping == EarlyStopping::Never && p.length_penalty > 0.0 {
+            self.max_new_tokens
+        } else {
+            generated
+        };
+        let best_running = next.first().map_or(f32::NEG_INFINITY, |&i| masked[i])
+            / ((best_len as f64).powf(p.length_penalty as f64)) as f32;
+        let worst_finished = g.finished.iter().map(|f| f.0).fold(f32::INFINITY, f32::min);
+        let improvement = g.finished.iter().any(|f| {
+            let worst = if f.1.is_some() { worst_finished } else { MASK };
+            best_running > worst
+        });
+        g.heuristic_unsatisfied &= improvement;
+        let full = g.finished.iter().all(|f| f.1.is_some());
+        let open_beam = !(full && p.early_stopping == EarlyStopping::True);
+        g.done = !(g.heuristic_unsatisfied && open_beam && !all_hit);
+        if g.done {
+            for b in &g.running {
+                b.head.free(store);
+            }
+            g.running.clear();
+            return Ok(());
+        }
+
+        let mut children_left: Vec<usize> = vec![0; g.running.len()];
+        for &ci in &next {
+            children_left[cands[ci].beam] += 1;
+        }
+        for (bi, beam) in g.running.iter().enumerate() {
+            if children_left[bi] == 0 {
+                beam.head.free(store);
+            }
+        }
+        let mut running = Vec::with_capacity(k);
+        for &ci in &next {
+            let c = &cands[ci];
+            let parent = &g.running[c.beam];
+            children_left[c.beam] -= 1;
+            // The last child takes the parent's own sequence; the others fork it.
+            let head = if children_left[c.beam] == 0 {
+                parent.head
+            } else {
+                parent.head.fork(store)?
+            };
+            let mut tokens = parent.tokens.clone();
+            tokens.push(c.token);
+            let mut logprobs = parent.logprobs.clone();
+            logprobs.push(c.logprob);
+            running.push(Beam {
+                head,
+                tokens,
+                logprobs,
+                score: masked[ci],
+            });
+        }
+        g.running = running;
+        Ok(())
+    }
+
+    fn hypothesis_text(&self, h: &Hypothesis) -> Result<Option<String>> {
+        self.tokenizer
+            .as_ref()
+            .map(|t| t.decode(&h.tokens, true))
+            .transpose()
+    }
+}
+
+/// `log_softmax(xs)` in f32 (as torch computes it).
+fn log_softmax(xs: &[f32]) -> Vec<f32> {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut e: Vec<f32> = xs.iter().map(|&x| x - max).collect();
+    crate::model::exp_in_place(&mut e);
+    let lse = (e.iter().map(|&v| v as f64).sum::<f64>()).ln() as f32;
+    xs.iter().map(|&x| x - max - lse).collect()
+}
+
+/// Indices of the `k` largest values (ties: smaller index first), best first.
+fn top_indices(xs: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(xs.len());
+    let mut idx: Vec<usize> = (0..xs.len()).collect();
+    let cmp = |a: &usize, b: &usize| xs[*b].total_cmp(&xs[*a]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx
+}
+
+/// Indices of the `k` largest of `xs`, best first, the earlier one first on ties.
+fn stable_top(xs: impl Iterator<Item = f32>, k: usize) -> Vec<usize> {
+    let v: Vec<f32> = xs.collect();
+    top_indices(&v, k)
+}
+
+impl Strategy for BeamSearch {
+    fn start(&mut self, store: &mut SeqStore, prompts: &[Vec<u32>]) -> Result<Vec<Advance>> {
+        let k = self.params.num_beams;
+        let mut work = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let adapter = match self.adapters.len() {
+                0 => None,
+                1 => self.adapters[0].clone(),
+                _ => self.adapters.get(i).cloned().flatten(),
+            };
+            let head = Head::create(store, self.params.cold.is_some());
+            let g = Group {
+                prompt: p.clone(),
+                adapter,
+                // transformers starts with beam 0 at 0 and the others at -1e9: with at least
+                // 2 * num_beams candidates from beam 0, only beam 0 matters in the first step.
+                running: vec![Beam {
+                    head,
+                    tokens: Vec::new(),
+                    logprobs: Vec::new(),
+                    score: 0.0,
+                }],
+                finished: vec![(MASK, None); k],
+                heuristic_unsatisfied: true,
+                done: false,
+            };
+            work.extend(self.advance(&g, &g.running[0], p.clone()));
+            self.groups.push(g);
+        }
+        Ok(work)
+    }
+
+    fn consume(
+        &mut self,
+        store: &mut SeqStore,
+        logits: Vec<(SeqId, Vec<f32>)>,
+    ) -> Result<Vec<Advance>> {
+        let mut by_seq: std::collections::HashMap<SeqId, Vec<f32>> =
+            logits.into_iter().collect();
+        for gi in 0..self.groups.len() {
+            if self.groups[gi].done {
+                continue;
+            }
+            let mut rows = Vec::with_capacity(self.groups[gi].running.len());
+            for b in &self.groups[gi].running {
+                let mut take = |seq: SeqId| {
+                    by_seq
+                        .remove(&seq)
+                        .ok_or_else(|| Error::invalid(format!("no logits for beam sequence {seq}")))
+                };
+                let e = take(b.head.seq)?;
+                let base = b.head.base.map(&mut take).transpose()?;
+                rows.push((e, base));
+            }
+            self.step_group(gi, store, rows)?;
+        }
+        self.step += 1;
+        let mut work = Vec::new();
+        for g in &self.groups {
+            if g.done {
+                continue;
+            }
+            for b in &g.running {
+                let last = b.tokens.last().copied().into_iter().collect();
+                work.extend(self.advance(g, b, last));
+            }
+        }
+        Ok(work)
+    }
+
+    fn take_deltas(&mut self) -> Vec<TextDelta> {
+        Vec::new()
+    }
+
+    fn outputs(&self) -> Vec<RowOutput> {
+        let n = self.params.num_return_sequences;
+        self.groups
+            .iter()
+            .map(|g| {
+                let candidates: Vec<Candidate> = g
+                    .finished
+                    .iter()
+                    .filter_map(|f| f.1.as_ref().map(|h| (f.0, h)))
+                    .take(n)
+                    .map(|(score, h)| Candidate {
+                        token_ids: h.tokens.clone(),
+                        logprobs: h.logprobs.clone(),
+                        text: self.hypothesis_text(h).ok().flatten(),
+                        finish_reason: h.finish,
+                        score: score as f64,
+                        answer: None,
+                    })
+                    .collect();
+                match candidates.first() {
+                    Some(best) => {
+                        let mut out = RowOutput::from_candidate(best, g.prompt.len());
+                        out.candidates = candidates;
+                        out
+                    }
+                    None => RowOutput::plain(
+                        Vec::new(),
+                        Vec::new(),
+                        None,
+                        FinishReason::Length,
+                        g.prompt.len(),
+                    ),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,190 @@
+//! Best-of-N: the prompt is run once and forked `n` ways, every candidate is sampled to the end
+//! in the same forward passes, and the scorer picks one.
+
+use std::sync::Arc;
+
+use std::collections::HashMap;
+
+use super::branch::{BranchId, Finished, Head};
+use super::driver::{spec, Cx, Search};
+use super::spec::{BestOfNParams, Ranking};
+use super::{Candidate, RowOutput};
+use crate::error::{Error, Result};
+use crate::lora::LoraAdapter;
+
+/// What every search over one prompt shares: the prompt, its adapter and the limits of a
+/// completion.
+#[derive(Debug, Clone)]
+pub(crate) struct PromptJob {
+    pub prompt: Arc<Vec<u32>>,
+    pub adapter: Option<Arc<LoraAdapter>>,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+}
+
+impl PromptJob {
+    /// Starts the prompt's prefill: a branch that only feeds it.
+    pub fn prefill(&self, cx: &mut Cx<'_>, sampling: crate::logits::SamplingParams) -> Result<Head> {
+        let head = cx.new_head();
+        cx.spawn(
+            head,
+            self.adapter.clone(),
+            self.prompt.to_vec(),
+            None,
+            spec(0, Vec::new(), sampling, 0, self.prompt.clone()),
+        )?;
+        Ok(head)
+    }
+
+    /// Forks `n` completions (random streams `0..n`) off a fed prompt, the last one taking the
+    /// prompt's own sequence; returns the branches in order.
+    pub fn fork_completions(
+        &self,
+        cx: &mut Cx<'_>,
+        fed: &Finished,
+        n: usize,
+        sampling: crate::logits::SamplingParams,
+    ) -> Result<Vec<BranchId>> {
+        let logits = fed
+            .logits
+            .clone()
+            .ok_or_else(|| Error::invalid("prefill finished without logits"))?;
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let head = if i + 1 == n {
+                fed.head
+            } else {
+                fed.head.fork(cx.store)?
+            };
+            ids.push(cx.spawn(
+                head,
+                self.adapter.clone(),
+                Vec::new(),
+                Some(logits.clone()),
+                spec(
+                    self.max_new_tokens,
+                    self.stop.clone(),
+                    sampling,
+                    i as u64,
+                    self.prompt.clone(),
+                ),
+            )?);
+        }
+        if n == 0 {
+            fed.head.free(cx.store);
+        }
+        Ok(ids)
+    }
+}
+
+/// A finished branch as a candidate (its sequences freed).
+pub(crate) fn candidate(done: &Finished, cx: &mut Cx<'_>, score: f64) -> Candidate {
+    done.head.free(cx.store);
+    Candidate {
+        token_ids: done.tokens.clone(),
+        logprobs: done.logprobs.clone(),
+        text: cx.pool.tokenizer().map(|_| done.text.clone()),
+        finish_reason: done.finish,
+        score,
+        answer: None,
+    }
+}
+
+/// Index of the highest score; the first one on ties.
+pub(crate) fn best_index(scores: impl IntoIterator<Item = f64>) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, s) in scores.into_iter().enumerate() {
+        if best.is_none_or(|(_, b)| s > b) {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Checks a callback's number.
+pub(crate) fn finite(what: &str, value: f64) -> Result<f64> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(Error::Callback {
+            what: what.to_string(),
+            message: format!("returned {value}, expected a finite number"),
+        })
+    }
+}
+
+pub(crate) struct BestOfN {
+    job: PromptJob,
+    params: BestOfNParams,
+    /// Candidates in the order of their streams, filled as they finish.
+    done: Vec<Option<Finished>>,
+    slots: HashMap<BranchId, usize>,
+    candidates: Vec<Candidate>,
+    chosen: Option<usize>,
+}
+
+impl BestOfN {
+    pub fn new(job: PromptJob, params: BestOfNParams) -> Self {
+        Self {
+            job,
+            done: vec![None; params.n],
+            slots: HashMap::new(),
+            params,
+            candidates: Vec::new(),
+            chosen: None,
+        }
+    }
+
+    fn rank(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        let prompt_text = match &self.params.ranking {
+            Ranking::Callback(_) => cx.decode(&self.job.prompt)?,
+            _ => String::new(),
+        };
+        let done: Vec<Finished> = self.done.iter_mut().filter_map(Option::take).collect();
+        for d in &done {
+            let score = match &self.params.ranking {
+                Ranking::MeanLogprob => d.mean_score(),
+                Ranking::SumLogprob => d.sum_score(),
+                Ranking::Callback(f) => finite("scorer", f.call(&prompt_text, &d.text)?)?,
+            };
+            self.candidates.push(candidate(d, cx, score));
+        }
+        self.chosen = best_index(self.candidates.iter().map(|c| c.score));
+        Ok(())
+    }
+}
+
+impl Search for BestOfN {
+    fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        self.job.prefill(cx, self.params.sampling)?;
+        Ok(())
+    }
+
+    fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
+        if done.logits.is_some() {
+            let ids = self
+                .job
+                .fork_completions(cx, &done, self.params.n, self.params.sampling)?;
+            self.slots = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
+            return Ok(());
+        }
+        let slot = self.slots.get(&done.id).copied().ok_or_else(|| {
+            Error::invalid(format!("best-of-N: unknown branch {}", done.id))
+        })?;
+        self.done[slot] = Some(done);
+        if self.done.iter().all(Option::is_some) {
+            self.rank(cx)?;
+        }
+        Ok(())
+    }
+
+    fn outputs(&self) -> Vec<RowOutput> {
+        let prompt_tokens = self.job.prompt.len();
+        let Some(best) = self.chosen.and_then(|i| self.candidates.get(i)) else {
+            return Vec::new();
+        };
+        let mut out = RowOutput::from_candidate(best, prompt_tokens);
+        out.candidates = self.candidates.clone();
+        vec![out]
+    }
+}

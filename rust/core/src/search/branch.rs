@@ -1,0 +1,406 @@
+//! A pool of branches: continuations of sequences, decoded token by token, every live branch
+//! advanced in the same forward pass. Best-of-N, self-consistency, Tree-of-Thought, MCTS and
+//! adaptive compute are state machines that spawn branches here and react when they finish.
+//!
+//! A branch starts either from tokens to feed (a prompt, a value prompt, a thought whose last
+//! token is not cached yet) or from known last-position logits (a fork of a fed sequence), so a
+//! prefix is run once however many branches continue it. With `max_new_tokens == 0` a branch
+//! only feeds its tokens and finishes with the logits, ready to be forked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::{Advance, FinishReason};
+use crate::error::{Error, Result};
+use crate::kv::{SeqId, SeqStore};
+use crate::logits::{self, ColdParams, Rng, SamplingParams};
+use crate::lora::LoraAdapter;
+use crate::text::{StopMatcher, Tokenizer};
+
+pub(crate) type BranchId = usize;
+
+/// A sequence and, under CoLD, its base-model twin fed the same tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub seq: SeqId,
+    pub base: Option<SeqId>,
+}
+
+impl Head {
+    pub fn create(store: &mut SeqStore, cold: bool) -> Self {
+        Self {
+            seq: store.create(),
+            base: cold.then(|| store.create()),
+        }
+    }
+
+    /// A child sharing every cached position (see [`SeqStore::fork`]).
+    pub fn fork(&self, store: &mut SeqStore) -> Result<Self> {
+        Ok(Self {
+            seq: store.fork(self.seq)?,
+            base: self.base.map(|b| store.fork(b)).transpose()?,
+        })
+    }
+
+    pub fn free(&self, store: &mut SeqStore) {
+        store.free(self.seq);
+        if let Some(b) = self.base {
+            store.free(b);
+        }
+    }
+}
+
+/// Last-position logits of a head: the expert's (or the only model's) and the base twin's.
+#[derive(Debug, Clone)]
+pub(crate) struct HeadLogits {
+    pub expert: Arc<Vec<f32>>,
+    pub base: Option<Arc<Vec<f32>>>,
+}
+
+/// How one branch decodes.
+#[derive(Debug, Clone)]
+pub(crate) struct BranchSpec {
+    /// 0: feed the tokens and finish with the logits.
+    pub max_new_tokens: usize,
+    pub stop: StopMatcher,
+    pub sampling: SamplingParams,
+    /// The branch's random stream (with the sampling seed).
+    pub stream: u64,
+    /// Tokens before the branch's first new one (its cached prefix plus its feed), for the
+    /// repetition penalty and the context limit.
+    pub history: Arc<Vec<u32>>,
+}
+
+/// A branch that has finished, handed back with its sequence to the search that spawned it.
+#[derive(Debug, Clone)]
+pub(crate) struct Finished {
+    pub owner: usize,
+    pub id: BranchId,
+    pub head: Head,
+    pub tokens: Vec<u32>,
+    /// Each token's log-probability under the model's unmodified distribution.
+    pub logprobs: Vec<f32>,
+    /// Each token's score under the token scorer: its log-probability, or under CoLD its
+    /// log-softmax of the contrastive scores.
+    pub scores: Vec<f32>,
+    /// The decoded tokens, cut before a stop string.
+    pub text: String,
+    /// The decoded tokens, uncut.
+    pub full_text: String,
+    pub finish: FinishReason,
+    /// Last-position logits when every token of the branch is in the cache (feed-only
+    /// branches); otherwise the last token is not cached yet.
+    pub logits: Option<HeadLogits>,
+}
+
+impl Finished {
+    pub fn mean_score(&self) -> f64 {
+        mean(&self.scores)
+    }
+
+    pub fn sum_score(&self) -> f64 {
+        self.scores.iter().map(|&s| s as f64).sum()
+    }
+}
+
+pub(crate) fn mean(xs: &[f32]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().map(|&x| x as f64).sum::<f64>() / xs.len() as f64
+    }
+}
+
+struct Branch {
+    owner: usize,
+    head: Head,
+    adapter: Option<Arc<LoraAdapter>>,
+    spec: BranchSpec,
+    rng: Rng,
+    feed: Vec<u32>,
+    logits: Option<HeadLogits>,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    scores: Vec<f32>,
+    finish: Option<FinishReason>,
+    text: String,
+    full_text: String,
+}
+
+/// Settings shared by every branch of a pool.
+pub(crate) struct PoolConfig {
+    pub cold: Option<ColdParams>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub eos_token_ids: Vec<u32>,
+    pub context: usize,
+}
+
+pub(crate) struct Pool {
+    cfg: PoolConfig,
+    branches: BTreeMap<BranchId, Branch>,
+    next_id: BranchId,
+    finished: Vec<Finished>,
+    /// Tokens forwarded per owner.
+    spent: HashMap<usize, usize>,
+    step: usize,
+}
+
+impl Pool {
+    pub fn new(cfg: PoolConfig) -> Self {
+        Self {
+            cfg,
+            branches: BTreeMap::new(),
+            next_id: 0,
+            finished: Vec::new(),
+            spent: HashMap::new(),
+            step: 0,
+        }
+    }
+
+    pub fn cold(&self) -> bool {
+        self.cfg.cold.is_some()
+    }
+
+    pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
+        self.cfg.tokenizer.as_ref()
+    }
+
+    pub fn last_id(&self) -> BranchId {
+        self.next_id.saturating_sub(1)
+    }
+
+    pub fn is_eos(&self, token: u32) -> bool {
+        self.cfg.eos_token_ids.contains(&token)
+    }
+
+    pub fn spent(&self, owner: usize) -> usize {
+        self.spent.get(&owner).copied().unwrap_or(0)
+    }
+
+    /// Starts a branch on `head`: it feeds `feed` first, or, with `feed` empty, picks its first
+    /// token from `logits` (the head's last-position logits, e.g. its parent's).
+    pub fn spawn(
+        &mut self,
+        owner: usize,
+        head: Head,
+        adapter: Option<Arc<LoraAdapter>>,
+        feed: Vec<u32>,
+        logits: Option<HeadLogits>,
+        spec: BranchSpec,
+    ) -> Result<BranchId> {
+        if feed.is_empty() == logits.is_none() {
+            return Err(Error::invalid(
+                "a branch starts from tokens to feed or from known logits, exactly one of them",
+            ));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let rng = Rng::new(spec.sampling.seed, spec.stream);
+        self.branches.insert(
+            id,
+            Branch {
+                owner,
+                head,
+                adapter,
+                spec,
+                rng,
+                feed,
+                logits,
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                scores: Vec::new(),
+                finish: None,
+                text: String::new(),
+                full_text: String::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.branches.is_empty() && self.finished.is_empty()
+    }
+
+    /// The work of the next forward pass: every branch with tokens to feed (and its twin).
+    pub fn work(&mut self) -> Vec<Advance> {
+        let mut work = Vec::new();
+        for b in self.branches.values() {
+            if b.feed.is_empty() {
+                continue;
+            }
+            let twins = 1 + usize::from(b.head.base.is_some());
+            *self.spent.entry(b.owner).or_default() += twins * b.feed.len();
+            work.push(Advance {
+                seq: b.head.seq,
+                tokens: b.feed.clone(),
+                adapter: b.adapter.clone(),
+            });
+            if let Some(base) = b.head.base {
+                work.push(Advance {
+                    seq: base,
+                    tokens: b.feed.clone(),
+                    adapter: None,
+                });
+            }
+        }
+        work
+    }
+
+    /// Takes the logits of the last forward pass for every branch that fed tokens.
+    pub fn consume(&mut self, logits: &mut HashMap<SeqId, Vec<f32>>) -> Result<()> {
+        self.step += 1;
+        let mut done = Vec::new();
+        for (&id, b) in self.branches.iter_mut() {
+            if b.feed.is_empty() {
+                continue;
+            }
+            let mut take = |seq: SeqId| {
+                logits
+                    .remove(&seq)
+                    .map(Arc::new)
+                    .ok_or_else(|| Error::invalid(format!("no logits for sequence {seq}")))
+            };
+            let expert = take(b.head.seq)?;
+            let base = b.head.base.map(&mut take).transpose()?;
+            b.feed.clear();
+            b.logits = Some(HeadLogits { expert, base });
+            if b.spec.max_new_tokens == 0 {
+                b.finish = Some(FinishReason::Length);
+                done.push(id);
+            }
+        }
+        for id in done {
+            self.retire(id);
+        }
+        Ok(())
+    }
+
+    /// Picks a token for every branch whose logits are known; returns whether any branch
+    /// finished (call [`Pool::take_finished`]).
+    pub fn sample_ready(&mut self) -> Result<bool> {
+        let ready: Vec<BranchId> = self
+            .branches
+            .iter()
+            .filter(|(_, b)| b.feed.is_empty() && b.logits.is_some() && b.finish.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            if self.pick(id)? {
+                self.retire(id);
+            }
+        }
+        Ok(!self.finished.is_empty())
+    }
+
+    pub fn take_finished(&mut self) -> Vec<Finished> {
+        std::mem::take(&mut self.finished)
+    }
+
+    fn retire(&mut self, id: BranchId) {
+        let Some(b) = self.branches.remove(&id) else {
+            return;
+        };
+        let logits = if b.spec.max_new_tokens == 0 {
+            b.logits
+        } else {
+            None
+        };
+        self.finished.push(Finished {
+            owner: b.owner,
+            id,
+            head: b.head,
+            tokens: b.tokens,
+            logprobs: b.logprobs,
+            scores: b.scores,
+            text: b.text,
+            full_text: b.full_text,
+            finish: b.finish.unwrap_or(FinishReason::Length),
+            logits,
+        });
+    }
+
+    /// Chooses branch `id`'s next token; true when the branch is finished.
+    fn pick(&mut self, id: BranchId) -> Result<bool> {
+        let cfg = &self.cfg;
+        let step = self.step;
+        let Some(b) = self.branches.get_mut(&id) else {
+            return Ok(false);
+        };
+        let Some(l) = b.logits.take() else {
+            return Ok(false);
+        };
+        let finite = logits::all_finite(&l.expert)
+            && l.base.as_deref().is_none_or(|x| logits::all_finite(x));
+        if !finite {
+            return Err(Error::NonFiniteLogits {
+                row: b.owner,
+                step,
+            });
+        }
+        let (token, score) = match (&cfg.cold, &l.base) {
+            (Some(cold), Some(base)) => {
+                let p = ColdParams {
+                    sample: !b.spec.sampling.is_greedy(),
+                    temperature: if b.spec.sampling.is_greedy() {
+                        1.0
+                    } else {
+                        b.spec.sampling.temperature
+                    },
+                    ..*cold
+                };
+                let scores = logits::cold_scores(&l.expert, base, &p);
+                let t = logits::cold_choose(&l.expert, base, &p, &mut b.rng);
+                (t, logits::log_prob(&scores, t as usize))
+            }
+            _ => {
+                let t = if b.spec.sampling.repetition_penalty != 1.0 {
+                    let mut penalized = l.expert.to_vec();
+                    let seen: Vec<u32> = b.spec.history.iter().chain(&b.tokens).copied().collect();
+                    logits::apply_repetition_penalty(
+                        &mut penalized,
+                        &seen,
+                        b.spec.sampling.repetition_penalty,
+                    );
+                    logits::choose(&penalized, &b.spec.sampling, &mut b.rng)
+                } else {
+                    logits::choose(&l.expert, &b.spec.sampling, &mut b.rng)
+                };
+                (t, logits::log_prob(&l.expert, t as usize))
+            }
+        };
+        let logprob = if cfg.cold.is_some() {
+            logits::log_prob(&l.expert, token as usize)
+        } else {
+            score
+        };
+        b.tokens.push(token);
+        b.logprobs.push(logprob);
+        b.scores.push(score);
+        if cfg.eos_token_ids.contains(&token) {
+            b.finish = Some(FinishReason::Eos);
+        }
+        if let Some(tok) = &cfg.tokenizer {
+            let full = tok.decode(&b.tokens, true)?;
+            b.text = match b.spec.stop.find(&full) {
+                Some(at) => {
+                    b.finish = b.finish.or(Some(FinishReason::Stop));
+                    full[..at].to_string()
+                }
+                None => full.clone(),
+            };
+            b.full_text = full;
+        }
+        if b.finish.is_none() {
+            if b.tokens.len() >= b.spec.max_new_tokens {
+                b.finish = Some(FinishReason::Length);
+            } else if b.spec.history.len() + b.tokens.len() >= cfg.context {
+                b.finish = Some(FinishReason::Context);
+            }
+        }
+        if b.finish.is_some() {
+            return Ok(true);
+        }
+        b.feed = vec![token];
+        Ok(false)
+    }
+}

@@ -1,0 +1,194 @@
+//! Runs branch-based searches (best-of-N, self-consistency, Tree-of-Thought, MCTS, adaptive)
+//! as one [`Strategy`]: every search's branches share one pool, so all of their work goes
+//! through one forward pass per step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::branch::{BranchId, BranchSpec, Finished, Head, HeadLogits, Pool};
+use super::{Advance, RowOutput, Strategy, TextDelta};
+use crate::error::Result;
+use crate::kv::{SeqId, SeqStore};
+use crate::logits::SamplingParams;
+use crate::lora::LoraAdapter;
+use crate::text::{StopMatcher, Tokenizer};
+
+/// What a search sees while it runs: the sequences, the branch pool, and who it is.
+pub(crate) struct Cx<'a> {
+    pub store: &'a mut SeqStore,
+    pub pool: &'a mut Pool,
+    pub owner: usize,
+}
+
+impl Cx<'_> {
+    pub fn spawn(
+        &mut self,
+        head: Head,
+        adapter: Option<Arc<LoraAdapter>>,
+        feed: Vec<u32>,
+        logits: Option<HeadLogits>,
+        spec: BranchSpec,
+    ) -> Result<BranchId> {
+        self.pool
+            .spawn(self.owner, head, adapter, feed, logits, spec)
+    }
+
+    /// The id of the branch spawned last.
+    pub fn pool_last_id(&self) -> BranchId {
+        self.pool.last_id()
+    }
+
+    pub fn new_head(&mut self) -> Head {
+        Head::create(self.store, self.pool.cold())
+    }
+
+    pub fn tokenizer(&self) -> Result<&Arc<Tokenizer>> {
+        self.pool.tokenizer().ok_or_else(|| {
+            crate::error::Error::Tokenizer(
+                "this search works on text and the model has no tokenizer".into(),
+            )
+        })
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer()?.decode(ids, true)
+    }
+
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        // Text appended to a sequence: no BOS in the middle of it.
+        let tok = self.tokenizer()?;
+        let mut ids = tok.encode(text)?;
+        if tok.add_bos_token && ids.first() == tok.bos_token_id.as_ref() {
+            ids.remove(0);
+        }
+        Ok(ids)
+    }
+}
+
+/// A branch spec with the usual fields.
+pub(crate) fn spec(
+    max_new_tokens: usize,
+    stop: Vec<String>,
+    sampling: SamplingParams,
+    stream: u64,
+    history: Arc<Vec<u32>>,
+) -> BranchSpec {
+    BranchSpec {
+        max_new_tokens,
+        stop: StopMatcher::new(stop),
+        sampling,
+        stream,
+        history,
+    }
+}
+
+pub(crate) trait Search: Send + Sync {
+    /// Spawns the first branches.
+    fn start(&mut self, cx: &mut Cx<'_>) -> Result<()>;
+
+    /// A branch this search spawned has finished; its sequences are now the search's to keep
+    /// or free.
+    fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()>;
+
+    /// Called when no branch is left anywhere in the pool: a search that can still do work
+    /// spawns it here (rounds that wait for every question, like adaptive compute).
+    fn on_idle(&mut self, _cx: &mut Cx<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// The results, one per prompt the search covers.
+    fn outputs(&self) -> Vec<RowOutput>;
+}
+
+pub(crate) struct SearchDriver {
+    searches: Vec<Box<dyn Search>>,
+    pool: Pool,
+}
+
+impl SearchDriver {
+    pub fn new(searches: Vec<Box<dyn Search>>, pool: Pool) -> Self {
+        Self { searches, pool }
+    }
+
+    /// Lets every ready branch pick its token and hands finished branches to their searches
+    /// until nothing more happens without a forward pass.
+    fn settle(&mut self, store: &mut SeqStore) -> Result<Vec<Advance>> {
+        loop {
+            while self.pool.sample_ready()? {
+                for done in self.pool.take_finished() {
+                    let owner = done.owner;
+                    let mut cx = Cx {
+                        store,
+                        pool: &mut self.pool,
+                        owner,
+                    };
+                    self.searches[owner].on_finished(done, &mut cx)?;
+                }
+            }
+            let work = self.pool.work();
+            if !work.is_empty() || !self.pool.is_idle() {
+                return Ok(work);
+            }
+            for owner in 0..self.searches.len() {
+                let mut cx = Cx {
+                    store,
+                    pool: &mut self.pool,
+                    owner,
+                };
+                self.searches[owner].on_idle(&mut cx)?;
+            }
+            if self.pool.is_idle() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+}
+
+impl Strategy for SearchDriver {
+    fn start(&mut self, store: &mut SeqStore, _prompts: &[Vec<u32>]) -> Result<Vec<Advance>> {
+        for owner in 0..self.searches.len() {
+            let mut cx = Cx {
+                store,
+                pool: &mut self.pool,
+                owner,
+            };
+            self.searches[owner].start(&mut cx)?;
+        }
+        self.settle(store)
+    }
+
+    fn consume(
+        &mut self,
+        store: &mut SeqStore,
+        logits: Vec<(SeqId, Vec<f32>)>,
+    ) -> Result<Vec<Advance>> {
+        let mut by_seq: HashMap<SeqId, Vec<f32>> = logits.into_iter().collect();
+        self.pool.consume(&mut by_seq)?;
+        self.settle(store)
+    }
+
+    fn take_deltas(&mut self) -> Vec<TextDelta> {
+        Vec::new()
+    }
+
+    fn outputs(&self) -> Vec<RowOutput> {
+        let mut outs = Vec::new();
+        for (owner, search) in self.searches.iter().enumerate() {
+            let mine = search.outputs();
+            let single = mine.len() == 1;
+            for mut out in mine {
+                if single && out.tokens_spent == 0 {
+                    out.tokens_spent = self.pool.spent(owner);
+                }
+                if let (None, Some(tok)) = (&out.text, self.pool.tokenizer()) {
+                    out.text = tok.decode(&out.token_ids, true).ok();
+                }
+                if out.token_ids.last().is_some_and(|t| self.pool.is_eos(*t)) {
+                    out.finish_reason = super::FinishReason::Eos;
+                }
+                outs.push(out);
+            }
+        }
+        outs
+    }
+}

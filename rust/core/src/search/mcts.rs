@@ -1,0 +1,388 @@
+//! Monte Carlo Tree Search over reasoning steps. Nodes are steps (text up to the delimiter);
+//! selection by PUCT with the step's probability as prior; expansion samples candidate next
+//! steps from the node's forked sequence; each new step is evaluated by a rollout to an answer,
+//! scored by the reward; the value is back-propagated. All expansions and rollouts of an
+//! iteration run as branches of one batch; the tree itself is [`super::tree::Tree`].
+
+use std::collections::HashMap;
+
+use super::answers::extract;
+use super::best_of_n::{finite, PromptJob};
+use super::branch::{BranchId, Finished, Head, HeadLogits};
+use super::driver::{spec, Cx, Search};
+use super::spec::{MctsParams, Reward, Rollout};
+use super::tree::{Tree, TreeNodeReport, TreeReport};
+use super::{FinishReason, RowOutput};
+use crate::error::{Error, Result};
+use crate::logits::SamplingParams;
+
+#[derive(Debug, Default, Clone)]
+struct Step {
+    head: Option<Head>,
+    /// Tokens of the path not in the head's cache yet.
+    pending: Vec<u32>,
+    logits: Option<HeadLogits>,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    text: String,
+    /// Generated tokens from the root to here, this step included.
+    path_len: usize,
+    rollout_tokens: Vec<u32>,
+    rollout_logprobs: Vec<f32>,
+    reward: f64,
+    answer: Option<String>,
+}
+
+enum Job {
+    /// Feeding a node's pending tokens before expanding it (`true`) or rolling it out.
+    Feed(usize, bool),
+    Expand(usize),
+    Rollout(usize),
+}
+
+pub(crate) struct Mcts {
+    job: PromptJob,
+    params: MctsParams,
+    tree: Tree,
+    steps: Vec<Step>,
+    jobs: HashMap<BranchId, Job>,
+    /// Expansion branches of the current iteration, in spawn order.
+    expanding: Vec<(BranchId, Option<Finished>)>,
+    /// New nodes of the current iteration waiting for their rollouts.
+    evaluating: Vec<usize>,
+    /// Answers of every evaluation so far (the self-consistency reward).
+    answers: Vec<Option<String>>,
+    iterations_done: usize,
+    streams: u64,
+    prompt_text: Option<String>,
+    finished: bool,
+}
+
+impl Mcts {
+    pub fn new(job: PromptJob, params: MctsParams) -> Self {
+        Self {
+            job,
+            params,
+            tree: Tree::new(),
+            steps: vec![Step::default()],
+            jobs: HashMap::new(),
+            expanding: Vec::new(),
+            evaluating: Vec::new(),
+            answers: Vec::new(),
+            iterations_done: 0,
+            streams: 0,
+            prompt_text: None,
+            finished: false,
+        }
+    }
+
+    fn sampling(&self, rollout: bool) -> SamplingParams {
+        if rollout && self.params.rollout == Rollout::Greedy {
+            SamplingParams {
+                temperature: 0.0,
+                ..self.params.sampling
+            }
+        } else {
+            self.params.sampling
+        }
+    }
+
+    fn history(&self, node: usize) -> std::sync::Arc<Vec<u32>> {
+        let mut ids = self.job.prompt.to_vec();
+        ids.extend(self.path_tokens(node));
+        std::sync::Arc::new(ids)
+    }
+
+    /// Generated tokens from the root to `node`.
+    fn path_tokens(&self, node: usize) -> Vec<u32> {
+        let mut chain = Vec::new();
+        let mut at = Some(node);
+        while let Some(i) = at {
+            chain.push(i);
+            at = self.tree.nodes[i].parent;
+        }
+        chain
+            .iter()
+            .rev()
+            .flat_map(|&i| self.steps[i].tokens.iter().copied())
+            .collect()
+    }
+
+    fn next_stream(&mut self) -> u64 {
+        self.streams += 1;
+        self.streams - 1
+    }
+
+    /// Selects leaves until one needs model work (or the iterations run out).
+    fn iterate(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        while self.iterations_done < self.params.iterations {
+            let leaf = self.tree.select(self.params.c_puct);
+            let node = &self.tree.nodes[leaf];
+            let expandable = !node.terminal && node.depth < self.params.max_depth;
+            if !expandable {
+                // Nothing new to learn here: count its known value once more.
+                let reward = self.steps[leaf].reward;
+                self.tree.backpropagate(leaf, reward);
+                self.iterations_done += 1;
+                continue;
+            }
+            return match self.steps[leaf].logits.clone() {
+                Some(_) => self.expand(leaf, cx),
+                None => self.feed(leaf, true, cx),
+            };
+        }
+        self.finish(cx);
+        Ok(())
+    }
+
+    fn feed(&mut self, node: usize, expand: bool, cx: &mut Cx<'_>) -> Result<()> {
+        let step = &mut self.steps[node];
+        let head = step
+            .head
+            .ok_or_else(|| Error::invalid("MCTS: node has no sequence"))?;
+        let feed = std::mem::take(&mut step.pending);
+        let history = self.history(node);
+        let id = cx.spawn(
+            head,
+            self.job.adapter.clone(),
+            feed,
+            None,
+            spec(0, Vec::new(), self.params.sampling, 0, history),
+        )?;
+        self.jobs.insert(id, Job::Feed(node, expand));
+        Ok(())
+    }
+
+    fn expand(&mut self, node: usize, cx: &mut Cx<'_>) -> Result<()> {
+        let logits = self.steps[node]
+            .logits
+            .clone()
+            .ok_or_else(|| Error::invalid("MCTS: expanding an unfed node"))?;
+        let head = self.steps[node]
+            .head
+            .take()
+            .ok_or_else(|| Error::invalid("MCTS: node has no sequence"))?;
+        let room = self
+            .job
+            .max_new_tokens
+            .saturating_sub(self.steps[node].path_len);
+        let max_tokens = self.params.max_step_tokens.min(room).max(1);
+        let history = self.history(node);
+        self.expanding.clear();
+        let n = self.params.expansions;
+        for i in 0..n {
+            let child = if i + 1 == n { head } else { head.fork(cx.store)? };
+            let stream = self.next_stream();
+            let mut stop = self.job.stop.clone();
+            stop.push(self.params.step_delimiter.clone());
+            let id = cx.spawn(
+                child,
+                self.job.adapter.clone(),
+                Vec::new(),
+                Some(logits.clone()),
+                spec(max_tokens, stop, self.params.sampling, stream, history.clone()),
+            )?;
+            self.jobs.insert(id, Job::Expand(node));
+            self.expanding.push((id, None));
+        }
+        Ok(())
+    }
+
+    /// Every expansion of `parent` has finished: add the children and evaluate them.
+    fn add_children(&mut self, parent: usize, cx: &mut Cx<'_>) -> Result<()> {
+        let done: Vec<Finished> = self
+            .expanding
+            .iter_mut()
+            .filter_map(|(_, f)| f.take())
+            .collect();
+        self.expanding.clear();
+        for d in done {
+            let path_len = self.steps[parent].path_len + d.tokens.len();
+            let terminal = matches!(d.finish, FinishReason::Eos | FinishReason::Context)
+                || path_len >= self.job.max_new_tokens;
+            let prior = d.mean_score().exp();
+            let id = self.tree.add_child(parent, prior, terminal);
+            let last = d.tokens.last().copied();
+            self.steps.push(Step {
+                head: Some(d.head),
+                pending: last.into_iter().collect(),
+                logits: None,
+                tokens: d.tokens.clone(),
+                logprobs: d.logprobs.clone(),
+                text: d.full_text.clone(),
+                path_len,
+                ..Step::default()
+            });
+            self.evaluating.push(id);
+            if terminal {
+                d.head.free(cx.store);
+                self.steps[id].head = None;
+            } else {
+                self.feed(id, false, cx)?;
+            }
+        }
+        self.maybe_score(cx)
+    }
+
+    fn rollout(&mut self, node: usize, cx: &mut Cx<'_>) -> Result<()> {
+        let step = &self.steps[node];
+        let (Some(head), Some(logits)) = (step.head, step.logits.clone()) else {
+            return Err(Error::invalid("MCTS: rolling out an unfed node"));
+        };
+        let room = self.job.max_new_tokens.saturating_sub(step.path_len).max(1);
+        let child = head.fork(cx.store)?;
+        let history = self.history(node);
+        let stream = self.next_stream();
+        let id = cx.spawn(
+            child,
+            self.job.adapter.clone(),
+            Vec::new(),
+            Some(logits),
+            spec(room, self.job.stop.clone(), self.sampling(true), stream, history),
+        )?;
+        self.jobs.insert(id, Job::Rollout(node));
+        Ok(())
+    }
+
+    /// Once every new node has its rollout, scores them in order and back-propagates.
+    fn maybe_score(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        if !self.jobs.is_empty() {
+            return Ok(());
+        }
+        let nodes = std::mem::take(&mut self.evaluating);
+        for node in nodes {
+            let mut ids = self.path_tokens(node);
+            ids.extend(&self.steps[node].rollout_tokens);
+            let text = cx.decode(&ids)?;
+            let answer = extract(&self.params.extract, &text)?;
+            self.answers.push(answer.clone());
+            let reward = match &self.params.reward {
+                Reward::SelfConsistency => match &answer {
+                    Some(a) => {
+                        let same = self
+                            .answers
+                            .iter()
+                            .filter(|x| x.as_deref() == Some(a.as_str()))
+                            .count();
+                        same as f64 / self.answers.len() as f64
+                    }
+                    None => 0.0,
+                },
+                Reward::Callback(f) => {
+                    if self.prompt_text.is_none() {
+                        self.prompt_text = Some(cx.decode(&self.job.prompt)?);
+                    }
+                    let prompt = self.prompt_text.as_deref().unwrap_or_default();
+                    finite("reward", f.call(prompt, &text)?)?
+                }
+            };
+            self.steps[node].reward = reward;
+            self.steps[node].answer = answer;
+            self.tree.backpropagate(node, reward);
+        }
+        self.iterations_done += 1;
+        self.iterate(cx)
+    }
+
+    fn finish(&mut self, cx: &mut Cx<'_>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        for step in &mut self.steps {
+            if let Some(h) = step.head.take() {
+                h.free(cx.store);
+            }
+        }
+    }
+}
+
+impl Search for Mcts {
+    fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        let head = self.job.prefill(cx, self.params.sampling)?;
+        self.steps[0].head = Some(head);
+        Ok(())
+    }
+
+    fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
+        if self.steps[0].logits.is_none() && self.jobs.is_empty() {
+            // The prompt's prefill.
+            self.steps[0].head = Some(done.head);
+            self.steps[0].logits = done.logits;
+            return self.iterate(cx);
+        }
+        let job = self
+            .jobs
+            .remove(&done.id)
+            .ok_or_else(|| Error::invalid(format!("MCTS: unknown branch {}", done.id)))?;
+        match job {
+            Job::Feed(node, expand) => {
+                self.steps[node].head = Some(done.head);
+                self.steps[node].logits = done.logits;
+                if expand {
+                    self.expand(node, cx)
+                } else {
+                    self.rollout(node, cx)
+                }
+            }
+            Job::Expand(parent) => {
+                if let Some(slot) = self.expanding.iter_mut().find(|(id, _)| *id == done.id) {
+                    slot.1 = Some(done);
+                }
+                if self.expanding.iter().all(|(_, f)| f.is_some()) {
+                    self.add_children(parent, cx)?;
+                }
+                Ok(())
+            }
+            Job::Rollout(node) => {
+                done.head.free(cx.store);
+                self.steps[node].rollout_tokens = done.tokens;
+                self.steps[node].rollout_logprobs = done.logprobs;
+                self.maybe_score(cx)
+            }
+        }
+    }
+
+    fn outputs(&self) -> Vec<RowOutput> {
+        let path = self.tree.best_path();
+        let last = path.last().copied().unwrap_or(0);
+        let mut tokens = Vec::new();
+        let mut logprobs = Vec::new();
+        for &i in &path {
+            tokens.extend(&self.steps[i].tokens);
+            logprobs.extend(&self.steps[i].logprobs);
+        }
+        tokens.extend(&self.steps[last].rollout_tokens);
+        logprobs.extend(&self.steps[last].rollout_logprobs);
+        let on_path: std::collections::HashSet<usize> = path.iter().copied().collect();
+        let nodes = self
+            .tree
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| TreeNodeReport {
+                parent: n.parent,
+                depth: n.depth,
+                text: self.steps[i].text.clone(),
+                token_count: self.steps[i].tokens.len(),
+                visits: n.visits,
+                value: self.tree.mean_value(i),
+                prior: n.prior,
+                terminal: n.terminal,
+                rollout_tokens: self.steps[i].rollout_tokens.len(),
+                selected: on_path.contains(&i),
+            })
+            .collect();
+        let mut out = RowOutput::plain(
+            tokens,
+            logprobs,
+            None,
+            FinishReason::Length,
+            self.job.prompt.len(),
+        );
+        out.score = Some(self.tree.mean_value(last));
+        out.answer = self.steps[last].answer.clone();
+        out.tree = Some(TreeReport { nodes });
+        vec![out]
+    }
+}

@@ -1,0 +1,181 @@
+//! Self-consistency (Wang et al. 2023): sample several reasoning paths, extract each one's
+//! answer, vote. With `stop_when_confident` it samples in rounds and stops as soon as
+//! Adaptive-Consistency's Beta rule is sure enough of the leading answer.
+
+use std::collections::HashMap;
+
+use super::answers::{beta_confidence, extract, tally, Vote};
+use super::best_of_n::{candidate, finite, PromptJob};
+use super::branch::{BranchId, Finished, Head, HeadLogits};
+use super::driver::{Cx, Search};
+use super::spec::SelfConsistencyParams;
+use super::{Candidate, RowOutput};
+use crate::error::{Error, Result};
+
+pub(crate) struct SelfConsistency {
+    job: PromptJob,
+    params: SelfConsistencyParams,
+    root: Option<(Head, HeadLogits)>,
+    spawned: usize,
+    slots: HashMap<BranchId, usize>,
+    round: Vec<Option<Finished>>,
+    candidates: Vec<Candidate>,
+    votes: Vec<(String, f64)>,
+    /// The Beta rule's confidence after each round (with `stop_when_confident`).
+    pub confidence: Vec<f64>,
+}
+
+impl SelfConsistency {
+    pub fn new(job: PromptJob, params: SelfConsistencyParams) -> Self {
+        Self {
+            job,
+            params,
+            root: None,
+            spawned: 0,
+            slots: HashMap::new(),
+            round: Vec::new(),
+            candidates: Vec::new(),
+            votes: Vec::new(),
+            confidence: Vec::new(),
+        }
+    }
+
+    fn next_round(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        let size = match self.params.stop_when_confident {
+            Some(_) => self.params.round_size,
+            None => self.params.n,
+        }
+        .min(self.params.n - self.spawned);
+        let Some((head, logits)) = &self.root else {
+            return Err(Error::invalid("self-consistency: prompt not fed"));
+        };
+        let (head, logits) = (*head, logits.clone());
+        self.round = vec![None; size];
+        self.slots.clear();
+        for i in 0..size {
+            let child = head.fork(cx.store)?;
+            let stream = (self.spawned + i) as u64;
+            let id = cx.spawn(
+                child,
+                self.job.adapter.clone(),
+                Vec::new(),
+                Some(logits.clone()),
+                super::driver::spec(
+                    self.job.max_new_tokens,
+                    self.job.stop.clone(),
+                    self.params.sampling,
+                    stream,
+                    self.job.prompt.clone(),
+                ),
+            )?;
+            self.slots.insert(id, i);
+        }
+        self.spawned += size;
+        Ok(())
+    }
+
+    fn weigh(&self, done: &Finished, prompt_text: &str) -> Result<f64> {
+        Ok(match (&self.params.vote, &self.params.weight) {
+            (Vote::Majority, _) => 1.0,
+            (Vote::Weighted, None) => done.mean_score().exp(),
+            (Vote::Weighted, Some(f)) => finite("scorer", f.call(prompt_text, &done.text)?)?,
+        })
+    }
+
+    fn finish_round(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        let prompt_text = match &self.params.weight {
+            Some(_) if self.params.vote == Vote::Weighted => cx.decode(&self.job.prompt)?,
+            _ => String::new(),
+        };
+        let done: Vec<Finished> = self.round.iter_mut().filter_map(Option::take).collect();
+        for d in &done {
+            let weight = self.weigh(d, &prompt_text)?;
+            let answer = extract(&self.params.extract, &d.text)?;
+            let mut c = candidate(d, cx, weight);
+            c.answer = answer;
+            self.candidates.push(c);
+        }
+        let more = self.spawned < self.params.n;
+        let settled = match self.params.stop_when_confident {
+            Some(threshold) => {
+                let counts = tally(self.candidates.iter().map(|c| (c.answer.as_deref(), 1.0)));
+                let top = counts.first().map_or(0, |c| c.1 as usize);
+                let second = counts.get(1).map_or(0, |c| c.1 as usize);
+                let conf = beta_confidence(top, second);
+                self.confidence.push(conf);
+                top > 0 && conf >= threshold
+            }
+            None => false,
+        };
+        if more && !settled {
+            return self.next_round(cx);
+        }
+        if let Some((head, _)) = self.root.take() {
+            head.free(cx.store);
+        }
+        self.votes = tally(
+            self.candidates
+                .iter()
+                .map(|c| (c.answer.as_deref(), c.score)),
+        );
+        Ok(())
+    }
+}
+
+impl Search for SelfConsistency {
+    fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        self.job.prefill(cx, self.params.sampling)?;
+        Ok(())
+    }
+
+    fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
+        if let Some(logits) = done.logits.clone() {
+            self.root = Some((done.head, logits));
+            return self.next_round(cx);
+        }
+        let slot = self.slots.get(&done.id).copied().ok_or_else(|| {
+            Error::invalid(format!("self-consistency: unknown branch {}", done.id))
+        })?;
+        self.round[slot] = Some(done);
+        if self.round.iter().all(Option::is_some) {
+            self.finish_round(cx)?;
+        }
+        Ok(())
+    }
+
+    fn outputs(&self) -> Vec<RowOutput> {
+        vec![vote_output(
+            &self.candidates,
+            &self.votes,
+            self.job.prompt.len(),
+        )]
+    }
+}
+
+/// The output of a vote: the first candidate that gave the winning answer (or the first
+/// candidate when none answered), with every candidate and the votes.
+pub(crate) fn vote_output(
+    candidates: &[Candidate],
+    votes: &[(String, f64)],
+    prompt_tokens: usize,
+) -> RowOutput {
+    let winner = votes.first().map(|v| v.0.clone());
+    let chosen = candidates
+        .iter()
+        .find(|c| c.answer.is_some() && c.answer == winner)
+        .or_else(|| candidates.first());
+    let mut out = match chosen {
+        Some(c) => RowOutput::from_candidate(c, prompt_tokens),
+        None => RowOutput::plain(
+            Vec::new(),
+            Vec::new(),
+            None,
+            super::FinishReason::Length,
+            prompt_tokens,
+        ),
+    };
+    out.answer = winner;
+    out.votes = votes.to_vec();
+    out.candidates = candidates.to_vec();
+    out
+}

@@ -1,0 +1,242 @@
+//! The parameters of each search strategy, validated before anything runs.
+
+use super::answers::{Extractor, Vote};
+use super::beam::BeamParams;
+use super::callbacks::{Evaluator, Scorer};
+use crate::error::{Error, Result};
+use crate::logits::{ColdParams, SamplingParams};
+
+/// How a search picks tokens: the model's own distribution (after `sampling`), or CoLD's
+/// contrastive scores against the base model (needs an adapter).
+pub type TokenScorer = Option<ColdParams>;
+
+/// How best-of-N ranks its candidates (higher is better).
+#[derive(Debug, Clone)]
+pub enum Ranking {
+    MeanLogprob,
+    SumLogprob,
+    Callback(Scorer),
+}
+
+#[derive(Debug, Clone)]
+pub struct BestOfNParams {
+    pub n: usize,
+    pub sampling: SamplingParams,
+    pub ranking: Ranking,
+    pub cold: TokenScorer,
+}
+
+#[derive(Debug, Clone)]
+pub struct SelfConsistencyParams {
+    pub n: usize,
+    pub sampling: SamplingParams,
+    pub extract: Extractor,
+    pub vote: Vote,
+    /// The weight of a weighted vote: `None` is the completion's mean token probability.
+    pub weight: Option<Scorer>,
+    /// Stop sampling once the Beta rule is at least this sure of the leading answer.
+    pub stop_when_confident: Option<f64>,
+    /// Samples per round when `stop_when_confident` is set.
+    pub round_size: usize,
+    pub cold: TokenScorer,
+}
+
+#[derive(Debug, Clone)]
+pub enum ToTGenerate {
+    /// `proposals` independent samples of the next thought.
+    Sample,
+    /// One completion of `template` (with `{problem}` and `{state}`) lists the next thoughts,
+    /// one per line; the first `proposals` become children.
+    Propose { template: String },
+}
+
+#[derive(Debug, Clone)]
+pub enum ToTEvaluator {
+    /// The model rates each state from `template` (`{problem}`, `{state}`), `samples` times;
+    /// the words sure / likely / impossible count 20 / 1 / 0.001 and the sum is the value.
+    SelfValue { template: String, samples: usize },
+    Callback(Evaluator),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToTSearch {
+    Bfs,
+    Dfs,
+}
+
+#[derive(Debug, Clone)]
+pub struct ToTParams {
+    pub step_delimiter: String,
+    pub proposals: usize,
+    pub breadth: usize,
+    pub depth: usize,
+    pub generate: ToTGenerate,
+    pub evaluator: ToTEvaluator,
+    pub search: ToTSearch,
+    /// DFS prunes states valued below it; BFS ignores it.
+    pub value_threshold: f64,
+    pub max_step_tokens: usize,
+    pub sampling: SamplingParams,
+    pub cold: TokenScorer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollout {
+    Greedy,
+    Sample,
+}
+
+#[derive(Debug, Clone)]
+pub enum Reward {
+    /// A rollout's reward is the share of all rollouts so far whose extracted answer equals
+    /// its own (0 without an answer).
+    SelfConsistency,
+    /// `(prompt, path + rollout) -> reward`.
+    Callback(Scorer),
+}
+
+#[derive(Debug, Clone)]
+pub struct MctsParams {
+    pub iterations: usize,
+    pub expansions: usize,
+    pub c_puct: f64,
+    pub step_delimiter: String,
+    pub max_depth: usize,
+    pub reward: Reward,
+    pub rollout: Rollout,
+    /// Reads answers for the self-consistency reward and the output's `answer`.
+    pub extract: Extractor,
+    pub max_step_tokens: usize,
+    pub sampling: SamplingParams,
+    pub cold: TokenScorer,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdaptiveParams {
+    /// Tokens to generate over all questions together, probes included.
+    pub budget_tokens: usize,
+    pub probe: usize,
+    pub max_n: usize,
+    pub bins: usize,
+    pub sampling: SamplingParams,
+    pub extract: Extractor,
+    pub cold: TokenScorer,
+}
+
+/// A test-time search strategy and its parameters.
+#[derive(Debug, Clone)]
+pub enum SearchSpec {
+    Beam(BeamParams),
+    BestOfN(BestOfNParams),
+    SelfConsistency(SelfConsistencyParams),
+    TreeOfThought(ToTParams),
+    Mcts(MctsParams),
+    Adaptive(AdaptiveParams),
+}
+
+fn at_least(name: &str, value: usize, min: usize) -> Result<()> {
+    if value < min {
+        return Err(Error::invalid(format!(
+            "{name} must be at least {min}, got {value}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_sampling(sampling: &SamplingParams, cold: &TokenScorer) -> Result<()> {
+    sampling.validate()?;
+    cold.as_ref().map_or(Ok(()), ColdParams::validate)
+}
+
+impl SearchSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SearchSpec::Beam(_) => "beam search",
+            SearchSpec::BestOfN(_) => "best-of-N",
+            SearchSpec::SelfConsistency(_) => "self-consistency",
+            SearchSpec::TreeOfThought(_) => "Tree-of-Thought",
+            SearchSpec::Mcts(_) => "MCTS",
+            SearchSpec::Adaptive(_) => "adaptive compute",
+        }
+    }
+
+    pub fn cold(&self) -> TokenScorer {
+        match self {
+            SearchSpec::Beam(p) => p.cold,
+            SearchSpec::BestOfN(p) => p.cold,
+            SearchSpec::SelfConsistency(p) => p.cold,
+            SearchSpec::TreeOfThought(p) => p.cold,
+            SearchSpec::Mcts(p) => p.cold,
+            SearchSpec::Adaptive(p) => p.cold,
+        }
+    }
+
+    /// Checks every parameter; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            SearchSpec::Beam(p) => p.validate(),
+            SearchSpec::BestOfN(p) => {
+                at_least("n", p.n, 1)?;
+                check_sampling(&p.sampling, &p.cold)
+            }
+            SearchSpec::SelfConsistency(p) => {
+                at_least("n", p.n, 1)?;
+                at_least("round_size", p.round_size, 1)?;
+                if let Some(c) = p.stop_when_confident {
+                    if !(c > 0.5 && c <= 1.0) {
+                        return Err(Error::invalid(format!(
+                            "stop_when_confident must be in (0.5, 1], got {c}"
+                        )));
+                    }
+                }
+                check_sampling(&p.sampling, &p.cold)
+            }
+            SearchSpec::TreeOfThought(p) => {
+                at_least("proposals", p.proposals, 1)?;
+                at_least("breadth", p.breadth, 1)?;
+                at_least("depth", p.depth, 1)?;
+                at_least("max_step_tokens", p.max_step_tokens, 1)?;
+                if p.step_delimiter.is_empty() {
+                    return Err(Error::invalid("step_delimiter must not be empty"));
+                }
+                if let ToTEvaluator::SelfValue { samples, .. } = &p.evaluator {
+                    at_least("value_samples", *samples, 1)?;
+                }
+                if !p.value_threshold.is_finite() {
+                    return Err(Error::invalid(format!(
+                        "value_threshold must be finite, got {}",
+                        p.value_threshold
+                    )));
+                }
+                check_sampling(&p.sampling, &p.cold)
+            }
+            SearchSpec::Mcts(p) => {
+                at_least("iterations", p.iterations, 1)?;
+                at_least("expansions", p.expansions, 1)?;
+                at_least("max_depth", p.max_depth, 1)?;
+                at_least("max_step_tokens", p.max_step_tokens, 1)?;
+                if !(p.c_puct.is_finite() && p.c_puct >= 0.0) {
+                    return Err(Error::invalid(format!(
+                        "c_puct must be a finite number >= 0, got {}",
+                        p.c_puct
+                    )));
+                }
+                if p.step_delimiter.is_empty() {
+                    return Err(Error::invalid("step_delimiter must not be empty"));
+                }
+                check_sampling(&p.sampling, &p.cold)
+            }
+            SearchSpec::Adaptive(p) => {
+                at_least("probe", p.probe, 1)?;
+                at_least("bins", p.bins, 1)?;
+                if p.max_n < p.probe {
+                    return Err(Error::invalid(format!(
+                        "max_n ({}) must be at least probe ({})",
+                        p.max_n, p.probe
+                    )));
+                }
+                check_sampling(&p.sampling, &p.cold)
+            }
+        }
+    }
+}

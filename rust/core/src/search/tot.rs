@@ -1,0 +1,519 @@
+//! Tree-of-Thought (Yao et al. 2023). A state is the prompt plus the thoughts so far; each step
+//! adds one thought (text up to the delimiter), either sampled from the state's own sequence or
+//! proposed several at a time by one completion of a propose prompt. States are valued by a
+//! callback or by the model itself (sure / likely / impossible from a value prompt, sampled
+//! `value_samples` times), every state of a level in one batch. BFS keeps the best `breadth`
+//! states per level; DFS follows the best child first and backtracks below the threshold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::best_of_n::{finite, PromptJob};
+use super::branch::{BranchId, Finished, Head, HeadLogits};
+use super::driver::{spec, Cx, Search};
+use super::spec::{ToTEvaluator, ToTGenerate, ToTParams, ToTSearch};
+use super::tree::{TreeNodeReport, TreeReport};
+use super::{FinishReason, RowOutput};
+use crate::error::{Error, Result};
+
+/// Tokens a self-evaluation may generate.
+const VALUE_TOKENS: usize = 16;
+
+#[derive(Debug, Clone, Default)]
+struct State {
+    parent: Option<usize>,
+    head: Option<Head>,
+    pending: Vec<u32>,
+    logits: Option<HeadLogits>,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    text: String,
+    depth: usize,
+    value: f64,
+    terminal: bool,
+    selected: bool,
+}
+
+enum Job {
+    /// Feeding a state before sampling its next thoughts.
+    Feed(usize),
+    /// A sampled next thought.
+    Thought,
+    /// A propose completion for a state.
+    Propose(usize),
+    /// A value prompt's prefill for a state.
+    ValuePrompt(usize),
+    /// One value sample for a state.
+    Value(usize),
+}
+
+pub(crate) struct TreeOfThought {
+    job: PromptJob,
+    params: ToTParams,
+    states: Vec<State>,
+    jobs: HashMap<BranchId, Job>,
+    /// States created in the current expansion, in order.
+    new_states: Vec<usize>,
+    /// Finished thoughts per parent, in spawn order.
+    thoughts: Vec<(BranchId, usize, Option<Finished>)>,
+    frontier: Vec<usize>,
+    stack: Vec<usize>,
+    solution: Option<usize>,
+    problem: Option<String>,
+    streams: u64,
+}
+
+fn judge(text: &str) -> f64 {
+    // The last of the three words in the reply decides (the ToT paper reads the last line);
+    // whole words only, so "unsure" is not "sure".
+    text.split(|c: char| !c.is_alphabetic())
+        .rev()
+        .find_map(|w| match w.to_lowercase().as_str() {
+            "impossible" => Some(0.001),
+            "likely" => Some(1.0),
+            "sure" => Some(20.0),
+            _ => None,
+        })
+        .unwrap_or(0.0)
+}
+
+impl TreeOfThought {
+    pub fn new(job: PromptJob, params: ToTParams) -> Self {
+        Self {
+            job,
+            params,
+            states: vec![State::default()],
+            jobs: HashMap::new(),
+            new_states: Vec::new(),
+            thoughts: Vec::new(),
+            frontier: Vec::new(),
+            stack: Vec::new(),
+            solution: None,
+            problem: None,
+            streams: 0,
+        }
+    }
+
+    fn path_tokens(&self, s: usize) -> Vec<u32> {
+        let mut chain = vec![s];
+        while let Some(p) = self.states[*chain.last().unwrap_or(&0)].parent {
+            chain.push(p);
+        }
+        chain
+            .iter()
+            .rev()
+            .flat_map(|&i| self.states[i].tokens.iter().copied())
+            .collect()
+    }
+
+    fn history(&self, s: usize) -> Arc<Vec<u32>> {
+        let mut ids = self.job.prompt.to_vec();
+        ids.extend(self.path_tokens(s));
+        Arc::new(ids)
+    }
+
+    fn problem(&mut self, cx: &Cx<'_>) -> Result<String> {
+        if self.problem.is_none() {
+            self.problem = Some(cx.decode(&self.job.prompt)?);
+        }
+        Ok(self.problem.clone().unwrap_or_default())
+    }
+
+    fn fill(&mut self, template: &str, s: usize, cx: &Cx<'_>) -> Result<String> {
+        let state = cx.decode(&self.path_tokens(s))?;
+        let problem = self.problem(cx)?;
+        Ok(template
+            .replace("{problem}", &problem)
+            .replace("{state}", &state))
+    }
+
+    fn stream(&mut self) -> u64 {
+        self.streams += 1;
+        self.streams - 1
+    }
+
+    /// Expands `parents` (one level of BFS, or one DFS state).
+    fn expand(&mut self, parents: Vec<usize>, cx: &mut Cx<'_>) -> Result<()> {
+        self.new_states.clear();
+        self.thoughts.clear();
+        for s in parents {
+            if self.states[s].logits.is_some() {
+                self.generate_children(s, cx)?;
+                continue;
+            }
+            // Feed the state first, so that its children fork it instead of repeating it.
+            let head = self.head(s)?;
+            let feed = std::mem::take(&mut self.states[s].pending);
+            let history = self.history(s);
+            let id = cx.spawn(
+                head,
+                self.job.adapter.clone(),
+                feed,
+                None,
+                spec(0, Vec::new(), self.params.sampling, 0, history),
+            )?;
+            self.jobs.insert(id, Job::Feed(s));
+        }
+        self.after_expansion_step(cx)
+    }
+
+    fn generate_children(&mut self, s: usize, cx: &mut Cx<'_>) -> Result<()> {
+        let ToTGenerate::Propose { template } = self.params.generate.clone() else {
+            return self.sample_thoughts(s, cx);
+        };
+        let text = self.fill(&template, s, cx)?;
+        let ids = cx.tokenizer()?.encode(&text)?;
+        let head = cx.new_head();
+        let stream = self.stream();
+        let max = self.params.max_step_tokens * self.params.proposals;
+        let id = cx.spawn(
+            head,
+            self.job.adapter.clone(),
+            ids.clone(),
+            None,
+            spec(max, vec!["\n\n".into()], self.params.sampling, stream, Arc::new(ids)),
+        )?;
+        self.jobs.insert(id, Job::Propose(s));
+        Ok(())
+    }
+
+    fn head(&self, s: usize) -> Result<Head> {
+        self.states[s]
+            .head
+            .ok_or_else(|| Error::invalid("Tree-of-Thought: state has no sequence"))
+    }
+
+    fn sample_thoughts(&mut self, s: usize, cx: &mut Cx<'_>) -> Result<()> {
+        let logits = self.states[s]
+            .logits
+            .clone()
+            .ok_or_else(|| Error::invalid("Tree-of-Thought: state not fed"))?;
+        let head = self.head(s)?;
+        self.states[s].head = None;
+        let history = self.history(s);
+        let n = self.params.proposals;
+        for i in 0..n {
+            let child = if i + 1 == n { head } else { head.fork(cx.store)? };
+            let stream = self.stream();
+            let mut stop = self.job.stop.clone();
+            stop.push(self.params.step_delimiter.clone());
+            let id = cx.spawn(
+                child,
+                self.job.adapter.clone(),
+                Vec::new(),
+                Some(logits.clone()),
+                spec(
+                    self.params.max_step_tokens,
+                    stop,
+                    self.params.sampling,
+                    stream,
+                    history.clone(),
+                ),
+            )?;
+            self.jobs.insert(id, Job::Thought);
+            self.thoughts.push((id, s, None));
+        }
+        Ok(())
+    }
+
+    fn add_state(&mut self, parent: usize, s: State) -> usize {
+        let id = self.states.len();
+        self.states.push(State {
+            parent: Some(parent),
+            depth: self.states[parent].depth + 1,
+            ..s
+        });
+        self.new_states.push(id);
+        id
+    }
+
+    /// When no generation job is left, the new states are complete: evaluate them.
+    fn after_expansion_step(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        if !self.jobs.is_empty() {
+            return Ok(());
+        }
+        // Sampled thoughts become states in spawn order.
+        for (_, parent, done) in std::mem::take(&mut self.thoughts) {
+            let Some(d) = done else { continue };
+            let terminal = matches!(d.finish, FinishReason::Eos | FinishReason::Context);
+            let last = d.tokens.last().copied();
+            self.add_state(
+                parent,
+                State {
+                    head: Some(d.head),
+                    pending: last.into_iter().collect(),
+                    tokens: d.tokens,
+                    logprobs: d.logprobs,
+                    text: d.full_text,
+                    terminal,
+                    ..State::default()
+                },
+            );
+        }
+        let states = self.new_states.clone();
+        match self.params.evaluator.clone() {
+            ToTEvaluator::Callback(f) => {
+                let problem = self.problem(cx)?;
+                for s in states {
+                    let text = cx.decode(&self.path_tokens(s))?;
+                    self.states[s].value = finite("evaluator", f.call(&problem, &text)?)?;
+                }
+                self.select(cx)
+            }
+            ToTEvaluator::SelfValue { template, .. } => {
+                for s in states {
+                    let text = self.fill(&template, s, cx)?;
+                    let ids = cx.tokenizer()?.encode(&text)?;
+                    let head = cx.new_head();
+                    let id = cx.spawn(
+                        head,
+                        self.job.adapter.clone(),
+                        ids.clone(),
+                        None,
+                        spec(0, Vec::new(), self.params.sampling, 0, Arc::new(ids)),
+                    )?;
+                    self.jobs.insert(id, Job::ValuePrompt(s));
+                }
+                if self.jobs.is_empty() {
+                    self.select(cx)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Every new state has its value: BFS keeps the best, DFS pushes the good ones.
+    fn select(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        let mut ranked = self.new_states.clone();
+        // Stable: equal values keep generation order.
+        ranked.sort_by(|&a, &b| self.states[b].value.total_cmp(&self.states[a].value));
+        match self.params.search {
+            ToTSearch::Bfs => {
+                let keep: Vec<usize> = ranked.iter().copied().take(self.params.breadth).collect();
+                for &s in &ranked[keep.len()..] {
+                    self.release(s, cx);
+                }
+                for &s in &keep {
+                    self.states[s].selected = true;
+                }
+                self.frontier = keep
+                    .into_iter()
+                    .filter(|&s| !self.states[s].terminal && self.states[s].depth < self.params.depth)
+                    .collect();
+                if self.frontier.is_empty() {
+                    return self.finish(cx);
+                }
+                let frontier = self.frontier.clone();
+                self.expand(frontier, cx)
+            }
+            ToTSearch::Dfs => {
+                for &s in ranked.iter().rev() {
+                    if self.states[s].value >= self.params.value_threshold {
+                        self.stack.push(s);
+                    } else {
+                        self.release(s, cx);
+                    }
+                }
+                self.dfs_next(cx)
+            }
+        }
+    }
+
+    fn dfs_next(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        while let Some(s) = self.stack.pop() {
+            self.states[s].selected = true;
+            if self.states[s].terminal || self.states[s].depth >= self.params.depth {
+                self.solution = Some(s);
+                return self.finish(cx);
+            }
+            return self.expand(vec![s], cx);
+        }
+        self.finish(cx)
+    }
+
+    fn release(&mut self, s: usize, cx: &mut Cx<'_>) {
+        if let Some(h) = self.states[s].head.take() {
+            h.free(cx.store);
+        }
+    }
+
+    fn finish(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        for s in 0..self.states.len() {
+            self.release(s, cx);
+        }
+        self.stack.clear();
+        if self.solution.is_none() {
+            // BFS: the best complete state (terminal, or at the full depth); else the best of
+            // the deepest level reached. The first one wins ties.
+            let key = |st: &State| {
+                let complete = st.terminal || st.depth >= self.params.depth;
+                (complete, if complete { 0 } else { st.depth }, st.value)
+            };
+            let mut best: Option<usize> = None;
+            for (i, st) in self.states.iter().enumerate().skip(1) {
+                if !st.selected {
+                    continue;
+                }
+                let better = best.is_none_or(|b| {
+                    let (c, d, v) = key(st);
+                    let (bc, bd, bv) = key(&self.states[b]);
+                    (c, d).cmp(&(bc, bd)).then(v.total_cmp(&bv)) == std::cmp::Ordering::Greater
+                });
+                if better {
+                    best = Some(i);
+                }
+            }
+            self.solution = best;
+        }
+        Ok(())
+    }
+}
+
+impl Search for TreeOfThought {
+    fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        let head = cx.new_head();
+        self.states[0].head = Some(head);
+        self.states[0].pending = self.job.prompt.to_vec();
+        self.expand(vec![0], cx)
+    }
+
+    fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
+        let job = self
+            .jobs
+            .remove(&done.id)
+            .ok_or_else(|| Error::invalid(format!("Tree-of-Thought: unknown branch {}", done.id)))?;
+        match job {
+            Job::Feed(s) => {
+                self.states[s].head = Some(done.head);
+                self.states[s].logits = done.logits;
+                self.generate_children(s, cx)
+            }
+            Job::Thought => {
+                if let Some(slot) = self.thoughts.iter_mut().find(|t| t.0 == done.id) {
+                    slot.2 = Some(done);
+                }
+                self.after_expansion_step(cx)
+            }
+            Job::Propose(s) => {
+                done.head.free(cx.store);
+                let parent_head = self.head(s)?;
+                let lines: Vec<String> = done
+                    .text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .take(self.params.proposals)
+                    .map(str::to_string)
+                    .collect();
+                let n = lines.len();
+                if n > 0 {
+                    self.states[s].head = None;
+                }
+                for (i, line) in lines.into_iter().enumerate() {
+                    let thought = format!("{line}{}", self.params.step_delimiter);
+                    let ids = cx.encode_continuation(&thought)?;
+                    let head = if i + 1 == n {
+                        parent_head
+                    } else {
+                        parent_head.fork(cx.store)?
+                    };
+                    self.add_state(
+                        s,
+                        State {
+                            head: Some(head),
+                            pending: ids.clone(),
+                            tokens: ids,
+                            text: thought,
+                            ..State::default()
+                        },
+                    );
+                }
+                self.after_expansion_step(cx)
+            }
+            Job::ValuePrompt(s) => {
+                let logits = done
+                    .logits
+                    .clone()
+                    .ok_or_else(|| Error::invalid("value prompt fed without logits"))?;
+                let ToTEvaluator::SelfValue { samples, .. } = self.params.evaluator else {
+                    return Ok(());
+                };
+                let history = Arc::new(Vec::new());
+                for i in 0..samples {
+                    let head = if i + 1 == samples {
+                        done.head
+                    } else {
+                        done.head.fork(cx.store)?
+                    };
+                    let stream = self.stream();
+                    let id = cx.spawn(
+                        head,
+                        self.job.adapter.clone(),
+                        Vec::new(),
+                        Some(logits.clone()),
+                        spec(
+                            VALUE_TOKENS,
+                            vec!["\n".into()],
+                            self.params.sampling,
+                            stream,
+                            history.clone(),
+                        ),
+                    )?;
+                    self.jobs.insert(id, Job::Value(s));
+                }
+                Ok(())
+            }
+            Job::Value(s) => {
+                done.head.free(cx.store);
+                self.states[s].value += judge(&done.text);
+                if self.jobs.is_empty() {
+                    self.select(cx)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn outputs(&self) -> Vec<RowOutput> {
+        let best = self.solution.unwrap_or(0);
+        let mut chain = vec![best];
+        while let Some(p) = self.states[*chain.last().unwrap_or(&0)].parent {
+            chain.push(p);
+        }
+        chain.reverse();
+        let mut tokens = Vec::new();
+        let mut logprobs = Vec::new();
+        for &i in &chain {
+            tokens.extend(&self.states[i].tokens);
+            logprobs.extend(&self.states[i].logprobs);
+        }
+        let on_path: std::collections::HashSet<usize> = chain.iter().copied().collect();
+        let nodes = self
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| TreeNodeReport {
+                parent: s.parent,
+                depth: s.depth,
+                text: s.text.clone(),
+                token_count: s.tokens.len(),
+                visits: u32::from(s.selected),
+                value: s.value,
+                prior: 0.0,
+                terminal: s.terminal,
+                rollout_tokens: 0,
+                selected: s.selected || on_path.contains(&i),
+            })
+            .collect();
+        let mut out = RowOutput::plain(
+            tokens,
+            logprobs,
+            None,
+            FinishReason::Length,
+            self.job.prompt.len(),
+        );
+        out.score = Some(self.states[best].value);
+        out.tree = Some(TreeReport { nodes });
+        vec![out]
+    }
+}
