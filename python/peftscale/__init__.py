@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 from peftscale import models
 from peftscale._core import __version__
-from peftscale.engine import Engine, GenerationOutput, Stats, Tokenizer
+from peftscale.engine import Candidate, Engine, GenerationOutput, SearchTree, Stats, Tokenizer, TreeNode
 from peftscale.errors import (
     AdapterError,
+    CallbackError,
     ChatTemplateError,
     ContextLengthError,
     EngineError,
@@ -21,13 +22,34 @@ from peftscale.errors import (
     PeftscaleError,
     TokenizerError,
 )
-from peftscale.strategies import CoLD, Greedy, Sampling, Strategy
+from peftscale.strategies import (
+    MCTS,
+    Adaptive,
+    BeamSearch,
+    BestOfN,
+    CoLD,
+    Greedy,
+    Sampling,
+    SelfConsistency,
+    Strategy,
+    TreeOfThought,
+)
 
 if TYPE_CHECKING:
     from peftscale import train
 
 __all__ = [
+    "MCTS",
+    "Adaptive",
     "AdapterError",
+    "BeamSearch",
+    "BestOfN",
+    "CallbackError",
+    "Candidate",
+    "SearchTree",
+    "SelfConsistency",
+    "TreeNode",
+    "TreeOfThought",
     "ChatTemplateError",
     "CoLD",
     "ContextLengthError",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -43,19 +43,78 @@ class Stats:
         return (self.seconds - self.first_token_seconds) / later if later > 0 else 0.0
 
 
+FinishReason = Literal["eos", "stop", "length", "context"]
+
+
 @dataclass(frozen=True)
-class GenerationOutput:
-    """One generated continuation: the new part only, never the prompt."""
+class Candidate:
+    """One continuation a search considered (a beam hypothesis, a best-of-N sample, ...)."""
 
     text: str | None
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: Literal["eos", "stop", "length", "context"]
+    finish_reason: FinishReason
+    #: The strategy's score: transformers' ``sequences_scores`` for beams, the scorer's value
+    #: for best-of-N, the vote weight for self-consistency.
+    score: float
+    answer: str | None
+
+
+@dataclass(frozen=True)
+class TreeNode:
+    """A node of a Tree-of-Thought or MCTS search tree (node 0 is the prompt)."""
+
+    parent: int | None
+    depth: int
+    text: str
+    token_count: int
+    visits: int
+    #: MCTS: the mean back-propagated value; Tree-of-Thought: the evaluator's value.
+    value: float
+    prior: float
+    terminal: bool
+    rollout_tokens: int
+    #: On the returned path (MCTS) or kept by the search (Tree-of-Thought).
+    selected: bool
+
+
+@dataclass(frozen=True)
+class SearchTree:
+    nodes: list[TreeNode]
+
+    @property
+    def max_depth(self) -> int:
+        return max((n.depth for n in self.nodes), default=0)
+
+    def children(self, node: int) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.parent == node]
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One generated continuation: the new part only, never the prompt.
+
+    Search strategies add what they considered: ``candidates`` (beam hypotheses, samples),
+    ``score``, ``answer`` and ``votes`` (self-consistency, adaptive), ``tree`` (Tree-of-Thought,
+    MCTS) and ``tokens_spent`` (this prompt's share of ``stats.tokens_forwarded``).
+    """
+
+    text: str | None
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
     prompt_tokens: int
     stats: Stats
+    score: float | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    answer: str | None = None
+    votes: dict[str, float] = field(default_factory=dict)
+    tree: SearchTree | None = None
+    tokens_spent: int = 0
 
     @classmethod
     def _from_core(cls, d: dict[str, Any]) -> GenerationOutput:
+        tree = d.get("tree")
         return cls(
             text=d["text"],
             token_ids=list(d["token_ids"]),
@@ -63,6 +122,12 @@ class GenerationOutput:
             finish_reason=d["finish_reason"],
             prompt_tokens=d["prompt_tokens"],
             stats=Stats(**d["stats"]),
+            score=d.get("score"),
+            candidates=[Candidate(**c) for c in d.get("candidates", [])],
+            answer=d.get("answer"),
+            votes=dict(d.get("votes", [])),
+            tree=None if tree is None else SearchTree([TreeNode(**n) for n in tree["nodes"]]),
+            tokens_spent=d.get("tokens_spent", 0),
         )
 
 

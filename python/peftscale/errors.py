@@ -2,6 +2,7 @@
 
 from peftscale._core import (
     AdapterError,
+    CallbackError,
     ChatTemplateError,
     ContextLengthError,
     EngineError,
@@ -14,6 +15,7 @@ from peftscale._core import (
 
 __all__ = [
     "AdapterError",
+    "CallbackError",
     "ChatTemplateError",
     "ContextLengthError",
     "EngineError",

@@ -6,8 +6,9 @@ raises :class:`peftscale.InvalidArgument` naming the bad parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from peftscale.errors import InvalidArgument
 
@@ -100,4 +101,254 @@ class CoLD:
         }
 
 
-Strategy = Greedy | Sampling | CoLD
+def _sampling_tuple(s: Sampling) -> tuple[float, int, float, float, float, int]:
+    k = s._core_kwargs()
+    return (k["temperature"], k["top_k"], k["top_p"], k["min_p"], k["repetition_penalty"], k["seed"])
+
+
+def _cold_tuple(scorer: object) -> tuple[float, float, float, bool, float, int, bool] | None:
+    return CoLD._core_kwargs(scorer)["cold"] if isinstance(scorer, CoLD) else None
+
+
+def _search(kind: str, scorer: object = None, **fields: Any) -> dict[str, Any]:
+    return {**Greedy()._core_kwargs(), "search": {"kind": kind, "cold": _cold_tuple(scorer), **fields}}
+
+
+Scorer = Callable[[str, str], float]
+"""``(prompt, completion) -> float``, higher is better (a verifier or a reward model)."""
+Extract = Literal["last_number", "boxed", "choice_letter"] | Callable[[str], "str | None"]
+
+_SEARCH_SAMPLING = Sampling(temperature=0.7)
+
+
+@dataclass(frozen=True)
+class BeamSearch:
+    """Beam search with transformers' semantics (``generate(num_beams=..., do_sample=False)``).
+
+    Each step keeps the best ``max(2, 1 + n_eos) * num_beams`` continuations of all beams by
+    summed log-probability; a continuation that ends (EOS, ``max_new_tokens``) among the best
+    ``num_beams`` becomes a finished hypothesis scored ``sum_logprob / generated_len **
+    length_penalty``. ``early_stopping``: ``True`` stops once ``num_beams`` hypotheses are
+    finished, ``False`` (default) when the best running beam can no longer beat them at its
+    current length, ``"never"`` only when no beam can. ``out`` is the best hypothesis and
+    ``out.candidates`` the best ``num_return_sequences`` with transformers' ``sequences_scores``
+    as ``score``. ``scorer=CoLD(...)`` ranks tokens by CoLD's contrastive log-scores (needs an
+    adapter).
+    """
+
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+    num_return_sequences: int = 1
+    scorer: CoLD | None = None
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        if self.early_stopping not in (True, False, "never"):
+            raise InvalidArgument(
+                f"invalid argument: early_stopping must be True, False or 'never', got {self.early_stopping!r}"
+            )
+        early = "never" if self.early_stopping == "never" else ("true" if self.early_stopping else "false")
+        return _search(
+            "beam",
+            self.scorer,
+            num_beams=_non_negative("num_beams", self.num_beams),
+            length_penalty=float(self.length_penalty),
+            early_stopping=early,
+            num_return_sequences=_non_negative("num_return_sequences", self.num_return_sequences),
+        )
+
+
+@dataclass(frozen=True)
+class BestOfN:
+    """Sample ``n`` completions (the prompt is run once and forked) and return the best.
+
+    ``scorer``: ``"mean_logprob"`` (default), ``"sum_logprob"``, a callable ``(prompt, completion)
+    -> float`` (a verifier; it runs once per candidate after sampling), or ``CoLD(...)``, which
+    samples tokens from CoLD's contrastive scores and ranks by their mean log-score. Ties go to
+    the candidate sampled first. ``out.candidates`` holds all ``n`` with their ``score``.
+    """
+
+    n: int = 8
+    sampling: Sampling = _SEARCH_SAMPLING
+    scorer: Literal["mean_logprob", "sum_logprob"] | Scorer | CoLD = "mean_logprob"
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        ranking = "mean_logprob" if isinstance(self.scorer, CoLD) else self.scorer
+        return _search(
+            "best_of_n",
+            self.scorer,
+            n=_non_negative("n", self.n),
+            sampling=_sampling_tuple(self.sampling),
+            scorer=ranking,
+        )
+
+
+@dataclass(frozen=True)
+class SelfConsistency:
+    """Sample ``n`` reasoning paths, extract each answer, vote (Wang et al. 2023).
+
+    ``extract``: ``"last_number"``, ``"boxed"`` (last ``\\boxed{}``), ``"choice_letter"`` (A-J) or a
+    callable ``str -> str | None``. ``vote="majority"`` counts answers; ``"weighted"`` weighs each
+    path by its mean token probability, or by ``scorer(prompt, completion)`` when ``scorer`` is a
+    callable. Ties go to the answer that was sampled first. With ``stop_when_confident=0.95`` it
+    samples ``round_size`` paths at a time and stops once Adaptive-Consistency's Beta rule gives
+    ``P(p_top > p_second) >= 0.95`` (capped at ``n``). ``out.answer`` is the winner, ``out.votes``
+    the tally, ``out`` the first path that gave the winning answer.
+    """
+
+    n: int = 8
+    sampling: Sampling = _SEARCH_SAMPLING
+    extract: Extract = "last_number"
+    vote: Literal["majority", "weighted"] = "majority"
+    stop_when_confident: float | None = None
+    round_size: int = 4
+    scorer: Scorer | CoLD | None = None
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        weight = self.scorer if callable(self.scorer) and not isinstance(self.scorer, CoLD) else None
+        return _search(
+            "self_consistency",
+            self.scorer,
+            n=_non_negative("n", self.n),
+            sampling=_sampling_tuple(self.sampling),
+            extract=self.extract,
+            vote=self.vote,
+            weight=weight,
+            stop_when_confident=None if self.stop_when_confident is None else float(self.stop_when_confident),
+            round_size=_non_negative("round_size", self.round_size),
+        )
+
+
+PROPOSE_TEMPLATE = "{problem}\nPossible next steps, one per line:\n"
+"""The default propose prompt: ``{problem}`` is the prompt, ``{state}`` the steps so far."""
+
+VALUE_TEMPLATE = (
+    "Evaluate whether this partial solution can reach a correct answer "
+    "(sure / likely / impossible).\nProblem: {problem}\nSteps so far:\n{state}\nJudgement:"
+)
+"""The default value prompt of the ``"self"`` evaluator."""
+
+
+@dataclass(frozen=True)
+class TreeOfThought:
+    """Tree-of-Thought search (Yao et al. 2023) over steps separated by ``step_delimiter``.
+
+    ``generate="sample"`` samples ``proposals`` next steps from each state's own (forked)
+    sequence; ``"propose"`` asks the model for several next steps at once with
+    ``propose_template`` (one per line). ``evaluator="self"`` asks the model ``value_samples``
+    times with ``value_template`` and sums sure / likely / impossible as 20 / 1 / 0.001, all
+    states of a level in one batch; a callable ``(prompt, state) -> float`` replaces it.
+    ``search="bfs"`` keeps the best ``breadth`` states per level for ``depth`` levels;
+    ``"dfs"`` follows the best child first and backtracks below ``value_threshold``.
+    ``out.tree`` holds every state with its value.
+    """
+
+    step_delimiter: str = "\n"
+    proposals: int = 3
+    breadth: int = 5
+    depth: int = 4
+    generate: Literal["sample", "propose"] = "sample"
+    evaluator: Literal["self"] | Scorer = "self"
+    value_samples: int = 3
+    search: Literal["bfs", "dfs"] = "bfs"
+    value_threshold: float = 1.0
+    max_step_tokens: int = 64
+    sampling: Sampling = _SEARCH_SAMPLING
+    propose_template: str = PROPOSE_TEMPLATE
+    value_template: str = VALUE_TEMPLATE
+    scorer: CoLD | None = None
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        return _search(
+            "tot",
+            self.scorer,
+            step_delimiter=self.step_delimiter,
+            proposals=_non_negative("proposals", self.proposals),
+            breadth=_non_negative("breadth", self.breadth),
+            depth=_non_negative("depth", self.depth),
+            generate=self.generate,
+            evaluator=self.evaluator,
+            value_samples=_non_negative("value_samples", self.value_samples),
+            search=self.search,
+            value_threshold=float(self.value_threshold),
+            max_step_tokens=_non_negative("max_step_tokens", self.max_step_tokens),
+            sampling=_sampling_tuple(self.sampling),
+            propose_template=self.propose_template,
+            value_template=self.value_template,
+        )
+
+
+@dataclass(frozen=True)
+class MCTS:
+    """Monte Carlo Tree Search over reasoning steps (separated by ``step_delimiter``).
+
+    Each iteration selects a leaf by PUCT (prior: the step's mean token probability, normalised
+    over its siblings), samples ``expansions`` next steps from its forked sequence, evaluates
+    each new step by a ``rollout`` to an answer scored by ``reward`` (``"self_consistency"``: the
+    share of all rollouts so far with the same extracted answer; or a callable ``(prompt,
+    text) -> float``), and back-propagates the mean value. Returns the most visited path
+    completed by its rollout, with ``out.tree`` (visits, values, priors per node).
+    """
+
+    iterations: int = 32
+    expansions: int = 3
+    c_puct: float = 1.0
+    step_delimiter: str = "\n"
+    max_depth: int = 8
+    reward: Literal["self_consistency"] | Scorer = "self_consistency"
+    rollout: Literal["greedy", "sample"] = "greedy"
+    extract: Extract = "last_number"
+    max_step_tokens: int = 64
+    sampling: Sampling = _SEARCH_SAMPLING
+    scorer: CoLD | None = None
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        return _search(
+            "mcts",
+            self.scorer,
+            iterations=_non_negative("iterations", self.iterations),
+            expansions=_non_negative("expansions", self.expansions),
+            c_puct=float(self.c_puct),
+            step_delimiter=self.step_delimiter,
+            max_depth=_non_negative("max_depth", self.max_depth),
+            reward=self.reward,
+            rollout=self.rollout,
+            extract=self.extract,
+            max_step_tokens=_non_negative("max_step_tokens", self.max_step_tokens),
+            sampling=_sampling_tuple(self.sampling),
+        )
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Difficulty-adaptive compute over a list of prompts (after Snell et al. 2024).
+
+    Spends ``probe`` samples on every question, estimates its difficulty from how much their
+    extracted answers disagree, bins the questions by difficulty quantile (``bins``), and splits
+    the rest of ``budget_tokens`` (generated tokens, probes included) over the unsettled ones,
+    harder bins getting more samples (at most ``max_n`` per question); questions whose probes
+    all agree get none. Then each question votes. ``out.tokens_spent`` is its spend.
+    """
+
+    budget_tokens: int = 4096
+    probe: int = 4
+    max_n: int = 32
+    bins: int = 5
+    sampling: Sampling = _SEARCH_SAMPLING
+    extract: Extract = "last_number"
+    scorer: CoLD | None = None
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        return _search(
+            "adaptive",
+            self.scorer,
+            budget_tokens=_non_negative("budget_tokens", self.budget_tokens),
+            probe=_non_negative("probe", self.probe),
+            max_n=_non_negative("max_n", self.max_n),
+            bins=_non_negative("bins", self.bins),
+            sampling=_sampling_tuple(self.sampling),
+            extract=self.extract,
+        )
+
+
+Strategy = Greedy | Sampling | CoLD | BeamSearch | BestOfN | SelfConsistency | TreeOfThought | MCTS | Adaptive

@@ -1,9 +1,10 @@
 //! PyO3 bindings for peftscale-core: conversions and error mapping only, no logic.
 
+mod search;
+
 use candle_core::Tensor;
 use numpy::{PyArray1, PyArrayMethods};
-use peftscale_core::logits::ColdParams;
-use peftscale_core::search::TextDelta;
+use peftscale_core::search::{Candidate, TextDelta, TreeReport};
 use peftscale_core::text::ChatMessage;
 use peftscale_core::{
     Engine, Error, GenerateOptions, Generation, Output, SamplingParams, WeightDType,
@@ -64,6 +65,12 @@ create_exception!(
 );
 create_exception!(
     _core,
+    CallbackError,
+    PeftscaleError,
+    "A user callback failed (raised only when its own exception could not be kept)."
+);
+create_exception!(
+    _core,
     EngineError,
     PeftscaleError,
     "An internal tensor operation failed."
@@ -79,8 +86,19 @@ fn to_py(err: Error) -> PyErr {
         Error::Tokenizer(_) => TokenizerError::new_err(msg),
         Error::ChatTemplate(_) => ChatTemplateError::new_err(msg),
         Error::NonFiniteLogits { .. } => NumericalError::new_err(msg),
+        Error::Callback { .. } => CallbackError::new_err(msg),
         Error::Tensor(_) => EngineError::new_err(msg),
     }
+}
+
+/// A callback's own exception when it caused `err`, else the typed error.
+fn to_py_with(err: Error, callbacks: &search::CallbackError) -> PyErr {
+    if matches!(err, Error::Callback { .. }) {
+        if let Some(e) = callbacks.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return e;
+        }
+    }
+    to_py(err)
 }
 
 #[pyclass(name = "Engine", module = "peftscale._core", frozen)]
@@ -106,6 +124,41 @@ fn logits_array(py: Python<'_>, t: Tensor) -> PyResult<Bound<'_, PyAny>> {
         .into_any())
 }
 
+fn candidate_dict<'py>(py: Python<'py>, c: &Candidate) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("token_ids", &c.token_ids)?;
+    d.set_item("logprobs", &c.logprobs)?;
+    d.set_item("text", &c.text)?;
+    d.set_item("finish_reason", c.finish_reason.as_str())?;
+    d.set_item("score", c.score)?;
+    d.set_item("answer", &c.answer)?;
+    Ok(d)
+}
+
+fn tree_dict<'py>(py: Python<'py>, t: &TreeReport) -> PyResult<Bound<'py, PyDict>> {
+    let nodes = t
+        .nodes
+        .iter()
+        .map(|n| {
+            let d = PyDict::new(py);
+            d.set_item("parent", n.parent)?;
+            d.set_item("depth", n.depth)?;
+            d.set_item("text", &n.text)?;
+            d.set_item("token_count", n.token_count)?;
+            d.set_item("visits", n.visits)?;
+            d.set_item("value", n.value)?;
+            d.set_item("prior", n.prior)?;
+            d.set_item("terminal", n.terminal)?;
+            d.set_item("rollout_tokens", n.rollout_tokens)?;
+            d.set_item("selected", n.selected)?;
+            Ok(d)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let d = PyDict::new(py);
+    d.set_item("nodes", nodes)?;
+    Ok(d)
+}
+
 fn output_dict<'py>(py: Python<'py>, out: &Output) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("token_ids", &out.row.token_ids)?;
@@ -113,6 +166,21 @@ fn output_dict<'py>(py: Python<'py>, out: &Output) -> PyResult<Bound<'py, PyDict
     d.set_item("text", &out.row.text)?;
     d.set_item("finish_reason", out.row.finish_reason.as_str())?;
     d.set_item("prompt_tokens", out.row.prompt_tokens)?;
+    d.set_item("score", out.row.score)?;
+    let candidates = out
+        .row
+        .candidates
+        .iter()
+        .map(|c| candidate_dict(py, c))
+        .collect::<PyResult<Vec<_>>>()?;
+    d.set_item("candidates", candidates)?;
+    d.set_item("answer", &out.row.answer)?;
+    d.set_item("votes", out.row.votes.clone())?;
+    match &out.row.tree {
+        Some(t) => d.set_item("tree", tree_dict(py, t)?)?,
+        None => d.set_item("tree", py.None())?,
+    }
+    d.set_item("tokens_spent", out.row.tokens_spent)?;
     let s = PyDict::new(py);
     s.set_item("tokens_forwarded", out.stats.tokens_forwarded)?;
     s.set_item("forward_passes", out.stats.forward_passes)?;
@@ -179,7 +247,7 @@ impl PyEngine {
 
     #[pyo3(signature = (prompts, max_new_tokens, stop, temperature, top_k, top_p, min_p,
                         repetition_penalty, seed, ignore_eos = false, adapters = Vec::new(),
-                        cold = None))]
+                        cold = None, search = None))]
     #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
@@ -196,18 +264,11 @@ impl PyEngine {
         ignore_eos: bool,
         adapters: Vec<Option<String>>,
         cold: Option<(f32, f32, f32, bool, f32, u64, bool)>,
+        search: Option<Bound<'_, PyDict>>,
     ) -> PyResult<PyGeneration> {
-        let cold = cold.map(
-            |(alpha, beta, base_temperature, sample, temperature, seed, paired)| ColdParams {
-                alpha,
-                beta,
-                base_temperature,
-                sample,
-                temperature,
-                seed,
-                paired,
-            },
-        );
+        let callbacks = search::CallbackError::default();
+        let cold = search::cold(cold);
+        let search = search.map(|d| search::spec(&d, &callbacks)).transpose()?;
         let opts = GenerateOptions {
             max_new_tokens,
             stop,
@@ -222,11 +283,12 @@ impl PyEngine {
             ignore_eos,
             adapters,
             cold,
+            search,
         };
         let inner = py
             .allow_threads(|| self.engine().start(prompts, &opts))
-            .map_err(to_py)?;
-        Ok(PyGeneration { inner })
+            .map_err(|e| to_py_with(e, &callbacks))?;
+        Ok(PyGeneration { inner, callbacks })
     }
 
     /// Logits `[len, vocab]` of each sequence, each through its adapter (or the base model),
@@ -326,13 +388,16 @@ impl PyEngine {
 #[pyclass(name = "Generation", module = "peftscale._core")]
 struct PyGeneration {
     inner: Generation,
+    callbacks: search::CallbackError,
 }
 
 #[pymethods]
 impl PyGeneration {
     /// Runs one batched forward step; returns `(row, text)` pieces that became final.
     fn step(&mut self, py: Python<'_>) -> PyResult<Vec<(usize, String)>> {
-        let deltas = py.allow_threads(|| self.inner.step()).map_err(to_py)?;
+        let deltas = py
+            .allow_threads(|| self.inner.step())
+            .map_err(|e| to_py_with(e, &self.callbacks))?;
         Ok(deltas
             .into_iter()
             .map(|TextDelta { row, text }| (row, text))
@@ -347,7 +412,7 @@ impl PyGeneration {
             }
             Ok(())
         })
-        .map_err(to_py)
+        .map_err(|e| to_py_with(e, &self.callbacks))
     }
 
     #[getter]
@@ -378,6 +443,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ChatTemplateError", py.get_type::<ChatTemplateError>())?;
     m.add("NumericalError", py.get_type::<NumericalError>())?;
     m.add("EngineError", py.get_type::<EngineError>())?;
+    m.add("CallbackError", py.get_type::<CallbackError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
