@@ -110,8 +110,8 @@ def _cold_tuple(scorer: object) -> tuple[float, float, float, bool, float, int, 
     return CoLD._core_kwargs(scorer)["cold"] if isinstance(scorer, CoLD) else None
 
 
-def _search(kind: str, scorer: object = None, **fields: Any) -> dict[str, Any]:
-    return {**Greedy()._core_kwargs(), "search": {"kind": kind, "cold": _cold_tuple(scorer), **fields}}
+def _search(kind: str, token_scorer: object = None, **fields: Any) -> dict[str, Any]:
+    return {**Greedy()._core_kwargs(), "search": {"kind": kind, "cold": _cold_tuple(token_scorer), **fields}}
 
 
 Scorer = Callable[[str, str], float]

@@ -1,0 +1,280 @@
+"""Test-time search strategies on tiny random models, with scripted scorers, extractors,
+evaluators and rewards that pin each algorithm down; token counts against the theoretical ones;
+bad parameters and failing callbacks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import peftscale as ps
+import pytest
+
+PROMPT = list(range(300, 312))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama: Path) -> ps.Engine:
+    return ps.Engine.load(tiny_llama, dtype="f32")
+
+
+def _scripted(values: list):
+    """A callback returning `values` in call order (then the last one)."""
+    it = iter(values)
+    last = [values[-1]]
+
+    def f(*_args: str):
+        try:
+            last[0] = next(it)
+        except StopIteration:
+            pass
+        return last[0]
+
+    return f
+
+
+def test_best_of_n_returns_the_scorer_pick_and_runs_the_prompt_once(tiny: ps.Engine) -> None:
+    out = tiny.generate(PROMPT, max_new_tokens=6, strategy=ps.BestOfN(n=5, sampling=ps.Sampling(seed=3)))
+    assert len(out.candidates) == 5
+    means = [sum(c.logprobs) / len(c.logprobs) for c in out.candidates]
+    for c, m in zip(out.candidates, means, strict=True):
+        assert c.score == pytest.approx(m, abs=1e-5)
+    assert out.token_ids == out.candidates[max(range(5), key=lambda i: (means[i], -i))].token_ids
+    # The prompt once, then every generated token except each candidate's last.
+    expected = len(PROMPT) + sum(len(c.token_ids) - 1 for c in out.candidates)
+    assert out.stats.tokens_forwarded == expected
+
+    # A scripted verifier: the candidate it scores highest wins, the first on ties.
+    scores = [0.1, 0.7, 0.7, -2.0, 0.3]
+    picked = tiny.generate(
+        PROMPT,
+        max_new_tokens=6,
+        strategy=ps.BestOfN(n=5, sampling=ps.Sampling(seed=3), scorer=_scripted(scores)),
+    )
+    assert [c.score for c in picked.candidates] == pytest.approx(scores)
+    assert picked.token_ids == picked.candidates[1].token_ids
+    summed = tiny.generate(
+        PROMPT, max_new_tokens=6, strategy=ps.BestOfN(n=5, sampling=ps.Sampling(seed=3), scorer="sum_logprob")
+    )
+    sums = [sum(c.logprobs) for c in summed.candidates]
+    assert summed.score == pytest.approx(max(sums), abs=1e-4)
+
+
+def test_same_seed_same_candidates(tiny: ps.Engine) -> None:
+    s = ps.BestOfN(n=3, sampling=ps.Sampling(seed=11))
+    a = tiny.generate(PROMPT, max_new_tokens=5, strategy=s)
+    b = tiny.generate([PROMPT, PROMPT[:5]], max_new_tokens=5, strategy=s)[0]
+    assert [c.token_ids for c in a.candidates] == [c.token_ids for c in b.candidates]
+
+
+def test_self_consistency_majority_tie_goes_to_the_first_answer(tiny: ps.Engine) -> None:
+    out = tiny.generate(
+        PROMPT,
+        max_new_tokens=4,
+        strategy=ps.SelfConsistency(n=6, extract=_scripted(["7", "5", None, "5", "7", "9"])),
+    )
+    assert out.votes == {"7": 2.0, "5": 2.0, "9": 1.0}
+    assert out.answer == "7"
+    assert [c.answer for c in out.candidates] == ["7", "5", None, "5", "7", "9"]
+    assert out.token_ids == out.candidates[0].token_ids
+    weighted = tiny.generate(
+        PROMPT,
+        max_new_tokens=4,
+        strategy=ps.SelfConsistency(
+            n=4, extract=_scripted(["7", "5", "5", "7"]), vote="weighted", scorer=_scripted([0.1, 0.5, 0.2, 0.1])
+        ),
+    )
+    assert weighted.answer == "5" and weighted.votes["5"] == pytest.approx(0.7)
+
+
+def _beta_upper(top: int, second: int) -> float:
+    """P(X > 1/2) for X ~ Beta(top + 1, second + 1), by numerical integration."""
+    a, b, steps = top + 1, second + 1, 20000
+    xs = [(i + 0.5) / steps for i in range(steps)]
+    dens = [x ** (a - 1) * (1 - x) ** (b - 1) for x in xs]
+    return sum(d for x, d in zip(xs, dens, strict=True) if x > 0.5) / sum(dens)
+
+
+def test_beta_rule_stops_exactly_when_the_formula_says(tiny: ps.Engine) -> None:
+    answers = ["A", "B", "A", "A", "A", "A", "A", "A", "A", "A", "A", "A"]
+    expected = None
+    for j in range(1, len(answers) + 1):
+        seen = answers[:j]
+        top, second = seen.count("A"), seen.count("B")
+        if _beta_upper(top, second) >= 0.95:
+            expected = j
+            break
+    assert expected is not None
+    out = tiny.generate(
+        PROMPT,
+        max_new_tokens=3,
+        strategy=ps.SelfConsistency(n=12, round_size=1, stop_when_confident=0.95, extract=_scripted(answers)),
+    )
+    assert len(out.candidates) == expected
+    assert out.answer == "A"
+
+
+def test_tot_bfs_keeps_breadth_states_per_level(tiny: ps.Engine) -> None:
+    def value(_prompt: str, state: str) -> float:
+        return float(sum(map(ord, state)) % 97)
+
+    strategy = ps.TreeOfThought(
+        proposals=3, breadth=2, depth=3, evaluator=value, max_step_tokens=3, step_delimiter="\n\n\n"
+    )
+    out = tiny.generate(PROMPT, max_new_tokens=32, strategy=strategy)
+    nodes = out.tree.nodes
+    for level in (1, 2, 3):
+        at = [n for n in nodes if n.depth == level]
+        assert len(at) == (3 if level == 1 else 6)
+        kept = [n for n in at if n.selected]
+        assert len(kept) == 2
+        assert min(n.value for n in kept) >= max(n.value for n in at if not n.selected)
+    assert out.score == max(n.value for n in nodes if n.depth == 3 and n.selected)
+
+
+def test_tot_dfs_backtracks_below_the_threshold(tiny: ps.Engine) -> None:
+    # Root -> A (5), B (3); A -> A1 (0), A2 (0): both pruned, back to B -> B1 (0), B2 (2).
+    strategy = ps.TreeOfThought(
+        proposals=2,
+        depth=2,
+        search="dfs",
+        value_threshold=1.0,
+        evaluator=_scripted([5.0, 3.0, 0.0, 0.0, 0.0, 2.0]),
+        max_step_tokens=3,
+        step_delimiter="\n\n\n",
+    )
+    out = tiny.generate(PROMPT, max_new_tokens=32, strategy=strategy)
+    nodes = out.tree.nodes
+    assert len(nodes) == 7
+    a, b = out.tree.children(0)
+    assert nodes[a].value == 5.0 and nodes[b].value == 3.0
+    a1, a2 = out.tree.children(a)
+    b1, b2 = out.tree.children(b)
+    assert not nodes[a1].selected and not nodes[a2].selected and not nodes[b1].selected
+    assert nodes[b2].selected and out.score == 2.0
+
+
+def test_mcts_prefers_the_rewarded_branch_and_counts_add_up(tiny: ps.Engine) -> None:
+    delimiter = "\n\n\n"
+    first: list[str] = []
+
+    def reward(_prompt: str, text: str) -> float:
+        if not first:
+            first.append(text[:8])
+        return 1.0 if text.startswith(first[0]) else 0.0
+
+    out = tiny.generate(
+        PROMPT,
+        max_new_tokens=12,
+        strategy=ps.MCTS(
+            iterations=8,
+            expansions=3,
+            max_step_tokens=3,
+            step_delimiter=delimiter,
+            reward=reward,
+            sampling=ps.Sampling(temperature=1.0, seed=5),
+        ),
+    )
+    nodes = out.tree.nodes
+    root_children = out.tree.children(0)
+    assert len(root_children) == 3
+    visits = [nodes[c].visits for c in root_children]
+    rewarded = [c for c in root_children if nodes[c].value > 0]
+    assert nodes[root_children[0]].value > 0
+    assert nodes[root_children[visits.index(max(visits))]].value > 0 and rewarded
+    # A node's visits are its own evaluations plus its children's.
+    for i, n in enumerate(nodes):
+        below = sum(nodes[c].visits for c in out.tree.children(i))
+        assert n.visits >= below
+    assert nodes[0].visits == sum(visits)
+    # The prompt once, each step's tokens (a terminal step's last one is never fed), each
+    # rollout's tokens but its last.
+    expected = len(PROMPT) + sum(
+        n.token_count - (1 if n.terminal else 0) + max(n.rollout_tokens - 1, 0) for n in nodes[1:]
+    )
+    assert out.stats.tokens_forwarded == expected
+
+
+def test_adaptive_spends_more_where_probes_disagree(tiny: ps.Engine) -> None:
+    answers = ["1", "1", "1", "1", "1", "2", "3", "4"] + ["9"] * 100
+    out = tiny.generate(
+        [PROMPT, PROMPT[:6] + [900]],
+        max_new_tokens=4,
+        strategy=ps.Adaptive(budget_tokens=200, probe=4, max_n=12, bins=2, extract=_scripted(answers)),
+        ignore_eos=True,
+    )
+    settled, unsettled = out
+    assert len(settled.candidates) == 4 and settled.answer == "1"
+    assert len(unsettled.candidates) > 4
+    assert unsettled.tokens_spent > settled.tokens_spent
+    assert settled.tokens_spent + unsettled.tokens_spent == settled.stats.tokens_forwarded
+
+
+def test_beam_search_forwards_each_prompt_once(tiny: ps.Engine) -> None:
+    for k in (1, 3):
+        out = tiny.generate(PROMPT, max_new_tokens=7, strategy=ps.BeamSearch(num_beams=k), ignore_eos=True)
+        assert out.stats.tokens_forwarded == len(PROMPT) + k * (out.stats.forward_passes - 1)
+        assert len(out.token_ids) == 7
+
+
+@pytest.mark.parametrize(
+    ("strategy", "name"),
+    [
+        (ps.BestOfN(n=0), "n"),
+        (ps.SelfConsistency(n=0), "n"),
+        (ps.BeamSearch(num_beams=0), "num_beams"),
+        (ps.BeamSearch(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+        (ps.TreeOfThought(breadth=0), "breadth"),
+        (ps.TreeOfThought(depth=0), "depth"),
+        (ps.MCTS(c_puct=-1.0), "c_puct"),
+        (ps.MCTS(iterations=0), "iterations"),
+        (ps.Adaptive(budget_tokens=10, probe=4), "budget_tokens"),
+        (ps.SelfConsistency(stop_when_confident=0.3), "stop_when_confident"),
+        (ps.BestOfN(sampling=ps.Sampling(top_p=0.0)), "top_p"),
+    ],
+)
+def test_bad_parameters_name_themselves(tiny: ps.Engine, strategy: ps.Strategy, name: str) -> None:
+    with pytest.raises(ps.InvalidArgument, match=name):
+        tiny.generate(PROMPT, max_new_tokens=4, strategy=strategy)
+
+
+def test_failing_callbacks_surface_and_leave_the_engine_usable(tiny: ps.Engine) -> None:
+    class Boom(RuntimeError):
+        pass
+
+    def raises(_p: str, _c: str) -> float:
+        raise Boom("verifier crashed")
+
+    with pytest.raises(Boom, match="verifier crashed"):
+        tiny.generate(PROMPT, max_new_tokens=3, strategy=ps.BestOfN(n=2, scorer=raises))
+    with pytest.raises(TypeError, match="must return a number.*'high'"):
+        tiny.generate(PROMPT, max_new_tokens=3, strategy=ps.BestOfN(n=2, scorer=lambda p, c: "high"))
+    with pytest.raises(ps.CallbackError, match="finite"):
+        tiny.generate(PROMPT, max_new_tokens=3, strategy=ps.BestOfN(n=2, scorer=lambda p, c: math.nan))
+    with pytest.raises(TypeError, match="str or None"):
+        tiny.generate(PROMPT, max_new_tokens=3, strategy=ps.SelfConsistency(n=2, extract=lambda t: 3))
+    with pytest.raises(ZeroDivisionError):
+        tiny.generate(PROMPT, max_new_tokens=8, strategy=ps.MCTS(iterations=2, reward=lambda p, t: 1 / 0))
+    ok = tiny.generate(PROMPT, max_new_tokens=3, strategy=ps.BestOfN(n=2))
+    assert len(ok.candidates) == 2
+
+
+def test_thread_count_does_not_change_results(tiny_llama: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import peftscale as ps, sys; e = ps.Engine.load(sys.argv[1], dtype='f32');"
+        "o = e.generate(list(range(300, 312)), max_new_tokens=6, strategy=ps.SelfConsistency(n=4));"
+        "print([c.token_ids for c in o.candidates])"
+    )
+    outs = set()
+    for threads in ("1", "2"):
+        env = {**__import__("os").environ, "PEFTSCALE_NUM_THREADS": threads}
+        r = subprocess.run([sys.executable, "-c", code, str(tiny_llama)], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        outs.add(r.stdout)
+    assert len(outs) == 1
+
+
+
