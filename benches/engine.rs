@@ -5,9 +5,10 @@
 //! scoring benches run. The packaged model's path:
 //! `python -c "import peftscale as ps; print(ps.models.smollm2_135m_instruct())"`.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use peftscale_core::logits::{self, Rng, SamplingParams};
 use peftscale_core::model::{LogitsFor, RowInput};
+use peftscale_core::search::tree::Tree;
 use peftscale_core::{Engine, WeightDType};
 
 const VOCAB: usize = 49_152;
@@ -15,6 +16,37 @@ const VOCAB: usize = 49_152;
 fn fake_logits() -> Vec<f32> {
     let mut rng = Rng::new(1, 0);
     (0..VOCAB).map(|_| rng.next_f32() * 20.0 - 10.0).collect()
+}
+
+/// MCTS bookkeeping alone: each iteration selects a leaf by PUCT, adds three children and
+/// back-propagates a value through every level. Reported per node update (each node whose
+/// statistics change, plus each new node).
+fn tree_bookkeeping(c: &mut Criterion) {
+    // One run: `iterations` times select a leaf by PUCT, add three children, back-propagate a
+    // value from each through every level.
+    fn run(iterations: usize) -> u64 {
+        let mut t = Tree::new();
+        let mut rng = Rng::new(3, 0);
+        let mut updates = 0u64;
+        for _ in 0..iterations {
+            let leaf = t.select(1.0);
+            for _ in 0..3 {
+                let child = t.add_child(leaf, 0.2 + rng.next_f32() as f64, false);
+                // The new node, then each node on its path gets a visit.
+                updates += 2 + t.nodes[child].depth as u64;
+                t.backpropagate(child, rng.next_f32() as f64);
+            }
+        }
+        updates
+    }
+    let iterations = 4096;
+    let mut g = c.benchmark_group("mcts_tree");
+    // Throughput in node updates (each new node, and each node a back-propagation visits).
+    g.throughput(Throughput::Elements(run(iterations)));
+    g.bench_function("select_expand3_backprop_x4096", |b| {
+        b.iter(|| black_box(run(black_box(iterations))))
+    });
+    g.finish();
 }
 
 fn scoring(c: &mut Criterion) {
@@ -117,6 +149,6 @@ fn matvec(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = scoring, matvec, decode_step
+    targets = tree_bookkeeping, scoring, matvec, decode_step
 }
 criterion_main!(benches);

@@ -275,6 +275,3 @@ def test_thread_count_does_not_change_results(tiny_llama: Path) -> None:
         assert r.returncode == 0, r.stderr
         outs.add(r.stdout)
     assert len(outs) == 1
-
-
-

@@ -35,6 +35,8 @@ class Stats:
     seconds: float
     #: Time to the first new token: the prompts' forward pass and the first decoding step.
     first_token_seconds: float
+    #: Time inside the model's forward passes (the rest is scoring, search and callbacks).
+    forward_seconds: float = 0.0
 
     @property
     def seconds_per_output_token(self) -> float:

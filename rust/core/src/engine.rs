@@ -65,6 +65,9 @@ pub struct Stats {
     pub seconds: f64,
     /// Seconds until the first step (the prompts and the first new token) had finished.
     pub first_token_seconds: f64,
+    /// Seconds inside the model's forward passes; the rest of `seconds` is scoring, search
+    /// bookkeeping and callbacks.
+    pub forward_seconds: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -321,13 +324,8 @@ impl Engine {
         }
         if let Some(search) = &opts.search {
             search.validate()?;
-            let strategy = build_search(
-                search,
-                &prompts,
-                adapters,
-                criteria,
-                self.tokenizer.clone(),
-            )?;
+            let strategy =
+                build_search(search, &prompts, adapters, criteria, self.tokenizer.clone())?;
             return Generation::new(self.model.clone(), strategy, prompts, false);
         }
         let strategy: Box<dyn Strategy> = Box::new(SamplingStrategy::new(
@@ -400,6 +398,7 @@ impl Generation {
                 RowInput::new(a.seq, &a.tokens, LogitsFor::Last).with_adapter(a.adapter.as_deref())
             })
             .collect();
+        let forward_started = Instant::now();
         let logits = if self.separate_passes {
             // One pass per adapter (the base model being one of them), results back in order.
             let mut logits: Vec<Option<Tensor>> = vec![None; rows.len()];
@@ -418,6 +417,7 @@ impl Generation {
         } else {
             self.model.forward(&mut self.store, &rows)?
         };
+        self.stats.forward_seconds += forward_started.elapsed().as_secs_f64();
         let per_seq: Vec<(SeqId, Vec<f32>)> = work
             .iter()
             .zip(logits)

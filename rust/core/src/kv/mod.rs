@@ -334,7 +334,11 @@ mod tests {
         let b = s.fork(a).unwrap();
         let va = write(&mut s, a, 1, 100.0);
         let vb = write(&mut s, b, 1, 200.0);
-        assert_eq!(vb.len(), 1, "no block: the child got its own copy of the tail");
+        assert_eq!(
+            vb.len(),
+            1,
+            "no block: the child got its own copy of the tail"
+        );
         assert_eq!(flat(&va)[..3 * 4], flat(&vb)[..3 * 4]);
         let direct = Tensor::cat(&[kv(3, 0.0), kv(1, 200.0)], 1)
             .unwrap()

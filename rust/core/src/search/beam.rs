@@ -400,8 +400,7 @@ impl Strategy for BeamSearch {
         store: &mut SeqStore,
         logits: Vec<(SeqId, Vec<f32>)>,
     ) -> Result<Vec<Advance>> {
-        let mut by_seq: std::collections::HashMap<SeqId, Vec<f32>> =
-            logits.into_iter().collect();
+        let mut by_seq: std::collections::HashMap<SeqId, Vec<f32>> = logits.into_iter().collect();
         for gi in 0..self.groups.len() {
             if self.groups[gi].done {
                 continue;

@@ -24,7 +24,11 @@ pub(crate) struct PromptJob {
 
 impl PromptJob {
     /// Starts the prompt's prefill: a branch that only feeds it.
-    pub fn prefill(&self, cx: &mut Cx<'_>, sampling: crate::logits::SamplingParams) -> Result<Head> {
+    pub fn prefill(
+        &self,
+        cx: &mut Cx<'_>,
+        sampling: crate::logits::SamplingParams,
+    ) -> Result<Head> {
         let head = cx.new_head();
         cx.spawn(
             head,
@@ -168,9 +172,11 @@ impl Search for BestOfN {
             self.slots = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
             return Ok(());
         }
-        let slot = self.slots.get(&done.id).copied().ok_or_else(|| {
-            Error::invalid(format!("best-of-N: unknown branch {}", done.id))
-        })?;
+        let slot = self
+            .slots
+            .get(&done.id)
+            .copied()
+            .ok_or_else(|| Error::invalid(format!("best-of-N: unknown branch {}", done.id)))?;
         self.done[slot] = Some(done);
         if self.done.iter().all(Option::is_some) {
             self.rank(cx)?;

@@ -332,10 +332,7 @@ impl Pool {
         let finite = logits::all_finite(&l.expert)
             && l.base.as_deref().is_none_or(|x| logits::all_finite(x));
         if !finite {
-            return Err(Error::NonFiniteLogits {
-                row: b.owner,
-                step,
-            });
+            return Err(Error::NonFiniteLogits { row: b.owner, step });
         }
         let (token, score) = match (&cfg.cold, &l.base) {
             (Some(cold), Some(base)) => {

@@ -7,16 +7,19 @@ use std::sync::Arc;
 
 use crate::error::Result;
 
+type ScoreFn = dyn Fn(&str, &str) -> Result<f64> + Send + Sync;
+type ExtractAnswerFn = dyn Fn(&str) -> Result<Option<String>> + Send + Sync;
+
 /// Scores a completion of a prompt: `(prompt, completion) -> score`, higher is better.
 #[derive(Clone)]
-pub struct Scorer(pub Arc<dyn Fn(&str, &str) -> Result<f64> + Send + Sync>);
+pub struct Scorer(pub Arc<ScoreFn>);
 
 /// Values a partial solution (a Tree-of-Thought state): `(prompt, state) -> value`.
 pub type Evaluator = Scorer;
 
 /// Pulls the final answer out of a completion: `text -> answer`, `None` when there is none.
 #[derive(Clone)]
-pub struct ExtractFn(pub Arc<dyn Fn(&str) -> Result<Option<String>> + Send + Sync>);
+pub struct ExtractFn(pub Arc<ExtractAnswerFn>);
 
 impl Scorer {
     pub fn new(f: impl Fn(&str, &str) -> Result<f64> + Send + Sync + 'static) -> Self {

@@ -171,7 +171,11 @@ impl Mcts {
         self.expanding.clear();
         let n = self.params.expansions;
         for i in 0..n {
-            let child = if i + 1 == n { head } else { head.fork(cx.store)? };
+            let child = if i + 1 == n {
+                head
+            } else {
+                head.fork(cx.store)?
+            };
             let stream = self.next_stream();
             let mut stop = self.job.stop.clone();
             stop.push(self.params.step_delimiter.clone());
@@ -180,7 +184,13 @@ impl Mcts {
                 self.job.adapter.clone(),
                 Vec::new(),
                 Some(logits.clone()),
-                spec(max_tokens, stop, self.params.sampling, stream, history.clone()),
+                spec(
+                    max_tokens,
+                    stop,
+                    self.params.sampling,
+                    stream,
+                    history.clone(),
+                ),
             )?;
             self.jobs.insert(id, Job::Expand(node));
             self.expanding.push((id, None));
@@ -238,7 +248,13 @@ impl Mcts {
             self.job.adapter.clone(),
             Vec::new(),
             Some(logits),
-            spec(room, self.job.stop.clone(), self.sampling(true), stream, history),
+            spec(
+                room,
+                self.job.stop.clone(),
+                self.sampling(true),
+                stream,
+                history,
+            ),
         )?;
         self.jobs.insert(id, Job::Rollout(node));
         Ok(())

@@ -2,6 +2,7 @@
 //! hands the engine a list of sequences to advance, the engine runs all of them in one batched
 //! forward pass, and the strategy consumes the resulting logits.
 
+pub(crate) mod adaptive;
 pub(crate) mod answers;
 pub(crate) mod beam;
 pub(crate) mod best_of_n;
@@ -9,7 +10,6 @@ pub(crate) mod branch;
 pub mod callbacks;
 pub(crate) mod driver;
 pub(crate) mod mcts;
-pub(crate) mod adaptive;
 pub(crate) mod sampling;
 pub(crate) mod self_consistency;
 pub(crate) mod spec;

@@ -54,7 +54,10 @@ pub enum ToTGenerate {
 pub enum ToTEvaluator {
     /// The model rates each state from `template` (`{problem}`, `{state}`), `samples` times;
     /// the words sure / likely / impossible count 20 / 1 / 0.001 and the sum is the value.
-    SelfValue { template: String, samples: usize },
+    SelfValue {
+        template: String,
+        samples: usize,
+    },
     Callback(Evaluator),
 }
 

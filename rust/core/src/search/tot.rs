@@ -171,7 +171,13 @@ impl TreeOfThought {
             self.job.adapter.clone(),
             ids.clone(),
             None,
-            spec(max, vec!["\n\n".into()], self.params.sampling, stream, Arc::new(ids)),
+            spec(
+                max,
+                vec!["\n\n".into()],
+                self.params.sampling,
+                stream,
+                Arc::new(ids),
+            ),
         )?;
         self.jobs.insert(id, Job::Propose(s));
         Ok(())
@@ -193,7 +199,11 @@ impl TreeOfThought {
         let history = self.history(s);
         let n = self.params.proposals;
         for i in 0..n {
-            let child = if i + 1 == n { head } else { head.fork(cx.store)? };
+            let child = if i + 1 == n {
+                head
+            } else {
+                head.fork(cx.store)?
+            };
             let stream = self.stream();
             let mut stop = self.job.stop.clone();
             stop.push(self.params.step_delimiter.clone());
@@ -298,7 +308,9 @@ impl TreeOfThought {
                 }
                 self.frontier = keep
                     .into_iter()
-                    .filter(|&s| !self.states[s].terminal && self.states[s].depth < self.params.depth)
+                    .filter(|&s| {
+                        !self.states[s].terminal && self.states[s].depth < self.params.depth
+                    })
                     .collect();
                 if self.frontier.is_empty() {
                     return self.finish(cx);
@@ -320,15 +332,15 @@ impl TreeOfThought {
     }
 
     fn dfs_next(&mut self, cx: &mut Cx<'_>) -> Result<()> {
-        while let Some(s) = self.stack.pop() {
-            self.states[s].selected = true;
-            if self.states[s].terminal || self.states[s].depth >= self.params.depth {
-                self.solution = Some(s);
-                return self.finish(cx);
-            }
-            return self.expand(vec![s], cx);
+        let Some(s) = self.stack.pop() else {
+            return self.finish(cx);
+        };
+        self.states[s].selected = true;
+        if self.states[s].terminal || self.states[s].depth >= self.params.depth {
+            self.solution = Some(s);
+            return self.finish(cx);
         }
-        self.finish(cx)
+        self.expand(vec![s], cx)
     }
 
     fn release(&mut self, s: usize, cx: &mut Cx<'_>) {
@@ -378,10 +390,9 @@ impl Search for TreeOfThought {
     }
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
-        let job = self
-            .jobs
-            .remove(&done.id)
-            .ok_or_else(|| Error::invalid(format!("Tree-of-Thought: unknown branch {}", done.id)))?;
+        let job = self.jobs.remove(&done.id).ok_or_else(|| {
+            Error::invalid(format!("Tree-of-Thought: unknown branch {}", done.id))
+        })?;
         match job {
             Job::Feed(s) => {
                 self.states[s].head = Some(done.head);

@@ -71,7 +71,8 @@ impl Tree {
         } else {
             0.0
         };
-        self.mean_value(child) + c_puct * p * (parent_visits as f64).sqrt() / (1.0 + n.visits as f64)
+        self.mean_value(child)
+            + c_puct * p * (parent_visits as f64).sqrt() / (1.0 + n.visits as f64)
     }
 
     /// Descends from the root by PUCT (the first child on ties) to a node without children.
