@@ -93,17 +93,43 @@ pub fn argmax(xs: &[f32]) -> usize {
 
 /// `log_softmax(xs)[index]`, computed stably.
 pub fn log_prob(xs: &[f32], index: usize) -> f32 {
+    let (max, ln_sum) = log_normalizer(xs);
+    xs[index] - max - ln_sum
+}
+
+/// `(max, ln(sum(exp(xs - max))))`: `log_softmax(xs)[i] = xs[i] - max - ln_sum`.
+pub fn log_normalizer(xs: &[f32]) -> (f32, f32) {
     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // Vectorised exp in chunks, summed in f64 so a 50k-token vocabulary loses no precision.
+    // Vectorised exp in chunks; each chunk summed in f32, the chunks in f64, so a 50k-token
+    // vocabulary loses no precision.
     let mut buf = [0f32; 1024];
     let mut sum = 0f64;
     for chunk in xs.chunks(buf.len()) {
         let part = &mut buf[..chunk.len()];
         part.iter_mut().zip(chunk).for_each(|(b, &x)| *b = x - max);
         crate::model::exp_in_place(part);
-        sum += part.iter().map(|&e| e as f64).sum::<f64>();
+        sum += chunked_sum(part);
     }
-    xs[index] - max - sum.ln() as f32
+    (max, sum.ln() as f32)
+}
+
+/// Indices of the `k` largest values, best first (the smaller index first on ties), in one
+/// scan that keeps a small sorted list.
+pub fn top_k_indices(xs: &[f32], k: usize) -> Vec<usize> {
+    let mut top: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return Vec::new();
+    }
+    for (i, &x) in xs.iter().enumerate() {
+        if top.len() == k && x <= top[k - 1].0 {
+            continue;
+        }
+        // After the equal ones already held: they have smaller indices.
+        let at = top.partition_point(|&(v, _)| v >= x);
+        top.insert(at, (x, i));
+        top.truncate(k);
+    }
+    top.into_iter().map(|(_, i)| i).collect()
 }
 
 /// Divides positive logits and multiplies negative ones by `penalty` for every token in `seen`.
@@ -178,16 +204,142 @@ pub fn choose(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     if p.is_greedy() {
         return argmax(logits) as u32;
     }
-    let dist = sampling_distribution(logits, p);
-    let u = rng.next_f32();
-    let mut acc = 0.0;
-    for &(tok, q) in &dist {
-        acc += q;
-        if u < acc {
-            return tok;
+    draw(logits, p, rng.next_f32())
+}
+
+/// Candidate tokens in sampling order (most likely first, the smaller id first on ties),
+/// sorted only as far as a walk needs. Most of the probability mass usually sits in a few
+/// tokens: the ones within [`HEAD_LOG_RATIO`] of the best are found by one scan, the rest of the
+/// vocabulary is gathered only if a walk goes past them, and either is sorted chunk by chunk.
+struct LazyOrder<'a> {
+    /// Ordered by these (the scaled logits: their exponentials may round equal where they
+    /// differ).
+    keys: &'a [f32],
+    cut: f32,
+    ids: Vec<u32>,
+    sorted: usize,
+    rest_gathered: bool,
+    limit: usize,
+}
+
+/// Tokens whose scaled logit is within this of the best one form the head sorted up front
+/// (weights down to e^-9, about 1.2e-4 of the best token's).
+const HEAD_LOG_RATIO: f32 = 9.0;
+
+impl<'a> LazyOrder<'a> {
+    fn new(keys: &'a [f32], max: f32, top_k: usize) -> Self {
+        let cut = max - HEAD_LOG_RATIO;
+        let ids: Vec<u32> = (0..keys.len() as u32)
+            .filter(|&i| keys[i as usize] >= cut)
+            .collect();
+        let limit = if top_k == 0 {
+            keys.len()
+        } else {
+            top_k.min(keys.len())
+        };
+        Self {
+            keys,
+            cut,
+            ids,
+            sorted: 0,
+            rest_gathered: false,
+            limit,
         }
     }
-    dist.last().map(|c| c.0).unwrap_or(0)
+
+    fn cmp(w: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
+        w[b as usize].total_cmp(&w[a as usize]).then(a.cmp(&b))
+    }
+
+    /// Number of candidates (all tokens, or the top k).
+    fn len(&self) -> usize {
+        self.limit
+    }
+
+    /// The `i`-th candidate in order (`i < len()`).
+    fn get(&mut self, i: usize) -> u32 {
+        if i >= self.ids.len() && !self.rest_gathered {
+            let (keys, cut) = (self.keys, self.cut);
+            self.ids
+                .extend((0..keys.len() as u32).filter(|&j| keys[j as usize] < cut));
+            self.rest_gathered = true;
+        }
+        if i >= self.sorted {
+            let w = self.keys;
+            let rest = &mut self.ids[self.sorted..];
+            let take = (i + 1 - self.sorted)
+                .max(self.sorted)
+                .max(64)
+                .min(rest.len());
+            if take < rest.len() {
+                rest.select_nth_unstable_by(take - 1, |&a, &b| Self::cmp(w, a, b));
+            }
+            rest[..take].sort_unstable_by(|&a, &b| Self::cmp(w, a, b));
+            self.sorted += take;
+        }
+        self.ids[i]
+    }
+}
+
+/// `sum(xs)`: eight f32 lanes per 1024-value chunk (vectorised), the chunks added in f64.
+fn chunked_sum(xs: &[f32]) -> f64 {
+    xs.chunks(1024)
+        .map(|chunk| {
+            let mut lanes = [0f32; 8];
+            let mut it = chunk.chunks_exact(8);
+            for c in &mut it {
+                for (l, &x) in lanes.iter_mut().zip(c) {
+                    *l += x;
+                }
+            }
+            let tail: f32 = it.remainder().iter().sum();
+            (lanes.iter().sum::<f32>() + tail) as f64
+        })
+        .sum()
+}
+
+/// The token that the uniform draw `u` in [0, 1) picks from [`sampling_distribution`]: the
+/// same distribution walked in the same order, without building it.
+pub fn draw(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
+    let scaled: Vec<f32> = logits.iter().map(|&x| x / p.temperature).collect();
+    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // Weights relative to the most likely token, which gets 1.
+    let mut w: Vec<f32> = scaled.iter().map(|&x| x - max).collect();
+    crate::model::exp_in_place(&mut w);
+    let mut order = LazyOrder::new(&scaled, max, p.top_k);
+    let n = order.len();
+    let total = if n == scaled.len() {
+        chunked_sum(&w)
+    } else {
+        (0..n).map(|i| w[order.get(i) as usize] as f64).sum()
+    };
+    // The kept prefix: top-p (up to and including the token that reaches it), then min-p.
+    let mut keep = n;
+    let mut kept_mass = total;
+    if p.top_p < 1.0 || p.min_p > 0.0 {
+        let (mut before, mut len) = (0f64, 0);
+        while len < n {
+            let wi = w[order.get(len) as usize];
+            let over_p = len > 0 && before >= p.top_p as f64 * total;
+            if over_p || wi < p.min_p {
+                break;
+            }
+            before += wi as f64;
+            len += 1;
+        }
+        keep = len.max(1);
+        kept_mass = before.max(w[order.get(0) as usize] as f64);
+    }
+    let target = u as f64 * kept_mass;
+    let mut acc = 0f64;
+    for i in 0..keep {
+        let id = order.get(i);
+        acc += w[id as usize] as f64;
+        if target < acc {
+            return id;
+        }
+    }
+    order.get(keep - 1)
 }
 
 pub fn all_finite(xs: &[f32]) -> bool {
@@ -234,6 +386,53 @@ mod tests {
         let d = sampling_distribution(&logits, &params(0, 1.0, 0.0));
         for (c, p) in d.iter().zip(probs) {
             assert!((c.1 - p).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn draw_walks_the_reference_distribution() {
+        let mut rng = Rng::new(9, 0);
+        for case in 0..60 {
+            let n = 500 + case * 37;
+            let spread = 2.0 + (case % 5) as f32 * 3.0;
+            let logits: Vec<f32> = (0..n).map(|_| spread * rng.next_f32()).collect();
+            let p = SamplingParams {
+                temperature: [0.5, 0.7, 1.0, 1.5][case % 4],
+                top_k: [0, 0, 40, 3000][case % 4 / 2 + case % 3],
+                top_p: [1.0, 0.9, 0.5][case % 3],
+                min_p: [0.0, 0.0, 0.05, 0.2][case % 4],
+                ..SamplingParams::greedy()
+            };
+            // The reference's order and kept set, with its probabilities recomputed in f64 (its
+            // f32 normalisation drifts by ~1e-4 over thousands of tokens).
+            let dist = sampling_distribution(&logits, &p);
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let weight =
+                |tok: u32| ((logits[tok as usize] as f64 - max) / p.temperature as f64).exp();
+            let total: f64 = dist.iter().map(|&(tok, _)| weight(tok)).sum();
+            let mut lo = 0.0f64;
+            for &(tok, _) in &dist {
+                let q = weight(tok) / total;
+                if q > 1e-5 {
+                    let mid = (lo + q / 2.0) as f32;
+                    assert_eq!(draw(&logits, &p, mid), tok, "case {case}");
+                }
+                lo += q;
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_scan_matches_a_full_sort() {
+        let mut rng = Rng::new(4, 0);
+        for n in [1usize, 5, 300, 5000] {
+            // Coarse values, so that ties are common.
+            let xs: Vec<f32> = (0..n).map(|_| (rng.next_f32() * 50.0).floor()).collect();
+            let mut all: Vec<usize> = (0..n).collect();
+            all.sort_by(|&a, &b| xs[b].total_cmp(&xs[a]).then(a.cmp(&b)));
+            for k in [1usize, 3, 16] {
+                assert_eq!(top_k_indices(&xs, k), all[..k.min(n)].to_vec());
+            }
         }
     }
 

@@ -157,14 +157,19 @@ impl BeamSearch {
         work
     }
 
-    /// Token scores of one beam: log-softmax of the logits, or under CoLD of the contrastive
-    /// scores.
-    fn token_scores(&self, expert: &[f32], base: Option<&[f32]>) -> Vec<f32> {
+    /// The log-softmax of one beam's token scores (its logits, or under CoLD the contrastive
+    /// scores) as the scores and their `(max, ln_sum)`: `lp[t] = scores[t] - max - ln_sum`.
+    fn token_scores<'a>(
+        &self,
+        expert: &'a [f32],
+        base: Option<&[f32]>,
+    ) -> (std::borrow::Cow<'a, [f32]>, f32, f32) {
         let scores = match (&self.params.cold, base) {
-            (Some(c), Some(b)) => logits::cold_scores(expert, b, c),
-            _ => expert.to_vec(),
+            (Some(c), Some(b)) => std::borrow::Cow::Owned(logits::cold_scores(expert, b, c)),
+            _ => std::borrow::Cow::Borrowed(expert),
         };
-        log_softmax(&scores)
+        let (max, ln_sum) = logits::log_normalizer(&scores);
+        (scores, max, ln_sum)
     }
 
     /// One step of group `gi`: picks continuations, updates finished hypotheses, decides
@@ -189,9 +194,11 @@ impl BeamSearch {
                     step: self.step,
                 });
             }
-            let lp = self.token_scores(expert, base.as_deref());
+            let (scores, max, ln_sum) = self.token_scores(expert, base.as_deref());
             let beam_score = g.running[bi].score;
-            for t in top_indices(&lp, keep) {
+            for t in logits::top_k_indices(&scores, keep) {
+                // As torch's log_softmax rounds it: (x - max) - ln_sum.
+                let lp_t = scores[t] - max - ln_sum;
                 let hit = if self.eos.contains(&(t as u32)) {
                     Some(FinishReason::Eos)
                 } else if generated >= self.max_new_tokens {
@@ -204,10 +211,10 @@ impl BeamSearch {
                 let logprob = if p.cold.is_some() {
                     logits::log_prob(expert, t)
                 } else {
-                    lp[t]
+                    lp_t
                 };
                 cands.push(Cand {
-                    score: lp[t] + beam_score,
+                    score: lp_t + beam_score,
                     beam: bi,
                     token: t as u32,
                     logprob,
@@ -335,32 +342,10 @@ impl BeamSearch {
     }
 }
 
-/// `log_softmax(xs)` in f32 (as torch computes it).
-fn log_softmax(xs: &[f32]) -> Vec<f32> {
-    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut e: Vec<f32> = xs.iter().map(|&x| x - max).collect();
-    crate::model::exp_in_place(&mut e);
-    let lse = (e.iter().map(|&v| v as f64).sum::<f64>()).ln() as f32;
-    xs.iter().map(|&x| x - max - lse).collect()
-}
-
-/// Indices of the `k` largest values (ties: smaller index first), best first.
-fn top_indices(xs: &[f32], k: usize) -> Vec<usize> {
-    let k = k.min(xs.len());
-    let mut idx: Vec<usize> = (0..xs.len()).collect();
-    let cmp = |a: &usize, b: &usize| xs[*b].total_cmp(&xs[*a]).then(a.cmp(b));
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k, cmp);
-        idx.truncate(k);
-    }
-    idx.sort_by(cmp);
-    idx
-}
-
 /// Indices of the `k` largest of `xs`, best first, the earlier one first on ties.
 fn stable_top(xs: impl Iterator<Item = f32>, k: usize) -> Vec<usize> {
     let v: Vec<f32> = xs.collect();
-    top_indices(&v, k)
+    logits::top_k_indices(&v, k)
 }
 
 impl Strategy for BeamSearch {
