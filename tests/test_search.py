@@ -275,3 +275,51 @@ def test_thread_count_does_not_change_results(tiny_llama: Path) -> None:
         assert r.returncode == 0, r.stderr
         outs.add(r.stdout)
     assert len(outs) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_with_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> ps.Engine:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    folder = tmp_path_factory.mktemp("tiny_adapter")
+    get_peft_model(base, cfg).save_pretrained(folder)
+    eng = ps.Engine.load(tiny_llama, dtype="f32")
+    eng.load_adapter(folder, "a")
+    return eng
+
+
+def test_cold_as_the_token_scorer(tiny_with_adapter: ps.Engine) -> None:
+    eng = tiny_with_adapter
+    # With every token plausible and no contrast, CoLD's scores are the expert's logits: the
+    # search must equal the same search with the adapter alone, at twice the tokens (the base
+    # twins).
+    neutral = ps.CoLD(alpha=1e-30, beta=0.0)
+    plain = eng.generate(PROMPT, max_new_tokens=6, strategy=ps.BeamSearch(num_beams=3), adapter="a", ignore_eos=True)
+    cold = eng.generate(
+        PROMPT, max_new_tokens=6, strategy=ps.BeamSearch(num_beams=3, scorer=neutral), adapter="a", ignore_eos=True
+    )
+    assert [c.token_ids for c in cold.candidates] == [c.token_ids for c in plain.candidates]
+    assert cold.score == pytest.approx(plain.score, abs=1e-5)
+    assert cold.stats.tokens_forwarded == 2 * plain.stats.tokens_forwarded
+    s = ps.Sampling(temperature=1.0, seed=2)
+    bon = eng.generate(PROMPT, max_new_tokens=5, strategy=ps.BestOfN(n=3, sampling=s), adapter="a")
+    bon_cold = eng.generate(PROMPT, max_new_tokens=5, strategy=ps.BestOfN(n=3, sampling=s, scorer=neutral), adapter="a")
+    assert [c.token_ids for c in bon_cold.candidates] == [c.token_ids for c in bon.candidates]
+    # A real contrast changes the beams, and CoLD without an adapter is refused.
+    strong = eng.generate(
+        PROMPT,
+        max_new_tokens=6,
+        strategy=ps.BeamSearch(num_beams=3, scorer=ps.CoLD(alpha=1e-30, beta=4.0)),
+        adapter="a",
+        ignore_eos=True,
+    )
+    assert [c.token_ids for c in strong.candidates] != [c.token_ids for c in plain.candidates]
+    with pytest.raises(ps.InvalidArgument, match="adapter"):
+        eng.generate(PROMPT, max_new_tokens=3, strategy=ps.SelfConsistency(n=2, scorer=neutral))
+    sc = eng.generate(PROMPT, max_new_tokens=4, strategy=ps.SelfConsistency(n=2, scorer=neutral), adapter="a")
+    assert len(sc.candidates) == 2

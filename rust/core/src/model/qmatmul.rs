@@ -144,8 +144,24 @@ impl QuantMatrix {
             let live = (rows.end.min(self.rows) - first).min(GROUP);
             let write =
                 |j: usize, sums: &[f32; GROUP]| out.set_slice(j * self.rows + first, &sums[..live]);
-            // Two activation rows per pass share the weight loads and nibble unpacking.
+            // Four (then two) activation rows per pass share the weight loads and nibble
+            // unpacking.
             let mut j = 0;
+            while j + 4 <= acts.m {
+                let sums = (kernels.quad)(
+                    group,
+                    [
+                        acts.row(j),
+                        acts.row(j + 1),
+                        acts.row(j + 2),
+                        acts.row(j + 3),
+                    ],
+                );
+                for (i, s) in sums.iter().enumerate() {
+                    write(j + i, s);
+                }
+                j += 4;
+            }
             while j + 2 <= acts.m {
                 let [a, b] = (kernels.pair)(group, [acts.row(j), acts.row(j + 1)]);
                 write(j, &a);
@@ -271,6 +287,7 @@ type GroupKernel<const R: usize> = fn(&[u8], [&[Q8Block]; R]) -> [[f32; GROUP]; 
 struct Kernels {
     one: GroupKernel<1>,
     pair: GroupKernel<2>,
+    quad: GroupKernel<4>,
 }
 
 /// The one-row and two-row instances of one kernel expression generic over the row count.
@@ -279,6 +296,7 @@ macro_rules! kernels {
         Kernels {
             one: |$w, $a| $body,
             pair: |$w, $a| $body,
+            quad: |$w, $a| $body,
         }
     };
 }
@@ -632,7 +650,10 @@ mod tests {
                     (kernels.pair)(group, [acts.row(j), other])[0],
                     (kernels.pair)(group, [other, acts.row(j)])[1],
                 ];
-                for fast in [one, paired[0], paired[1]] {
+                // And in the last slot of four.
+                let quad = (kernels.quad)(group, [other, other, other, acts.row(j)])[3];
+                assert_eq!(quad, one, "a row's sums do not depend on its neighbours");
+                for fast in [one, paired[0], paired[1], quad] {
                     for (f, p) in fast.iter().zip(&portable) {
                         assert!(
                             (f - p).abs() <= 1e-4 * p.abs().max(1.0),
