@@ -60,6 +60,12 @@ def test_best_of_n_returns_the_scorer_pick_and_runs_the_prompt_once(tiny: ps.Eng
     assert summed.score == pytest.approx(max(sums), abs=1e-4)
 
 
+def test_streaming_a_search_yields_its_answer_at_the_end(tiny: ps.Engine) -> None:
+    strategy = ps.BestOfN(n=3, sampling=ps.Sampling(seed=4))
+    out = tiny.generate(PROMPT, max_new_tokens=5, strategy=strategy)
+    assert "".join(tiny.stream(PROMPT, max_new_tokens=5, strategy=strategy)) == out.text
+
+
 def test_same_seed_same_candidates(tiny: ps.Engine) -> None:
     s = ps.BestOfN(n=3, sampling=ps.Sampling(seed=11))
     a = tiny.generate(PROMPT, max_new_tokens=5, strategy=s)

@@ -352,14 +352,24 @@ class Engine:
         stop: Sequence[str] | None = None,
         adapter: str | None = None,
     ) -> Iterator[str]:
-        """Yield the continuation of one prompt piece by piece as it is decoded."""
+        """Yield the continuation of one prompt piece by piece as it is decoded.
+
+        Search strategies (beam search, best-of-N, ...) only know their answer at the end: they
+        yield the chosen text once, when the search is over.
+        """
         ids, _ = self._encode_prompts(prompt)
         kwargs = self._kwargs(max_new_tokens, strategy, stop, False)
         gen = self._core.start(ids, adapters=_per_row(adapter, 1, "prompts"), **kwargs)
+        streamed = False
         while not gen.done:
             for _row, piece in gen.step():
                 if piece:
+                    streamed = True
                     yield piece
+        if not streamed and "search" in kwargs:
+            text = gen.outputs()[0]["text"]
+            if text:
+                yield text
 
     def _encode_prompts(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
         if isinstance(prompts, str) or _is_ids(prompts):

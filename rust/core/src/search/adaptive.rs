@@ -65,23 +65,16 @@ impl Adaptive {
         };
         let first = self.candidates[q].len() + self.samples.values().filter(|&&x| x == q).count();
         let job = &self.jobs[q];
-        for i in 0..count {
-            let child = head.fork(cx.store)?;
-            let id = cx.spawn(
-                child,
-                job.adapter.clone(),
-                Vec::new(),
-                Some(logits.clone()),
-                spec(
-                    job.max_new_tokens,
-                    job.stop.clone(),
-                    self.params.sampling,
-                    (first + i) as u64,
-                    job.prompt.clone(),
-                ),
-            )?;
-            self.samples.insert(id, q);
-        }
+        let ids = cx.continue_from(head, &logits, &job.adapter, count, true, |i| {
+            spec(
+                job.max_new_tokens,
+                job.stop.clone(),
+                self.params.sampling,
+                (first + i) as u64,
+                job.prompt.clone(),
+            )
+        })?;
+        self.samples.extend(ids.into_iter().map(|id| (id, q)));
         Ok(())
     }
 

@@ -353,11 +353,7 @@ impl Strategy for BeamSearch {
         let k = self.params.num_beams;
         let mut work = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
-            let adapter = match self.adapters.len() {
-                0 => None,
-                1 => self.adapters[0].clone(),
-                _ => self.adapters.get(i).cloned().flatten(),
-            };
+            let adapter = super::adapter_for(&self.adapters, i);
             let head = Head::create(store, self.params.cold.is_some());
             let g = Group {
                 prompt: p.clone(),

@@ -51,32 +51,17 @@ impl PromptJob {
     ) -> Result<Vec<BranchId>> {
         let logits = fed
             .logits
-            .clone()
+            .as_ref()
             .ok_or_else(|| Error::invalid("prefill finished without logits"))?;
-        let mut ids = Vec::with_capacity(n);
-        for i in 0..n {
-            let head = if i + 1 == n {
-                fed.head
-            } else {
-                fed.head.fork(cx.store)?
-            };
-            ids.push(cx.spawn(
-                head,
-                self.adapter.clone(),
-                Vec::new(),
-                Some(logits.clone()),
-                spec(
-                    self.max_new_tokens,
-                    self.stop.clone(),
-                    sampling,
-                    i as u64,
-                    self.prompt.clone(),
-                ),
-            )?);
-        }
-        if n == 0 {
-            fed.head.free(cx.store);
-        }
+        let ids = cx.continue_from(fed.head, logits, &self.adapter, n, false, |i| {
+            spec(
+                self.max_new_tokens,
+                self.stop.clone(),
+                sampling,
+                i as u64,
+                self.prompt.clone(),
+            )
+        })?;
         Ok(ids)
     }
 }

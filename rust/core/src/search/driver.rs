@@ -33,6 +33,40 @@ impl Cx<'_> {
             .spawn(self.owner, head, adapter, feed, logits, spec)
     }
 
+    /// Spawns `n` branches continuing `head` from its known last-position `logits`, so no token
+    /// runs again: each forks `head`, except the last, which takes `head` itself unless
+    /// `keep_head`. `spec_for(i)` is branch `i`'s spec.
+    pub fn continue_from(
+        &mut self,
+        head: Head,
+        logits: &HeadLogits,
+        adapter: &Option<Arc<LoraAdapter>>,
+        n: usize,
+        keep_head: bool,
+        mut spec_for: impl FnMut(usize) -> BranchSpec,
+    ) -> Result<Vec<BranchId>> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let child = if i + 1 == n && !keep_head {
+                head
+            } else {
+                head.fork(self.store)?
+            };
+            let spec = spec_for(i);
+            ids.push(self.spawn(
+                child,
+                adapter.clone(),
+                Vec::new(),
+                Some(logits.clone()),
+                spec,
+            )?);
+        }
+        if n == 0 && !keep_head {
+            head.free(self.store);
+        }
+        Ok(ids)
+    }
+
     /// The id of the branch spawned last.
     pub fn pool_last_id(&self) -> BranchId {
         self.pool.last_id()

@@ -168,33 +168,30 @@ impl Mcts {
             .saturating_sub(self.steps[node].path_len);
         let max_tokens = self.params.max_step_tokens.min(room).max(1);
         let history = self.history(node);
-        self.expanding.clear();
-        let n = self.params.expansions;
-        for i in 0..n {
-            let child = if i + 1 == n {
-                head
-            } else {
-                head.fork(cx.store)?
-            };
-            let stream = self.next_stream();
-            let mut stop = self.job.stop.clone();
-            stop.push(self.params.step_delimiter.clone());
-            let id = cx.spawn(
-                child,
-                self.job.adapter.clone(),
-                Vec::new(),
-                Some(logits.clone()),
+        let mut stop = self.job.stop.clone();
+        stop.push(self.params.step_delimiter.clone());
+        let first = self.streams;
+        self.streams += self.params.expansions as u64;
+        let sampling = self.params.sampling;
+        let ids = cx.continue_from(
+            head,
+            &logits,
+            &self.job.adapter,
+            self.params.expansions,
+            false,
+            |i| {
                 spec(
                     max_tokens,
-                    stop,
-                    self.params.sampling,
-                    stream,
+                    stop.clone(),
+                    sampling,
+                    first + i as u64,
                     history.clone(),
-                ),
-            )?;
-            self.jobs.insert(id, Job::Expand(node));
-            self.expanding.push((id, None));
-        }
+                )
+            },
+        )?;
+        self.expanding = ids.iter().map(|&id| (id, None)).collect();
+        self.jobs
+            .extend(ids.into_iter().map(|id| (id, Job::Expand(node))));
         Ok(())
     }
 
@@ -240,22 +237,13 @@ impl Mcts {
             return Err(Error::invalid("MCTS: rolling out an unfed node"));
         };
         let room = self.job.max_new_tokens.saturating_sub(step.path_len).max(1);
-        let child = head.fork(cx.store)?;
         let history = self.history(node);
         let stream = self.next_stream();
-        let id = cx.spawn(
-            child,
-            self.job.adapter.clone(),
-            Vec::new(),
-            Some(logits),
-            spec(
-                room,
-                self.job.stop.clone(),
-                self.sampling(true),
-                stream,
-                history,
-            ),
-        )?;
+        let (stop, sampling) = (self.job.stop.clone(), self.sampling(true));
+        let ids = cx.continue_from(head, &logits, &self.job.adapter, 1, true, |_| {
+            spec(room, stop.clone(), sampling, stream, history.clone())
+        })?;
+        let id = ids[0];
         self.jobs.insert(id, Job::Rollout(node));
         Ok(())
     }

@@ -148,6 +148,18 @@ impl RowOutput {
     }
 }
 
+/// The adapter of prompt `i`: none, one for every prompt, or one per prompt.
+pub(crate) fn adapter_for(
+    adapters: &[Option<Arc<LoraAdapter>>],
+    i: usize,
+) -> Option<Arc<LoraAdapter>> {
+    match adapters.len() {
+        0 => None,
+        1 => adapters[0].clone(),
+        _ => adapters.get(i).cloned().flatten(),
+    }
+}
+
 /// The strategy that runs `spec` over `prompts`.
 pub(crate) fn build_search(
     spec: &SearchSpec,
@@ -156,11 +168,6 @@ pub(crate) fn build_search(
     criteria: sampling::StopCriteria,
     tokenizer: Option<Arc<crate::text::Tokenizer>>,
 ) -> Result<Box<dyn Strategy>> {
-    let adapter_of = |i: usize| match adapters.len() {
-        0 => None,
-        1 => adapters[0].clone(),
-        _ => adapters.get(i).cloned().flatten(),
-    };
     if let SearchSpec::Beam(p) = spec {
         return Ok(Box::new(beam::BeamSearch::new(
             *p,
@@ -177,7 +184,7 @@ pub(crate) fn build_search(
         .enumerate()
         .map(|(i, p)| best_of_n::PromptJob {
             prompt: Arc::new(p.clone()),
-            adapter: adapter_of(i),
+            adapter: adapter_for(&adapters, i),
             max_new_tokens: criteria.max_new_tokens,
             stop: stop.clone(),
         })

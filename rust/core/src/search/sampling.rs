@@ -161,11 +161,7 @@ impl Strategy for SamplingStrategy {
         for (i, p) in prompts.iter().enumerate() {
             let seq = store.create();
             let base_seq = self.cold.map(|_| store.create());
-            let adapter = match self.adapters.len() {
-                0 => None,
-                1 => self.adapters[0].clone(),
-                _ => self.adapters.get(i).cloned().flatten(),
-            };
+            let adapter = super::adapter_for(&self.adapters, i);
             self.rows.push(Row {
                 seq,
                 base_seq,

@@ -50,26 +50,18 @@ impl SelfConsistency {
             return Err(Error::invalid("self-consistency: prompt not fed"));
         };
         let (head, logits) = (*head, logits.clone());
+        let first = self.spawned;
+        let ids = cx.continue_from(head, &logits, &self.job.adapter, size, true, |i| {
+            super::driver::spec(
+                self.job.max_new_tokens,
+                self.job.stop.clone(),
+                self.params.sampling,
+                (first + i) as u64,
+                self.job.prompt.clone(),
+            )
+        })?;
         self.round = vec![None; size];
-        self.slots.clear();
-        for i in 0..size {
-            let child = head.fork(cx.store)?;
-            let stream = (self.spawned + i) as u64;
-            let id = cx.spawn(
-                child,
-                self.job.adapter.clone(),
-                Vec::new(),
-                Some(logits.clone()),
-                super::driver::spec(
-                    self.job.max_new_tokens,
-                    self.job.stop.clone(),
-                    self.params.sampling,
-                    stream,
-                    self.job.prompt.clone(),
-                ),
-            )?;
-            self.slots.insert(id, i);
-        }
+        self.slots = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
         self.spawned += size;
         Ok(())
     }

@@ -197,29 +197,28 @@ impl TreeOfThought {
         let head = self.head(s)?;
         self.states[s].head = None;
         let history = self.history(s);
-        let n = self.params.proposals;
-        for i in 0..n {
-            let child = if i + 1 == n {
-                head
-            } else {
-                head.fork(cx.store)?
-            };
-            let stream = self.stream();
-            let mut stop = self.job.stop.clone();
-            stop.push(self.params.step_delimiter.clone());
-            let id = cx.spawn(
-                child,
-                self.job.adapter.clone(),
-                Vec::new(),
-                Some(logits.clone()),
+        let mut stop = self.job.stop.clone();
+        stop.push(self.params.step_delimiter.clone());
+        let first = self.streams;
+        self.streams += self.params.proposals as u64;
+        let (max, sampling) = (self.params.max_step_tokens, self.params.sampling);
+        let ids = cx.continue_from(
+            head,
+            &logits,
+            &self.job.adapter,
+            self.params.proposals,
+            false,
+            |i| {
                 spec(
-                    self.params.max_step_tokens,
-                    stop,
-                    self.params.sampling,
-                    stream,
+                    max,
+                    stop.clone(),
+                    sampling,
+                    first + i as u64,
                     history.clone(),
-                ),
-            )?;
+                )
+            },
+        )?;
+        for id in ids {
             self.jobs.insert(id, Job::Thought);
             self.thoughts.push((id, s, None));
         }
@@ -449,29 +448,21 @@ impl Search for TreeOfThought {
                 let ToTEvaluator::SelfValue { samples, .. } = self.params.evaluator else {
                     return Ok(());
                 };
-                let history = Arc::new(Vec::new());
-                for i in 0..samples {
-                    let head = if i + 1 == samples {
-                        done.head
-                    } else {
-                        done.head.fork(cx.store)?
-                    };
-                    let stream = self.stream();
-                    let id = cx.spawn(
-                        head,
-                        self.job.adapter.clone(),
-                        Vec::new(),
-                        Some(logits.clone()),
+                let first = self.streams;
+                self.streams += samples as u64;
+                let sampling = self.params.sampling;
+                let ids =
+                    cx.continue_from(done.head, &logits, &self.job.adapter, samples, false, |i| {
                         spec(
                             VALUE_TOKENS,
                             vec!["\n".into()],
-                            self.params.sampling,
-                            stream,
-                            history.clone(),
-                        ),
-                    )?;
-                    self.jobs.insert(id, Job::Value(s));
-                }
+                            sampling,
+                            first + i as u64,
+                            Arc::new(Vec::new()),
+                        )
+                    })?;
+                self.jobs
+                    .extend(ids.into_iter().map(|id| (id, Job::Value(s))));
                 Ok(())
             }
             Job::Value(s) => {
