@@ -304,6 +304,13 @@ macro_rules! kernels {
 fn select_kernels(kind: Kind) -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
+        if avx2::vnni_available() {
+            return match kind {
+                Kind::Q4_0 => kernels!(|w, a| unsafe { avx2::group_q4_vnni(w, a, false) }),
+                Kind::Q4_1 => kernels!(|w, a| unsafe { avx2::group_q4_vnni(w, a, true) }),
+                Kind::Q8_0 => kernels!(|w, a| unsafe { avx2::group_q8_0_vnni(w, a) }),
+            };
+        }
         if avx2::available() {
             return match kind {
                 Kind::Q4_0 => kernels!(|w, a| unsafe { avx2::group_q4(w, a, false) }),
@@ -447,92 +454,135 @@ mod avx2 {
         out
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `w` holds `acts[i].len()` grouped Q4_0/Q4_1
-    /// blocks, the same count for every `i`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q4<const R: usize>(
-        w: &[u8],
-        acts: [&[Q8Block]; R],
-        with_min: bool,
-    ) -> [[f32; GROUP]; R] {
-        let bb = if with_min { 20 } else { 18 } * GROUP;
-        let qs_at = if with_min { 32 } else { 16 };
-        let blocks = acts[0].len();
-        assert!(w.len() >= blocks * bb && acts.iter().all(|a| a.len() == blocks));
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut off = [_mm256_setzero_ps(); R];
-        for b in 0..blocks {
-            let blk = w.as_ptr().add(b * bb);
-            let d = f16x8(blk);
-            let m = if with_min { f16x8(blk.add(16)) } else { d };
-            for (off, a) in off.iter_mut().zip(&acts) {
-                let s = if with_min { a[b].s } else { -8.0 * a[b].s };
-                *off = _mm256_fmadd_ps(m, _mm256_set1_ps(s), *off);
-            }
-            // |w·a| <= 2·15·127 per pair, so eight pair sums still fit in i16.
-            let mut sum16 = [_mm256_setzero_si256(); R];
-            for c in 0..4 {
-                let q = _mm256_loadu_si256(blk.add(qs_at + c * 32) as *const __m256i);
-                let lo = _mm256_and_si256(q, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
-                for (sum16, a) in sum16.iter_mut().zip(&acts) {
-                    let a = &a[b];
-                    *sum16 = _mm256_add_epi16(*sum16, _mm256_maddubs_epi16(lo, act_word(a, 4 * c)));
-                    *sum16 =
-                        _mm256_add_epi16(*sum16, _mm256_maddubs_epi16(hi, act_word(a, 16 + 4 * c)));
+    /// Defines a Q4_0/Q4_1 group kernel. `$dot(sum, w, a)` accumulates the products of 32 unsigned
+    /// nibbles and 32 signed activations into `sum`; `$widen(sum)` turns the sum into eight i32.
+    macro_rules! q4_kernel {
+        ($name:ident, $features:literal, |$sum:ident, $w:ident, $a:ident| $dot:expr, |$s:ident| $widen:expr) => {
+            /// # Safety
+            /// The CPU must support the kernel's target features; `w` holds `acts[i].len()`
+            /// grouped Q4_0/Q4_1 blocks, the same count for every `i`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const R: usize>(
+                w: &[u8],
+                acts: [&[Q8Block]; R],
+                with_min: bool,
+            ) -> [[f32; GROUP]; R] {
+                let bb = if with_min { 20 } else { 18 } * GROUP;
+                let qs_at = if with_min { 32 } else { 16 };
+                let blocks = acts[0].len();
+                assert!(w.len() >= blocks * bb && acts.iter().all(|a| a.len() == blocks));
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut off = [_mm256_setzero_ps(); R];
+                for b in 0..blocks {
+                    let blk = w.as_ptr().add(b * bb);
+                    let d = f16x8(blk);
+                    let m = if with_min { f16x8(blk.add(16)) } else { d };
+                    for (off, a) in off.iter_mut().zip(&acts) {
+                        let s = if with_min { a[b].s } else { -8.0 * a[b].s };
+                        *off = _mm256_fmadd_ps(m, _mm256_set1_ps(s), *off);
+                    }
+                    let mut sums = [_mm256_setzero_si256(); R];
+                    for c in 0..4 {
+                        let q = _mm256_loadu_si256(blk.add(qs_at + c * 32) as *const __m256i);
+                        let lo = _mm256_and_si256(q, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                        for ($sum, a) in sums.iter_mut().zip(&acts) {
+                            let a = &a[b];
+                            let ($w, $a) = (lo, act_word(a, 4 * c));
+                            *$sum = $dot;
+                            let ($w, $a) = (hi, act_word(a, 16 + 4 * c));
+                            *$sum = $dot;
+                        }
+                    }
+                    for ((acc, $s), a) in acc.iter_mut().zip(sums).zip(&acts) {
+                        let sum = _mm256_cvtepi32_ps($widen);
+                        *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a[b].d)), sum, *acc);
+                    }
                 }
+                let mut out = [[0f32; GROUP]; R];
+                for ((out, acc), off) in out.iter_mut().zip(acc).zip(off) {
+                    *out = to_array(_mm256_add_ps(acc, off));
+                }
+                out
             }
-            for ((acc, sum16), a) in acc.iter_mut().zip(sum16).zip(&acts) {
-                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
-                *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a[b].d)), sum, *acc);
-            }
-        }
-        let mut out = [[0f32; GROUP]; R];
-        for ((out, acc), off) in out.iter_mut().zip(acc).zip(off) {
-            *out = to_array(_mm256_add_ps(acc, off));
-        }
-        out
+        };
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `w` holds `acts[i].len()` grouped Q8_0 blocks,
-    /// the same count for every `i`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q8_0<const R: usize>(w: &[u8], acts: [&[Q8Block]; R]) -> [[f32; GROUP]; R] {
-        let bb = 34 * GROUP;
-        let blocks = acts[0].len();
-        assert!(w.len() >= blocks * bb && acts.iter().all(|a| a.len() == blocks));
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..blocks {
-            let blk = w.as_ptr().add(b * bb);
-            let d = f16x8(blk);
-            let mut sum = [_mm256_setzero_si256(); R];
-            for c in 0..8 {
-                let q = _mm256_loadu_si256(blk.add(16 + c * 32) as *const __m256i);
-                // maddubs needs an unsigned left operand: move the weights' signs onto the
-                // activations. Pair sums reach 2·127·127, so each goes to i32 at once.
-                let magnitude = _mm256_sign_epi8(q, q);
-                for (sum, a) in sum.iter_mut().zip(&acts) {
-                    let p = _mm256_maddubs_epi16(
-                        magnitude,
-                        _mm256_sign_epi8(act_word(&a[b], 4 * c), q),
-                    );
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p, ones));
+    /// Defines a Q8_0 group kernel; `$dot(sum, w, a)` accumulates the products of 32 unsigned
+    /// weight magnitudes and 32 signed activations into eight i32 in `sum`.
+    macro_rules! q8_0_kernel {
+        ($name:ident, $features:literal, |$sum:ident, $w:ident, $a:ident| $dot:expr) => {
+            /// # Safety
+            /// The CPU must support the kernel's target features; `w` holds `acts[i].len()`
+            /// grouped Q8_0 blocks, the same count for every `i`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const R: usize>(
+                w: &[u8],
+                acts: [&[Q8Block]; R],
+            ) -> [[f32; GROUP]; R] {
+                let bb = 34 * GROUP;
+                let blocks = acts[0].len();
+                assert!(w.len() >= blocks * bb && acts.iter().all(|a| a.len() == blocks));
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..blocks {
+                    let blk = w.as_ptr().add(b * bb);
+                    let d = f16x8(blk);
+                    let mut sums = [_mm256_setzero_si256(); R];
+                    for c in 0..8 {
+                        let q = _mm256_loadu_si256(blk.add(16 + c * 32) as *const __m256i);
+                        // The products need an unsigned left operand: move the weights' signs
+                        // onto the activations.
+                        let magnitude = _mm256_sign_epi8(q, q);
+                        for ($sum, a) in sums.iter_mut().zip(&acts) {
+                            let ($w, $a) = (magnitude, _mm256_sign_epi8(act_word(&a[b], 4 * c), q));
+                            *$sum = $dot;
+                        }
+                    }
+                    for ((acc, sum), a) in acc.iter_mut().zip(sums).zip(&acts) {
+                        *acc = _mm256_fmadd_ps(
+                            _mm256_mul_ps(d, _mm256_set1_ps(a[b].d)),
+                            _mm256_cvtepi32_ps(sum),
+                            *acc,
+                        );
+                    }
                 }
+                acc.map(|acc| to_array(acc))
             }
-            for ((acc, sum), a) in acc.iter_mut().zip(sum).zip(&acts) {
-                *acc = _mm256_fmadd_ps(
-                    _mm256_mul_ps(d, _mm256_set1_ps(a[b].d)),
-                    _mm256_cvtepi32_ps(sum),
-                    *acc,
-                );
-            }
-        }
-        acc.map(|acc| to_array(acc))
+        };
+    }
+
+    // AVX2: u8·s8 pair sums in i16 (|w·a| <= 2·15·127 per pair, so eight pair sums still fit),
+    // widened to i32 once per block.
+    q4_kernel!(
+        group_q4,
+        "avx2,fma,f16c",
+        |sum, w, a| _mm256_add_epi16(*sum, _mm256_maddubs_epi16(w, a)),
+        |s| _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+    );
+    // AVX-512 VNNI (256-bit): one instruction multiplies and adds into i32. The integer sums are
+    // exact either way, so both kernels give the same results.
+    q4_kernel!(
+        group_q4_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        |sum, w, a| _mm256_dpbusd_epi32(*sum, w, a),
+        |s| s
+    );
+    // Pair sums reach 2·127·127, so each goes to i32 at once.
+    q8_0_kernel!(group_q8_0, "avx2,fma,f16c", |sum, w, a| _mm256_add_epi32(
+        *sum,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+    ));
+    q8_0_kernel!(
+        group_q8_0_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        |sum, w, a| _mm256_dpbusd_epi32(*sum, w, a)
+    );
+
+    pub fn vnni_available() -> bool {
+        available()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
     }
 }
 
@@ -653,6 +703,27 @@ mod tests {
                 // And in the last slot of four.
                 let quad = (kernels.quad)(group, [other, other, other, acts.row(j)])[3];
                 assert_eq!(quad, one, "a row's sums do not depend on its neighbours");
+                // Where both run, the VNNI and AVX2 kernels agree exactly (exact integer sums).
+                #[cfg(target_arch = "x86_64")]
+                if avx2::vnni_available() {
+                    let a = [acts.row(j)];
+                    // SAFETY: the CPU has AVX2 and VNNI; the group and rows match in length.
+                    let (plain, vnni) = unsafe {
+                        match qm.kind {
+                            Kind::Q8_0 => {
+                                (avx2::group_q8_0(group, a), avx2::group_q8_0_vnni(group, a))
+                            }
+                            k => {
+                                let min = k == Kind::Q4_1;
+                                (
+                                    avx2::group_q4(group, a, min),
+                                    avx2::group_q4_vnni(group, a, min),
+                                )
+                            }
+                        }
+                    };
+                    assert_eq!(plain, vnni, "{dtype:?}");
+                }
                 for fast in [one, paired[0], paired[1], quad] {
                     for (f, p) in fast.iter().zip(&portable) {
                         assert!(
