@@ -6,9 +6,7 @@ use candle_core::Tensor;
 use numpy::{PyArray1, PyArrayMethods};
 use peftscale_core::search::{Candidate, TextDelta, TreeReport};
 use peftscale_core::text::ChatMessage;
-use peftscale_core::{
-    Engine, Error, GenerateOptions, Generation, Output, SamplingParams, WeightDType,
-};
+use peftscale_core::{Engine, Error, GenerateOptions, Generation, Output, WeightDType};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -273,14 +271,14 @@ impl PyEngine {
         let opts = GenerateOptions {
             max_new_tokens,
             stop,
-            sampling: SamplingParams {
+            sampling: search::sampling_params((
                 temperature,
                 top_k,
                 top_p,
                 min_p,
                 repetition_penalty,
                 seed,
-            },
+            )),
             ignore_eos,
             adapters,
             cold,

@@ -19,7 +19,8 @@ use crate::InvalidArgument;
 /// The first exception a Python callback raised during a generation.
 pub(crate) type CallbackError = Arc<Mutex<Option<PyErr>>>;
 
-type SamplingTuple = (f32, usize, f32, f32, f32, u64);
+/// `(temperature, top_k, top_p, min_p, repetition_penalty, seed)`.
+pub(crate) type SamplingTuple = (f32, usize, f32, f32, f32, u64);
 type ColdTuple = (f32, f32, f32, bool, f32, u64, bool);
 
 fn item<'py, T: FromPyObject<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
@@ -33,17 +34,21 @@ fn item<'py, T: FromPyObject<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResul
     }
 }
 
-fn sampling(d: &Bound<'_, PyDict>) -> PyResult<SamplingParams> {
-    let (temperature, top_k, top_p, min_p, repetition_penalty, seed): SamplingTuple =
-        item(d, "sampling")?;
-    Ok(SamplingParams {
+pub(crate) fn sampling_params(
+    (temperature, top_k, top_p, min_p, repetition_penalty, seed): SamplingTuple,
+) -> SamplingParams {
+    SamplingParams {
         temperature,
         top_k,
         top_p,
         min_p,
         repetition_penalty,
         seed,
-    })
+    }
+}
+
+fn sampling(d: &Bound<'_, PyDict>) -> PyResult<SamplingParams> {
+    item(d, "sampling").map(sampling_params)
 }
 
 pub(crate) fn cold(t: Option<ColdTuple>) -> Option<ColdParams> {

@@ -123,10 +123,8 @@ impl Adaptive {
 impl Search for Adaptive {
     fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
         for q in 0..self.jobs.len() {
-            let job = self.jobs[q].clone();
-            job.prefill(cx, self.params.sampling)?;
-            // The prefill is the branch just spawned.
-            self.prefills.insert(cx.pool_last_id(), q);
+            let id = self.jobs[q].prefill(cx)?;
+            self.prefills.insert(id, q);
         }
         Ok(())
     }

@@ -141,22 +141,6 @@ impl BeamSearch {
         }
     }
 
-    fn advance(&self, g: &Group, beam: &Beam, tokens: Vec<u32>) -> Vec<Advance> {
-        let mut work = vec![Advance {
-            seq: beam.head.seq,
-            tokens: tokens.clone(),
-            adapter: g.adapter.clone(),
-        }];
-        if let Some(base) = beam.head.base {
-            work.push(Advance {
-                seq: base,
-                tokens,
-                adapter: None,
-            });
-        }
-        work
-    }
-
     /// The log-softmax of one beam's token scores (its logits, or under CoLD the contrastive
     /// scores) as the scores and their `(max, ln_sum)`: `lp[t] = scores[t] - max - ln_sum`.
     fn token_scores<'a>(
@@ -195,6 +179,11 @@ impl BeamSearch {
                 });
             }
             let (scores, max, ln_sum) = self.token_scores(expert, base.as_deref());
+            // Under CoLD the reported log-probabilities are still the expert's own.
+            let (e_max, e_ln_sum) = match p.cold {
+                Some(_) => logits::log_normalizer(expert),
+                None => (max, ln_sum),
+            };
             let beam_score = g.running[bi].score;
             for t in logits::top_k_indices(&scores, keep) {
                 // As torch's log_softmax rounds it: (x - max) - ln_sum.
@@ -208,11 +197,7 @@ impl BeamSearch {
                 } else {
                     None
                 };
-                let logprob = if p.cold.is_some() {
-                    logits::log_prob(expert, t)
-                } else {
-                    lp_t
-                };
+                let logprob = expert[t] - e_max - e_ln_sum;
                 cands.push(Cand {
                     score: lp_t + beam_score,
                     beam: bi,
@@ -370,7 +355,7 @@ impl Strategy for BeamSearch {
                 heuristic_unsatisfied: true,
                 done: false,
             };
-            work.extend(self.advance(&g, &g.running[0], p.clone()));
+            work.extend(Advance::with_twin(head.seq, head.base, &g.adapter, p));
             self.groups.push(g);
         }
         Ok(work)
@@ -406,8 +391,13 @@ impl Strategy for BeamSearch {
                 continue;
             }
             for b in &g.running {
-                let last = b.tokens.last().copied().into_iter().collect();
-                work.extend(self.advance(g, b, last));
+                let last: Vec<u32> = b.tokens.last().copied().into_iter().collect();
+                work.extend(Advance::with_twin(
+                    b.head.seq,
+                    b.head.base,
+                    &g.adapter,
+                    &last,
+                ));
             }
         }
         Ok(work)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use super::branch::{BranchId, Finished, Head};
+use super::branch::{BranchId, Finished};
 use super::driver::{spec, Cx, Search};
 use super::spec::{BestOfNParams, Ranking};
 use super::{Candidate, RowOutput};
@@ -23,21 +23,10 @@ pub(crate) struct PromptJob {
 }
 
 impl PromptJob {
-    /// Starts the prompt's prefill: a branch that only feeds it.
-    pub fn prefill(
-        &self,
-        cx: &mut Cx<'_>,
-        sampling: crate::logits::SamplingParams,
-    ) -> Result<Head> {
+    /// Starts the prompt's prefill on a new sequence: a branch that only feeds it.
+    pub fn prefill(&self, cx: &mut Cx<'_>) -> Result<BranchId> {
         let head = cx.new_head();
-        cx.spawn(
-            head,
-            self.adapter.clone(),
-            self.prompt.to_vec(),
-            None,
-            spec(0, Vec::new(), sampling, 0, self.prompt.clone()),
-        )?;
-        Ok(head)
+        cx.feed_only(head, self.adapter.clone(), self.prompt.to_vec())
     }
 
     /// Forks `n` completions (random streams `0..n`) off a fed prompt, the last one taking the
@@ -145,7 +134,7 @@ impl BestOfN {
 
 impl Search for BestOfN {
     fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
-        self.job.prefill(cx, self.params.sampling)?;
+        self.job.prefill(cx)?;
         Ok(())
     }
 

@@ -165,10 +165,6 @@ impl Pool {
         self.cfg.tokenizer.as_ref()
     }
 
-    pub fn last_id(&self) -> BranchId {
-        self.next_id.saturating_sub(1)
-    }
-
     pub fn is_eos(&self, token: u32) -> bool {
         self.cfg.eos_token_ids.contains(&token)
     }
@@ -230,18 +226,12 @@ impl Pool {
             }
             let twins = 1 + usize::from(b.head.base.is_some());
             *self.spent.entry(b.owner).or_default() += twins * b.feed.len();
-            work.push(Advance {
-                seq: b.head.seq,
-                tokens: b.feed.clone(),
-                adapter: b.adapter.clone(),
-            });
-            if let Some(base) = b.head.base {
-                work.push(Advance {
-                    seq: base,
-                    tokens: b.feed.clone(),
-                    adapter: None,
-                });
-            }
+            work.extend(Advance::with_twin(
+                b.head.seq,
+                b.head.base,
+                &b.adapter,
+                &b.feed,
+            ));
         }
         work
     }
@@ -336,17 +326,15 @@ impl Pool {
         }
         let (token, score) = match (&cfg.cold, &l.base) {
             (Some(cold), Some(base)) => {
-                let p = ColdParams {
-                    sample: !b.spec.sampling.is_greedy(),
-                    temperature: if b.spec.sampling.is_greedy() {
-                        1.0
-                    } else {
-                        b.spec.sampling.temperature
-                    },
-                    ..*cold
+                // The contrastive scores, built once: the token is their argmax or a draw at
+                // the sampling temperature (as `cold_choose` picks), scored by their
+                // log-softmax.
+                let scores = logits::cold_scores(&l.expert, base, cold);
+                let pick = SamplingParams {
+                    temperature: b.spec.sampling.temperature,
+                    ..SamplingParams::greedy()
                 };
-                let scores = logits::cold_scores(&l.expert, base, &p);
-                let t = logits::cold_choose(&l.expert, base, &p, &mut b.rng);
+                let t = logits::choose(&scores, &pick, &mut b.rng);
                 (t, logits::log_prob(&scores, t as usize))
             }
             _ => {

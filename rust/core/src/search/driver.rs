@@ -33,6 +33,19 @@ impl Cx<'_> {
             .spawn(self.owner, head, adapter, feed, logits, spec)
     }
 
+    /// Spawns a branch that only feeds `tokens` to `head` and finishes with its last-position
+    /// logits, ready to be forked.
+    pub fn feed_only(
+        &mut self,
+        head: Head,
+        adapter: Option<Arc<LoraAdapter>>,
+        tokens: Vec<u32>,
+    ) -> Result<BranchId> {
+        // It picks no token, so no sampling, stream or history applies.
+        let spec = spec(0, Vec::new(), SamplingParams::greedy(), 0, Arc::default());
+        self.spawn(head, adapter, tokens, None, spec)
+    }
+
     /// Spawns `n` branches continuing `head` from its known last-position `logits`, so no token
     /// runs again: each forks `head`, except the last, which takes `head` itself unless
     /// `keep_head`. `spec_for(i)` is branch `i`'s spec.
@@ -65,11 +78,6 @@ impl Cx<'_> {
             head.free(self.store);
         }
         Ok(ids)
-    }
-
-    /// The id of the branch spawned last.
-    pub fn pool_last_id(&self) -> BranchId {
-        self.pool.last_id()
     }
 
     pub fn new_head(&mut self) -> Head {

@@ -141,14 +141,7 @@ impl Mcts {
             .head
             .ok_or_else(|| Error::invalid("MCTS: node has no sequence"))?;
         let feed = std::mem::take(&mut step.pending);
-        let history = self.history(node);
-        let id = cx.spawn(
-            head,
-            self.job.adapter.clone(),
-            feed,
-            None,
-            spec(0, Vec::new(), self.params.sampling, 0, history),
-        )?;
+        let id = cx.feed_only(head, self.job.adapter.clone(), feed)?;
         self.jobs.insert(id, Job::Feed(node, expand));
         Ok(())
     }
@@ -303,8 +296,7 @@ impl Mcts {
 
 impl Search for Mcts {
     fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
-        let head = self.job.prefill(cx, self.params.sampling)?;
-        self.steps[0].head = Some(head);
+        self.job.prefill(cx)?;
         Ok(())
     }
 

@@ -41,6 +41,29 @@ pub struct Advance {
     pub adapter: Option<Arc<LoraAdapter>>,
 }
 
+impl Advance {
+    /// Work that feeds `tokens` to `seq` with `adapter`, and to its CoLD base twin `base` (if
+    /// any) through the base model.
+    pub(crate) fn with_twin(
+        seq: SeqId,
+        base: Option<SeqId>,
+        adapter: &Option<Arc<LoraAdapter>>,
+        tokens: &[u32],
+    ) -> impl Iterator<Item = Advance> {
+        let twin = base.map(|b| Advance {
+            seq: b,
+            tokens: tokens.to_vec(),
+            adapter: None,
+        });
+        std::iter::once(Advance {
+            seq,
+            tokens: tokens.to_vec(),
+            adapter: adapter.clone(),
+        })
+        .chain(twin)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// The model produced an end-of-sequence token.

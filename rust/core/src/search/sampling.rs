@@ -130,30 +130,6 @@ impl SamplingStrategy {
     }
 }
 
-impl SamplingStrategy {
-    /// Work that feeds `tokens` to a row (and to its base twin, without the adapter).
-    fn advance(
-        seq: SeqId,
-        base_seq: Option<SeqId>,
-        adapter: &Option<Arc<LoraAdapter>>,
-        tokens: &[u32],
-    ) -> Vec<Advance> {
-        let mut work = vec![Advance {
-            seq,
-            tokens: tokens.to_vec(),
-            adapter: adapter.clone(),
-        }];
-        if let Some(base) = base_seq {
-            work.push(Advance {
-                seq: base,
-                tokens: tokens.to_vec(),
-                adapter: None,
-            });
-        }
-        work
-    }
-}
-
 impl Strategy for SamplingStrategy {
     fn start(&mut self, store: &mut SeqStore, prompts: &[Vec<u32>]) -> Result<Vec<Advance>> {
         let mut work = Vec::with_capacity(prompts.len());
@@ -174,7 +150,7 @@ impl Strategy for SamplingStrategy {
                 text: String::new(),
                 streamed: 0,
             });
-            work.extend(Self::advance(seq, base_seq, &adapter, p));
+            work.extend(Advance::with_twin(seq, base_seq, &adapter, p));
         }
         Ok(work)
     }
@@ -205,9 +181,12 @@ impl Strategy for SamplingStrategy {
         let mut work = Vec::new();
         for row in &self.rows {
             match (row.finish, row.generated.last()) {
-                (None, Some(&t)) => {
-                    work.extend(Self::advance(row.seq, row.base_seq, &row.adapter, &[t]))
-                }
+                (None, Some(&t)) => work.extend(Advance::with_twin(
+                    row.seq,
+                    row.base_seq,
+                    &row.adapter,
+                    &[t],
+                )),
                 (Some(_), _) => {
                     for seq in std::iter::once(row.seq).chain(row.base_seq) {
                         if store.len(seq).is_ok() {

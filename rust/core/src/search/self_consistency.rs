@@ -116,7 +116,7 @@ impl SelfConsistency {
 
 impl Search for SelfConsistency {
     fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
-        self.job.prefill(cx, self.params.sampling)?;
+        self.job.prefill(cx)?;
         Ok(())
     }
 

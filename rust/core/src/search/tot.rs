@@ -144,14 +144,7 @@ impl TreeOfThought {
             // Feed the state first, so that its children fork it instead of repeating it.
             let head = self.head(s)?;
             let feed = std::mem::take(&mut self.states[s].pending);
-            let history = self.history(s);
-            let id = cx.spawn(
-                head,
-                self.job.adapter.clone(),
-                feed,
-                None,
-                spec(0, Vec::new(), self.params.sampling, 0, history),
-            )?;
+            let id = cx.feed_only(head, self.job.adapter.clone(), feed)?;
             self.jobs.insert(id, Job::Feed(s));
         }
         self.after_expansion_step(cx)
@@ -274,13 +267,7 @@ impl TreeOfThought {
                     let text = self.fill(&template, s, cx)?;
                     let ids = cx.tokenizer()?.encode(&text)?;
                     let head = cx.new_head();
-                    let id = cx.spawn(
-                        head,
-                        self.job.adapter.clone(),
-                        ids.clone(),
-                        None,
-                        spec(0, Vec::new(), self.params.sampling, 0, Arc::new(ids)),
-                    )?;
+                    let id = cx.feed_only(head, self.job.adapter.clone(), ids)?;
                     self.jobs.insert(id, Job::ValuePrompt(s));
                 }
                 if self.jobs.is_empty() {
