@@ -237,6 +237,8 @@ def test_beam_search_forwards_each_prompt_once(tiny: ps.Engine) -> None:
         (ps.Adaptive(budget_tokens=10, probe=4), "budget_tokens"),
         (ps.SelfConsistency(stop_when_confident=0.3), "stop_when_confident"),
         (ps.BestOfN(sampling=ps.Sampling(top_p=0.0)), "top_p"),
+        (ps.SelfConsistency(extract=5), "extract"),
+        (ps.BestOfN(scorer=5), "scorer"),
     ],
 )
 def test_bad_parameters_name_themselves(tiny: ps.Engine, strategy: ps.Strategy, name: str) -> None:

@@ -129,6 +129,12 @@ fn extractor(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Extracto
             ))),
         };
     }
+    if !v.is_callable() {
+        return Err(InvalidArgument::new_err(format!(
+            "invalid argument: extract must be 'last_number', 'boxed', 'choice_letter' or a \
+             callable, got {v}"
+        )));
+    }
     let f: PyObject = v.unbind();
     let errors = errors.clone();
     Ok(Extractor::Callback(ExtractFn::new(move |text: &str| {
