@@ -136,7 +136,7 @@ fn matvec(c: &mut Criterion) {
         let bytes = q.storage_size_in_bytes();
         let lin = Linear::quantized(Arc::new(q), None).expect("linear");
         g.throughput(criterion::Throughput::Bytes(bytes as u64));
-        for m in [1, 2, 4] {
+        for m in [1, 2, 4, 16, 64] {
             let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).expect("input");
             g.bench_function(format!("{name}_m{m}"), |b| {
                 b.iter(|| lin.forward(black_box(&x)).expect("matvec"))

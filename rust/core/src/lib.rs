@@ -3,8 +3,10 @@
 //! Load a model ([`Engine::load`]), then decode batches of prompts with a strategy
 //! ([`Engine::generate`]) or step by step ([`Engine::start`], [`Generation::step`]).
 
+pub mod config;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod kv;
 pub mod logits;
 pub mod lora;

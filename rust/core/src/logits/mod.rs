@@ -2,12 +2,12 @@
 //! sampling, argmax and log-probabilities over one row of logits.
 
 mod cold;
-mod rng;
 
+pub use crate::kernels::cpu::Rng;
 pub use cold::{cold_choose, cold_scores, ColdParams};
-pub use rng::Rng;
 
 use crate::error::{Error, Result};
+use crate::kernels::cpu::exp_in_place;
 
 /// How the next token is chosen from a row of logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,7 +107,7 @@ pub fn log_normalizer(xs: &[f32]) -> (f32, f32) {
     for chunk in xs.chunks(buf.len()) {
         let part = &mut buf[..chunk.len()];
         part.iter_mut().zip(chunk).for_each(|(b, &x)| *b = x - max);
-        crate::model::exp_in_place(part);
+        exp_in_place(part);
         sum += chunked_sum(part);
     }
     (max, sum.ln() as f32)
@@ -305,7 +305,7 @@ pub fn draw(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     // Weights relative to the most likely token, which gets 1.
     let mut w: Vec<f32> = scaled.iter().map(|&x| x - max).collect();
-    crate::model::exp_in_place(&mut w);
+    exp_in_place(&mut w);
     let mut order = LazyOrder::new(&scaled, max, p.top_k);
     let n = order.len();
     let total = if n == scaled.len() {

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
+use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
-use crate::model::{host_f32, ModelConfig, RopeLayout};
+use crate::kernels::cpu::host_f32;
 pub use config::AdapterConfig;
 
 /// The seven projections of a llama-family layer an adapter can target.

@@ -9,12 +9,13 @@
 
 use candle_core::{DType, Device, Layout, Storage, Tensor};
 
-use super::config::{ModelConfig, RopeLayout};
-use super::dense::{exp_in_place, scaled_matvec, weighted_row_sum};
-use super::linear::{host_f32, project_many, LoraUse};
+use super::linear::{project_many, LoraUse};
 use super::llama::{Layer, Model, RowPlan};
-use super::parallel::{team, DisjointOut};
+use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
+use crate::kernels::cpu::dense::{exp_in_place, scaled_matvec, weighted_row_sum};
+use crate::kernels::cpu::host_f32;
+use crate::kernels::cpu::parallel::{team, DisjointOut};
 use crate::kv::{KvPiece, SeqStore};
 use crate::lora::{group_by_adapter, LoraAdapter, Proj};
 

@@ -5,12 +5,11 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 
-use super::dense;
-use super::parallel::{row_chunks, team, DisjointOut};
-use super::qmatmul::{QuantMatrix, QuantizedActs};
-use super::requantize;
 use crate::error::{Error, Result};
-use crate::logits::Rng;
+use crate::kernels::cpu::dense;
+use crate::kernels::cpu::parallel::{row_chunks, team, DisjointOut};
+use crate::kernels::cpu::qmatmul::{QuantMatrix, QuantizedActs};
+use crate::kernels::cpu::{host_f32, requantize, Rng};
 use crate::lora::LoraPair;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -144,11 +143,6 @@ fn float_sum(w: &Tensor, delta: &Tensor) -> Result<Tensor> {
 
 fn host_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
     bias.map(host_f32).transpose()
-}
-
-/// The values of `t`, flattened, as f32 on the host.
-pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// A weight the CPU kernels read directly during one parallel region.

@@ -7,13 +7,13 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{ModelConfig, RopeLayout};
 use super::host_forward::{self, HostParams};
 use super::linear::{Embedding, Linear};
 use super::weights::TensorSource;
+use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
+use crate::kernels::cpu::Rng;
 use crate::kv::{KvPiece, KvShape, SeqId, SeqStore};
-use crate::logits::Rng;
 use crate::lora::{LoraAdapter, Proj};
 
 /// Which positions of a row need logits.

@@ -1,23 +1,16 @@
 //! Model loading: a GGUF file or a Hugging Face folder becomes a [`Model`] plus the metadata the
 //! tokenizer and chat template are built from.
 
-mod config;
-mod dense;
 mod host_forward;
 mod linear;
 mod llama;
-mod parallel;
-mod qmatmul;
-mod requantize;
 mod weights;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-pub use config::{ModelConfig, RopeLayout};
-pub(crate) use dense::exp_in_place;
-pub(crate) use linear::host_f32;
+pub use crate::config::{ModelConfig, RopeLayout};
 pub use linear::{Embedding, Linear};
 pub use llama::{LogitsFor, Model, RowInput};
 pub use weights::WeightDType;

@@ -5,8 +5,8 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use serde_json::{json, Value};
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
 
 /// Everything about text that a model file declares.
 #[derive(Clone)]

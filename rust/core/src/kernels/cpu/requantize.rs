@@ -15,8 +15,8 @@ use std::borrow::Cow;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use half::f16;
 
+use super::Rng;
 use crate::error::{Error, Result};
-use crate::logits::Rng;
 
 const QK: usize = 32;
 

@@ -1,0 +1,21 @@
+//! CPU kernels: quantized and dense matrix products ([`qmatmul`], [`dense`]), requantization of
+//! merged weights, vectorised exp, the persistent thread team ([`parallel`]) and the seeded RNG.
+//! SIMD paths are chosen at run time from the CPU's features, with a portable path beside each.
+
+pub(crate) mod dense;
+pub(crate) mod parallel;
+pub(crate) mod qmatmul;
+pub(crate) mod requantize;
+mod rng;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+
+pub use dense::exp_in_place;
+pub use rng::Rng;
+
+/// The values of `t`, flattened, as f32 on the host.
+pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
