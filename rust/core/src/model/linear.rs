@@ -145,6 +145,18 @@ fn host_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
     bias.map(host_f32).transpose()
 }
 
+/// Tasks per thread for a projection of `m` input rows. One row streams the weights and is
+/// bound by memory: one contiguous run per thread keeps the prefetcher ahead. Several rows are
+/// bound by arithmetic: smaller tasks, claimed as threads free up, even out cores that run at
+/// different speeds on a shared machine.
+fn tasks_per_thread(m: usize) -> usize {
+    if m >= 3 {
+        4
+    } else {
+        1
+    }
+}
+
 /// A weight the CPU kernels read directly during one parallel region.
 enum RowSource<'a> {
     Blocks(&'a QuantMatrix),
@@ -284,7 +296,7 @@ pub(crate) fn project_many<const N: usize>(
         for (i, (src, lin)) in sources.iter().zip(linears).enumerate() {
             if src.is_some() {
                 tasks.extend(
-                    row_chunks(lin.out_features, team.threads())
+                    row_chunks(lin.out_features, team.threads() * tasks_per_thread(m))
                         .into_iter()
                         .map(|r| Task::Base(i, r)),
                 );

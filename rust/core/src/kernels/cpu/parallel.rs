@@ -261,15 +261,16 @@ impl<'a> DisjointOut<'a> {
     }
 }
 
-/// Splits `rows` output rows into one contiguous range per thread, on whole groups of the
-/// quantized kernels' interleaved rows. Each thread then streams its part of the weights in one
-/// run, which the hardware prefetcher rewards: eight smaller ranges per thread, claimed
-/// dynamically, made a decode step's projections about 40% slower.
-pub(crate) fn row_chunks(rows: usize, threads: usize) -> Vec<Range<usize>> {
+/// Splits `rows` output rows into `parts` contiguous ranges (fewer for small matrices) on whole
+/// pairs of groups of the quantized kernels' interleaved rows (the tile kernels take two groups
+/// at a time). For one input row, one range per thread: each thread then streams its part of
+/// the weights in one run, which the hardware prefetcher rewards (eight smaller ranges per
+/// thread, claimed dynamically, made a one-row decode step's projections about 40% slower).
+pub(crate) fn row_chunks(rows: usize, parts: usize) -> Vec<Range<usize>> {
     let per = rows
-        .div_ceil(threads)
+        .div_ceil(parts)
         .max(16)
-        .next_multiple_of(super::qmatmul::GROUP);
+        .next_multiple_of(2 * super::qmatmul::GROUP);
     (0..rows)
         .step_by(per)
         .map(|r| r..(r + per).min(rows))

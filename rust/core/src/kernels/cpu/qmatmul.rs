@@ -68,11 +68,13 @@ pub struct QuantMatrix {
     cols: usize,
 }
 
-/// One activation block: `x ≈ d · qs`, with `s = d · Σ qs` for the formats with an offset.
+/// One activation block: `x ≈ d · qs`, with `sum = Σ qs` and `s = d · sum` for the formats with
+/// an offset.
 #[derive(Clone, Copy)]
 struct Q8Block {
     d: f32,
     s: f32,
+    sum: i32,
     qs: [i8; QK],
 }
 
@@ -138,6 +140,13 @@ impl QuantMatrix {
     ) {
         debug_assert_eq!(rows.start % GROUP, 0);
         let gb = self.group_bytes();
+        let mut rows = rows;
+        #[cfg(target_arch = "x86_64")]
+        if acts.m >= TILE_MIN_ROWS {
+            if let Some(tiles) = select_tiles(self.kind) {
+                rows.start = self.compute_row_pairs(&tiles, acts, rows.clone(), out);
+            }
+        }
         let kernels = select_kernels(self.kind);
         for first in rows.clone().step_by(GROUP) {
             let group = &self.data[first / GROUP * gb..(first / GROUP + 1) * gb];
@@ -174,6 +183,71 @@ impl QuantMatrix {
         }
     }
 }
+
+impl QuantMatrix {
+    /// The part of [`Self::compute_rows`] that the 512-bit tile kernels take: every pair of
+    /// groups that starts in `rows`, against the activation rows in tiles of up to eight.
+    /// Returns where the rows it left (a final unpaired group) begin.
+    ///
+    /// # Safety
+    /// As [`Self::compute_rows`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn compute_row_pairs(
+        &self,
+        tiles: &Tiles,
+        acts: &QuantizedActs,
+        rows: Range<usize>,
+        out: &DisjointOut<'_>,
+    ) -> usize {
+        const PAIR: usize = 2 * GROUP;
+        let gb = self.group_bytes();
+        let end = rows.end.min(self.rows);
+        // Pairs whose second group still has rows of this range (the storage holds whole groups).
+        let pairs = (end.saturating_sub(rows.start) + GROUP - 1) / PAIR;
+        // Activation rows in chunks that stay in the core's L2 while every pair of the range
+        // passes over them: the weights then stream from memory once per chunk.
+        for chunk in (0..acts.m).step_by(ACT_CHUNK) {
+            let chunk_end = (chunk + ACT_CHUNK).min(acts.m);
+            for p in 0..pairs {
+                let first = rows.start + p * PAIR;
+                let g = first / GROUP;
+                let (g0, g1) = (
+                    &self.data[g * gb..(g + 1) * gb],
+                    &self.data[(g + 1) * gb..(g + 2) * gb],
+                );
+                let live = (end - first).min(PAIR);
+                let write = |j: usize, sums: &[f32; PAIR]| {
+                    out.set_slice(j * self.rows + first, &sums[..live])
+                };
+                let mut j = chunk;
+                while j + 8 <= chunk_end {
+                    let sums = (tiles.eight)(g0, g1, std::array::from_fn(|i| acts.row(j + i)));
+                    sums.iter().enumerate().for_each(|(i, s)| write(j + i, s));
+                    j += 8;
+                }
+                if j + 4 <= chunk_end {
+                    let sums = (tiles.four)(g0, g1, std::array::from_fn(|i| acts.row(j + i)));
+                    sums.iter().enumerate().for_each(|(i, s)| write(j + i, s));
+                    j += 4;
+                }
+                if j + 2 <= chunk_end {
+                    let sums = (tiles.two)(g0, g1, [acts.row(j), acts.row(j + 1)]);
+                    sums.iter().enumerate().for_each(|(i, s)| write(j + i, s));
+                    j += 2;
+                }
+                if j < chunk_end {
+                    write(j, &(tiles.one)(g0, g1, [acts.row(j)])[0]);
+                }
+            }
+        }
+        rows.start + pairs * PAIR
+    }
+}
+
+/// From this many activation rows on, the 512-bit tile kernels take the pairs of row groups.
+const TILE_MIN_ROWS: usize = 3;
+/// Activation rows per pass of the tile kernels over a range of weight rows.
+const ACT_CHUNK: usize = 64;
 
 /// Reorders GGML blocks (`rows` rows of `cols / 32` blocks) into the grouped layout.
 fn repack(kind: Kind, raw: &[u8], rows: usize, cols: usize) -> Vec<u8> {
@@ -277,6 +351,7 @@ fn quantize_block_portable(x: &[f32]) -> Q8Block {
     Q8Block {
         d,
         s: d * sum as f32,
+        sum,
         qs,
     }
 }
@@ -324,6 +399,40 @@ fn select_kernels(kind: Kind) -> Kernels {
         Kind::Q4_1 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q4_1, w, a))),
         Kind::Q8_0 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q8_0, w, a))),
     }
+}
+
+/// Sixteen weight rows (two consecutive groups) dotted with each of `R` activation rows.
+type TileKernel<const R: usize> = fn(&[u8], &[u8], [&[Q8Block]; R]) -> [[f32; 2 * GROUP]; R];
+
+struct Tiles {
+    one: TileKernel<1>,
+    two: TileKernel<2>,
+    four: TileKernel<4>,
+    eight: TileKernel<8>,
+}
+
+macro_rules! tiles {
+    (|$g0:ident, $g1:ident, $a:ident| $body:expr) => {
+        Tiles {
+            one: |$g0, $g1, $a| $body,
+            two: |$g0, $g1, $a| $body,
+            four: |$g0, $g1, $a| $body,
+            eight: |$g0, $g1, $a| $body,
+        }
+    };
+}
+
+/// The 512-bit VNNI tile kernels, where the CPU has them.
+#[cfg(target_arch = "x86_64")]
+fn select_tiles(kind: Kind) -> Option<Tiles> {
+    if !avx512::available() {
+        return None;
+    }
+    Some(match kind {
+        Kind::Q4_0 => tiles!(|g0, g1, a| unsafe { avx512::tile_q4(g0, g1, a, false) }),
+        Kind::Q4_1 => tiles!(|g0, g1, a| unsafe { avx512::tile_q4(g0, g1, a, true) }),
+        Kind::Q8_0 => tiles!(|g0, g1, a| unsafe { avx512::tile_q8_0(g0, g1, a) }),
+    })
 }
 
 /// Whether the AVX2 kernels run on this CPU.
@@ -427,9 +536,11 @@ mod avx2 {
         );
         let mut qs = [0i8; super::QK];
         _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, bytes);
+        let sum = _mm_cvtsi128_si32(sum);
         Q8Block {
             d,
-            s: d * _mm_cvtsi128_si32(sum) as f32,
+            s: d * sum as f32,
+            sum,
             qs,
         }
     }
@@ -586,6 +697,152 @@ mod avx2 {
     }
 }
 
+/// Tile kernels over sixteen weight rows in 512-bit registers: the two groups' quants of one
+/// chunk fill one register, and each activation word is broadcast against it. They compute
+/// exactly what the 256-bit kernels compute for each group (the same integer sums, the same
+/// float operations in the same order), so a row's result does not depend on which kernel ran.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Q8Block, GROUP};
+    use std::arch::x86_64::*;
+
+    const ROWS: usize = 2 * GROUP;
+
+    pub fn available() -> bool {
+        super::avx2::vnni_available()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+    }
+
+    /// 32 bytes at `a` in the low half, 32 at `b` in the high half.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn halves(a: *const u8, b: *const u8) -> __m512i {
+        _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(a as *const __m256i)),
+            _mm256_loadu_si256(b as *const __m256i),
+            1,
+        )
+    }
+
+    /// Eight f16 at `a` and eight at `b` as sixteen f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn f16x16(a: *const u8, b: *const u8) -> __m512 {
+        _mm512_cvtph_ps(_mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(a as *const __m128i)),
+            _mm_loadu_si128(b as *const __m128i),
+            1,
+        ))
+    }
+
+    /// Four activation quants starting at `at`, broadcast to all sixteen lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn act_word(a: &Q8Block, at: usize) -> __m512i {
+        let word: [i8; 4] = [a.qs[at], a.qs[at + 1], a.qs[at + 2], a.qs[at + 3]];
+        _mm512_set1_epi32(i32::from_le_bytes(word.map(|q| q as u8)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn to_array(v: __m512) -> [f32; ROWS] {
+        let mut out = [0f32; ROWS];
+        _mm512_storeu_ps(out.as_mut_ptr(), v);
+        out
+    }
+
+    /// Q4_0 / Q4_1 groups `g0` and `g1` against `R` activation rows.
+    ///
+    /// # Safety
+    /// The CPU has the features of [`available`]; both groups hold `acts[i].len()` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn tile_q4<const R: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        acts: [&[Q8Block]; R],
+        with_min: bool,
+    ) -> [[f32; ROWS]; R] {
+        let bb = if with_min { 20 } else { 18 } * GROUP;
+        let qs_at = if with_min { 32 } else { 16 };
+        let blocks = acts[0].len();
+        assert!(g0.len() >= blocks * bb && g1.len() >= blocks * bb);
+        assert!(acts.iter().all(|a| a.len() == blocks));
+        let mask = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut off = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let (p0, p1) = (g0.as_ptr().add(b * bb), g1.as_ptr().add(b * bb));
+            let d = f16x16(p0, p1);
+            let m = if with_min {
+                f16x16(p0.add(16), p1.add(16))
+            } else {
+                d
+            };
+            for (off, a) in off.iter_mut().zip(&acts) {
+                let s = if with_min { a[b].s } else { -8.0 * a[b].s };
+                *off = _mm512_fmadd_ps(m, _mm512_set1_ps(s), *off);
+            }
+            let mut sums = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let q = halves(p0.add(qs_at + c * 32), p1.add(qs_at + c * 32));
+                let lo = _mm512_and_si512(q, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
+                for (sum, a) in sums.iter_mut().zip(&acts) {
+                    *sum = _mm512_dpbusd_epi32(*sum, lo, act_word(&a[b], 4 * c));
+                    *sum = _mm512_dpbusd_epi32(*sum, hi, act_word(&a[b], 16 + 4 * c));
+                }
+            }
+            for ((acc, sum), a) in acc.iter_mut().zip(sums).zip(&acts) {
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a[b].d));
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), *acc);
+            }
+        }
+        let mut out = [[0f32; ROWS]; R];
+        for ((out, acc), off) in out.iter_mut().zip(acc).zip(off) {
+            *out = to_array(_mm512_add_ps(acc, off));
+        }
+        out
+    }
+
+    /// Q8_0 groups `g0` and `g1` against `R` activation rows. The weights are signed, and the
+    /// instruction wants one unsigned operand: it multiplies `w + 128` and subtracts `128 · Σ a`.
+    ///
+    /// # Safety
+    /// As [`tile_q4`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn tile_q8_0<const R: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        acts: [&[Q8Block]; R],
+    ) -> [[f32; ROWS]; R] {
+        let bb = 34 * GROUP;
+        let blocks = acts[0].len();
+        assert!(g0.len() >= blocks * bb && g1.len() >= blocks * bb);
+        assert!(acts.iter().all(|a| a.len() == blocks));
+        let bias = _mm512_set1_epi8(i8::MIN);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let (p0, p1) = (g0.as_ptr().add(b * bb), g1.as_ptr().add(b * bb));
+            let d = f16x16(p0, p1);
+            let mut sums = [_mm512_setzero_si512(); R];
+            for c in 0..8 {
+                let biased =
+                    _mm512_xor_si512(halves(p0.add(16 + c * 32), p1.add(16 + c * 32)), bias);
+                for (sum, a) in sums.iter_mut().zip(&acts) {
+                    *sum = _mm512_dpbusd_epi32(*sum, biased, act_word(&a[b], 4 * c));
+                }
+            }
+            for ((acc, sum), a) in acc.iter_mut().zip(sums).zip(&acts) {
+                let exact = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * a[b].sum));
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a[b].d));
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(exact), *acc);
+            }
+        }
+        acc.map(|acc| to_array(acc))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,6 +990,93 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The 512-bit tile kernels give, lane for lane, exactly what the 256-bit group kernel gives
+    /// for each of their two groups, whatever the tile size and a row's place in it.
+    #[cfg(target_arch = "x86_64")]
+    fn check_tiles(dtype: GgmlDType) {
+        let Some(tiles) = select_tiles(match dtype {
+            GgmlDType::Q4_0 => Kind::Q4_0,
+            GgmlDType::Q4_1 => Kind::Q4_1,
+            _ => Kind::Q8_0,
+        }) else {
+            eprintln!("no AVX-512 VNNI on this CPU: tile kernels not tested");
+            return;
+        };
+        let (rows, cols) = (32, 160);
+        let w = Tensor::from_vec(weights(rows, cols), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let qm = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+        let m = 9;
+        let mut x: Vec<f32> = (0..(m - 1) * cols)
+            .map(|i| (((i * 7919) % 251) as f32 / 125.0 - 1.0) * (1 + i / cols) as f32)
+            .collect();
+        // A row at the extremes: every activation quant at +-127.
+        x.extend((0..cols).map(|i| if i % 3 == 0 { -2.0 } else { 2.0 }));
+        let acts = QuantizedActs::new(&x, cols);
+        let kernels = select_kernels(qm.kind);
+        let gb = qm.group_bytes();
+        for g in [0, 2] {
+            let (g0, g1) = (
+                &qm.data[g * gb..(g + 1) * gb],
+                &qm.data[(g + 1) * gb..(g + 2) * gb],
+            );
+            let want: Vec<[f32; 2 * GROUP]> = (0..m)
+                .map(|j| {
+                    let mut both = [0f32; 2 * GROUP];
+                    both[..GROUP].copy_from_slice(&(kernels.one)(g0, [acts.row(j)])[0]);
+                    both[GROUP..].copy_from_slice(&(kernels.one)(g1, [acts.row(j)])[0]);
+                    both
+                })
+                .collect();
+            for j in 0..m {
+                let others = |k: usize| acts.row((j + 1 + k) % m);
+                assert_eq!((tiles.one)(g0, g1, [acts.row(j)])[0], want[j], "{dtype:?}");
+                assert_eq!((tiles.two)(g0, g1, [others(0), acts.row(j)])[1], want[j]);
+                let four = (tiles.four)(g0, g1, [others(0), others(1), acts.row(j), others(2)]);
+                assert_eq!(four[2], want[j]);
+                let mut eight: [&[Q8Block]; 8] = std::array::from_fn(others);
+                eight[j % 8] = acts.row(j);
+                assert_eq!((tiles.eight)(g0, g1, eight)[j % 8], want[j], "{dtype:?}");
+            }
+        }
+        // Through compute_rows with every row count from 1 to 9 and a range that ends on an
+        // unpaired group: each input row's output equals that of the row alone.
+        let alone: Vec<Vec<f32>> = (0..m)
+            .map(|j| {
+                let a = QuantizedActs::new(&x[j * cols..(j + 1) * cols], cols);
+                let mut o = vec![0f32; rows];
+                // SAFETY: one task writes the whole output.
+                unsafe { qm.compute_rows(&a, 0..rows, &DisjointOut::new(&mut o)) };
+                o
+            })
+            .collect();
+        for n in 1..=m {
+            let a = QuantizedActs::new(&x[..n * cols], cols);
+            let mut o = vec![0f32; n * rows];
+            let out = DisjointOut::new(&mut o);
+            // SAFETY: the two ranges are disjoint and run one after the other.
+            unsafe {
+                qm.compute_rows(&a, 0..24, &out);
+                qm.compute_rows(&a, 24..rows, &out);
+            }
+            for j in 0..n {
+                assert_eq!(
+                    &o[j * rows..(j + 1) * rows],
+                    &alone[j][..],
+                    "{dtype:?} {n} rows"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tile_kernels_equal_the_group_kernels() {
+        #[cfg(target_arch = "x86_64")]
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            check_tiles(dtype);
         }
     }
 
