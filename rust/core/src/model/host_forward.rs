@@ -7,13 +7,16 @@
 //! makes five) on the engine's thread team, and the small operations between them (norms, RoPE,
 //! SiLU, residuals) run inline on the calling thread.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Layout, Storage, Tensor};
 
 use super::linear::{project_many, LoraUse};
 use super::llama::{Layer, Model, RowPlan};
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
-use crate::kernels::cpu::dense::{exp_in_place, scaled_matvec, weighted_row_sum};
+use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
+use crate::kernels::cpu::dense::exp_in_place;
 use crate::kernels::cpu::host_f32;
 use crate::kernels::cpu::parallel::{team, DisjointOut};
 use crate::kv::{KvPiece, SeqStore};
@@ -187,13 +190,28 @@ fn rope(x: &mut [f32], heads: usize, cfg: &ModelConfig, host: &HostParams, posit
     }
 }
 
-/// How many query heads of one KV group an attention task takes: the whole group (its keys and
-/// values are then read once) unless that leaves fewer than two tasks per thread to balance.
-fn heads_per_task(row_kv_heads: usize, groups: usize, threads: usize) -> usize {
-    (1..=groups)
-        .rev()
-        .find(|&h| row_kv_heads * groups.div_ceil(h) >= 2 * threads)
-        .unwrap_or(1)
+/// A run of cached keys and values and the rows that read it.
+struct Run<'a> {
+    view: &'a PieceView<'a>,
+    readers: Vec<Reader>,
+}
+
+struct Reader {
+    row: usize,
+    /// The run's place among the row's pieces.
+    piece: usize,
+    /// How many of the run's positions the row's first new token sees (each later token sees
+    /// one more, up to the run's length).
+    first_visible: usize,
+}
+
+/// One query vector of one attention task.
+struct Query {
+    token: usize,
+    head: usize,
+    visible: usize,
+    /// Where its partial softmax goes.
+    slot: usize,
 }
 
 /// One cache piece of one layer, readable as host f32: head `h`, position `p` starts at
@@ -280,59 +298,115 @@ fn attention(
         })
         .collect::<Result<_>>()?;
 
-    let mut out = vec![0f32; q.len()];
-    let writer = DisjointOut::new(&mut out);
     let groups = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let per_task = heads_per_task(plan.rows.len() * kv_heads, groups, team().threads());
-    let slices = groups.div_ceil(per_task);
-    team().run(plan.rows.len() * kv_heads * slices, &|task| {
-        let (r, kvh, slice) = (
-            task / (kv_heads * slices),
-            task / slices % kv_heads,
-            task % slices,
-        );
+    // Runs of keys by identity: a block that forked rows share appears once, with every row
+    // that reads it.
+    let mut runs: Vec<Run<'_>> = Vec::new();
+    let mut run_of: HashMap<(usize, usize), usize> = HashMap::new();
+    // Partial-softmax slots: query (token t, head h) of row r has one per piece of its row, at
+    // `slot_base[r] + ((t - off) * heads + h) * pieces + k`.
+    let mut slot_base = Vec::with_capacity(plan.rows.len());
+    let mut slots = 0;
+    for (r, (row_views, &(_, n))) in views.iter().zip(&plan.spans).enumerate() {
+        slot_base.push(slots);
+        slots += n * heads * row_views.len();
+        let past = row_views.iter().map(|p| p.len).sum::<usize>() - n;
+        let mut at = 0;
+        for (k, p) in row_views.iter().enumerate() {
+            let key = (p.k.as_ptr() as usize, p.len);
+            let i = *run_of.entry(key).or_insert_with(|| {
+                runs.push(Run {
+                    view: p,
+                    readers: Vec::new(),
+                });
+                runs.len() - 1
+            });
+            runs[i].readers.push(Reader {
+                row: r,
+                piece: k,
+                // Query i of the row sees positions up to `past + i` of its sequence.
+                first_visible: (past + 1).saturating_sub(at),
+            });
+            at += p.len;
+        }
+    }
+    // Tasks: up to LANES queries of one KV head over one run.
+    let mut queries: Vec<Query> = Vec::new();
+    let mut tasks: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
+    for (ri, run) in runs.iter().enumerate() {
+        for kvh in 0..kv_heads {
+            let start = queries.len();
+            for reader in &run.readers {
+                let (off, n) = plan.spans[reader.row];
+                let pieces = views[reader.row].len();
+                for i in 0..n {
+                    let visible = (reader.first_visible + i).min(run.view.len);
+                    for h in kvh * groups..(kvh + 1) * groups {
+                        queries.push(Query {
+                            token: off + i,
+                            head: h,
+                            visible,
+                            slot: slot_base[reader.row] + (i * heads + h) * pieces + reader.piece,
+                        });
+                    }
+                }
+            }
+            for first in (start..queries.len()).step_by(LANES) {
+                tasks.push((ri, kvh, first..(first + LANES).min(queries.len())));
+            }
+        }
+    }
+    let stride = PARTIAL_HEADER + hd;
+    let mut partials = vec![0f32; slots * stride];
+    let partial_writer = DisjointOut::new(&mut partials);
+    team().run(tasks.len(), &|task| {
+        let (ri, kvh, ref range) = tasks[task];
+        let run = &runs[ri];
+        let p = run.view;
+        let mine = &queries[range.clone()];
+        let mut transposed = vec![0f32; hd * LANES];
+        let mut visible = [0usize; LANES];
+        for (lane, qy) in mine.iter().enumerate() {
+            let src = &q[qy.token * heads * hd + qy.head * hd..][..hd];
+            for (d, &v) in src.iter().enumerate() {
+                transposed[d * LANES + lane] = v;
+            }
+            visible[lane] = qy.visible;
+        }
+        let keys = &p.k[kvh * p.head_stride..kvh * p.head_stride + p.len * hd];
+        let values = &p.v[kvh * p.head_stride..kvh * p.head_stride + p.len * hd];
+        let tile = Tile {
+            queries: &transposed,
+            used: mine.len(),
+            visible,
+            keys,
+            values,
+            head_dim: hd,
+            scale,
+        };
+        let mut outs: Vec<Vec<f32>> = vec![vec![0f32; stride]; mine.len()];
+        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        attend(&tile, &mut Vec::new(), &mut refs);
+        for (qy, o) in mine.iter().zip(&outs) {
+            // SAFETY: every slot belongs to one query of one task.
+            unsafe { partial_writer.set_slice(qy.slot * stride, o) };
+        }
+    });
+
+    let mut out = vec![0f32; q.len()];
+    let writer = DisjointOut::new(&mut out);
+    team().run(plan.rows.len(), &|r| {
         let (off, n) = plan.spans[r];
-        let row_views = &views[r];
-        let total: usize = row_views.iter().map(|p| p.len).sum();
-        let past = total - n;
-        let mut probs = vec![0f32; total];
-        let mut acc = vec![0f32; hd];
-        let first = kvh * groups + slice * per_task;
-        // The query heads of one KV head run back to back, so its keys and values come from
-        // memory once and from the core's cache after that.
-        for head in first..(first + per_task).min((kvh + 1) * groups) {
-            for i in 0..n {
-                let t = off + i;
-                let qv = &q[t * heads * hd + head * hd..t * heads * hd + (head + 1) * hd];
-                // Causal: query i sees the cache and the new positions up to its own.
-                let visible = past + i + 1;
-                let mut at = 0;
-                for p in row_views {
-                    let count = p.len.min(visible.saturating_sub(at));
-                    let keys = &p.k[kvh * p.head_stride..kvh * p.head_stride + count * hd];
-                    scaled_matvec(keys, qv, scale, &mut probs[at..at + count]);
-                    at += p.len;
-                }
-                let s = &mut probs[..visible];
-                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                s.iter_mut().for_each(|v| *v -= max);
-                exp_in_place(s);
-                let sum: f32 = s.iter().sum();
-                s.iter_mut().for_each(|v| *v /= sum);
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                let mut at = 0;
-                for p in row_views {
-                    let count = p.len.min(visible.saturating_sub(at));
-                    let values = &p.v[kvh * p.head_stride..kvh * p.head_stride + count * hd];
-                    weighted_row_sum(values, &probs[at..at + count], &mut acc);
-                    at += p.len;
-                }
-                let dst = t * heads * hd + head * hd;
-                for (d, &a) in acc.iter().enumerate() {
-                    // SAFETY: each task writes only its own heads of its own row's tokens.
-                    unsafe { writer.set(dst + d, a) };
-                }
+        let pieces = views[r].len();
+        let mut merged = vec![0f32; hd];
+        for i in 0..n {
+            for h in 0..heads {
+                let base = slot_base[r] + (i * heads + h) * pieces;
+                let parts = (base..base + pieces).map(|s| &partials[s * stride..(s + 1) * stride]);
+                merge_partials(parts, &mut merged);
+                // SAFETY: each task writes only its own row's tokens.
+                unsafe { writer.set_slice((off + i) * heads * hd + h * hd, &merged) };
             }
         }
     });

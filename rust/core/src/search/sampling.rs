@@ -21,7 +21,10 @@ pub struct StopCriteria {
 }
 
 struct Row {
-    seq: SeqId,
+    /// Unset (`None`) while the row waits for another row with the same prompt and adapter to
+    /// run it: it then forks that row's sequence instead of running the prompt again.
+    seq: Option<SeqId>,
+    shares_prompt_of: Option<usize>,
     /// CoLD's base-model twin of `seq`, fed the same tokens.
     base_seq: Option<SeqId>,
     adapter: Option<Arc<LoraAdapter>>,
@@ -135,11 +138,22 @@ impl Strategy for SamplingStrategy {
         let mut work = Vec::with_capacity(prompts.len());
         let seed = self.cold.map_or(self.params.seed, |c| c.seed);
         for (i, p) in prompts.iter().enumerate() {
-            let seq = store.create();
-            let base_seq = self.cold.map(|_| store.create());
             let adapter = super::adapter_for(&self.adapters, i);
+            let same_adapter = |other: &Option<Arc<LoraAdapter>>| match (other, &adapter) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            let leader = self.rows.iter().position(|r| {
+                r.shares_prompt_of.is_none() && r.prompt == *p && same_adapter(&r.adapter)
+            });
+            let (seq, base_seq) = match leader {
+                Some(_) => (None, None),
+                None => (Some(store.create()), self.cold.map(|_| store.create())),
+            };
             self.rows.push(Row {
                 seq,
+                shares_prompt_of: leader,
                 base_seq,
                 adapter: adapter.clone(),
                 prompt: p.clone(),
@@ -150,7 +164,9 @@ impl Strategy for SamplingStrategy {
                 text: String::new(),
                 streamed: 0,
             });
-            work.extend(Advance::with_twin(seq, base_seq, &adapter, p));
+            if let Some(seq) = seq {
+                work.extend(Advance::with_twin(seq, base_seq, &adapter, p));
+            }
         }
         Ok(work)
     }
@@ -162,7 +178,9 @@ impl Strategy for SamplingStrategy {
     ) -> Result<Vec<Advance>> {
         let mut by_seq: HashMap<SeqId, Vec<f32>> = logits.into_iter().collect();
         for idx in 0..self.rows.len() {
-            let (seq, base_seq) = (self.rows[idx].seq, self.rows[idx].base_seq);
+            let (Some(seq), base_seq) = (self.rows[idx].seq, self.rows[idx].base_seq) else {
+                continue;
+            };
             let Some(scores) = by_seq.remove(&seq) else {
                 continue;
             };
@@ -172,7 +190,24 @@ impl Strategy for SamplingStrategy {
                 })?),
                 None => None,
             };
+            // Rows that share this row's prompt fork its sequence now, while it holds exactly
+            // the prompt, and draw their first token from the same logits.
+            let followers: Vec<usize> = (0..self.rows.len())
+                .filter(|&f| {
+                    self.rows[f].shares_prompt_of == Some(idx) && self.rows[f].seq.is_none()
+                })
+                .collect();
+            for &f in &followers {
+                self.rows[f].seq = Some(store.fork(seq)?);
+                self.rows[f].base_seq = base_seq.map(|b| store.fork(b)).transpose()?;
+            }
+            let shared = (!followers.is_empty()).then(|| (scores.clone(), base.clone()));
             self.accept(idx, scores, base)?;
+            if let Some((scores, base)) = shared {
+                for f in followers {
+                    self.accept(f, scores.clone(), base.clone())?;
+                }
+            }
         }
         if let Some(seq) = by_seq.keys().next() {
             return Err(Error::invalid(format!("logits for unknown sequence {seq}")));
@@ -180,15 +215,13 @@ impl Strategy for SamplingStrategy {
         self.step += 1;
         let mut work = Vec::new();
         for row in &self.rows {
+            let Some(seq) = row.seq else { continue };
             match (row.finish, row.generated.last()) {
-                (None, Some(&t)) => work.extend(Advance::with_twin(
-                    row.seq,
-                    row.base_seq,
-                    &row.adapter,
-                    &[t],
-                )),
+                (None, Some(&t)) => {
+                    work.extend(Advance::with_twin(seq, row.base_seq, &row.adapter, &[t]))
+                }
                 (Some(_), _) => {
-                    for seq in std::iter::once(row.seq).chain(row.base_seq) {
+                    for seq in std::iter::once(seq).chain(row.base_seq) {
                         if store.len(seq).is_ok() {
                             store.free(seq);
                         }

@@ -1,5 +1,6 @@
-//! f32 vector kernels for the CPU forward pass: matrix-vector products against dense weights,
-//! and the dot products and scaled additions of attention. AVX2+FMA where the CPU has it
+//! f32 vector kernels for the CPU forward pass: matrix-vector products against dense weights
+//! and LoRA factors, the dot products and weighted sums of small attention tiles, and the
+//! vectorised exponential. AVX2+FMA where the CPU has it
 //! (detected at run time), portable Rust elsewhere.
 
 use std::ops::Range;
@@ -61,7 +62,7 @@ pub(crate) fn scaled_matvec(rows: &[f32], x: &[f32], scale: f32, out: &mut [f32]
     }
 }
 
-/// `acc += Σ_r weights[r] · (row r of `rows`)` (attention probabilities against cached values).
+/// `acc += Σ_r weights[r] · (row r of `rows`)` (attention weights against cached values).
 pub(crate) fn weighted_row_sum(rows: &[f32], weights: &[f32], acc: &mut [f32]) {
     debug_assert_eq!(rows.len(), weights.len() * acc.len());
     #[cfg(target_arch = "x86_64")]

@@ -2,6 +2,7 @@
 //! merged weights, vectorised exp, the persistent thread team ([`parallel`]) and the seeded RNG.
 //! SIMD paths are chosen at run time from the CPU's features, with a portable path beside each.
 
+pub(crate) mod attention;
 pub(crate) mod dense;
 pub(crate) mod parallel;
 pub(crate) mod qmatmul;

@@ -435,6 +435,12 @@ fn select_tiles(kind: Kind) -> Option<Tiles> {
     })
 }
 
+/// Whether the CPU has AVX-512F (the 16-lane f32 kernels).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512f_available() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
 /// Whether the AVX2 kernels run on this CPU.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx2_available() -> bool {
