@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::{Advance, FinishReason, RowOutput, Strategy, TextDelta};
 use crate::error::{Error, Result};
+use crate::kernels::cpu::parallel::map_parallel;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{self, ColdParams, Rng, SamplingParams};
 use crate::lora::LoraAdapter;
@@ -19,6 +20,8 @@ pub struct StopCriteria {
     /// The model's context length.
     pub context: usize,
 }
+
+type SharedLogits = Arc<Vec<f32>>;
 
 struct Row {
     /// Unset (`None`) while the row waits for another row with the same prompt and adapter to
@@ -71,26 +74,41 @@ impl SamplingStrategy {
         }
     }
 
-    fn accept(&mut self, idx: usize, scores: Vec<f32>, base: Option<Vec<f32>>) -> Result<()> {
-        if !logits::all_finite(&scores) || !base.as_deref().is_none_or(logits::all_finite) {
+    /// Row `idx`'s next token and its log-probability under the model's own distribution
+    /// (before any penalty or contrast). Needs only the row's own state, so rows choose in
+    /// parallel.
+    fn choose(
+        &self,
+        idx: usize,
+        rng: &mut Rng,
+        scores: &[f32],
+        base: Option<&[f32]>,
+    ) -> Result<(u32, f32)> {
+        if !logits::all_finite(scores) || !base.is_none_or(logits::all_finite) {
             return Err(Error::NonFiniteLogits {
                 row: idx,
                 step: self.step,
             });
         }
-        let row = &mut self.rows[idx];
-        let token = if let (Some(cold), Some(base)) = (&self.cold, &base) {
-            logits::cold_choose(&scores, base, cold, &mut row.rng)
+        let row = &self.rows[idx];
+        let token = if let (Some(cold), Some(base)) = (&self.cold, base) {
+            logits::cold_choose(scores, base, cold, rng)
         } else if self.params.repetition_penalty != 1.0 {
-            let mut penalized = scores.clone();
+            let mut penalized = scores.to_vec();
             let seen: Vec<u32> = row.prompt.iter().chain(&row.generated).copied().collect();
             logits::apply_repetition_penalty(&mut penalized, &seen, self.params.repetition_penalty);
-            logits::choose(&penalized, &self.params, &mut row.rng)
+            logits::choose(&penalized, &self.params, rng)
         } else {
-            logits::choose(&scores, &self.params, &mut row.rng)
+            logits::choose(scores, &self.params, rng)
         };
-        // Reported under the model's own distribution, before any penalty or contrast.
-        row.logprobs.push(logits::log_prob(&scores, token as usize));
+        Ok((token, logits::log_prob(scores, token as usize)))
+    }
+
+    /// Appends the chosen token to row `idx` and settles its text and finish.
+    fn accept(&mut self, idx: usize, rng: Rng, token: u32, logprob: f32) -> Result<()> {
+        let row = &mut self.rows[idx];
+        row.rng = rng;
+        row.logprobs.push(logprob);
         row.generated.push(token);
 
         if self.stop.eos_token_ids.contains(&token) {
@@ -177,6 +195,9 @@ impl Strategy for SamplingStrategy {
         logits: Vec<(SeqId, Vec<f32>)>,
     ) -> Result<Vec<Advance>> {
         let mut by_seq: HashMap<SeqId, Vec<f32>> = logits.into_iter().collect();
+        // (row, its logits, its CoLD base logits), the rows that share a prompt reading the
+        // logits of the row that ran it.
+        let mut ready: Vec<(usize, SharedLogits, Option<SharedLogits>)> = Vec::new();
         for idx in 0..self.rows.len() {
             let (Some(seq), base_seq) = (self.rows[idx].seq, self.rows[idx].base_seq) else {
                 continue;
@@ -201,13 +222,23 @@ impl Strategy for SamplingStrategy {
                 self.rows[f].seq = Some(store.fork(seq)?);
                 self.rows[f].base_seq = base_seq.map(|b| store.fork(b)).transpose()?;
             }
-            let shared = (!followers.is_empty()).then(|| (scores.clone(), base.clone()));
-            self.accept(idx, scores, base)?;
-            if let Some((scores, base)) = shared {
-                for f in followers {
-                    self.accept(f, scores.clone(), base.clone())?;
-                }
+            let (scores, base) = (Arc::new(scores), base.map(Arc::new));
+            for f in std::iter::once(idx).chain(followers) {
+                ready.push((f, scores.clone(), base.clone()));
             }
+        }
+        let jobs: Vec<_> = ready
+            .into_iter()
+            .map(|(idx, scores, base)| (idx, self.rows[idx].rng.clone(), scores, base))
+            .collect();
+        let this = &*self;
+        let chosen = map_parallel(jobs, |(idx, mut rng, scores, base)| {
+            this.choose(idx, &mut rng, &scores, base.as_deref().map(Vec::as_slice))
+                .map(|(token, logprob)| (idx, rng, token, logprob))
+        });
+        for c in chosen {
+            let (idx, rng, token, logprob) = c?;
+            self.accept(idx, rng, token, logprob)?;
         }
         if let Some(seq) = by_seq.keys().next() {
             return Err(Error::invalid(format!("logits for unknown sequence {seq}")));

@@ -277,6 +277,24 @@ pub(crate) fn row_chunks(rows: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// `f` applied to every item on the process-wide team, results in the items' order.
+pub(crate) fn map_parallel<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let slots: Vec<Mutex<(Option<T>, Option<R>)>> = items
+        .into_iter()
+        .map(|item| Mutex::new((Some(item), None)))
+        .collect();
+    team().run(slots.len(), &|i| {
+        let mut slot = slots[i].lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(item) = slot.0.take() {
+            slot.1 = Some(f(item));
+        }
+    });
+    slots
+        .into_iter()
+        .filter_map(|s| s.into_inner().unwrap_or_else(|e| e.into_inner()).1)
+        .collect()
+}
+
 /// The process-wide team: one thread per core, or `PEFTSCALE_NUM_THREADS`.
 pub(crate) fn team() -> &'static Team {
     static TEAM: OnceLock<Team> = OnceLock::new();
