@@ -305,3 +305,13 @@ def test_merging_into_quantized_weights_keeps_their_format(smollm2_path: Path, a
     assert np.array_equal(e.logits(ids), before)
     e.merge_adapter(adapters["full"][0])
     assert not np.array_equal(e.logits(ids), before)
+
+
+def test_a_prompt_is_shared_only_between_rows_with_the_same_adapter(eng: ps.Engine) -> None:
+    prompt = eng.tokenizer.encode(TEXTS[0])
+    names = ["full", None, "full", "rslora", None]
+    outs = eng.generate([prompt] * 5, adapter=names, max_new_tokens=6, ignore_eos=True)
+    # Three distinct (prompt, adapter) pairs run the prompt; every row then feeds 5 tokens.
+    assert outs[0].stats.tokens_forwarded == 3 * len(prompt) + 5 * 5
+    for name, out in zip(names, outs, strict=True):
+        assert out.token_ids == eng.generate(prompt, adapter=name, max_new_tokens=6, ignore_eos=True).token_ids

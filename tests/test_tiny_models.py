@@ -155,3 +155,22 @@ def test_one_step_sampling_follows_the_filtered_softmax(tiny_llama: Path, params
     crit = dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
     assert chi2 < crit, f"chi2={chi2:.1f} > {crit:.1f} with {dof} dof"
     assert support.sum() > 1
+
+
+def test_identical_prompts_run_once_and_fork(tiny_llama: Path) -> None:
+    eng = ps.Engine.load(tiny_llama)
+    p, other = list(range(20, 50)), [1, 2, 3]
+    n = 6
+    outs = eng.generate([p] * 16 + [other], max_new_tokens=n, strategy=ps.Sampling(seed=5), ignore_eos=True)
+    # Each distinct prompt once, then every row feeds back all but its last token.
+    assert outs[0].stats.tokens_forwarded == len(p) + len(other) + 17 * (n - 1)
+    assert len({tuple(o.token_ids) for o in outs[:16]}) > 1, "rows must keep their own generators"
+    # A row that forks a shared prompt decodes as the same row would with the prompt to itself.
+    shared = eng.generate([p, p], max_new_tokens=12, strategy=ps.Sampling(seed=9), ignore_eos=True)[1]
+    own = eng.generate([other, p], max_new_tokens=12, strategy=ps.Sampling(seed=9), ignore_eos=True)[1]
+    assert shared.token_ids == own.token_ids
+    np.testing.assert_allclose(shared.logprobs, own.logprobs, rtol=1e-4, atol=1e-5)
+    greedy = eng.generate([p] * 4, max_new_tokens=12, ignore_eos=True)
+    alone = eng.generate(p, max_new_tokens=12, ignore_eos=True)
+    assert all(o.token_ids == alone.token_ids for o in greedy)
+    assert greedy[0].stats.tokens_forwarded == len(p) + 4 * 11

@@ -22,6 +22,7 @@ from peftscale.errors import (
     PeftscaleError,
     TokenizerError,
 )
+from peftscale.kernels import CpuKernels, cpu_kernels
 from peftscale.strategies import (
     MCTS,
     Adaptive,
@@ -53,6 +54,7 @@ __all__ = [
     "ChatTemplateError",
     "CoLD",
     "ContextLengthError",
+    "CpuKernels",
     "Engine",
     "EngineError",
     "GenerationOutput",
@@ -67,6 +69,7 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "__version__",
+    "cpu_kernels",
     "models",
     "train",
 ]

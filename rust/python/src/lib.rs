@@ -428,9 +428,29 @@ impl PyGeneration {
     }
 }
 
+/// The CPU kernels this machine runs (`isa`), the threads they use, and the measured peak of the
+/// 8-bit dot-product instruction they rely on (`int8_peak_gops`, measured for about `seconds`).
+#[pyfunction]
+#[pyo3(signature = (seconds = 0.3))]
+fn cpu_kernels(py: Python<'_>, seconds: f64) -> PyResult<Bound<'_, PyDict>> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
+        return Err(InvalidArgument::new_err(format!(
+            "seconds must be in (0, 60], got {seconds}"
+        )));
+    }
+    use peftscale_core::kernels::cpu::peak;
+    let gops = py.allow_threads(|| peak::int8_peak_gops(seconds));
+    let d = PyDict::new(py);
+    d.set_item("isa", peak::kernel_isa())?;
+    d.set_item("threads", peak::threads())?;
+    d.set_item("int8_peak_gops", gops)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyGeneration>()?;
     m.add("PeftscaleError", py.get_type::<PeftscaleError>())?;

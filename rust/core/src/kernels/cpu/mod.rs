@@ -5,6 +5,7 @@
 pub(crate) mod attention;
 pub(crate) mod dense;
 pub(crate) mod parallel;
+pub mod peak;
 pub(crate) mod qmatmul;
 pub(crate) mod requantize;
 mod rng;

@@ -435,6 +435,12 @@ fn select_tiles(kind: Kind) -> Option<Tiles> {
     })
 }
 
+/// Whether the 512-bit VNNI tile kernels run on this CPU.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn tiles_available() -> bool {
+    avx512::available()
+}
+
 /// Whether the CPU has AVX-512F (the 16-lane f32 kernels).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx512f_available() -> bool {
