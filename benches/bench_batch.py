@@ -67,7 +67,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     sampling = ps.Sampling(temperature=0.8, top_k=50, seed=0)
     for rows in [int(r) for r in args.rows.split(",")]:
-        s, outs = best(lambda rows=rows: eng.generate([ids] * rows, max_new_tokens=n, ignore_eos=True, strategy=sampling))
+        s, outs = best(
+            lambda rows=rows: eng.generate([ids] * rows, max_new_tokens=n, ignore_eos=True, strategy=sampling)
+        )
         tokens = sum(len(o.token_ids) for o in outs)  # type: ignore[attr-defined]
         stats = outs[0].stats  # type: ignore[index]
         gops = stats.flops / stats.forward_seconds / 1e9

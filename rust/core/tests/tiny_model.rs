@@ -345,6 +345,8 @@ fn a_failed_merge_leaves_the_weights_alone() {
     assert_eq!(all_logits(&eng, &tokens, None), before);
 }
 
+type PlannedRow<'a> = (u64, Vec<u32>, Vec<u32>, Option<&'a str>);
+
 /// Rows of one forward pass (fresh prompts of different lengths, forks of a shared prefix fed one
 /// or several tokens, with and without an adapter) give the logits each row gives alone, from a
 /// fresh recompute of its whole sequence, at batch sizes 1, 3, 8 and 17; head size 64, so that
@@ -377,7 +379,8 @@ fn batched_rows_with_forks_and_adapters_equal_rows_alone() {
                 seq
             })
             .collect();
-        let mut plan: Vec<(u64, Vec<u32>, Vec<u32>, Option<&str>)> = Vec::new();
+        // (sequence, tokens already in its cache, tokens fed now, adapter)
+        let mut plan: Vec<PlannedRow<'_>> = Vec::new();
         for i in 0..batch {
             let adapter = (i % 2 == 1).then_some("a");
             let fed: Vec<u32> = (0..1 + (i * 7) % 5)
