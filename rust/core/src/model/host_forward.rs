@@ -190,6 +190,19 @@ fn rope(x: &mut [f32], heads: usize, cfg: &ModelConfig, host: &HostParams, posit
     }
 }
 
+/// Buffers an attention task reuses from one call to the next on the same thread.
+#[derive(Default)]
+struct TaskScratch {
+    transposed: Vec<f32>,
+    outs: Vec<f32>,
+    scores: Vec<f32>,
+    merged: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<TaskScratch> = std::cell::RefCell::new(TaskScratch::default());
+}
+
 /// A run of cached keys and values and the rows that read it.
 struct Run<'a> {
     view: &'a PieceView<'a>,
@@ -210,8 +223,8 @@ struct Query {
     token: usize,
     head: usize,
     visible: usize,
-    /// Where its partial softmax goes.
-    slot: usize,
+    /// Where its partial softmax goes, when its row's cache is in several pieces.
+    slot: Option<usize>,
 }
 
 /// One cache piece of one layer, readable as host f32: head `h`, position `p` starts at
@@ -304,13 +317,16 @@ fn attention(
     // that reads it.
     let mut runs: Vec<Run<'_>> = Vec::new();
     let mut run_of: HashMap<(usize, usize), usize> = HashMap::new();
-    // Partial-softmax slots: query (token t, head h) of row r has one per piece of its row, at
-    // `slot_base[r] + ((t - off) * heads + h) * pieces + k`.
+    // Partial-softmax slots, for rows whose cache is in several pieces: query (token t, head h)
+    // of row r has one per piece, at `slot_base[r] + ((t - off) * heads + h) * pieces + k`. A row
+    // in one piece gets its output straight from its task.
     let mut slot_base = Vec::with_capacity(plan.rows.len());
     let mut slots = 0;
     for (r, (row_views, &(_, n))) in views.iter().zip(&plan.spans).enumerate() {
         slot_base.push(slots);
-        slots += n * heads * row_views.len();
+        if row_views.len() > 1 {
+            slots += n * heads * row_views.len();
+        }
         let past = row_views.iter().map(|p| p.len).sum::<usize>() - n;
         let mut at = 0;
         for (k, p) in row_views.iter().enumerate() {
@@ -347,7 +363,9 @@ fn attention(
                             token: off + i,
                             head: h,
                             visible,
-                            slot: slot_base[reader.row] + (i * heads + h) * pieces + reader.piece,
+                            slot: (pieces > 1).then(|| {
+                                slot_base[reader.row] + (i * heads + h) * pieces + reader.piece
+                            }),
                         });
                     }
                 }
@@ -360,43 +378,65 @@ fn attention(
     let stride = PARTIAL_HEADER + hd;
     let mut partials = vec![0f32; slots * stride];
     let partial_writer = DisjointOut::new(&mut partials);
+    let mut out = vec![0f32; q.len()];
+    let writer = DisjointOut::new(&mut out);
     team().run(tasks.len(), &|task| {
         let (ri, kvh, ref range) = tasks[task];
         let run = &runs[ri];
         let p = run.view;
         let mine = &queries[range.clone()];
-        let mut transposed = vec![0f32; hd * LANES];
-        let mut visible = [0usize; LANES];
-        for (lane, qy) in mine.iter().enumerate() {
-            let src = &q[qy.token * heads * hd + qy.head * hd..][..hd];
-            for (d, &v) in src.iter().enumerate() {
-                transposed[d * LANES + lane] = v;
+        SCRATCH.with_borrow_mut(|scratch| {
+            let TaskScratch {
+                transposed,
+                outs,
+                scores,
+                merged,
+            } = scratch;
+            transposed.clear();
+            transposed.resize(hd * LANES, 0.0);
+            let mut visible = [0usize; LANES];
+            for (lane, qy) in mine.iter().enumerate() {
+                let src = &q[qy.token * heads * hd + qy.head * hd..][..hd];
+                for (d, &v) in src.iter().enumerate() {
+                    transposed[d * LANES + lane] = v;
+                }
+                visible[lane] = qy.visible;
             }
-            visible[lane] = qy.visible;
-        }
-        let keys = &p.k[kvh * p.head_stride..kvh * p.head_stride + p.len * hd];
-        let values = &p.v[kvh * p.head_stride..kvh * p.head_stride + p.len * hd];
-        let tile = Tile {
-            queries: &transposed,
-            used: mine.len(),
-            visible,
-            keys,
-            values,
-            head_dim: hd,
-            scale,
-        };
-        let mut outs: Vec<Vec<f32>> = vec![vec![0f32; stride]; mine.len()];
-        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        attend(&tile, &mut Vec::new(), &mut refs);
-        for (qy, o) in mine.iter().zip(&outs) {
-            // SAFETY: every slot belongs to one query of one task.
-            unsafe { partial_writer.set_slice(qy.slot * stride, o) };
-        }
+            let keys = &p.k[kvh * p.head_stride..kvh * p.head_stride + p.len * hd];
+            let values = &p.v[kvh * p.head_stride..kvh * p.head_stride + p.len * hd];
+            let tile = Tile {
+                queries: transposed,
+                used: mine.len(),
+                visible,
+                keys,
+                values,
+                head_dim: hd,
+                scale,
+            };
+            outs.clear();
+            outs.resize(mine.len() * stride, 0.0);
+            let mut refs: Vec<&mut [f32]> = outs.chunks_exact_mut(stride).collect();
+            attend(&tile, scores, &mut refs);
+            merged.resize(hd, 0.0);
+            for (qy, o) in mine.iter().zip(outs.chunks_exact(stride)) {
+                match qy.slot {
+                    // SAFETY: every slot belongs to one query of one task.
+                    Some(slot) => unsafe { partial_writer.set_slice(slot * stride, o) },
+                    None => {
+                        merge_partials(std::iter::once(o), merged);
+                        // SAFETY: a query of a row in one piece is in exactly one task.
+                        unsafe { writer.set_slice(qy.token * heads * hd + qy.head * hd, merged) };
+                    }
+                }
+            }
+        });
     });
 
-    let mut out = vec![0f32; q.len()];
-    let writer = DisjointOut::new(&mut out);
-    team().run(plan.rows.len(), &|r| {
+    let several: Vec<usize> = (0..plan.rows.len())
+        .filter(|&r| views[r].len() > 1)
+        .collect();
+    team().run(several.len(), &|task| {
+        let r = several[task];
         let (off, n) = plan.spans[r];
         let pieces = views[r].len();
         let mut merged = vec![0f32; hd];
