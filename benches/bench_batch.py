@@ -104,7 +104,8 @@ def main() -> None:
     llama_s = float("inf")
     for _ in range(args.repeats):
         t = time.perf_counter()
-        out = llm(prompt, max_tokens=n, temperature=0.0, ignore_eos=True)  # type: ignore[call-arg]
+        # EOS masked out, as ignore_eos does for peftscale.
+        out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, logit_bias={llm.token_eos(): -1e9})
         llama_s = min(llama_s, time.perf_counter() - t)
         generated = out["usage"]["completion_tokens"]  # type: ignore[index]
     llama_tps = generated / llama_s

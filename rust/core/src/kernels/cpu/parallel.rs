@@ -239,6 +239,16 @@ impl<'a> DisjointOut<'a> {
         std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(start), values.len());
     }
 
+    /// A pointer to positions `start..start + len`, checked to lie in the buffer.
+    ///
+    /// # Safety
+    /// Writes through it follow [`Self::set_slice`]'s rule.
+    #[inline]
+    pub unsafe fn ptr_at(&self, start: usize, len: usize) -> *mut f32 {
+        self.check_range(start, len);
+        self.ptr.add(start)
+    }
+
     /// The values at positions `start..start + len`.
     ///
     /// # Safety

@@ -216,27 +216,26 @@ impl QuantMatrix {
                     &self.data[(g + 1) * gb..(g + 2) * gb],
                 );
                 let live = (end - first).min(PAIR);
-                let write = |j: usize, sums: &[f32; PAIR]| {
-                    out.set_slice(j * self.rows + first, &sums[..live])
-                };
+                // Output rows are written in place by the kernels, `live` values each.
+                let dst = |j: usize| out.ptr_at(j * self.rows + first, live);
                 let mut j = chunk;
                 while j + 8 <= chunk_end {
-                    let sums = (tiles.eight)(g0, g1, std::array::from_fn(|i| acts.row(j + i)));
-                    sums.iter().enumerate().for_each(|(i, s)| write(j + i, s));
+                    let rows = std::array::from_fn(|i| acts.row(j + i));
+                    (tiles.eight)(g0, g1, rows, std::array::from_fn(|i| dst(j + i)), live);
                     j += 8;
                 }
                 if j + 4 <= chunk_end {
-                    let sums = (tiles.four)(g0, g1, std::array::from_fn(|i| acts.row(j + i)));
-                    sums.iter().enumerate().for_each(|(i, s)| write(j + i, s));
+                    let rows = std::array::from_fn(|i| acts.row(j + i));
+                    (tiles.four)(g0, g1, rows, std::array::from_fn(|i| dst(j + i)), live);
                     j += 4;
                 }
                 if j + 2 <= chunk_end {
-                    let sums = (tiles.two)(g0, g1, [acts.row(j), acts.row(j + 1)]);
-                    sums.iter().enumerate().for_each(|(i, s)| write(j + i, s));
+                    let rows = [acts.row(j), acts.row(j + 1)];
+                    (tiles.two)(g0, g1, rows, [dst(j), dst(j + 1)], live);
                     j += 2;
                 }
                 if j < chunk_end {
-                    write(j, &(tiles.one)(g0, g1, [acts.row(j)])[0]);
+                    (tiles.one)(g0, g1, [acts.row(j)], [dst(j)], live);
                 }
             }
         }
@@ -401,8 +400,12 @@ fn select_kernels(kind: Kind) -> Kernels {
     }
 }
 
-/// Sixteen weight rows (two consecutive groups) dotted with each of `R` activation rows.
-type TileKernel<const R: usize> = fn(&[u8], &[u8], [&[Q8Block]; R]) -> [[f32; 2 * GROUP]; R];
+/// Sixteen weight rows (two consecutive groups) dotted with each of `R` activation rows; the
+/// first `live` of each row's sixteen results are written at its destination.
+///
+/// # Safety
+/// Each destination holds `live` (at most sixteen) writable values no other thread touches.
+type TileKernel<const R: usize> = unsafe fn(&[u8], &[u8], [&[Q8Block]; R], [*mut f32; R], usize);
 
 struct Tiles {
     one: TileKernel<1>,
@@ -412,12 +415,12 @@ struct Tiles {
 }
 
 macro_rules! tiles {
-    (|$g0:ident, $g1:ident, $a:ident| $body:expr) => {
+    ($kernel:ident $(, $arg:expr)?) => {
         Tiles {
-            one: |$g0, $g1, $a| $body,
-            two: |$g0, $g1, $a| $body,
-            four: |$g0, $g1, $a| $body,
-            eight: |$g0, $g1, $a| $body,
+            one: |g0, g1, a, d, live| unsafe { avx512::$kernel(g0, g1, a, d, live $(, $arg)?) },
+            two: |g0, g1, a, d, live| unsafe { avx512::$kernel(g0, g1, a, d, live $(, $arg)?) },
+            four: |g0, g1, a, d, live| unsafe { avx512::$kernel(g0, g1, a, d, live $(, $arg)?) },
+            eight: |g0, g1, a, d, live| unsafe { avx512::$kernel(g0, g1, a, d, live $(, $arg)?) },
         }
     };
 }
@@ -429,9 +432,9 @@ fn select_tiles(kind: Kind) -> Option<Tiles> {
         return None;
     }
     Some(match kind {
-        Kind::Q4_0 => tiles!(|g0, g1, a| unsafe { avx512::tile_q4(g0, g1, a, false) }),
-        Kind::Q4_1 => tiles!(|g0, g1, a| unsafe { avx512::tile_q4(g0, g1, a, true) }),
-        Kind::Q8_0 => tiles!(|g0, g1, a| unsafe { avx512::tile_q8_0(g0, g1, a) }),
+        Kind::Q4_0 => tiles!(tile_q4, false),
+        Kind::Q4_1 => tiles!(tile_q4, true),
+        Kind::Q8_0 => tiles!(tile_q8_0),
     })
 }
 
@@ -756,25 +759,31 @@ mod avx512 {
         _mm512_set1_epi32(i32::from_le_bytes(word.map(|q| q as u8)))
     }
 
+    /// The first `live` lanes of `v` at `dst`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    unsafe fn to_array(v: __m512) -> [f32; ROWS] {
-        let mut out = [0f32; ROWS];
-        _mm512_storeu_ps(out.as_mut_ptr(), v);
-        out
+    unsafe fn store(v: __m512, dst: *mut f32, live: usize) {
+        if live >= ROWS {
+            _mm512_storeu_ps(dst, v)
+        } else {
+            _mm512_mask_storeu_ps(dst, ((1u32 << live) - 1) as u16, v)
+        }
     }
 
-    /// Q4_0 / Q4_1 groups `g0` and `g1` against `R` activation rows.
+    /// Q4_0 / Q4_1 groups `g0` and `g1` against `R` activation rows, written to `dst`.
     ///
     /// # Safety
-    /// The CPU has the features of [`available`]; both groups hold `acts[i].len()` blocks.
+    /// The CPU has the features of [`available`]; both groups hold `acts[i].len()` blocks; each
+    /// destination holds `live` writable values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn tile_q4<const R: usize>(
         g0: &[u8],
         g1: &[u8],
         acts: [&[Q8Block]; R],
+        dst: [*mut f32; R],
+        live: usize,
         with_min: bool,
-    ) -> [[f32; ROWS]; R] {
+    ) {
         let bb = if with_min { 20 } else { 18 } * GROUP;
         let qs_at = if with_min { 32 } else { 16 };
         let blocks = acts[0].len();
@@ -810,11 +819,9 @@ mod avx512 {
                 *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), *acc);
             }
         }
-        let mut out = [[0f32; ROWS]; R];
-        for ((out, acc), off) in out.iter_mut().zip(acc).zip(off) {
-            *out = to_array(_mm512_add_ps(acc, off));
+        for ((dst, acc), off) in dst.into_iter().zip(acc).zip(off) {
+            store(_mm512_add_ps(acc, off), dst, live);
         }
-        out
     }
 
     /// Q8_0 groups `g0` and `g1` against `R` activation rows. The weights are signed, and the
@@ -827,7 +834,9 @@ mod avx512 {
         g0: &[u8],
         g1: &[u8],
         acts: [&[Q8Block]; R],
-    ) -> [[f32; ROWS]; R] {
+        dst: [*mut f32; R],
+        live: usize,
+    ) {
         let bb = 34 * GROUP;
         let blocks = acts[0].len();
         assert!(g0.len() >= blocks * bb && g1.len() >= blocks * bb);
@@ -851,7 +860,9 @@ mod avx512 {
                 *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(exact), *acc);
             }
         }
-        acc.map(|acc| to_array(acc))
+        for (dst, acc) in dst.into_iter().zip(acc) {
+            store(acc, dst, live);
+        }
     }
 }
 
@@ -1043,15 +1054,37 @@ mod tests {
                     both
                 })
                 .collect();
+            // Runs a kernel into sixteen-value rows.
+            fn run<const R: usize>(
+                k: TileKernel<R>,
+                g0: &[u8],
+                g1: &[u8],
+                a: [&[Q8Block]; R],
+            ) -> [[f32; 2 * GROUP]; R] {
+                let mut out = [[0f32; 2 * GROUP]; R];
+                let dst = out.each_mut().map(|o| o.as_mut_ptr());
+                // SAFETY: the CPU has the kernels' features; each destination holds 16 values.
+                unsafe { k(g0, g1, a, dst, 2 * GROUP) };
+                out
+            }
             for j in 0..m {
                 let others = |k: usize| acts.row((j + 1 + k) % m);
-                assert_eq!((tiles.one)(g0, g1, [acts.row(j)])[0], want[j], "{dtype:?}");
-                assert_eq!((tiles.two)(g0, g1, [others(0), acts.row(j)])[1], want[j]);
-                let four = (tiles.four)(g0, g1, [others(0), others(1), acts.row(j), others(2)]);
+                assert_eq!(
+                    run(tiles.one, g0, g1, [acts.row(j)])[0],
+                    want[j],
+                    "{dtype:?}"
+                );
+                assert_eq!(run(tiles.two, g0, g1, [others(0), acts.row(j)])[1], want[j]);
+                let four = run(
+                    tiles.four,
+                    g0,
+                    g1,
+                    [others(0), others(1), acts.row(j), others(2)],
+                );
                 assert_eq!(four[2], want[j]);
                 let mut eight: [&[Q8Block]; 8] = std::array::from_fn(others);
                 eight[j % 8] = acts.row(j);
-                assert_eq!((tiles.eight)(g0, g1, eight)[j % 8], want[j], "{dtype:?}");
+                assert_eq!(run(tiles.eight, g0, g1, eight)[j % 8], want[j], "{dtype:?}");
             }
         }
         // Through compute_rows with every row count from 1 to 9 and a range that ends on an
