@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
 use crate::kernels::cpu::dense::exp_in_place;
 use crate::kernels::cpu::host_f32;
-use crate::kernels::cpu::parallel::{team, DisjointOut};
+use crate::kernels::cpu::parallel::{par_chunks_mut, team, DisjointOut};
 use crate::kv::{KvPiece, SeqStore};
 use crate::lora::{group_by_adapter, LoraAdapter, Proj};
 
@@ -149,23 +149,33 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 
 /// `silu(gate) · up`, with `silu(g) = g / (1 + e^-g)`.
 fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut e: Vec<f32> = gate.iter().map(|g| -g).collect();
-    exp_in_place(&mut e);
-    e.iter()
-        .zip(gate)
-        .zip(up)
-        .map(|((e, g), u)| g / (1.0 + e) * u)
-        .collect()
+    let mut out: Vec<f32> = gate.iter().map(|g| -g).collect();
+    par_chunks_mut(&mut out, ELEMENTWISE_CHUNK, PARALLEL_MIN, |c, e| {
+        exp_in_place(e);
+        let at = c * ELEMENTWISE_CHUNK;
+        for ((e, g), u) in e.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+            *e = g / (1.0 + *e) * u;
+        }
+    });
+    out
 }
+
+/// Elements per chunk of the element-wise steps, and the fewest per parallel task: below that, a
+/// hand-off between threads costs more than the arithmetic (decode steps of a few rows).
+const ELEMENTWISE_CHUNK: usize = 1024;
+const PARALLEL_MIN: usize = 16 * 1024;
 
 /// RMSNorm of every row, computed in f32 as transformers does.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(w.len()) {
+    let mut out = vec![0f32; x.len()];
+    par_chunks_mut(&mut out, w.len(), PARALLEL_MIN, |r, out| {
+        let row = &x[r * w.len()..(r + 1) * w.len()];
         let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
         let inv = 1.0 / (mean_sq + eps).sqrt();
-        out.extend(row.iter().zip(w).map(|(v, w)| w * (v * inv)));
-    }
+        for ((o, v), w) in out.iter_mut().zip(row).zip(w) {
+            *o = w * (v * inv);
+        }
+    });
     out
 }
 
@@ -173,10 +183,11 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 fn rope(x: &mut [f32], heads: usize, cfg: &ModelConfig, host: &HostParams, positions: &[u32]) {
     let hd = cfg.head_dim;
     let half = hd / 2;
-    for (t, &pos) in positions.iter().enumerate() {
-        let cos = &host.cos[pos as usize * half..(pos as usize + 1) * half];
-        let sin = &host.sin[pos as usize * half..(pos as usize + 1) * half];
-        for head in x[t * heads * hd..(t + 1) * heads * hd].chunks_exact_mut(hd) {
+    par_chunks_mut(x, heads * hd, PARALLEL_MIN, |t, token| {
+        let pos = positions[t] as usize;
+        let cos = &host.cos[pos * half..(pos + 1) * half];
+        let sin = &host.sin[pos * half..(pos + 1) * half];
+        for head in token.chunks_exact_mut(hd) {
             for i in 0..half {
                 let (a, b) = match cfg.rope_layout {
                     RopeLayout::Halves => (i, i + half),
@@ -187,7 +198,7 @@ fn rope(x: &mut [f32], heads: usize, cfg: &ModelConfig, host: &HostParams, posit
                 head[b] = xb * cos[i] + xa * sin[i];
             }
         }
-    }
+    });
 }
 
 /// Buffers an attention task reuses from one call to the next on the same thread.

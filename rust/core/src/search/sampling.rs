@@ -155,16 +155,18 @@ impl Strategy for SamplingStrategy {
     fn start(&mut self, store: &mut SeqStore, prompts: &[Vec<u32>]) -> Result<Vec<Advance>> {
         let mut work = Vec::with_capacity(prompts.len());
         let seed = self.cold.map_or(self.params.seed, |c| c.seed);
+        // The first row of each (prompt, adapter) pair runs the prompt for all of them.
+        let mut leaders: HashMap<(&[u32], usize), usize> = HashMap::new();
         for (i, p) in prompts.iter().enumerate() {
             let adapter = super::adapter_for(&self.adapters, i);
-            let same_adapter = |other: &Option<Arc<LoraAdapter>>| match (other, &adapter) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
+            let adapter_key = adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize);
+            let leader = match leaders.entry((p.as_slice(), adapter_key)) {
+                std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(self.rows.len());
+                    None
+                }
             };
-            let leader = self.rows.iter().position(|r| {
-                r.shares_prompt_of.is_none() && r.prompt == *p && same_adapter(&r.adapter)
-            });
             let (seq, base_seq) = match leader {
                 Some(_) => (None, None),
                 None => (Some(store.create()), self.cold.map(|_| store.create())),
@@ -198,6 +200,12 @@ impl Strategy for SamplingStrategy {
         // (row, its logits, its CoLD base logits), the rows that share a prompt reading the
         // logits of the row that ran it.
         let mut ready: Vec<(usize, SharedLogits, Option<SharedLogits>)> = Vec::new();
+        let mut waiting: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (f, row) in self.rows.iter().enumerate() {
+            if let (None, Some(leader)) = (row.seq, row.shares_prompt_of) {
+                waiting.entry(leader).or_default().push(f);
+            }
+        }
         for idx in 0..self.rows.len() {
             let (Some(seq), base_seq) = (self.rows[idx].seq, self.rows[idx].base_seq) else {
                 continue;
@@ -213,11 +221,7 @@ impl Strategy for SamplingStrategy {
             };
             // Rows that share this row's prompt fork its sequence now, while it holds exactly
             // the prompt, and draw their first token from the same logits.
-            let followers: Vec<usize> = (0..self.rows.len())
-                .filter(|&f| {
-                    self.rows[f].shares_prompt_of == Some(idx) && self.rows[f].seq.is_none()
-                })
-                .collect();
+            let followers = waiting.remove(&idx).unwrap_or_default();
             for &f in &followers {
                 self.rows[f].seq = Some(store.fork(seq)?);
                 self.rows[f].base_seq = base_seq.map(|b| store.fork(b)).transpose()?;

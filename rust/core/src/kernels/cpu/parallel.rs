@@ -287,6 +287,35 @@ pub(crate) fn row_chunks(rows: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Runs `f(index, chunk)` over consecutive chunks of `chunk` elements of `data` on the
+/// process-wide team, at least `min_per_task` elements per task (fewer tasks for small inputs,
+/// where a hand-off would cost more than the work).
+pub(crate) fn par_chunks_mut<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    min_per_task: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let chunk = chunk.max(1);
+    let chunks = data.len().div_ceil(chunk);
+    let per_task = min_per_task.div_ceil(chunk).max(1);
+    let tasks = chunks.div_ceil(per_task);
+    struct Base<T>(*mut T);
+    // SAFETY: tasks touch disjoint ranges of the buffer (below).
+    unsafe impl<T: Send> Sync for Base<T> {}
+    let (base, len) = (Base(data.as_mut_ptr()), data.len());
+    let base = &base;
+    team().run(tasks, &|t| {
+        for c in t * per_task..((t + 1) * per_task).min(chunks) {
+            let start = c * chunk;
+            let n = chunk.min(len - start);
+            // SAFETY: chunk `c` belongs to task `t` alone and lies inside the buffer.
+            let part = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), n) };
+            f(c, part);
+        }
+    });
+}
+
 /// `f` applied to every item on the process-wide team, results in the items' order.
 pub(crate) fn map_parallel<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
     let slots: Vec<Mutex<(Option<T>, Option<R>)>> = items

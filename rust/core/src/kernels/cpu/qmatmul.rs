@@ -310,7 +310,20 @@ pub(crate) struct QuantizedActs {
 impl QuantizedActs {
     /// `x` holds `m` rows of `cols` values; `cols` is a multiple of 32.
     pub fn new(x: &[f32], cols: usize) -> Self {
-        let blocks: Vec<Q8Block> = x.chunks_exact(QK).map(quantize_block).collect();
+        let empty = Q8Block {
+            d: 0.0,
+            s: 0.0,
+            sum: 0,
+            qs: [0; QK],
+        };
+        let mut blocks = vec![empty; x.len() / QK];
+        // Many rows (prefill) quantize in parallel; a few rows are not worth a hand-off.
+        super::parallel::par_chunks_mut(&mut blocks, 64, 2048, |c, part| {
+            let src = &x[c * 64 * QK..];
+            for (b, x) in part.iter_mut().zip(src.chunks_exact(QK)) {
+                *b = quantize_block(x);
+            }
+        });
         Self {
             blocks,
             per_row: cols / QK,
