@@ -3,9 +3,10 @@
 //! Same model, same batch semantics as the candle path in `llama.rs` (rows of different lengths,
 //! each with its own cache and positions), but a decode step of a small model is hundreds of tiny
 //! operations, and going through a tensor library costs more per operation than the arithmetic.
-//! Here each layer is four parallel regions (q/k/v together, attention, o, gate/up together, down
-//! makes five) on the engine's thread team, and the small operations between them (norms, RoPE,
-//! SiLU, residuals) run inline on the calling thread.
+//! Here each layer is a handful of parallel regions on the engine's thread team (q/k/v together,
+//! attention, o, gate/up together, down), and the small operations between them (norms, RoPE,
+//! SiLU, residuals) run inline on the calling thread unless the input is large (prefill, wide
+//! batches).
 
 use std::collections::HashMap;
 
