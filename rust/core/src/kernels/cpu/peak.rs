@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::parallel::team;
+use super::parallel::{map_parallel, team};
 
 /// The instruction set the quantized kernels use on this CPU.
 pub fn kernel_isa() -> &'static str {
@@ -32,12 +32,10 @@ pub fn int8_peak_gops(seconds: f64) -> f64 {
     let started = Instant::now();
     let mut ops = 0f64;
     while started.elapsed().as_secs_f64() < seconds {
-        let per_thread = chains(200_000);
-        let counted = std::sync::atomic::AtomicU64::new(0);
-        team().run(threads, &|_| {
-            counted.fetch_add(per_thread.0, std::sync::atomic::Ordering::Relaxed);
-        });
-        ops += counted.load(std::sync::atomic::Ordering::Relaxed) as f64 * per_thread.1;
+        // One task per thread, each running its own chains at the same time as the others; long
+        // enough (~5 ms) that every worker has claimed its task before the caller could take it.
+        let rounds = map_parallel(vec![2_000_000u64; threads], chains);
+        ops += rounds.iter().map(|(n, per)| *n as f64 * per).sum::<f64>();
     }
     ops / started.elapsed().as_secs_f64() / 1e9
 }
