@@ -32,6 +32,13 @@ struct Dims {
     kv_heads: usize,
 }
 
+impl Dims {
+    /// Width of the key and value projections.
+    fn kv_dim(self) -> usize {
+        self.hidden / self.heads * self.kv_heads
+    }
+}
+
 const TINY: Dims = Dims {
     hidden: HIDDEN,
     heads: 4,
@@ -48,7 +55,7 @@ fn write_llama(dir: &Path, dims: Dims) {
         heads,
         kv_heads,
     } = dims;
-    let kv_dim = hidden / heads * kv_heads;
+    let kv_dim = dims.kv_dim();
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": INTER,
@@ -255,12 +262,8 @@ fn write_tiny_adapter(dir: &Path) {
 }
 
 fn write_adapter(dir: &Path, dims: Dims) {
-    let Dims {
-        hidden,
-        heads,
-        kv_heads,
-    } = dims;
-    let kv_dim = hidden / heads * kv_heads;
+    let hidden = dims.hidden;
+    let kv_dim = dims.kv_dim();
     let config = serde_json::json!({
         "peft_type": "LORA", "r": 4, "lora_alpha": 8,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::dense;
 use crate::kernels::cpu::parallel::{row_chunks, team, DisjointOut};
-use crate::kernels::cpu::qmatmul::{QuantMatrix, QuantizedActs};
+use crate::kernels::cpu::qmatmul::{QuantMatrix, QuantizedActs, TILE_MIN_ROWS};
 use crate::kernels::cpu::{host_f32, requantize, Rng};
 use crate::lora::LoraPair;
 use std::ops::Range;
@@ -150,7 +150,7 @@ fn host_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
 /// bound by arithmetic: smaller tasks, claimed as threads free up, even out cores that run at
 /// different speeds on a shared machine.
 fn tasks_per_thread(m: usize) -> usize {
-    if m >= 3 {
+    if m >= TILE_MIN_ROWS {
         4
     } else {
         1

@@ -373,17 +373,18 @@ unsafe fn attend_with<V: Lanes>(
 
 /// The attention output of one query from its partials over every run it read (in a fixed
 /// order): rescales each to the common maximum and divides by the total sum.
-pub(crate) fn merge_partials<'a>(partials: impl Iterator<Item = &'a [f32]>, out: &mut [f32]) {
-    let parts: Vec<&[f32]> = partials.collect();
-    let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p[0]));
+pub(crate) fn merge_partials<'a>(
+    partials: impl Iterator<Item = &'a [f32]> + Clone,
+    out: &mut [f32],
+) {
+    // Two passes over the partials (no copy: this runs for every query of every layer).
+    let (count, max) = partials
+        .clone()
+        .fold((0, f32::NEG_INFINITY), |(n, m), p| (n + 1, m.max(p[0])));
     out.iter_mut().for_each(|o| *o = 0.0);
     let mut total = 0f32;
-    for p in &parts {
-        let w = if parts.len() == 1 {
-            1.0
-        } else {
-            (p[0] - max).exp()
-        };
+    for p in partials {
+        let w = if count == 1 { 1.0 } else { (p[0] - max).exp() };
         total += w * p[1];
         for (o, v) in out.iter_mut().zip(&p[PARTIAL_HEADER..]) {
             *o += w * v;

@@ -244,7 +244,7 @@ impl QuantMatrix {
 }
 
 /// From this many activation rows on, the 512-bit tile kernels take the pairs of row groups.
-const TILE_MIN_ROWS: usize = 3;
+pub(crate) const TILE_MIN_ROWS: usize = 3;
 /// Activation rows per pass of the tile kernels over a range of weight rows.
 const ACT_CHUNK: usize = 64;
 
