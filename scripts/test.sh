@@ -2,8 +2,13 @@
 # The whole test suite: Rust unit and engine tests, lints, then pytest (unit + integration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/devnull.sh
+empty_dev_null
 cargo fmt --all -- --check
+empty_dev_null
 cargo clippy --all-targets -- -D warnings
+empty_dev_null
 cargo test --release
 ruff check python tests benches
+empty_dev_null
 python -m pytest -q
