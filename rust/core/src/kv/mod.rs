@@ -203,9 +203,9 @@ impl SeqStore {
         total
     }
 
-    /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) for layer `layer` after the cached positions and
-    /// returns every piece the new queries attend to, oldest first. The sequence's length only
-    /// moves when [`SeqStore::advance`] is called after the last layer.
+    /// Writes `k` and `v` (`[kv_heads, n, head_dim]`) after the sequence's cached positions
+    /// on `layer` and returns its whole cache there: shared blocks first, then the private tail.
+    /// The positions count once [`Self::advance`] commits them.
     pub(crate) fn append_and_view(
         &mut self,
         id: SeqId,
@@ -213,10 +213,29 @@ impl SeqStore {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Vec<KvPiece>> {
+        let n = k.dim(1)?;
+        let (pieces, start) = self.reserve_and_view(id, layer, n)?;
+        let tail = &self.get_mut(id)?.tail;
+        let (Some(tk), Some(tv)) = (&tail.k[layer], &tail.v[layer]) else {
+            return Err(Error::invalid("tail buffer missing after allocation"));
+        };
+        tk.slice_set(&k.contiguous()?, 1, start)?;
+        tv.slice_set(&v.contiguous()?, 1, start)?;
+        Ok(pieces)
+    }
+
+    /// Makes room for `n` new positions on `layer` and returns the sequence's cache there with
+    /// the tail viewed up to and including them, and where in the tail they start. The caller
+    /// writes them (in place, through the tail's storage) before reading the view.
+    pub(crate) fn reserve_and_view(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        n: usize,
+    ) -> Result<(Vec<KvPiece>, usize)> {
         let shape = self.shape;
         let device = self.device.clone();
         let seq = self.get_mut(id)?;
-        let n = k.dim(1)?;
         let start = seq.tail.len;
         let needed = start + n;
         for buf in [&mut seq.tail.k[layer], &mut seq.tail.v[layer]] {
@@ -239,14 +258,12 @@ impl SeqStore {
         let (Some(tk), Some(tv)) = (&seq.tail.k[layer], &seq.tail.v[layer]) else {
             return Err(Error::invalid("tail buffer missing after allocation"));
         };
-        tk.slice_set(&k.contiguous()?, 1, start)?;
-        tv.slice_set(&v.contiguous()?, 1, start)?;
         let mut pieces: Vec<KvPiece> = seq.blocks.iter().map(|b| b.layers[layer].clone()).collect();
         pieces.push(KvPiece {
             k: tk.narrow(1, 0, needed)?,
             v: tv.narrow(1, 0, needed)?,
         });
-        Ok(pieces)
+        Ok((pieces, start))
     }
 
     /// Commits `n` positions written by `append_and_view` on every layer.

@@ -303,15 +303,15 @@ fn chunked_sum(xs: &[f32]) -> f64 {
 pub fn draw(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
     let scaled: Vec<f32> = logits.iter().map(|&x| x / p.temperature).collect();
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // Weights relative to the most likely token, which gets 1.
-    let mut w: Vec<f32> = scaled.iter().map(|&x| x - max).collect();
-    exp_in_place(&mut w);
     let mut order = LazyOrder::new(&scaled, max, p.top_k);
     let n = order.len();
+    // Weights relative to the most likely token, which gets 1: for the whole vocabulary when
+    // every token is a candidate (the total needs them all), else only for the top k, by rank.
+    let mut weights = CandidateWeights::new(&scaled, max, n < scaled.len());
     let total = if n == scaled.len() {
-        chunked_sum(&w)
+        chunked_sum(&weights.all)
     } else {
-        (0..n).map(|i| w[order.get(i) as usize] as f64).sum()
+        (0..n).map(|i| weights.get(&mut order, i) as f64).sum()
     };
     // The kept prefix: top-p (up to and including the token that reaches it), then min-p.
     let mut keep = n;
@@ -319,7 +319,7 @@ pub fn draw(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
     if p.top_p < 1.0 || p.min_p > 0.0 {
         let (mut before, mut len) = (0f64, 0);
         while len < n {
-            let wi = w[order.get(len) as usize];
+            let wi = weights.get(&mut order, len);
             let over_p = len > 0 && before >= p.top_p as f64 * total;
             if over_p || wi < p.min_p {
                 break;
@@ -328,18 +328,62 @@ pub fn draw(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
             len += 1;
         }
         keep = len.max(1);
-        kept_mass = before.max(w[order.get(0) as usize] as f64);
+        kept_mass = before.max(weights.get(&mut order, 0) as f64);
     }
     let target = u as f64 * kept_mass;
     let mut acc = 0f64;
     for i in 0..keep {
-        let id = order.get(i);
-        acc += w[id as usize] as f64;
+        acc += weights.get(&mut order, i) as f64;
         if target < acc {
-            return id;
+            return order.get(i);
         }
     }
     order.get(keep - 1)
+}
+
+/// `exp(scaled - max)` of the candidates: of every token up front, or of the candidates in
+/// rank order as a walk reaches them. [`exp_in_place`] gives a value the same exponential
+/// wherever it sits, so both forms weigh a token alike.
+struct CandidateWeights<'a> {
+    scaled: &'a [f32],
+    max: f32,
+    /// Indexed by token, when computed for the whole vocabulary.
+    all: Vec<f32>,
+    /// Indexed by rank otherwise.
+    ranked: Vec<f32>,
+}
+
+impl<'a> CandidateWeights<'a> {
+    fn new(scaled: &'a [f32], max: f32, by_rank: bool) -> Self {
+        let mut all = Vec::new();
+        if !by_rank {
+            all = scaled.iter().map(|&x| x - max).collect();
+            exp_in_place(&mut all);
+        }
+        Self {
+            scaled,
+            max,
+            all,
+            ranked: Vec::new(),
+        }
+    }
+
+    /// The weight of the `i`-th candidate in `order`.
+    fn get(&mut self, order: &mut LazyOrder<'_>, i: usize) -> f32 {
+        if !self.all.is_empty() {
+            return self.all[order.get(i) as usize];
+        }
+        if i >= self.ranked.len() {
+            let from = self.ranked.len();
+            let to = (i + 1).max(2 * from).max(64).min(order.len());
+            let mut more: Vec<f32> = (from..to)
+                .map(|r| self.scaled[order.get(r) as usize] - self.max)
+                .collect();
+            exp_in_place(&mut more);
+            self.ranked.extend(more);
+        }
+        self.ranked[i]
+    }
 }
 
 pub fn all_finite(xs: &[f32]) -> bool {

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 
 use super::linear::{project_many, LoraUse};
 use super::llama::{Layer, Model, RowPlan};
@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
 use crate::kernels::cpu::dense::exp_in_place;
 use crate::kernels::cpu::host_f32;
-use crate::kernels::cpu::parallel::{par_chunks_mut, team, DisjointOut};
+use crate::kernels::cpu::parallel::{map_parallel, par_chunks_mut, team, DisjointOut};
 use crate::kv::{KvPiece, SeqStore};
 use crate::lora::{group_by_adapter, LoraAdapter, Proj};
 
@@ -264,6 +264,46 @@ fn host_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<(&'a [f32], u
     Ok((&all[start..end], dims[1], stride[0]))
 }
 
+/// Copies tokens `first_token..first_token + n` of a `[tokens, kv_heads * head_dim]` projection
+/// into positions `start..start + n` of a `[kv_heads, len, head_dim]` cache view, in place.
+struct WriteNewPositions<'a> {
+    src: &'a [f32],
+    first_token: usize,
+    n: usize,
+    start: usize,
+    head_dim: usize,
+}
+
+impl candle_core::InplaceOp1 for WriteNewPositions<'_> {
+    fn name(&self) -> &'static str {
+        "write-new-cache-positions"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(buf) = storage else {
+            return Err(candle_core::Error::Msg(
+                "the host forward pass keeps an f32 cache".into(),
+            ));
+        };
+        let (dims, stride) = (layout.dims(), layout.stride());
+        let hd = self.head_dim;
+        if dims.len() != 3 || dims[2] != hd || stride[2] != 1 || self.start + self.n > dims[1] {
+            return Err(candle_core::Error::Msg(
+                "cache view does not fit the new positions".into(),
+            ));
+        }
+        let kv_dim = dims[0] * hd;
+        for head in 0..dims[0] {
+            for i in 0..self.n {
+                let at = layout.start_offset() + head * stride[0] + (self.start + i) * stride[1];
+                let from = (self.first_token + i) * kv_dim + head * hd;
+                buf[at..at + hd].copy_from_slice(&self.src[from..from + hd]);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes each row's new keys and values into its cache and attends over the whole cache.
 /// `q` is `[tokens, heads * hd]`, `k`/`v` are `[tokens, kv_heads * hd]`; returns
 /// `[tokens, heads * hd]`.
@@ -278,25 +318,32 @@ fn attention(
 ) -> Result<Vec<f32>> {
     let hd = cfg.head_dim;
     let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
-    let kv_dim = kv_heads * hd;
+    // Room for each row's new positions first (serial: it may grow a buffer), then every row's
+    // keys and values written into its cache on the team.
     let mut pieces: Vec<Vec<KvPiece>> = Vec::with_capacity(plan.rows.len());
-    for (row, &(off, n)) in plan.rows.iter().zip(&plan.spans) {
-        // [n, kv_heads, hd] -> the cache's [kv_heads, n, hd].
-        let by_head = |src: &[f32]| -> Vec<f32> {
-            let mut out = Vec::with_capacity(n * kv_dim);
-            for head in 0..kv_heads {
-                for t in off..off + n {
-                    out.extend_from_slice(
-                        &src[t * kv_dim + head * hd..t * kv_dim + (head + 1) * hd],
-                    );
-                }
-            }
-            out
-        };
-        let kt = Tensor::from_vec(by_head(k), (kv_heads, n, hd), &Device::Cpu)?;
-        let vt = Tensor::from_vec(by_head(v), (kv_heads, n, hd), &Device::Cpu)?;
-        pieces.push(store.append_and_view(row.seq, layer, &kt, &vt)?);
+    let mut starts = Vec::with_capacity(plan.rows.len());
+    for (row, &(_, n)) in plan.rows.iter().zip(&plan.spans) {
+        let (p, start) = store.reserve_and_view(row.seq, layer, n)?;
+        pieces.push(p);
+        starts.push(start);
     }
+    let written = map_parallel((0..plan.rows.len()).collect(), |r| -> Result<()> {
+        let tail = pieces[r]
+            .last()
+            .ok_or_else(|| Error::invalid("a reserved cache has a tail"))?;
+        let (first_token, n) = plan.spans[r];
+        for (piece, src) in [(&tail.k, k), (&tail.v, v)] {
+            piece.inplace_op1(&WriteNewPositions {
+                src,
+                first_token,
+                n,
+                start: starts[r],
+                head_dim: hd,
+            })?;
+        }
+        Ok(())
+    });
+    written.into_iter().collect::<Result<()>>()?;
     let guards: Vec<Vec<_>> = pieces
         .iter()
         .map(|ps| {

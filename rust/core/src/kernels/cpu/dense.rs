@@ -153,8 +153,14 @@ mod avx2 {
         for c in &mut chunks {
             _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr())));
         }
-        for v in chunks.into_remainder() {
-            *v = v.exp();
+        // The tail through the same polynomial, so a value's exponential does not depend on
+        // where it sits in the slice.
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let mut lanes = [0f32; 8];
+            lanes[..tail.len()].copy_from_slice(tail);
+            _mm256_storeu_ps(lanes.as_mut_ptr(), exp8(_mm256_loadu_ps(lanes.as_ptr())));
+            tail.copy_from_slice(&lanes[..tail.len()]);
         }
     }
 
@@ -238,6 +244,22 @@ mod tests {
                 assert!(y < 1e-37, "e^{x} = {y}");
             } else {
                 assert!((y - e).abs() <= 2e-7 * e, "e^{x}: {y} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn exp_of_a_value_does_not_depend_on_its_place() {
+        // Sampling weighs its top candidates in a short slice and the whole vocabulary in a long
+        // one; a token must get the same weight in both.
+        let x: Vec<f32> = (0..37).map(|i| -0.37 * i as f32 + 0.011).collect();
+        let mut whole = x.clone();
+        exp_in_place(&mut whole);
+        for start in 0..x.len() {
+            for len in 1..=(x.len() - start).min(11) {
+                let mut part = x[start..start + len].to_vec();
+                exp_in_place(&mut part);
+                assert_eq!(part, whole[start..start + len], "slice {start}..+{len}");
             }
         }
     }
