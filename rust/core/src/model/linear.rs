@@ -145,17 +145,22 @@ fn host_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
     bias.map(host_f32).transpose()
 }
 
-/// Tasks per thread for a projection of `m` input rows. One row streams the weights and is
-/// bound by memory: one contiguous run per thread keeps the prefetcher ahead. Several rows are
-/// bound by arithmetic: smaller tasks, claimed as threads free up, even out cores that run at
-/// different speeds on a shared machine.
-fn tasks_per_thread(m: usize) -> usize {
-    if m >= TILE_MIN_ROWS {
-        4
-    } else {
-        1
+/// Tasks for a projection of `m` input rows through `rows × cols` weights on `threads` threads.
+/// One row streams the weights and is bound by memory: one contiguous run per thread keeps the
+/// prefetcher ahead. Several rows are bound by arithmetic: tasks of about [`TASK_MACS`]
+/// multiply-adds (at least four per thread), claimed as threads free up, so that cores running
+/// at different speeds on a shared machine finish a region together instead of one waiting out
+/// the other's last large task (the output layer of a wide batch is hundreds of such tasks).
+fn task_count(m: usize, rows: usize, cols: usize, threads: usize) -> usize {
+    if m < TILE_MIN_ROWS {
+        return threads;
     }
+    (m * rows * cols).div_ceil(TASK_MACS).max(4 * threads)
 }
+
+/// Multiply-adds per task of a many-row projection: some tens of microseconds of kernel time,
+/// against well under one of claiming it.
+const TASK_MACS: usize = 4 << 20;
 
 /// A weight the CPU kernels read directly during one parallel region.
 enum RowSource<'a> {
@@ -296,9 +301,12 @@ pub(crate) fn project_many<const N: usize>(
         for (i, (src, lin)) in sources.iter().zip(linears).enumerate() {
             if src.is_some() {
                 tasks.extend(
-                    row_chunks(lin.out_features, team.threads() * tasks_per_thread(m))
-                        .into_iter()
-                        .map(|r| Task::Base(i, r)),
+                    row_chunks(
+                        lin.out_features,
+                        task_count(m, lin.out_features, lin.in_features, team.threads()),
+                    )
+                    .into_iter()
+                    .map(|r| Task::Base(i, r)),
                 );
             }
         }

@@ -294,9 +294,13 @@ unsafe fn attend_with<V: Lanes>(
     partials: &mut [&mut [f32]],
 ) {
     let hd = t.head_dim;
-    scratch.clear();
-    scratch.resize(len * LANES, 0.0);
-    let s = scratch.as_mut_ptr();
+    // Every score is written below before it is read: the buffer only grows, never cleared (a
+    // prefill's tiles would otherwise zero tens of kilobytes each).
+    if scratch.len() < len * LANES {
+        scratch.resize(len * LANES, 0.0);
+    }
+    let scores = &mut scratch[..len * LANES];
+    let s = scores.as_mut_ptr();
     let scale = V::splat(t.scale);
     let (q, k) = (t.queries.as_ptr(), t.keys.as_ptr());
     let mut j = 0;
@@ -328,8 +332,8 @@ unsafe fn attend_with<V: Lanes>(
     for j in 0..len {
         V::load(s.add(j * LANES)).sub(max).store(s.add(j * LANES));
     }
-    exp_in_place(scratch);
-    let s = scratch.as_ptr();
+    exp_in_place(scores);
+    let s = scores.as_ptr();
     let mut sum = V::zero();
     for j in 0..len {
         sum = sum.add(V::load(s.add(j * LANES)));
