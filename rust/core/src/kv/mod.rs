@@ -21,6 +21,13 @@ pub struct KvPiece {
     pub v: Tensor,
 }
 
+/// One layer of a sequence's cache as [`SeqStore::layer_parts`] finds it.
+pub(crate) struct LayerParts<'a> {
+    pub blocks: Vec<&'a KvPiece>,
+    pub tail_k: &'a Tensor,
+    pub tail_v: &'a Tensor,
+}
+
 /// A frozen run of positions, all layers.
 #[derive(Debug)]
 struct Block {
@@ -233,6 +240,19 @@ impl SeqStore {
         layer: usize,
         n: usize,
     ) -> Result<(Vec<KvPiece>, usize)> {
+        let start = self.reserve(id, layer, n)?;
+        let parts = self.layer_parts(id, layer)?;
+        let mut pieces: Vec<KvPiece> = parts.blocks.into_iter().cloned().collect();
+        pieces.push(KvPiece {
+            k: parts.tail_k.narrow(1, 0, start + n)?,
+            v: parts.tail_v.narrow(1, 0, start + n)?,
+        });
+        Ok((pieces, start))
+    }
+
+    /// Makes room in the tail for `n` new positions on `layer` (growing its buffers when they
+    /// are full) and returns where they start.
+    pub(crate) fn reserve(&mut self, id: SeqId, layer: usize, n: usize) -> Result<usize> {
         let shape = self.shape;
         let device = self.device.clone();
         let seq = self.get_mut(id)?;
@@ -255,15 +275,22 @@ impl SeqStore {
                 *buf = Some(grown);
             }
         }
-        let (Some(tk), Some(tv)) = (&seq.tail.k[layer], &seq.tail.v[layer]) else {
-            return Err(Error::invalid("tail buffer missing after allocation"));
+        Ok(start)
+    }
+
+    /// The sequence's cache on `layer` as stored, without new tensors: its shared blocks, oldest
+    /// first, and its whole tail buffers (`[kv_heads, capacity, head_dim]`), whose leading
+    /// positions up to the committed length plus any reserved ones are in use.
+    pub(crate) fn layer_parts(&self, id: SeqId, layer: usize) -> Result<LayerParts<'_>> {
+        let seq = self.get(id)?;
+        let (Some(tail_k), Some(tail_v)) = (&seq.tail.k[layer], &seq.tail.v[layer]) else {
+            return Err(Error::invalid("the cache's tail has no room reserved"));
         };
-        let mut pieces: Vec<KvPiece> = seq.blocks.iter().map(|b| b.layers[layer].clone()).collect();
-        pieces.push(KvPiece {
-            k: tk.narrow(1, 0, needed)?,
-            v: tv.narrow(1, 0, needed)?,
-        });
-        Ok((pieces, start))
+        Ok(LayerParts {
+            blocks: seq.blocks.iter().map(|b| &b.layers[layer]).collect(),
+            tail_k,
+            tail_v,
+        })
     }
 
     /// Commits `n` positions written by `append_and_view` on every layer.

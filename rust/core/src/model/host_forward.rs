@@ -20,7 +20,7 @@ use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIA
 use crate::kernels::cpu::dense::exp_in_place;
 use crate::kernels::cpu::host_f32;
 use crate::kernels::cpu::parallel::{map_parallel, par_chunks_mut, team, DisjointOut};
-use crate::kv::{KvPiece, SeqStore};
+use crate::kv::{LayerParts, SeqStore};
 use crate::lora::{group_by_adapter, LoraAdapter, Proj};
 
 /// Host copies of the small per-layer vectors and the RoPE tables.
@@ -248,8 +248,13 @@ struct PieceView<'a> {
     head_stride: usize,
 }
 
-/// The host f32 values of a `[kv_heads, len, head_dim]` cache piece, its length and head stride.
-fn host_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<(&'a [f32], usize, usize)> {
+/// The host f32 values of the first `len` positions of a `[kv_heads, capacity, head_dim]` cache
+/// buffer (`None`: all of them), their count and the head stride.
+fn host_slice<'a>(
+    storage: &'a Storage,
+    layout: &Layout,
+    len: Option<usize>,
+) -> Result<(&'a [f32], usize, usize)> {
     let Storage::Cpu(cpu) = storage else {
         return Err(Error::invalid("the host forward pass needs a CPU cache"));
     };
@@ -259,9 +264,13 @@ fn host_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<(&'a [f32], u
     if dims.len() != 3 || stride[2] != 1 || stride[1] != dims[2] {
         return Err(Error::invalid("cache piece has an unexpected layout"));
     }
+    let len = len.unwrap_or(dims[1]);
+    if len == 0 || len > dims[1] {
+        return Err(Error::invalid("cache view longer than its buffer"));
+    }
     let start = layout.start_offset();
-    let end = start + (dims[0] - 1) * stride[0] + dims[1] * dims[2];
-    Ok((&all[start..end], dims[1], stride[0]))
+    let end = start + (dims[0] - 1) * stride[0] + len * dims[2];
+    Ok((&all[start..end], len, stride[0]))
 }
 
 /// Copies tokens `first_token..first_token + n` of a `[tokens, kv_heads * head_dim]` projection
@@ -319,21 +328,22 @@ fn attention(
     let hd = cfg.head_dim;
     let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
     // Room for each row's new positions first (serial: it may grow a buffer), then every row's
-    // keys and values written into its cache on the team.
-    let mut pieces: Vec<Vec<KvPiece>> = Vec::with_capacity(plan.rows.len());
+    // keys and values written into its cache on the team. The cache is read in place: no
+    // tensor is made per row and layer.
     let mut starts = Vec::with_capacity(plan.rows.len());
     for (row, &(_, n)) in plan.rows.iter().zip(&plan.spans) {
-        let (p, start) = store.reserve_and_view(row.seq, layer, n)?;
-        pieces.push(p);
-        starts.push(start);
+        starts.push(store.reserve(row.seq, layer, n)?);
     }
+    let store = &*store;
+    let parts: Vec<LayerParts<'_>> = plan
+        .rows
+        .iter()
+        .map(|row| store.layer_parts(row.seq, layer))
+        .collect::<Result<_>>()?;
     let written = map_parallel((0..plan.rows.len()).collect(), |r| -> Result<()> {
-        let tail = pieces[r]
-            .last()
-            .ok_or_else(|| Error::invalid("a reserved cache has a tail"))?;
         let (first_token, n) = plan.spans[r];
-        for (piece, src) in [(&tail.k, k), (&tail.v, v)] {
-            piece.inplace_op1(&WriteNewPositions {
+        for (buffer, src) in [(parts[r].tail_k, k), (parts[r].tail_v, v)] {
+            buffer.inplace_op1(&WriteNewPositions {
                 src,
                 first_token,
                 n,
@@ -344,21 +354,32 @@ fn attention(
         Ok(())
     });
     written.into_iter().collect::<Result<()>>()?;
-    let guards: Vec<Vec<_>> = pieces
+    // Per row: its blocks' keys and values, then its tail's, each with the positions in use.
+    let guards: Vec<Vec<_>> = parts
         .iter()
-        .map(|ps| {
-            ps.iter()
-                .map(|p| (p.k.storage_and_layout(), p.v.storage_and_layout()))
-                .collect()
+        .zip(&starts)
+        .zip(&plan.spans)
+        .map(|((p, &start), &(_, n))| {
+            let mut g: Vec<_> = p
+                .blocks
+                .iter()
+                .map(|b| (b.k.storage_and_layout(), b.v.storage_and_layout(), None))
+                .collect();
+            g.push((
+                p.tail_k.storage_and_layout(),
+                p.tail_v.storage_and_layout(),
+                Some(start + n),
+            ));
+            g
         })
         .collect();
     let views: Vec<Vec<PieceView<'_>>> = guards
         .iter()
         .map(|gs| {
             gs.iter()
-                .map(|(gk, gv)| {
-                    let (k, len, head_stride) = host_slice(&gk.0, gk.1)?;
-                    let (v, _, _) = host_slice(&gv.0, gv.1)?;
+                .map(|(gk, gv, len)| {
+                    let (k, len, head_stride) = host_slice(&gk.0, gk.1, *len)?;
+                    let (v, _, _) = host_slice(&gv.0, gv.1, Some(len))?;
                     Ok(PieceView {
                         k,
                         v,
