@@ -9,6 +9,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::cpu::parallel::map_parallel;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{ColdParams, SamplingParams};
 use crate::lora::{group_by_adapter, LoraAdapter};
@@ -418,11 +419,13 @@ impl Generation {
             self.model.forward(&mut self.store, &rows)?
         };
         self.stats.forward_seconds += forward_started.elapsed().as_secs_f64();
-        let per_seq: Vec<(SeqId, Vec<f32>)> = work
-            .iter()
-            .zip(logits)
-            .map(|(a, l)| Ok((a.seq, l.squeeze(0)?.to_vec1::<f32>()?)))
-            .collect::<Result<_>>()?;
+        // Each row's logits copied out on the team (a wide batch holds megabytes of them).
+        let rows_logits: Vec<(SeqId, Tensor)> = work.iter().map(|a| a.seq).zip(logits).collect();
+        let per_seq: Vec<(SeqId, Vec<f32>)> = map_parallel(rows_logits, |(seq, l)| {
+            Ok((seq, l.squeeze(0)?.to_vec1::<f32>()?))
+        })
+        .into_iter()
+        .collect::<Result<_>>()?;
         self.pending = self.strategy.consume(&mut self.store, per_seq)?;
         self.stats.steps += 1;
         self.stats.seconds = self.started.elapsed().as_secs_f64();
