@@ -273,6 +273,10 @@ fn host_slice<'a>(
     Ok((&all[start..end], len, stride[0]))
 }
 
+/// From this many rows on, their new keys and values are written on the team; below it a
+/// hand-off costs more than the copies (a CoLD pair, a few beams).
+const PARALLEL_WRITE_ROWS: usize = 8;
+
 /// Copies tokens `first_token..first_token + n` of a `[tokens, kv_heads * head_dim]` projection
 /// into positions `start..start + n` of a `[kv_heads, len, head_dim]` cache view, in place.
 struct WriteNewPositions<'a> {
@@ -340,7 +344,7 @@ fn attention(
         .iter()
         .map(|row| store.layer_parts(row.seq, layer))
         .collect::<Result<_>>()?;
-    let written = map_parallel((0..plan.rows.len()).collect(), |r| -> Result<()> {
+    let write = |r: usize| -> Result<()> {
         let (first_token, n) = plan.spans[r];
         for (buffer, src) in [(parts[r].tail_k, k), (parts[r].tail_v, v)] {
             buffer.inplace_op1(&WriteNewPositions {
@@ -352,8 +356,14 @@ fn attention(
             })?;
         }
         Ok(())
-    });
-    written.into_iter().collect::<Result<()>>()?;
+    };
+    if plan.rows.len() >= PARALLEL_WRITE_ROWS {
+        map_parallel((0..plan.rows.len()).collect(), write)
+            .into_iter()
+            .collect::<Result<()>>()?;
+    } else {
+        (0..plan.rows.len()).try_for_each(write)?;
+    }
     // Per row: its blocks' keys and values, then its tail's, each with the positions in use.
     let guards: Vec<Vec<_>> = parts
         .iter()
