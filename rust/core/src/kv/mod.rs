@@ -221,33 +221,16 @@ impl SeqStore {
         v: &Tensor,
     ) -> Result<Vec<KvPiece>> {
         let n = k.dim(1)?;
-        let (pieces, start) = self.reserve_and_view(id, layer, n)?;
-        let tail = &self.get_mut(id)?.tail;
-        let (Some(tk), Some(tv)) = (&tail.k[layer], &tail.v[layer]) else {
-            return Err(Error::invalid("tail buffer missing after allocation"));
-        };
-        tk.slice_set(&k.contiguous()?, 1, start)?;
-        tv.slice_set(&v.contiguous()?, 1, start)?;
-        Ok(pieces)
-    }
-
-    /// Makes room for `n` new positions on `layer` and returns the sequence's cache there with
-    /// the tail viewed up to and including them, and where in the tail they start. The caller
-    /// writes them (in place, through the tail's storage) before reading the view.
-    pub(crate) fn reserve_and_view(
-        &mut self,
-        id: SeqId,
-        layer: usize,
-        n: usize,
-    ) -> Result<(Vec<KvPiece>, usize)> {
         let start = self.reserve(id, layer, n)?;
         let parts = self.layer_parts(id, layer)?;
+        parts.tail_k.slice_set(&k.contiguous()?, 1, start)?;
+        parts.tail_v.slice_set(&v.contiguous()?, 1, start)?;
         let mut pieces: Vec<KvPiece> = parts.blocks.into_iter().cloned().collect();
         pieces.push(KvPiece {
             k: parts.tail_k.narrow(1, 0, start + n)?,
             v: parts.tail_v.narrow(1, 0, start + n)?,
         });
-        Ok((pieces, start))
+        Ok(pieces)
     }
 
     /// Makes room in the tail for `n` new positions on `layer` (growing its buffers when they

@@ -319,8 +319,9 @@ impl QuantizedActs {
         let mut blocks = vec![empty; x.len() / QK];
         // From about eight rows on, the rows quantize in parallel (a decode step of a wide batch
         // does this four times per layer); a few rows are not worth a hand-off.
-        super::parallel::par_chunks_mut(&mut blocks, 64, 256, |c, part| {
-            let src = &x[c * 64 * QK..];
+        const CHUNK: usize = 64;
+        super::parallel::par_chunks_mut(&mut blocks, CHUNK, 256, |c, part| {
+            let src = &x[c * CHUNK * QK..];
             for (b, x) in part.iter_mut().zip(src.chunks_exact(QK)) {
                 *b = quantize_block(x);
             }
