@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 
-use super::linear::{project_many, LoraUse};
+use super::linear::{project_many, project_many_into, Linear, LoraUse};
 use super::llama::{Layer, Model, RowPlan};
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
@@ -84,30 +84,61 @@ pub(crate) fn forward(
         }
         uses
     };
+    // One set of buffers serves every layer: each step below overwrites all of its output, so
+    // nothing is cleared between layers (a prefill's activations are megabytes per layer).
+    let first = &model.layers[0];
+    let sized = |l: &Linear| vec![0f32; n * l.out_features()];
+    let mut normed = vec![0f32; x.len()];
+    let (mut q, mut k, mut v) = (
+        sized(&first.attn.q),
+        sized(&first.attn.k),
+        sized(&first.attn.v),
+    );
+    let mut attn = AttentionBuffers {
+        out: vec![0f32; q.len()],
+        partials: Vec::new(),
+    };
+    let mut o = sized(&first.attn.o);
+    let (mut gate, mut up) = (sized(&first.mlp.gate), sized(&first.mlp.up));
+    let mut act = vec![0f32; gate.len()];
+    let mut down = sized(&first.mlp.down);
     for (li, layer) in model.layers.iter().enumerate() {
-        let normed = rms_norm(&x, &host.input_norms[li], eps);
-        let [mut q, mut k, v]: [Vec<f32>; 3] = project_many(
+        rms_norm_into(&x, &host.input_norms[li], eps, &mut normed);
+        project_many_into(
             &normed,
             n,
             [&layer.attn.q, &layer.attn.k, &layer.attn.v],
             &uses(li, &[Proj::Q, Proj::K, Proj::V]),
+            &mut [&mut q, &mut k, &mut v],
         )?;
         rope(&mut q, cfg.num_heads, cfg, host, &plan.positions);
         rope(&mut k, cfg.num_kv_heads, cfg, host, &plan.positions);
-        let attn = attention(cfg, li, &q, &k, &v, store, plan)?;
-        let [o]: [Vec<f32>; 1] = project_many(&attn, n, [&layer.attn.o], &uses(li, &[Proj::O]))?;
+        attention(cfg, li, [&q, &k, &v], store, plan, &mut attn)?;
+        project_many_into(
+            &attn.out,
+            n,
+            [&layer.attn.o],
+            &uses(li, &[Proj::O]),
+            &mut [&mut o],
+        )?;
         add_into(&mut x, &o);
 
-        let normed = rms_norm(&x, &host.post_norms[li], eps);
-        let [gate, up]: [Vec<f32>; 2] = project_many(
+        rms_norm_into(&x, &host.post_norms[li], eps, &mut normed);
+        project_many_into(
             &normed,
             n,
             [&layer.mlp.gate, &layer.mlp.up],
             &uses(li, &[Proj::Gate, Proj::Up]),
+            &mut [&mut gate, &mut up],
         )?;
-        let act = silu_mul(&gate, &up);
-        let [down]: [Vec<f32>; 1] =
-            project_many(&act, n, [&layer.mlp.down], &uses(li, &[Proj::Down]))?;
+        silu_mul_into(&gate, &up, &mut act);
+        project_many_into(
+            &act,
+            n,
+            [&layer.mlp.down],
+            &uses(li, &[Proj::Down]),
+            &mut [&mut down],
+        )?;
         add_into(&mut x, &down);
     }
     plan.commit(store)?;
@@ -117,7 +148,8 @@ pub(crate) fn forward(
         .flat_map(|i| x[i * h..(i + 1) * h].iter().copied())
         .collect();
     let n_keep = kept.len() / h;
-    let normed = rms_norm(&kept, &host.final_norm, eps);
+    let mut normed = vec![0f32; kept.len()];
+    rms_norm_into(&kept, &host.final_norm, eps, &mut normed);
     let [logits]: [Vec<f32>; 1] = project_many(&normed, n_keep, [&model.lm_head], &[])?;
     // Each row's logits are a view of one buffer, not a copy (a vocabulary row is ~200 kB).
     let logits = Tensor::from_vec(logits, (n_keep, cfg.vocab_size), &Device::Cpu)?;
@@ -148,17 +180,18 @@ fn add_into(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }
 
-/// `silu(gate) · up`, with `silu(g) = g / (1 + e^-g)`.
-fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut out: Vec<f32> = gate.iter().map(|g| -g).collect();
-    par_chunks_mut(&mut out, ELEMENTWISE_CHUNK, PARALLEL_MIN, |c, e| {
-        exp_in_place(e);
+/// `silu(gate) · up` into `out`, with `silu(g) = g / (1 + e^-g)`.
+fn silu_mul_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    par_chunks_mut(out, ELEMENTWISE_CHUNK, PARALLEL_MIN, |c, e| {
         let at = c * ELEMENTWISE_CHUNK;
+        for (e, g) in e.iter_mut().zip(&gate[at..]) {
+            *e = -g;
+        }
+        exp_in_place(e);
         for ((e, g), u) in e.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
             *e = g / (1.0 + *e) * u;
         }
     });
-    out
 }
 
 /// Elements per chunk of the element-wise steps, and the fewest per parallel task: below that, a
@@ -166,10 +199,9 @@ fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
 const ELEMENTWISE_CHUNK: usize = 1024;
 const PARALLEL_MIN: usize = 16 * 1024;
 
-/// RMSNorm of every row, computed in f32 as transformers does.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    par_chunks_mut(&mut out, w.len(), PARALLEL_MIN, |r, out| {
+/// RMSNorm of every row into `out`, computed in f32 as transformers does.
+fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    par_chunks_mut(out, w.len(), PARALLEL_MIN, |r, out| {
         let row = &x[r * w.len()..(r + 1) * w.len()];
         let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
         let inv = 1.0 / (mean_sq + eps).sqrt();
@@ -177,7 +209,6 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
             *o = w * (v * inv);
         }
     });
-    out
 }
 
 /// Rotates every head of every token (`[tokens, heads * head_dim]`) by the token's position.
@@ -200,6 +231,13 @@ fn rope(x: &mut [f32], heads: usize, cfg: &ModelConfig, host: &HostParams, posit
             }
         }
     });
+}
+
+/// The attention layer's output `[tokens, heads * head_dim]` and its partial-softmax slots,
+/// reused from one layer to the next.
+struct AttentionBuffers {
+    out: Vec<f32>,
+    partials: Vec<f32>,
 }
 
 /// Buffers an attention task reuses from one call to the next on the same thread.
@@ -323,12 +361,11 @@ impl candle_core::InplaceOp1 for WriteNewPositions<'_> {
 fn attention(
     cfg: &ModelConfig,
     layer: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    [q, k, v]: [&[f32]; 3],
     store: &mut SeqStore,
     plan: &RowPlan<'_>,
-) -> Result<Vec<f32>> {
+    buffers: &mut AttentionBuffers,
+) -> Result<()> {
     let hd = cfg.head_dim;
     let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
     // Room for each row's new positions first (serial: it may grow a buffer), then every row's
@@ -466,10 +503,18 @@ fn attention(
         }
     }
     let stride = PARTIAL_HEADER + hd;
-    let mut partials = vec![0f32; slots * stride];
-    let partial_writer = DisjointOut::new(&mut partials);
-    let mut out = vec![0f32; q.len()];
-    let writer = DisjointOut::new(&mut out);
+    // Every slot and every query's output below is written by exactly one task before anything
+    // reads it, so neither buffer is cleared first.
+    let AttentionBuffers { out, partials } = buffers;
+    if partials.len() < slots * stride {
+        partials.resize(slots * stride, 0.0);
+    }
+    let partials = &mut partials[..slots * stride];
+    let partial_writer = DisjointOut::new(partials);
+    if out.len() != q.len() {
+        return Err(Error::invalid("attention output buffer has the wrong size"));
+    }
+    let writer = DisjointOut::new(out);
     team().run(tasks.len(), &|task| {
         let (ri, kvh, ref range) = tasks[task];
         let run = &runs[ri];
@@ -540,5 +585,5 @@ fn attention(
             }
         }
     });
-    Ok(out)
+    Ok(())
 }

@@ -205,26 +205,47 @@ enum Task {
     LoraDown(usize),
 }
 
-/// `x · Wᵢᵀ + bᵢ` for several projections that share the input `x` (`[m, in]`, f32 on the
-/// host), all in one parallel region (the q/k/v or gate/up projections of a layer), plus the
-/// LoRA updates `scale · (x_t · Aᵀ) · Bᵀ` of the rows `t` that use an adapter: their `x · Aᵀ`
-/// runs in the same region, over those rows only. Returns one `[m, out_i]` buffer per projection.
+/// [`project_many_into`] into new buffers: one `[m, out_i]` buffer per projection.
 pub(crate) fn project_many<const N: usize>(
     x: &[f32],
     m: usize,
     linears: [&Linear; N],
     loras: &[LoraUse<'_>],
 ) -> Result<[Vec<f32>; N]> {
-    let mut outs: Vec<Vec<f32>> = Vec::with_capacity(N);
+    let mut outs: [Vec<f32>; N] = linears.map(|l| vec![0f32; m * l.out_features]);
+    let mut refs = outs.each_mut().map(|o| o.as_mut_slice());
+    project_many_into(x, m, linears, loras, &mut refs)?;
+    Ok(outs)
+}
+
+/// `x · Wᵢᵀ + bᵢ` for several projections that share the input `x` (`[m, in]`, f32 on the
+/// host), all in one parallel region (the q/k/v or gate/up projections of a layer), plus the
+/// LoRA updates `scale · (x_t · Aᵀ) · Bᵀ` of the rows `t` that use an adapter: their `x · Aᵀ`
+/// runs in the same region, over those rows only. Every value of `outs[i]` (`[m, out_i]`) is
+/// overwritten, so a caller may hand in a buffer from an earlier layer without clearing it.
+pub(crate) fn project_many_into<const N: usize>(
+    x: &[f32],
+    m: usize,
+    linears: [&Linear; N],
+    loras: &[LoraUse<'_>],
+    outs: &mut [&mut [f32]; N],
+) -> Result<()> {
     let mut acts: Option<QuantizedActs> = None;
     // Guards keep dense weights' storage readable while the region runs.
     let mut guards = Vec::new();
-    for lin in linears {
+    for (lin, out) in linears.iter().zip(outs.iter()) {
         if x.len() != m * lin.in_features {
             return Err(Error::invalid(format!(
                 "projection input has {} values, expected {m} rows of {}",
                 x.len(),
                 lin.in_features
+            )));
+        }
+        if out.len() != m * lin.out_features {
+            return Err(Error::invalid(format!(
+                "projection output holds {} values, expected {m} rows of {}",
+                out.len(),
+                lin.out_features
             )));
         }
         if let (LinearWeight::Blocks(_), None) = (&lin.weight, &acts) {
@@ -252,7 +273,7 @@ pub(crate) fn project_many<const N: usize>(
         }
     }
     let mut sources: Vec<Option<RowSource<'_>>> = Vec::with_capacity(N);
-    for (lin, guard) in linears.iter().zip(&guards) {
+    for ((lin, guard), out) in linears.iter().zip(&guards).zip(outs.iter_mut()) {
         let source = match (&lin.weight, guard) {
             (LinearWeight::Blocks(q), _) => Some(RowSource::Blocks(q)),
             (_, Some((storage, layout))) => match &**storage {
@@ -272,9 +293,7 @@ pub(crate) fn project_many<const N: usize>(
         if source.is_none() {
             // Formats without a kernel here go through candle as one call.
             let xt = Tensor::from_slice(x, (m, lin.in_features), &Device::Cpu)?;
-            outs.push(host_f32(&lin.forward(&xt)?)?);
-        } else {
-            outs.push(vec![0f32; m * lin.out_features]);
+            out.copy_from_slice(&host_f32(&lin.forward(&xt)?)?);
         }
         sources.push(source);
     }
@@ -374,13 +393,12 @@ pub(crate) fn project_many<const N: usize>(
     // Outputs that went through candle had no base task to add their updates.
     for (l, down) in loras.iter().zip(&lora_down) {
         if sources[l.output].is_none() {
-            let writer = DisjointOut::new(&mut outs[l.output]);
+            let writer = DisjointOut::new(&mut *outs[l.output]);
             // SAFETY: no parallel region is running.
             unsafe { add_lora_rows(l, down, 0..l.pair.out_features(), &writer) };
         }
     }
-    outs.try_into()
-        .map_err(|_| Error::invalid("projection count changed"))
+    Ok(())
 }
 
 /// Token embedding table `[vocab, hidden]`.
