@@ -225,18 +225,35 @@ struct LazyOrder<'a> {
 /// Tokens whose scaled logit is within this of the best one form the head sorted up front
 /// (weights down to e^-9, about 1.2e-4 of the best token's).
 const HEAD_LOG_RATIO: f32 = 9.0;
+/// Times a top-k head is widened (doubling its log-ratio) before it takes the whole vocabulary.
+const HEAD_WIDENINGS: u32 = 4;
 
 impl<'a> LazyOrder<'a> {
     fn new(keys: &'a [f32], max: f32, top_k: usize) -> Self {
-        let cut = max - HEAD_LOG_RATIO;
-        let ids: Vec<u32> = (0..keys.len() as u32)
-            .filter(|&i| keys[i as usize] >= cut)
-            .collect();
         let limit = if top_k == 0 {
             keys.len()
         } else {
             top_k.min(keys.len())
         };
+        let above = |cut: f32| -> Vec<u32> {
+            (0..keys.len() as u32)
+                .filter(|&i| keys[i as usize] >= cut)
+                .collect()
+        };
+        let mut cut = max - HEAD_LOG_RATIO;
+        let mut ids = above(cut);
+        // A top-k walk never goes past its k candidates: widen the head until it holds them
+        // all, so that the rest of the vocabulary is never gathered and sorted.
+        let mut widen = 0;
+        while top_k > 0 && ids.len() < limit && cut > f32::NEG_INFINITY {
+            widen += 1;
+            cut = if widen < HEAD_WIDENINGS {
+                max - HEAD_LOG_RATIO * (1 << widen) as f32
+            } else {
+                f32::NEG_INFINITY
+            };
+            ids = above(cut);
+        }
         Self {
             keys,
             cut,
@@ -447,22 +464,48 @@ mod tests {
                 min_p: [0.0, 0.0, 0.05, 0.2][case % 4],
                 ..SamplingParams::greedy()
             };
-            // The reference's order and kept set, with its probabilities recomputed in f64 (its
-            // f32 normalisation drifts by ~1e-4 over thousands of tokens).
-            let dist = sampling_distribution(&logits, &p);
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let weight =
-                |tok: u32| ((logits[tok as usize] as f64 - max) / p.temperature as f64).exp();
-            let total: f64 = dist.iter().map(|&(tok, _)| weight(tok)).sum();
-            let mut lo = 0.0f64;
-            for &(tok, _) in &dist {
-                let q = weight(tok) / total;
-                if q > 1e-5 {
-                    let mid = (lo + q / 2.0) as f32;
-                    assert_eq!(draw(&logits, &p, mid), tok, "case {case}");
-                }
-                lo += q;
+            check_draw_against_reference(&logits, &p, case);
+        }
+    }
+
+    /// Top-k over logits spread far wider than the sorted head (and some tokens at -inf):
+    /// the head widens until it holds the k candidates, and the walk is unchanged.
+    #[test]
+    fn top_k_draw_is_unchanged_when_the_head_widens() {
+        let mut rng = Rng::new(11, 0);
+        for case in 0..24 {
+            let n = 2000 + case * 101;
+            let spread = [20.0, 60.0, 200.0, 1000.0][case % 4];
+            let mut logits: Vec<f32> = (0..n).map(|_| spread * rng.next_f32()).collect();
+            for x in logits.iter_mut().step_by(7) {
+                *x = f32::NEG_INFINITY;
             }
+            let p = SamplingParams {
+                temperature: [0.3, 1.0, 2.0][case % 3],
+                top_k: [5, 50, 400, n][case % 4],
+                ..SamplingParams::greedy()
+            };
+            check_draw_against_reference(&logits, &p, case);
+        }
+    }
+
+    /// Every token of the reference distribution with probability above 1e-5 is what `draw`
+    /// picks at the middle of its interval.
+    fn check_draw_against_reference(logits: &[f32], p: &SamplingParams, case: usize) {
+        // The reference's order and kept set, with its probabilities recomputed in f64 (its
+        // f32 normalisation drifts by ~1e-4 over thousands of tokens).
+        let dist = sampling_distribution(logits, p);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let weight = |tok: u32| ((logits[tok as usize] as f64 - max) / p.temperature as f64).exp();
+        let total: f64 = dist.iter().map(|&(tok, _)| weight(tok)).sum();
+        let mut lo = 0.0f64;
+        for &(tok, _) in &dist {
+            let q = weight(tok) / total;
+            if q > 1e-5 {
+                let mid = (lo + q / 2.0) as f32;
+                assert_eq!(draw(logits, p, mid), tok, "case {case}");
+            }
+            lo += q;
         }
     }
 
