@@ -81,6 +81,14 @@ def test_bad_dtype(tiny_llama: Path) -> None:
         ps.Engine.load(tiny_llama, dtype="int3")  # type: ignore[arg-type]
 
 
+def test_bad_kv_dtype(tiny_llama: Path) -> None:
+    with pytest.raises(ps.InvalidArgument, match="kv_dtype must be one of"):
+        ps.Engine.load(tiny_llama, kv_dtype="f8")  # type: ignore[arg-type]
+    # The host pass (f32 activations) keeps its cache in f32 or f16 only.
+    with pytest.raises(ps.InvalidArgument, match="kv_dtype bf16 is not available"):
+        ps.Engine.load(tiny_llama, kv_dtype="bf16")
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_llama: Path) -> ps.Engine:
     return ps.Engine.load(tiny_llama)

@@ -168,14 +168,26 @@ class Engine:
         self._content_hash: str | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], dtype: DType = "auto") -> Engine:
+    def load(
+        cls, path: str | os.PathLike[str], dtype: DType = "auto", kv_dtype: DType = "auto"
+    ) -> Engine:
         """Load a model.
 
         ``dtype="auto"`` keeps GGUF weights quantized as stored (dense checkpoints load as f32);
         ``"f32"``, ``"f16"`` and ``"bf16"`` dequantize or convert every weight to that type.
+
+        ``kv_dtype`` is the key/value cache's type. ``"auto"`` keeps it in f16 for quantized
+        weights (as llama.cpp does: half the cache memory, and wide batches read half the bytes
+        in attention; the rounding is far below the weights' own) and in the weights' dtype
+        otherwise, so that an f32 model matches its reference exactly. ``"f32"`` or ``"f16"``
+        choose it (``"bf16"`` too for f16/bf16 weights).
+
+        >>> eng = ps.Engine.load(ps.models.smollm2_135m_instruct())  # doctest: +SKIP
+        >>> eng.kv_dtype                                              # doctest: +SKIP
+        'f16'
         """
         p = Path(path)
-        return cls(_core.Engine.load(p, dtype), p)
+        return cls(_core.Engine.load(p, dtype, kv_dtype), p)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -186,6 +198,11 @@ class Engine:
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads."""
         return self._core.weight_bytes
+
+    @property
+    def kv_dtype(self) -> str:
+        """The key/value cache's type: ``"f32"``, ``"f16"`` or ``"bf16"``."""
+        return self._core.kv_dtype
 
     def load_adapter(self, path: str | os.PathLike[str], name: str = "default") -> None:
         """Load a peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::parallel::map_parallel;
@@ -211,6 +211,19 @@ impl Engine {
         let adapter = LoraAdapter::load(path, "merged", self.model.config())?;
         Arc::make_mut(&mut self.model).merge_adapter(&adapter)?;
         self.merged.push(path.to_path_buf());
+        Ok(())
+    }
+
+    /// The dtype of the key/value cache of every later generation.
+    pub fn kv_dtype(&self) -> DType {
+        self.model.kv_dtype()
+    }
+
+    /// Keeps the key/value cache of later generations in `dtype` (see [`Model::set_kv_dtype`]).
+    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
+        if dtype != self.model.kv_dtype() {
+            Arc::make_mut(&mut self.model).set_kv_dtype(dtype)?;
+        }
         Ok(())
     }
 

@@ -223,9 +223,19 @@ fn invalid_requests_are_errors_not_panics() {
     assert!(eng.logits(&[VOCAB as u32]).is_err());
 }
 
+/// With either cache dtype. The paths' keys differ by f32 rounding before they are stored, so a
+/// half-precision cache may round a few of them to neighbouring f16 values (2^-11 apart): its
+/// tolerance is ten times wider.
 #[test]
 fn host_forward_matches_the_tensor_forward() {
-    let (_dir, eng) = engine();
+    let (_dir, mut eng) = engine();
+    for (kv, tolerance) in [(DType::F32, 1e-4), (DType::F16, 1e-3)] {
+        eng.set_kv_dtype(kv).unwrap();
+        host_and_tensor_paths_agree(&eng, tolerance);
+    }
+}
+
+fn host_and_tensor_paths_agree(eng: &Engine, tolerance: f32) {
     let a: Vec<u32> = vec![5, 6, 7, 8, 9];
     let b: Vec<u32> = (100..123).collect();
     // Prefill two rows of different lengths, then decode both for six steps on each path.
@@ -251,9 +261,40 @@ fn host_forward_matches_the_tensor_forward() {
             assert_eq!(f.dims(), r.dims());
             let f = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let r = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(max_abs_diff(&f, &r) < 1e-4, "diff {}", max_abs_diff(&f, &r));
+            let diff = max_abs_diff(&f, &r);
+            assert!(diff < tolerance, "diff {diff} (tolerance {tolerance})");
         }
     }
+}
+
+/// A half-precision cache changes the logits by its rounding only: prefill, a fork and decode
+/// steps against the same calls on an f32 cache.
+#[test]
+fn a_half_precision_cache_stays_close_to_the_f32_one() {
+    let (dir, eng) = engine();
+    let mut half = Engine::load(dir.path(), WeightDType::F32).unwrap();
+    half.set_kv_dtype(DType::F16).unwrap();
+    assert_eq!(eng.kv_dtype(), DType::F32);
+    let prompt: Vec<u32> = (30..90).collect();
+    let run = |e: &Engine| -> Vec<Vec<f32>> {
+        let mut store = e.new_store();
+        let parent = store.create();
+        let mut out = vec![last_logits(e, &mut store, parent, &prompt)];
+        let child = store.fork(parent).unwrap();
+        for t in 0..8 {
+            out.push(last_logits(e, &mut store, child, &[200 + t]));
+        }
+        out
+    };
+    let (exact, rounded) = (run(&eng), run(&half));
+    let mut worst = 0f32;
+    for (a, b) in exact.iter().zip(&rounded) {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        worst = worst.max(max_abs_diff(a, b) / scale);
+    }
+    // f16 keeps 11 significant bits (relative rounding 2^-11 ≈ 5e-4).
+    assert!(worst < 5e-3, "relative error {worst}");
+    assert!(worst > 0.0, "the cache was not rounded");
 }
 
 /// A random rank-4 peft adapter on all seven projections of the tiny llama.
@@ -367,6 +408,13 @@ fn batched_rows_with_forks_and_adapters_equal_rows_alone() {
     write_adapter(adapter.path(), dims);
     let mut eng = Engine::load(dir.path(), WeightDType::F32).unwrap();
     eng.load_adapter(adapter.path(), "a").unwrap();
+    for kv in [DType::F32, DType::F16] {
+        eng.set_kv_dtype(kv).unwrap();
+        batched_rows_equal_rows_alone(&eng);
+    }
+}
+
+fn batched_rows_equal_rows_alone(eng: &Engine) {
     let lora = eng.adapter("a").unwrap();
     let lora_for = |name: Option<&str>| name.map(|_| &*lora);
     let prefix: Vec<u32> = (40..70).collect();
@@ -407,7 +455,7 @@ fn batched_rows_with_forks_and_adapters_equal_rows_alone() {
         let out = eng.forward(&mut store, &rows).unwrap();
         for (i, ((_, before, fed, a), got)) in plan.iter().zip(&out).enumerate() {
             let whole: Vec<u32> = before.iter().chain(fed).copied().collect();
-            let alone = all_logits(&eng, &whole, *a);
+            let alone = all_logits(eng, &whole, *a);
             let want = &alone[before.len() * VOCAB..];
             let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -2,7 +2,7 @@
 
 mod search;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use numpy::{PyArray1, PyArrayMethods};
 use peftscale_core::search::{Candidate, TextDelta, TreeReport};
 use peftscale_core::text::ChatMessage;
@@ -194,11 +194,23 @@ fn output_dict<'py>(py: Python<'py>, out: &Output) -> PyResult<Bound<'py, PyDict
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (path, dtype = "auto"))]
-    fn load(py: Python<'_>, path: std::path::PathBuf, dtype: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, dtype = "auto", kv_dtype = "auto"))]
+    fn load(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        dtype: &str,
+        kv_dtype: &str,
+    ) -> PyResult<Self> {
         let dtype = WeightDType::parse(dtype).map_err(to_py)?;
+        let kv_dtype = WeightDType::parse_kv(kv_dtype).map_err(to_py)?;
         let inner = py
-            .allow_threads(|| Engine::load(&path, dtype))
+            .allow_threads(|| {
+                let mut engine = Engine::load(&path, dtype)?;
+                if let Some(kv) = kv_dtype {
+                    engine.set_kv_dtype(kv)?;
+                }
+                Ok::<_, Error>(engine)
+            })
             .map_err(to_py)?;
         Ok(Self {
             inner: RwLock::new(inner),
@@ -363,6 +375,15 @@ impl PyEngine {
     #[getter]
     fn weight_bytes(&self) -> usize {
         self.engine().weight_bytes()
+    }
+
+    #[getter]
+    fn kv_dtype(&self) -> &'static str {
+        match self.engine().kv_dtype() {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            _ => "f32",
+        }
     }
 
     #[getter]

@@ -210,8 +210,9 @@ impl SeqStore {
         total
     }
 
-    /// Writes `k` and `v` (`[kv_heads, n, head_dim]`) after the sequence's cached positions
-    /// on `layer` and returns its whole cache there: shared blocks first, then the private tail.
+    /// Writes `k` and `v` (`[kv_heads, n, head_dim]`, stored in the cache's dtype) after the
+    /// sequence's cached positions on `layer` and returns its whole cache there, in the cache's
+    /// dtype: shared blocks first, then the private tail.
     /// The positions count once [`Self::advance`] commits them.
     pub(crate) fn append_and_view(
         &mut self,
@@ -221,10 +222,15 @@ impl SeqStore {
         v: &Tensor,
     ) -> Result<Vec<KvPiece>> {
         let n = k.dim(1)?;
+        let dtype = self.shape.dtype;
         let start = self.reserve(id, layer, n)?;
         let parts = self.layer_parts(id, layer)?;
-        parts.tail_k.slice_set(&k.contiguous()?, 1, start)?;
-        parts.tail_v.slice_set(&v.contiguous()?, 1, start)?;
+        parts
+            .tail_k
+            .slice_set(&k.to_dtype(dtype)?.contiguous()?, 1, start)?;
+        parts
+            .tail_v
+            .slice_set(&v.to_dtype(dtype)?.contiguous()?, 1, start)?;
         let mut pieces: Vec<KvPiece> = parts.blocks.into_iter().cloned().collect();
         pieces.push(KvPiece {
             k: parts.tail_k.narrow(1, 0, start + n)?,

@@ -11,13 +11,15 @@
 use std::collections::HashMap;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::linear::{project_many, project_many_into, Linear, LoraUse};
 use super::llama::{Layer, Model, RowPlan};
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
-use crate::kernels::cpu::dense::exp_in_place;
+use crate::kernels::cpu::dense::{exp_in_place, widen_f16};
 use crate::kernels::cpu::host_f32;
 use crate::kernels::cpu::parallel::{map_parallel, par_chunks_mut, team, DisjointOut};
 use crate::kv::{LayerParts, SeqStore};
@@ -247,6 +249,7 @@ struct TaskScratch {
     outs: Vec<f32>,
     scores: Vec<f32>,
     merged: Vec<f32>,
+    widened: WidenedHead,
 }
 
 thread_local! {
@@ -277,28 +280,97 @@ struct Query {
     slot: Option<usize>,
 }
 
-/// One cache piece of one layer, readable as host f32: head `h`, position `p` starts at
-/// `h * head_stride + p * head_dim` of `k` and `v`.
+/// One cache piece of one layer on the host: head `h`, position `p` starts at
+/// `h * head_stride + p * head_dim` of its keys and values.
 struct PieceView<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+    kv: KvValues<'a>,
     len: usize,
     head_stride: usize,
 }
 
-/// The host f32 values of the first `len` positions of a `[kv_heads, capacity, head_dim]` cache
-/// buffer (`None`: all of them), their count and the head stride.
-fn host_slice<'a>(
-    storage: &'a Storage,
-    layout: &Layout,
+impl PieceView<'_> {
+    /// Where the piece's keys start: one piece, one address.
+    fn kv_addr(&self) -> usize {
+        match self.kv {
+            KvValues::F32 { k, .. } => k.as_ptr() as usize,
+            KvValues::F16 { k, .. } => k.as_ptr() as usize,
+        }
+    }
+}
+
+/// Cached keys and values as stored: f32, or f16 (half the memory traffic of a wide batch's
+/// attention), widened to f32 per task.
+#[derive(Clone, Copy)]
+enum KvValues<'a> {
+    F32 { k: &'a [f32], v: &'a [f32] },
+    F16 { k: &'a [f16], v: &'a [f16] },
+}
+
+/// The f32 keys and values of one KV head of a half-precision piece, widened by the tasks of
+/// one thread. A prefill's tiles of one run come to a thread one after another, each seeing a
+/// few more positions than the last: each position is widened once, not once per tile.
+#[derive(Default)]
+struct WidenedHead {
+    /// The attention call, piece and KV head they belong to; the buffers change only within
+    /// one call, so nothing carries over from the last.
+    tag: Option<(u64, usize, usize)>,
+    len: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl WidenedHead {
+    /// The first `need` positions of KV head `kvh` of `p`, as f32.
+    fn get<'s>(
+        &'s mut self,
+        call: u64,
+        p: &'s PieceView<'_>,
+        kvh: usize,
+        need: usize,
+        hd: usize,
+    ) -> (&'s [f32], &'s [f32]) {
+        let base = kvh * p.head_stride;
+        let (k, v) = match p.kv {
+            KvValues::F32 { k, v } => {
+                return (&k[base..base + need * hd], &v[base..base + need * hd])
+            }
+            KvValues::F16 { k, v } => (k, v),
+        };
+        let tag = Some((call, k.as_ptr() as usize, kvh));
+        if self.tag != tag {
+            self.tag = tag;
+            self.len = 0;
+        }
+        if need > self.len {
+            let (from, to) = (self.len * hd, need * hd);
+            self.keys.resize(to, 0.0);
+            self.values.resize(to, 0.0);
+            widen_f16(&k[base + from..base + to], &mut self.keys[from..to]);
+            widen_f16(&v[base + from..base + to], &mut self.values[from..to]);
+            self.len = need;
+        }
+        (&self.keys[..need * hd], &self.values[..need * hd])
+    }
+}
+
+/// Counts attention calls, to tell one call's [`WidenedHead`] from the next.
+static ATTENTION_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The first `len` positions (`None`: all of them) of a piece's `[kv_heads, capacity,
+/// head_dim]` key and value buffers on the host.
+fn piece_view<'a>(
+    (k, k_layout): (&'a Storage, &Layout),
+    (v, v_layout): (&'a Storage, &Layout),
     len: Option<usize>,
-) -> Result<(&'a [f32], usize, usize)> {
-    let Storage::Cpu(cpu) = storage else {
+) -> Result<PieceView<'a>> {
+    let (Storage::Cpu(k), Storage::Cpu(v)) = (k, v) else {
         return Err(Error::invalid("the host forward pass needs a CPU cache"));
     };
-    let all = cpu.as_slice::<f32>()?;
-    let dims = layout.dims();
-    let stride = layout.stride();
+    if k_layout != v_layout {
+        return Err(Error::invalid("cache keys and values differ in layout"));
+    }
+    let dims = k_layout.dims();
+    let stride = k_layout.stride();
     if dims.len() != 3 || stride[2] != 1 || stride[1] != dims[2] {
         return Err(Error::invalid("cache piece has an unexpected layout"));
     }
@@ -306,9 +378,28 @@ fn host_slice<'a>(
     if len == 0 || len > dims[1] {
         return Err(Error::invalid("cache view longer than its buffer"));
     }
-    let start = layout.start_offset();
-    let end = start + (dims[0] - 1) * stride[0] + len * dims[2];
-    Ok((&all[start..end], len, stride[0]))
+    let start = k_layout.start_offset();
+    let used = start..start + (dims[0] - 1) * stride[0] + len * dims[2];
+    let kv = match (k, v) {
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => KvValues::F32 {
+            k: &k[used.clone()],
+            v: &v[used],
+        },
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => KvValues::F16 {
+            k: &k[used.clone()],
+            v: &v[used],
+        },
+        _ => {
+            return Err(Error::invalid(
+                "the host forward pass keeps its cache in f32 or f16",
+            ))
+        }
+    };
+    Ok(PieceView {
+        kv,
+        len,
+        head_stride: stride[0],
+    })
 }
 
 /// From this many rows on, their new keys and values are written on the team; below it a
@@ -331,11 +422,6 @@ impl candle_core::InplaceOp1 for WriteNewPositions<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(buf) = storage else {
-            return Err(candle_core::Error::Msg(
-                "the host forward pass keeps an f32 cache".into(),
-            ));
-        };
         let (dims, stride) = (layout.dims(), layout.stride());
         let hd = self.head_dim;
         if dims.len() != 3 || dims[2] != hd || stride[2] != 1 || self.start + self.n > dims[1] {
@@ -348,7 +434,16 @@ impl candle_core::InplaceOp1 for WriteNewPositions<'_> {
             for i in 0..self.n {
                 let at = layout.start_offset() + head * stride[0] + (self.start + i) * stride[1];
                 let from = (self.first_token + i) * kv_dim + head * hd;
-                buf[at..at + hd].copy_from_slice(&self.src[from..from + hd]);
+                let src = &self.src[from..from + hd];
+                match storage {
+                    CpuStorage::F32(buf) => buf[at..at + hd].copy_from_slice(src),
+                    CpuStorage::F16(buf) => buf[at..at + hd].convert_from_f32_slice(src),
+                    _ => {
+                        return Err(candle_core::Error::Msg(
+                            "the host forward pass keeps an f32 or f16 cache".into(),
+                        ))
+                    }
+                }
             }
         }
         Ok(())
@@ -424,16 +519,7 @@ fn attention(
         .iter()
         .map(|gs| {
             gs.iter()
-                .map(|(gk, gv, len)| {
-                    let (k, len, head_stride) = host_slice(&gk.0, gk.1, *len)?;
-                    let (v, _, _) = host_slice(&gv.0, gv.1, Some(len))?;
-                    Ok(PieceView {
-                        k,
-                        v,
-                        len,
-                        head_stride,
-                    })
-                })
+                .map(|(gk, gv, len)| piece_view((&gk.0, gk.1), (&gv.0, gv.1), *len))
                 .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<_>>()?;
@@ -457,7 +543,7 @@ fn attention(
         let past = row_views.iter().map(|p| p.len).sum::<usize>() - n;
         let mut at = 0;
         for (k, p) in row_views.iter().enumerate() {
-            let key = (p.k.as_ptr() as usize, p.len);
+            let key = (p.kv_addr(), p.len);
             let i = *run_of.entry(key).or_insert_with(|| {
                 runs.push(Run {
                     view: p,
@@ -515,6 +601,7 @@ fn attention(
         return Err(Error::invalid("attention output buffer has the wrong size"));
     }
     let writer = DisjointOut::new(out);
+    let call = ATTENTION_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     team().run(tasks.len(), &|task| {
         let (ri, kvh, ref range) = tasks[task];
         let run = &runs[ri];
@@ -526,6 +613,7 @@ fn attention(
                 outs,
                 scores,
                 merged,
+                widened,
             } = scratch;
             transposed.clear();
             transposed.resize(hd * LANES, 0.0);
@@ -537,8 +625,8 @@ fn attention(
                 }
                 visible[lane] = qy.visible;
             }
-            let keys = &p.k[kvh * p.head_stride..kvh * p.head_stride + p.len * hd];
-            let values = &p.v[kvh * p.head_stride..kvh * p.head_stride + p.len * hd];
+            let need = visible.iter().copied().max().unwrap_or(0);
+            let (keys, values) = widened.get(call, p, kvh, need, hd);
             let tile = Tile {
                 queries: transposed,
                 used: mine.len(),

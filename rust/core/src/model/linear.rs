@@ -74,6 +74,11 @@ impl Linear {
         self.in_features
     }
 
+    /// Whether the weight is held in a quantized (GGML block) format.
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self.weight, LinearWeight::Dense(_))
+    }
+
     /// Bytes of the weight matrix as held in memory.
     pub fn bytes(&self) -> usize {
         self.bytes

@@ -100,6 +100,8 @@ pub struct Model {
     cos: Tensor,
     sin: Tensor,
     dtype: DType,
+    /// The dtype of the key/value cache (see [`Model::set_kv_dtype`]).
+    kv_dtype: DType,
     device: Device,
     /// Set when the model runs on the CPU with f32 activations: the host forward pass is used.
     host: Option<HostParams>,
@@ -240,8 +242,19 @@ impl Model {
             (Device::Cpu, DType::F32) => Some(HostParams::new(&layers, &norm, &cos, &sin)?),
             _ => None,
         };
+        // Quantized weights on the host pass: a half-precision cache, as llama.cpp keeps by
+        // default. Its rounding (~1e-3 relative) sits far below the weights' own, and a wide
+        // batch's attention reads half the bytes. Float weights keep their own dtype, so that an
+        // f32 model stays exact against its reference.
+        let quantized = layers.first().is_some_and(|l| l.attn.q.is_quantized());
+        let kv_dtype = if host.is_some() && quantized {
+            DType::F16
+        } else {
+            dtype
+        };
         Ok(Self {
             host,
+            kv_dtype,
             cfg,
             embed,
             layers,
@@ -321,8 +334,32 @@ impl Model {
             layers: self.cfg.num_layers,
             kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
-            dtype: self.dtype,
+            dtype: self.kv_dtype,
         }
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    /// Keeps the key/value cache of later generations in `dtype`: f32 or f16 on the host pass,
+    /// any float dtype on the tensor pass.
+    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
+        let allowed: &[DType] = if self.host.is_some() {
+            &[DType::F32, DType::F16]
+        } else {
+            &[DType::F32, DType::F16, DType::BF16]
+        };
+        if !allowed.contains(&dtype) {
+            let names: Vec<&str> = allowed.iter().map(|d| d.as_str()).collect();
+            return Err(Error::invalid(format!(
+                "kv_dtype {} is not available for this model (choose from {})",
+                dtype.as_str(),
+                names.join(", ")
+            )));
+        }
+        self.kv_dtype = dtype;
+        Ok(())
     }
 
     /// Runs all rows through the model in one pass and returns, per row, f32 logits

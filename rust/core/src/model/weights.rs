@@ -39,6 +39,19 @@ impl WeightDType {
         }
     }
 
+    /// A key/value cache dtype by name: `"auto"` (the model's choice) gives `None`.
+    pub fn parse_kv(s: &str) -> Result<Option<DType>> {
+        match s {
+            "auto" => Ok(None),
+            "f32" | "float32" => Ok(Some(DType::F32)),
+            "f16" | "float16" => Ok(Some(DType::F16)),
+            "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
+            other => Err(Error::invalid(format!(
+                "kv_dtype must be one of \"auto\", \"f32\", \"f16\", \"bf16\", got {other:?}"
+            ))),
+        }
+    }
+
     /// The dtype of activations and dense weights.
     pub fn compute_dtype(self) -> DType {
         match self {

@@ -78,6 +78,17 @@ pub(crate) fn weighted_row_sum(rows: &[f32], weights: &[f32], acc: &mut [f32]) {
     }
 }
 
+/// `dst[i] = src[i]` widened to f32 (a half-precision cache read by the f32 kernels).
+pub(crate) fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::avx2_available() {
+        // SAFETY: the CPU has AVX2 and F16C; the lengths match.
+        return unsafe { avx2::widen_f16(src, dst) };
+    }
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+}
+
 /// `x[i] = e^x[i]` for every element, to within a few f32 ulps (NaN stays NaN, -inf gives 0,
 /// and above 88.37, a hair below f32's limit, +inf).
 pub fn exp_in_place(x: &mut [f32]) {
@@ -106,6 +117,20 @@ fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `src` and `dst` have the same length.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+        let n = src.len() / 8 * 8;
+        let (s, d) = (src.as_ptr() as *const __m128i, dst.as_mut_ptr());
+        for i in (0..n).step_by(8) {
+            _mm256_storeu_ps(d.add(i), _mm256_cvtph_ps(_mm_loadu_si128(s.add(i / 8))));
+        }
+        for i in n..src.len() {
+            dst[i] = src[i].to_f32();
+        }
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -282,6 +307,23 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn widening_half_floats_is_exact() {
+        let src: Vec<half::f16> = (0..1038)
+            .map(|i| half::f16::from_f32((i as f32 - 500.0) * 0.37))
+            .chain([
+                half::f16::INFINITY,
+                half::f16::NEG_INFINITY,
+                half::f16::MIN_POSITIVE_SUBNORMAL,
+            ])
+            .collect();
+        let mut dst = vec![0f32; src.len()];
+        widen_f16(&src, &mut dst);
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!(s.to_f32().to_bits(), d.to_bits());
+        }
+    }
 
     #[test]
     fn exp_is_accurate_and_keeps_special_values() {
