@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::dense;
 use crate::kernels::cpu::parallel::{row_chunks, team, DisjointOut};
-use crate::kernels::cpu::qmatmul::{QuantMatrix, QuantizedActs, TILE_MIN_ROWS};
+use crate::kernels::cpu::qmatmul::{QuantMatrix, QuantizedActs};
 use crate::kernels::cpu::{host_f32, requantize, Rng};
 use crate::lora::LoraPair;
 use std::ops::Range;
@@ -151,17 +151,21 @@ fn host_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
 }
 
 /// Tasks for a projection of `m` input rows through `rows × cols` weights on `threads` threads.
-/// One row streams the weights and is bound by memory: one contiguous run per thread keeps the
-/// prefetcher ahead. Several rows are bound by arithmetic: tasks of about [`TASK_MACS`]
+/// One or two rows stream the weights and are bound by memory: one contiguous run per thread
+/// keeps the prefetcher ahead. More rows are bound by arithmetic: tasks of about [`TASK_MACS`]
 /// multiply-adds (at least four per thread), claimed as threads free up, so that cores running
 /// at different speeds on a shared machine finish a region together instead of one waiting out
 /// the other's last large task (the output layer of a wide batch is hundreds of such tasks).
 fn task_count(m: usize, rows: usize, cols: usize, threads: usize) -> usize {
-    if m < TILE_MIN_ROWS {
+    if m <= STREAMING_ROWS {
         return threads;
     }
     (m * rows * cols).div_ceil(TASK_MACS).max(4 * threads)
 }
+
+/// Up to this many input rows a projection streams its weights (a decode step of one row or of a
+/// CoLD pair): one contiguous run per thread.
+const STREAMING_ROWS: usize = 2;
 
 /// Multiply-adds per task of a many-row projection: some tens of microseconds of kernel time,
 /// against well under one of claiming it.
