@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::{Advance, FinishReason};
 use crate::error::{Error, Result};
+use crate::kernels::cpu::parallel::map_parallel;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{self, ColdParams, Rng, SamplingParams};
 use crate::lora::LoraAdapter;
@@ -133,6 +134,13 @@ pub(crate) struct PoolConfig {
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub eos_token_ids: Vec<u32>,
     pub context: usize,
+}
+
+/// A branch's next token as [`Pool::choose`] picks it.
+struct Choice {
+    token: u32,
+    score: f32,
+    logprob: f32,
 }
 
 pub(crate) struct Pool {
@@ -268,14 +276,21 @@ impl Pool {
     /// Picks a token for every branch whose logits are known; returns whether any branch
     /// finished (call [`Pool::take_finished`]).
     pub fn sample_ready(&mut self) -> Result<bool> {
-        let ready: Vec<BranchId> = self
+        let ready: Vec<(BranchId, HeadLogits, Rng)> = self
             .branches
-            .iter()
+            .iter_mut()
             .filter(|(_, b)| b.feed.is_empty() && b.logits.is_some() && b.finish.is_none())
-            .map(|(&id, _)| id)
+            .filter_map(|(&id, b)| Some((id, b.logits.take()?, b.rng.clone())))
             .collect();
-        for id in ready {
-            if self.pick(id)? {
+        // The branches choose in parallel (each from its own logits and random stream), then
+        // take their tokens in branch order.
+        let this = &*self;
+        let chosen = map_parallel(ready, |(id, l, mut rng)| {
+            this.choose(id, &l, &mut rng).map(|c| (id, rng, c))
+        });
+        for c in chosen {
+            let (id, rng, choice) = c?;
+            if self.accept(id, rng, choice)? {
                 self.retire(id);
             }
         }
@@ -309,20 +324,21 @@ impl Pool {
         });
     }
 
-    /// Chooses branch `id`'s next token; true when the branch is finished.
-    fn pick(&mut self, id: BranchId) -> Result<bool> {
+    /// Branch `id`'s next token from its logits `l`: the token, its score and its log-probability
+    /// under the expert alone.
+    fn choose(&self, id: BranchId, l: &HeadLogits, rng: &mut Rng) -> Result<Choice> {
         let cfg = &self.cfg;
-        let step = self.step;
-        let Some(b) = self.branches.get_mut(&id) else {
-            return Ok(false);
-        };
-        let Some(l) = b.logits.take() else {
-            return Ok(false);
-        };
+        let b = self
+            .branches
+            .get(&id)
+            .ok_or_else(|| Error::invalid(format!("branch {id} does not exist")))?;
         let finite = logits::all_finite(&l.expert)
             && l.base.as_deref().is_none_or(|x| logits::all_finite(x));
         if !finite {
-            return Err(Error::NonFiniteLogits { row: b.owner, step });
+            return Err(Error::NonFiniteLogits {
+                row: b.owner,
+                step: self.step,
+            });
         }
         let (token, score) = match (&cfg.cold, &l.base) {
             (Some(cold), Some(base)) => {
@@ -334,7 +350,7 @@ impl Pool {
                     temperature: b.spec.sampling.temperature,
                     ..SamplingParams::greedy()
                 };
-                let t = logits::choose(&scores, &pick, &mut b.rng);
+                let t = logits::choose(&scores, &pick, rng);
                 (t, logits::log_prob(&scores, t as usize))
             }
             _ => {
@@ -346,9 +362,9 @@ impl Pool {
                         &seen,
                         b.spec.sampling.repetition_penalty,
                     );
-                    logits::choose(&penalized, &b.spec.sampling, &mut b.rng)
+                    logits::choose(&penalized, &b.spec.sampling, rng)
                 } else {
-                    logits::choose(&l.expert, &b.spec.sampling, &mut b.rng)
+                    logits::choose(&l.expert, &b.spec.sampling, rng)
                 };
                 (t, logits::log_prob(&l.expert, t as usize))
             }
@@ -358,6 +374,25 @@ impl Pool {
         } else {
             score
         };
+        Ok(Choice {
+            token,
+            score,
+            logprob,
+        })
+    }
+
+    /// Appends a chosen token to branch `id`; true when the branch is finished.
+    fn accept(&mut self, id: BranchId, rng: Rng, choice: Choice) -> Result<bool> {
+        let cfg = &self.cfg;
+        let Some(b) = self.branches.get_mut(&id) else {
+            return Ok(false);
+        };
+        let Choice {
+            token,
+            score,
+            logprob,
+        } = choice;
+        b.rng = rng;
         b.tokens.push(token);
         b.logprobs.push(logprob);
         b.scores.push(score);
