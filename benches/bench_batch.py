@@ -58,21 +58,29 @@ def main() -> None:
                 fastest, out = s, o
         return fastest, out
 
+    def greedy_run() -> object:
+        return eng.generate(ids, max_new_tokens=n, ignore_eos=True)
+
     eng.generate(ids, max_new_tokens=8)  # warm-up
-    greedy_s, greedy = best(lambda: eng.generate(ids, max_new_tokens=n, ignore_eos=True))
-    greedy_tps = n / greedy_s
-    print(f"single-row greedy: {greedy_tps:.1f} tokens/s ({1000 * greedy_s / n:.2f} ms/step)")
-    print()
-    print("| rows | aggregate tokens/s | vs single-row greedy | ms per step | forward GOP/s | of the 8-bit peak |")
-    print("|---|---|---|---|---|---|")
+    # Greedy is timed before and after the batches and the faster time kept: right after the
+    # peak probe above, a shared VM often runs the first minute slower.
+    greedy_s, _ = best(greedy_run)
     sampling = ps.Sampling(temperature=0.8, top_k=50, seed=0)
+    table = []
     for rows in [int(r) for r in args.rows.split(",")]:
         s, outs = best(
             lambda rows=rows: eng.generate([ids] * rows, max_new_tokens=n, ignore_eos=True, strategy=sampling)
         )
         tokens = sum(len(o.token_ids) for o in outs)  # type: ignore[attr-defined]
         stats = outs[0].stats  # type: ignore[index]
-        gops = stats.flops / stats.forward_seconds / 1e9
+        table.append((rows, tokens, s, stats.flops / stats.forward_seconds / 1e9))
+    greedy_s = min(greedy_s, best(greedy_run)[0])
+    greedy_tps = n / greedy_s
+    print(f"single-row greedy: {greedy_tps:.1f} tokens/s ({1000 * greedy_s / n:.2f} ms/step)")
+    print()
+    print("| rows | aggregate tokens/s | vs single-row greedy | ms per step | forward GOP/s | of the 8-bit peak |")
+    print("|---|---|---|---|---|---|")
+    for rows, tokens, s, gops in table:
         print(
             f"| {rows} | {tokens / s:.1f} | {tokens / s / greedy_tps:.2f}x | {1000 * s / n:.1f} | "
             f"{gops:.0f} | {gops / kernels['int8_peak_gops']:.0%} |"

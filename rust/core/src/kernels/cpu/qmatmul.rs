@@ -818,15 +818,22 @@ mod avx512 {
                 let s = if with_min { a[b].s } else { -8.0 * a[b].s };
                 *off = _mm512_fmadd_ps(m, _mm512_set1_ps(s), *off);
             }
+            // Low and high nibbles in separate sums: two dependency chains of four instead of
+            // one of eight, which is what bounds a tile of one or two rows (integer sums, so the
+            // result is the same bits).
             let mut sums = [_mm512_setzero_si512(); R];
+            let mut sums_hi = [_mm512_setzero_si512(); R];
             for c in 0..4 {
                 let q = halves(p0.add(qs_at + c * 32), p1.add(qs_at + c * 32));
                 let lo = _mm512_and_si512(q, mask);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
-                for (sum, a) in sums.iter_mut().zip(&acts) {
+                for ((sum, sum_hi), a) in sums.iter_mut().zip(sums_hi.iter_mut()).zip(&acts) {
                     *sum = _mm512_dpbusd_epi32(*sum, lo, act_word(&a[b], 4 * c));
-                    *sum = _mm512_dpbusd_epi32(*sum, hi, act_word(&a[b], 16 + 4 * c));
+                    *sum_hi = _mm512_dpbusd_epi32(*sum_hi, hi, act_word(&a[b], 16 + 4 * c));
                 }
+            }
+            for (sum, hi) in sums.iter_mut().zip(sums_hi) {
+                *sum = _mm512_add_epi32(*sum, hi);
             }
             for ((acc, sum), a) in acc.iter_mut().zip(sums).zip(&acts) {
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps(a[b].d));
