@@ -867,12 +867,21 @@ mod avx512 {
         for b in 0..blocks {
             let (p0, p1) = (g0.as_ptr().add(b * bb), g1.as_ptr().add(b * bb));
             let d = f16x16(p0, p1);
-            let mut sums = [_mm512_setzero_si512(); R];
+            // Up to four rows, even and odd words go to separate sums (two dependency chains of
+            // four, as in `tile_q4`); an eight-row tile has no registers to spare for them.
+            let chains = if R <= 4 { 2 } else { 1 };
+            let mut sums = [[_mm512_setzero_si512(); R]; 2];
             for c in 0..8 {
                 let biased =
                     _mm512_xor_si512(halves(p0.add(16 + c * 32), p1.add(16 + c * 32)), bias);
-                for (sum, a) in sums.iter_mut().zip(&acts) {
+                for (sum, a) in sums[c % chains].iter_mut().zip(&acts) {
                     *sum = _mm512_dpbusd_epi32(*sum, biased, act_word(&a[b], 4 * c));
+                }
+            }
+            let [mut sums, odd] = sums;
+            if chains == 2 {
+                for (sum, odd) in sums.iter_mut().zip(odd) {
+                    *sum = _mm512_add_epi32(*sum, odd);
                 }
             }
             for ((acc, sum), a) in acc.iter_mut().zip(sums).zip(&acts) {
