@@ -74,9 +74,12 @@ impl Linear {
         self.in_features
     }
 
-    /// Whether the weight is held in a quantized (GGML block) format.
+    /// Whether the weight is held in a quantized GGML format (not a float one read from GGUF).
     pub fn is_quantized(&self) -> bool {
-        !matches!(self.weight, LinearWeight::Dense(_))
+        matches!(
+            self.weight,
+            LinearWeight::Blocks(_) | LinearWeight::Quantized(QMatMul::QTensor(_))
+        )
     }
 
     /// Bytes of the weight matrix as held in memory.
