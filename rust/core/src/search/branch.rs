@@ -279,7 +279,7 @@ impl Pool {
         let ready: Vec<(BranchId, HeadLogits, Rng)> = self
             .branches
             .iter_mut()
-            .filter(|(_, b)| b.feed.is_empty() && b.logits.is_some() && b.finish.is_none())
+            .filter(|(_, b)| b.feed.is_empty() && b.finish.is_none())
             .filter_map(|(&id, b)| Some((id, b.logits.take()?, b.rng.clone())))
             .collect();
         // The branches choose in parallel (each from its own logits and random stream), then
