@@ -410,11 +410,11 @@ fn batched_rows_with_forks_and_adapters_equal_rows_alone() {
     eng.load_adapter(adapter.path(), "a").unwrap();
     for kv in [DType::F32, DType::F16] {
         eng.set_kv_dtype(kv).unwrap();
-        batched_rows_equal_rows_alone(&eng);
+        batched_rows_equal_rows_alone(&eng, kv);
     }
 }
 
-fn batched_rows_equal_rows_alone(eng: &Engine) {
+fn batched_rows_equal_rows_alone(eng: &Engine, kv: DType) {
     let lora = eng.adapter("a").unwrap();
     let lora_for = |name: Option<&str>| name.map(|_| &*lora);
     let prefix: Vec<u32> = (40..70).collect();
@@ -460,7 +460,10 @@ fn batched_rows_equal_rows_alone(eng: &Engine) {
             let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let err = max_abs_diff(&got, want) / scale;
-            assert!(err < 1e-4, "batch {batch} row {i}: relative error {err}");
+            assert!(
+                err < 1e-4,
+                "{kv:?} cache, batch {batch} row {i}: relative error {err}"
+            );
         }
     }
 }

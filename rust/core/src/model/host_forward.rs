@@ -19,6 +19,7 @@ use super::llama::{Layer, Model, RowPlan};
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
+use crate::kernels::cpu::attention_few::{self, attend_few, KvHead, FEW};
 use crate::kernels::cpu::dense::{exp_in_place, widen_f16};
 use crate::kernels::cpu::host_f32;
 use crate::kernels::cpu::parallel::{map_parallel, par_chunks_mut, team, DisjointOut};
@@ -288,7 +289,22 @@ struct PieceView<'a> {
     head_stride: usize,
 }
 
-impl PieceView<'_> {
+impl<'a> PieceView<'a> {
+    /// The keys and values of KV head `kvh`'s first `len` positions, as stored.
+    fn head(&self, kvh: usize, len: usize, hd: usize) -> KvHead<'a> {
+        let at = kvh * self.head_stride..kvh * self.head_stride + len * hd;
+        match self.kv {
+            KvValues::F32 { k, v } => KvHead::F32 {
+                keys: &k[at.clone()],
+                values: &v[at],
+            },
+            KvValues::F16 { k, v } => KvHead::F16 {
+                keys: &k[at.clone()],
+                values: &v[at],
+            },
+        }
+    }
+
     /// Where the piece's keys start: one piece, one address.
     fn kv_addr(&self) -> usize {
         match self.kv {
@@ -602,6 +618,7 @@ fn attention(
     }
     let writer = DisjointOut::new(out);
     let call = ATTENTION_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let few_kernel = attention_few::available(hd);
     team().run(tasks.len(), &|task| {
         let (ri, kvh, ref range) = tasks[task];
         let run = &runs[ri];
@@ -615,6 +632,46 @@ fn attention(
                 merged,
                 widened,
             } = scratch;
+            // Each query's partial, then its output or its slot.
+            let finish = |outs: &[f32], merged: &mut Vec<f32>| {
+                merged.resize(hd, 0.0);
+                for (qy, o) in mine.iter().zip(outs.chunks_exact(stride)) {
+                    match qy.slot {
+                        // SAFETY: every slot belongs to one query of one task.
+                        Some(slot) => unsafe { partial_writer.set_slice(slot * stride, o) },
+                        None => {
+                            merge_partials(std::iter::once(o), merged);
+                            // SAFETY: a query of a row in one piece is in exactly one task.
+                            unsafe {
+                                writer.set_slice(qy.token * heads * hd + qy.head * hd, merged)
+                            };
+                        }
+                    }
+                }
+            };
+            if few_kernel && mine.len() <= FEW {
+                let mut qs: [&[f32]; FEW] = [&[]; FEW];
+                let mut visible = [0usize; FEW];
+                for ((q_ref, seen), qy) in qs.iter_mut().zip(&mut visible).zip(mine) {
+                    *q_ref = &q[qy.token * heads * hd + qy.head * hd..][..hd];
+                    *seen = qy.visible;
+                }
+                let n = mine.len();
+                let need = visible[..n].iter().copied().max().unwrap_or(0);
+                let kv = p.head(kvh, need, hd);
+                outs.resize(n * stride, 0.0);
+                attend_few(
+                    &qs[..n],
+                    &visible[..n],
+                    kv,
+                    hd,
+                    scale,
+                    scores,
+                    &mut outs[..n * stride],
+                );
+                finish(&outs[..n * stride], merged);
+                return;
+            }
             transposed.clear();
             transposed.resize(hd * LANES, 0.0);
             let mut visible = [0usize; LANES];
@@ -640,18 +697,7 @@ fn attention(
             outs.resize(mine.len() * stride, 0.0);
             let mut refs: Vec<&mut [f32]> = outs.chunks_exact_mut(stride).collect();
             attend(&tile, scores, &mut refs);
-            merged.resize(hd, 0.0);
-            for (qy, o) in mine.iter().zip(outs.chunks_exact(stride)) {
-                match qy.slot {
-                    // SAFETY: every slot belongs to one query of one task.
-                    Some(slot) => unsafe { partial_writer.set_slice(slot * stride, o) },
-                    None => {
-                        merge_partials(std::iter::once(o), merged);
-                        // SAFETY: a query of a row in one piece is in exactly one task.
-                        unsafe { writer.set_slice(qy.token * heads * hd + qy.head * hd, merged) };
-                    }
-                }
-            }
+            finish(outs, merged);
         });
     });
 

@@ -63,7 +63,8 @@ pub(crate) fn attend(tile: &Tile<'_>, scratch: &mut Vec<f32>, partials: &mut [&m
 /// Up to this many queries, a tile runs query by query with dot products along the head
 /// dimension: the transposed form pays one instruction per key element whatever the number of
 /// lanes in use, which is a loss below about a third of them (a single row's own positions in
-/// decode: the query heads of one KV head).
+/// decode: the query heads of one KV head). Where the CPU has AVX-512 the host forward pass sends
+/// such tasks to [`super::attention_few`] instead, which gives the transposed form's bits.
 const SMALL_TILE: usize = 4;
 
 /// The tile query by query (same partials as the transposed form, up to rounding).

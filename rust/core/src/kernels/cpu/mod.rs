@@ -1,8 +1,11 @@
-//! CPU kernels: quantized and dense matrix products ([`qmatmul`], [`dense`]), requantization of
-//! merged weights, vectorised exp, the persistent thread team ([`parallel`]) and the seeded RNG.
+//! CPU kernels: quantized and dense matrix products ([`qmatmul`], [`dense`]), attention over
+//! cached keys ([`attention`], and [`attention_few`] for a decode step's few queries),
+//! requantization of merged weights, vectorised exp, the persistent thread team ([`parallel`])
+//! and the seeded RNG.
 //! SIMD paths are chosen at run time from the CPU's features, with a portable path beside each.
 
 pub(crate) mod attention;
+pub(crate) mod attention_few;
 pub(crate) mod dense;
 pub(crate) mod parallel;
 pub mod peak;
