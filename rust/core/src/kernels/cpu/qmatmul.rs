@@ -228,6 +228,30 @@ impl QuantMatrix {
                 // Output rows are written in place by the kernels, `live` values each.
                 let dst = |j: usize| out.ptr_at(j * self.rows + first, live);
                 let mut j = chunk;
+                // Enough tiles over this pair that unpacking its quants once into bytes the
+                // instruction takes as they are beats unpacking them in every tile.
+                if chunk_end - chunk >= UNPACK_MIN_ROWS {
+                    UNPACKED.with_borrow_mut(|unpacked| {
+                        avx512::unpack_pair(self.kind, g0, g1, unpacked, ahead);
+                        while j + 8 <= chunk_end {
+                            let rows = std::array::from_fn(|i| acts.row(j + i));
+                            let dsts = std::array::from_fn(|i| dst(j + i));
+                            avx512::tile_unpacked::<8>(self.kind, unpacked, rows, dsts, live);
+                            j += 8;
+                        }
+                        while j < chunk_end {
+                            avx512::tile_unpacked::<1>(
+                                self.kind,
+                                unpacked,
+                                [acts.row(j)],
+                                [dst(j)],
+                                live,
+                            );
+                            j += 1;
+                        }
+                    });
+                    continue;
+                }
                 while j < chunk_end {
                     let left = chunk_end - j;
                     let last = left <= 8 && left.count_ones() == 1;
@@ -271,6 +295,18 @@ impl QuantMatrix {
 
 /// Activation rows per pass of the tile kernels over a range of weight rows.
 const ACT_CHUNK: usize = 64;
+
+/// From this many activation rows in a chunk, each pair of groups is unpacked once for all of
+/// its tiles (paired in one process against unpacking in every tile: 64 rows 1.12x, prefill
+/// 1.06x; at 16 rows, two tiles, no gain).
+const UNPACK_MIN_ROWS: usize = 32;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The pair of groups the tiles of a wide batch are working on, unpacked.
+    static UNPACKED: std::cell::RefCell<Vec<avx512::Unpacked>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Reorders GGML blocks (`rows` rows of `cols / 32` blocks) into the grouped layout.
 fn repack(kind: Kind, raw: &[u8], rows: usize, cols: usize) -> Vec<u8> {
@@ -765,9 +801,25 @@ mod avx2 {
 /// chunk fill one register, and each activation word is broadcast against it. They compute
 /// exactly what the 256-bit kernels compute for each group (the same integer sums, the same
 /// float operations in the same order), so a row's result does not depend on which kernel ran.
+/// Runs `body` for each row index `i < R` (`R` at most eight), unrolled with constant
+/// indices: the per-row sums of a tile then live in registers instead of on the stack.
+macro_rules! each_row {
+    ($r:expr, |$i:ident| $body:block) => {{
+        each_row!(@ $r, $i, $body, 0, 1, 2, 3, 4, 5, 6, 7);
+    }};
+    (@ $r:expr, $i:ident, $body:block, $($n:literal),*) => {
+        $(
+            if $n < $r {
+                let $i = $n;
+                $body
+            }
+        )*
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Q8Block, GROUP};
+    use super::{Kind, Q8Block, GROUP};
     use std::arch::x86_64::*;
 
     const ROWS: usize = 2 * GROUP;
@@ -804,8 +856,15 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     unsafe fn act_word(a: &Q8Block, at: usize) -> __m512i {
-        let word: [i8; 4] = [a.qs[at], a.qs[at + 1], a.qs[at + 2], a.qs[at + 3]];
-        _mm512_set1_epi32(i32::from_le_bytes(word.map(|q| q as u8)))
+        // Byte by byte, not through `array::map`: that is a call the compiler does not inline
+        // into this function's features, and every spilled register around it cost the tiles
+        // most of their speed.
+        _mm512_set1_epi32(i32::from_le_bytes([
+            a.qs[at] as u8,
+            a.qs[at + 1] as u8,
+            a.qs[at + 2] as u8,
+            a.qs[at + 3] as u8,
+        ]))
     }
 
     /// Prefetches of one region spread evenly over the steps of a loop.
@@ -848,6 +907,8 @@ mod avx512 {
     /// # Safety
     /// The CPU has the features of [`available`]; both groups hold `acts[i].len()` blocks; each
     /// destination holds `live` writable values.
+    // The block index addresses the weights and every row's activations alike.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn tile_q4<const R: usize>(
         g0: &[u8],
@@ -876,47 +937,178 @@ mod avx512 {
             } else {
                 d
             };
-            for (off, a) in off.iter_mut().zip(&acts) {
-                let s = if with_min { a[b].s } else { -8.0 * a[b].s };
-                *off = _mm512_fmadd_ps(m, _mm512_set1_ps(s), *off);
-            }
-            // Low and high nibbles in separate sums: two dependency chains of four instead of
-            // one of eight, which is what bounds a tile of one or two rows (integer sums, so the
-            // result is the same bits).
+            each_row!(R, |i| {
+                let s = if with_min {
+                    acts[i][b].s
+                } else {
+                    -8.0 * acts[i][b].s
+                };
+                off[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(s), off[i]);
+            });
+            // Up to two rows, low and high nibbles go to separate sums: two dependency chains of
+            // four instead of one of eight, which is what bounds a tile of one or two rows
+            // (integer sums, so the result is the same bits).
             let mut sums = [_mm512_setzero_si512(); R];
-            if R <= 2 {
-                let mut sums_hi = [_mm512_setzero_si512(); R];
-                for c in 0..4 {
-                    let q = halves(p0.add(qs_at + c * 32), p1.add(qs_at + c * 32));
-                    let lo = _mm512_and_si512(q, mask);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
-                    for ((sum, sum_hi), a) in sums.iter_mut().zip(sums_hi.iter_mut()).zip(&acts) {
-                        *sum = _mm512_dpbusd_epi32(*sum, lo, act_word(&a[b], 4 * c));
-                        *sum_hi = _mm512_dpbusd_epi32(*sum_hi, hi, act_word(&a[b], 16 + 4 * c));
+            let mut sums_hi = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let q = halves(p0.add(qs_at + c * 32), p1.add(qs_at + c * 32));
+                let lo = _mm512_and_si512(q, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
+                each_row!(R, |i| {
+                    let a = &acts[i][b];
+                    sums[i] = _mm512_dpbusd_epi32(sums[i], lo, act_word(a, 4 * c));
+                    if R <= 2 {
+                        sums_hi[i] = _mm512_dpbusd_epi32(sums_hi[i], hi, act_word(a, 16 + 4 * c));
+                    } else {
+                        sums[i] = _mm512_dpbusd_epi32(sums[i], hi, act_word(a, 16 + 4 * c));
+                    }
+                });
+            }
+            each_row!(R, |i| {
+                let sum = if R <= 2 {
+                    _mm512_add_epi32(sums[i], sums_hi[i])
+                } else {
+                    sums[i]
+                };
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(acts[i][b].d));
+                acc[i] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[i]);
+            });
+        }
+        each_row!(R, |i| {
+            store(_mm512_add_ps(acc[i], off[i]), dst[i], live);
+        });
+    }
+
+    /// One block column of a pair of groups unpacked for the tiles of a wide batch: word `k`
+    /// holds the sixteen rows' unsigned quants to dot with activation quants `4k..4k + 4` (for
+    /// Q4 the low nibbles of chunk `k`, then the high nibbles; for Q8_0 the quants plus 128),
+    /// and the rows' scales (and Q4 offsets: the minimum, or the scale for Q4_0) as f32.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    pub struct Unpacked {
+        words: [[u8; 64]; 8],
+        d: [f32; 16],
+        m: [f32; 16],
+    }
+
+    /// Unpacks groups `g0` and `g1` (of `kind`) into `out`, one entry per block column, and
+    /// prefetches `ahead` while it runs.
+    ///
+    /// # Safety
+    /// The CPU has the features of [`available`]; both groups hold whole blocks of `kind`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn unpack_pair(
+        kind: Kind,
+        g0: &[u8],
+        g1: &[u8],
+        out: &mut Vec<Unpacked>,
+        ahead: &[u8],
+    ) {
+        let bb = kind.block_bytes() * GROUP;
+        let blocks = g0.len() / bb;
+        assert!(g1.len() >= blocks * bb);
+        let empty = Unpacked {
+            words: [[0; 64]; 8],
+            d: [0.0; 16],
+            m: [0.0; 16],
+        };
+        out.resize(blocks, empty);
+        let pull = Prefetch::new(ahead, blocks);
+        let mask = _mm512_set1_epi8(0x0F);
+        let bias = _mm512_set1_epi8(i8::MIN);
+        for (b, u) in out.iter_mut().enumerate() {
+            pull.step(b);
+            let (p0, p1) = (g0.as_ptr().add(b * bb), g1.as_ptr().add(b * bb));
+            let d = f16x16(p0, p1);
+            _mm512_storeu_ps(u.d.as_mut_ptr(), d);
+            let word = |k: usize| u.words[k].as_ptr() as *mut __m512i;
+            match kind {
+                Kind::Q4_0 | Kind::Q4_1 => {
+                    let with_min = kind == Kind::Q4_1;
+                    let m = if with_min {
+                        f16x16(p0.add(16), p1.add(16))
+                    } else {
+                        d
+                    };
+                    _mm512_storeu_ps(u.m.as_mut_ptr(), m);
+                    let qs_at = if with_min { 32 } else { 16 };
+                    for c in 0..4 {
+                        let q = halves(p0.add(qs_at + c * 32), p1.add(qs_at + c * 32));
+                        _mm512_storeu_si512(word(c), _mm512_and_si512(q, mask));
+                        let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
+                        _mm512_storeu_si512(word(4 + c), hi);
                     }
                 }
-                for (sum, hi) in sums.iter_mut().zip(sums_hi) {
-                    *sum = _mm512_add_epi32(*sum, hi);
-                }
-            } else {
-                for c in 0..4 {
-                    let q = halves(p0.add(qs_at + c * 32), p1.add(qs_at + c * 32));
-                    let lo = _mm512_and_si512(q, mask);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
-                    for (sum, a) in sums.iter_mut().zip(&acts) {
-                        *sum = _mm512_dpbusd_epi32(*sum, lo, act_word(&a[b], 4 * c));
-                        *sum = _mm512_dpbusd_epi32(*sum, hi, act_word(&a[b], 16 + 4 * c));
+                Kind::Q8_0 => {
+                    for c in 0..8 {
+                        let q = halves(p0.add(16 + c * 32), p1.add(16 + c * 32));
+                        _mm512_storeu_si512(word(c), _mm512_xor_si512(q, bias));
                     }
                 }
             }
-            for ((acc, sum), a) in acc.iter_mut().zip(sums).zip(&acts) {
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a[b].d));
-                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), *acc);
+        }
+    }
+
+    /// [`tile_q4`] or [`tile_q8_0`] over an unpacked pair of groups: the same integer sums and
+    /// the same float operations in the same order, so the same bits.
+    ///
+    /// # Safety
+    /// As [`tile_q4`]; `blocks` came from [`unpack_pair`] for `kind` and holds `acts[i].len()`
+    /// entries.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn tile_unpacked<const R: usize>(
+        kind: Kind,
+        blocks: &[Unpacked],
+        acts: [&[Q8Block]; R],
+        dst: [*mut f32; R],
+        live: usize,
+    ) {
+        assert!(acts.iter().all(|a| a.len() == blocks.len()));
+        let (q4, with_min) = (kind != Kind::Q8_0, kind == Kind::Q4_1);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut off = [_mm512_setzero_ps(); R];
+        for (b, u) in blocks.iter().enumerate() {
+            let d = _mm512_loadu_ps(u.d.as_ptr());
+            if q4 {
+                let m = _mm512_loadu_ps(u.m.as_ptr());
+                each_row!(R, |i| {
+                    let s = if with_min {
+                        acts[i][b].s
+                    } else {
+                        -8.0 * acts[i][b].s
+                    };
+                    off[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(s), off[i]);
+                });
             }
+            let mut sums = [_mm512_setzero_si512(); R];
+            for (k, w) in u.words.iter().enumerate() {
+                let w = _mm512_loadu_si512(w.as_ptr() as *const __m512i);
+                each_row!(R, |i| {
+                    sums[i] = _mm512_dpbusd_epi32(sums[i], w, act_word(&acts[i][b], 4 * k));
+                });
+            }
+            each_row!(R, |i| {
+                let a = &acts[i][b];
+                let sum = if q4 {
+                    sums[i]
+                } else {
+                    _mm512_sub_epi32(sums[i], _mm512_set1_epi32(128 * a.sum))
+                };
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d));
+                acc[i] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[i]);
+            });
         }
-        for ((dst, acc), off) in dst.into_iter().zip(acc).zip(off) {
-            store(_mm512_add_ps(acc, off), dst, live);
-        }
+        each_row!(R, |i| {
+            store(
+                if q4 {
+                    _mm512_add_ps(acc[i], off[i])
+                } else {
+                    acc[i]
+                },
+                dst[i],
+                live,
+            );
+        });
     }
 
     /// Q8_0 groups `g0` and `g1` against `R` activation rows. The weights are signed, and the
@@ -924,6 +1116,8 @@ mod avx512 {
     ///
     /// # Safety
     /// As [`tile_q4`].
+    // The block index addresses the weights and every row's activations alike.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn tile_q8_0<const R: usize>(
         g0: &[u8],
@@ -946,30 +1140,35 @@ mod avx512 {
             let d = f16x16(p0, p1);
             // Up to four rows, even and odd words go to separate sums (two dependency chains of
             // four, as in `tile_q4`); an eight-row tile has no registers to spare for them.
-            let chains = if R <= 4 { 2 } else { 1 };
-            let mut sums = [[_mm512_setzero_si512(); R]; 2];
+            let mut sums = [_mm512_setzero_si512(); R];
+            let mut odd = [_mm512_setzero_si512(); R];
             for c in 0..8 {
                 let biased =
                     _mm512_xor_si512(halves(p0.add(16 + c * 32), p1.add(16 + c * 32)), bias);
-                for (sum, a) in sums[c % chains].iter_mut().zip(&acts) {
-                    *sum = _mm512_dpbusd_epi32(*sum, biased, act_word(&a[b], 4 * c));
-                }
+                each_row!(R, |i| {
+                    let word = act_word(&acts[i][b], 4 * c);
+                    if R <= 4 && c % 2 == 1 {
+                        odd[i] = _mm512_dpbusd_epi32(odd[i], biased, word);
+                    } else {
+                        sums[i] = _mm512_dpbusd_epi32(sums[i], biased, word);
+                    }
+                });
             }
-            let [mut sums, odd] = sums;
-            if chains == 2 {
-                for (sum, odd) in sums.iter_mut().zip(odd) {
-                    *sum = _mm512_add_epi32(*sum, odd);
-                }
-            }
-            for ((acc, sum), a) in acc.iter_mut().zip(sums).zip(&acts) {
-                let exact = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * a[b].sum));
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a[b].d));
-                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(exact), *acc);
-            }
+            each_row!(R, |i| {
+                let a = &acts[i][b];
+                let sum = if R <= 4 {
+                    _mm512_add_epi32(sums[i], odd[i])
+                } else {
+                    sums[i]
+                };
+                let exact = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * a.sum));
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d));
+                acc[i] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(exact), acc[i]);
+            });
         }
-        for (dst, acc) in dst.into_iter().zip(acc) {
-            store(acc, dst, live);
-        }
+        each_row!(R, |i| {
+            store(acc[i], dst[i], live);
+        });
     }
 }
 
@@ -1145,6 +1344,9 @@ mod tests {
             .collect();
         // A row at the extremes: every activation quant at +-127.
         x.extend((0..cols).map(|i| if i % 3 == 0 { -2.0 } else { 2.0 }));
+        // More rows for the wide batches below.
+        let wide = 70;
+        x.extend((0..(wide - m) * cols).map(|i| (i * 104729 % 509) as f32 / 254.0 - 1.0));
         let acts = QuantizedActs::new(&x, cols);
         let kernels = select_kernels(qm.kind);
         let gb = qm.group_bytes();
@@ -1192,11 +1394,21 @@ mod tests {
                 let mut eight: [&[Q8Block]; 8] = std::array::from_fn(others);
                 eight[j % 8] = acts.row(j);
                 assert_eq!(run(tiles.eight, g0, g1, eight)[j % 8], want[j], "{dtype:?}");
+                let mut unpacked = Vec::new();
+                let mut out = [[0f32; 2 * GROUP]; 8];
+                // SAFETY: the CPU has the kernels' features; each destination holds 16 values.
+                unsafe {
+                    avx512::unpack_pair(qm.kind, g0, g1, &mut unpacked, &[]);
+                    let dst = out.each_mut().map(|o| o.as_mut_ptr());
+                    avx512::tile_unpacked::<8>(qm.kind, &unpacked, eight, dst, 2 * GROUP);
+                }
+                assert_eq!(out[j % 8], want[j], "{dtype:?} unpacked");
             }
         }
-        // Through compute_rows with every row count from 1 to 9 and a range that ends on an
-        // unpaired group: each input row's output equals that of the row alone.
-        let alone: Vec<Vec<f32>> = (0..m)
+        // Through compute_rows with every row count from 1 to 9, wide batches (unpacked pairs,
+        // several chunks of activation rows) and a range that ends on an unpaired group: each
+        // input row's output equals that of the row alone.
+        let alone: Vec<Vec<f32>> = (0..wide)
             .map(|j| {
                 let a = QuantizedActs::new(&x[j * cols..(j + 1) * cols], cols);
                 let mut o = vec![0f32; rows];
@@ -1205,7 +1417,7 @@ mod tests {
                 o
             })
             .collect();
-        for n in 1..=m {
+        for n in (1..=m).chain([16, 17, 70]) {
             let a = QuantizedActs::new(&x[..n * cols], cols);
             let mut o = vec![0f32; n * rows];
             let out = DisjointOut::new(&mut o);
