@@ -345,14 +345,11 @@ impl WidenedHead {
         need: usize,
         hd: usize,
     ) -> (&'s [f32], &'s [f32]) {
-        let base = kvh * p.head_stride;
-        let (k, v) = match p.kv {
-            KvValues::F32 { k, v } => {
-                return (&k[base..base + need * hd], &v[base..base + need * hd])
-            }
-            KvValues::F16 { k, v } => (k, v),
+        let (k, v) = match p.head(kvh, need, hd) {
+            KvHead::F32 { keys, values } => return (keys, values),
+            KvHead::F16 { keys, values } => (keys, values),
         };
-        let tag = Some((call, k.as_ptr() as usize, kvh));
+        let tag = Some((call, p.kv_addr(), kvh));
         if self.tag != tag {
             self.tag = tag;
             self.len = 0;
@@ -361,8 +358,8 @@ impl WidenedHead {
             let (from, to) = (self.len * hd, need * hd);
             self.keys.resize(to, 0.0);
             self.values.resize(to, 0.0);
-            widen_f16(&k[base + from..base + to], &mut self.keys[from..to]);
-            widen_f16(&v[base + from..base + to], &mut self.values[from..to]);
+            widen_f16(&k[from..to], &mut self.keys[from..to]);
+            widen_f16(&v[from..to], &mut self.values[from..to]);
             self.len = need;
         }
         (&self.keys[..need * hd], &self.values[..need * hd])

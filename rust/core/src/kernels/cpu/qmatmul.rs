@@ -239,6 +239,12 @@ impl QuantMatrix {
                             avx512::tile_unpacked::<8>(self.kind, unpacked, rows, dsts, live);
                             j += 8;
                         }
+                        if j + 4 <= chunk_end {
+                            let rows = std::array::from_fn(|i| acts.row(j + i));
+                            let dsts = std::array::from_fn(|i| dst(j + i));
+                            avx512::tile_unpacked::<4>(self.kind, unpacked, rows, dsts, live);
+                            j += 4;
+                        }
                         while j < chunk_end {
                             avx512::tile_unpacked::<1>(
                                 self.kind,
@@ -1417,7 +1423,7 @@ mod tests {
                 o
             })
             .collect();
-        for n in (1..=m).chain([16, 17, 70]) {
+        for n in (1..=m).chain([16, 17, 32, 39, 70]) {
             let a = QuantizedActs::new(&x[..n * cols], cols);
             let mut o = vec![0f32; n * rows];
             let out = DisjointOut::new(&mut o);
