@@ -56,11 +56,11 @@ pub(crate) fn available(head_dim: usize) -> bool {
 
 /// Writes each query's partial softmax (`[max, sum, out[..head_dim]]`, as
 /// [`super::attention::attend`] does) into `out`, one after another. Query `j` sees the first
-/// `visible[j]` positions (at least one); `kv` holds at least the most any query sees. `scores` is reused between calls.
+/// `visible[j]` positions (at least one); `kv` holds at least the most any query sees.
+/// `scores` is reused between calls.
 ///
 /// # Panics
 /// If [`available`] is false for `head_dim`, or the shapes disagree.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_few(
     queries: &[&[f32]],
     visible: &[usize],
@@ -77,7 +77,7 @@ pub(crate) fn attend_few(
     assert!(kv.len() >= len * head_dim);
     assert!(queries.iter().all(|q| q.len() == head_dim));
     assert!(out.len() >= n * (PARTIAL_HEADER + head_dim));
-    // Scores of whole blocks of sixteen positions (the reduction writes sixteen at a time).
+    // Scores of whole blocks of sixteen positions (a block's scores are stored as one vector).
     let padded = len.next_multiple_of(16);
     if scores.len() < n * padded {
         scores.resize(n * padded, 0.0);
