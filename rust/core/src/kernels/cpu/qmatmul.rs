@@ -233,27 +233,25 @@ impl QuantMatrix {
                 if chunk_end - chunk >= UNPACK_MIN_ROWS {
                     UNPACKED.with_borrow_mut(|unpacked| {
                         avx512::unpack_pair(self.kind, g0, g1, unpacked, ahead);
+                        let kind = self.kind;
                         while j + 8 <= chunk_end {
-                            let rows = std::array::from_fn(|i| acts.row(j + i));
                             let dsts = std::array::from_fn(|i| dst(j + i));
-                            avx512::tile_unpacked::<8>(self.kind, unpacked, rows, dsts, live);
+                            avx512::tile_unpacked::<8>(kind, unpacked, acts.rows(j), dsts, live);
                             j += 8;
                         }
                         if j + 4 <= chunk_end {
-                            let rows = std::array::from_fn(|i| acts.row(j + i));
                             let dsts = std::array::from_fn(|i| dst(j + i));
-                            avx512::tile_unpacked::<4>(self.kind, unpacked, rows, dsts, live);
+                            avx512::tile_unpacked::<4>(kind, unpacked, acts.rows(j), dsts, live);
                             j += 4;
                         }
-                        while j < chunk_end {
+                        for j in j..chunk_end {
                             avx512::tile_unpacked::<1>(
-                                self.kind,
+                                kind,
                                 unpacked,
-                                [acts.row(j)],
+                                acts.rows(j),
                                 [dst(j)],
                                 live,
                             );
-                            j += 1;
                         }
                     });
                     continue;
@@ -262,36 +260,22 @@ impl QuantMatrix {
                     let left = chunk_end - j;
                     let last = left <= 8 && left.count_ones() == 1;
                     let pull = if last { ahead } else { &[] };
-                    if left >= 8 {
-                        let rows = std::array::from_fn(|i| acts.row(j + i));
-                        (tiles.eight)(
-                            g0,
-                            g1,
-                            rows,
-                            std::array::from_fn(|i| dst(j + i)),
-                            live,
-                            pull,
-                        );
-                        j += 8;
+                    let step = if left >= 8 {
+                        let dsts = std::array::from_fn(|i| dst(j + i));
+                        (tiles.eight)(g0, g1, acts.rows(j), dsts, live, pull);
+                        8
                     } else if left >= 4 {
-                        let rows = std::array::from_fn(|i| acts.row(j + i));
-                        (tiles.four)(
-                            g0,
-                            g1,
-                            rows,
-                            std::array::from_fn(|i| dst(j + i)),
-                            live,
-                            pull,
-                        );
-                        j += 4;
+                        let dsts = std::array::from_fn(|i| dst(j + i));
+                        (tiles.four)(g0, g1, acts.rows(j), dsts, live, pull);
+                        4
                     } else if left >= 2 {
-                        let rows = [acts.row(j), acts.row(j + 1)];
-                        (tiles.two)(g0, g1, rows, [dst(j), dst(j + 1)], live, pull);
-                        j += 2;
+                        (tiles.two)(g0, g1, acts.rows(j), [dst(j), dst(j + 1)], live, pull);
+                        2
                     } else {
-                        (tiles.one)(g0, g1, [acts.row(j)], [dst(j)], live, pull);
-                        j += 1;
-                    }
+                        (tiles.one)(g0, g1, acts.rows(j), [dst(j)], live, pull);
+                        1
+                    };
+                    j += step;
                 }
             }
         }
@@ -397,6 +381,11 @@ impl QuantizedActs {
             per_row: cols / QK,
             m: x.len() / cols.max(1),
         }
+    }
+
+    /// Rows `j..j + R`.
+    fn rows<const R: usize>(&self, j: usize) -> [&[Q8Block]; R] {
+        std::array::from_fn(|i| self.row(j + i))
     }
 
     fn row(&self, j: usize) -> &[Q8Block] {
