@@ -12,7 +12,6 @@ use std::collections::HashMap;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use super::linear::{project_many, project_many_into, Linear, LoraUse};
 use super::llama::{Layer, Model, RowPlan};
@@ -20,7 +19,7 @@ use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
 use crate::kernels::cpu::attention_few::{self, attend_few, KvHead, FEW};
-use crate::kernels::cpu::dense::{exp_in_place, widen_f16};
+use crate::kernels::cpu::dense::{exp_in_place, narrow_f16, widen_f16};
 use crate::kernels::cpu::host_f32;
 use crate::kernels::cpu::parallel::{map_parallel, par_chunks_mut, team, DisjointOut};
 use crate::kv::{LayerParts, SeqStore};
@@ -443,20 +442,20 @@ impl candle_core::InplaceOp1 for WriteNewPositions<'_> {
             ));
         }
         let kv_dim = dims[0] * hd;
-        for head in 0..dims[0] {
-            for i in 0..self.n {
+        let places = (0..dims[0]).flat_map(|head| {
+            (0..self.n).map(move |i| {
                 let at = layout.start_offset() + head * stride[0] + (self.start + i) * stride[1];
                 let from = (self.first_token + i) * kv_dim + head * hd;
-                let src = &self.src[from..from + hd];
-                match storage {
-                    CpuStorage::F32(buf) => buf[at..at + hd].copy_from_slice(src),
-                    CpuStorage::F16(buf) => buf[at..at + hd].convert_from_f32_slice(src),
-                    _ => {
-                        return Err(candle_core::Error::Msg(
-                            "the host forward pass keeps an f32 or f16 cache".into(),
-                        ))
-                    }
-                }
+                (at..at + hd, &self.src[from..from + hd])
+            })
+        });
+        match storage {
+            CpuStorage::F32(buf) => places.for_each(|(to, src)| buf[to].copy_from_slice(src)),
+            CpuStorage::F16(buf) => places.for_each(|(to, src)| narrow_f16(src, &mut buf[to])),
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "the host forward pass keeps an f32 or f16 cache".into(),
+                ))
             }
         }
         Ok(())

@@ -89,6 +89,20 @@ pub(crate) fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
 }
 
+/// `dst[i] = src[i]` rounded to half precision, to nearest with ties to even as `half` does (new
+/// keys and values written into a half-precision cache).
+pub(crate) fn narrow_f16(src: &[f32], dst: &mut [half::f16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::avx2_available() {
+        // SAFETY: the CPU has AVX2 and F16C; the lengths match.
+        return unsafe { avx2::narrow_f16(src, dst) };
+    }
+    dst.iter_mut()
+        .zip(src)
+        .for_each(|(d, &s)| *d = half::f16::from_f32(s));
+}
+
 /// `x[i] = e^x[i]` for every element, to within a few f32 ulps (NaN stays NaN, -inf gives 0,
 /// and above 88.37, a hair below f32's limit, +inf).
 pub fn exp_in_place(x: &mut [f32]) {
@@ -129,6 +143,24 @@ mod avx2 {
         }
         for i in n..src.len() {
             dst[i] = src[i].to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `src` and `dst` have the same length.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn narrow_f16(src: &[f32], dst: &mut [half::f16]) {
+        let n = src.len() / 8 * 8;
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr() as *mut __m128i);
+        for i in (0..n).step_by(8) {
+            let v = _mm256_loadu_ps(s.add(i));
+            _mm_storeu_si128(
+                d.add(i / 8),
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
+            );
+        }
+        for i in n..src.len() {
+            dst[i] = half::f16::from_f32(src[i]);
         }
     }
 
@@ -323,6 +355,37 @@ mod tests {
         for (s, d) in src.iter().zip(&dst) {
             assert_eq!(s.to_f32().to_bits(), d.to_bits());
         }
+    }
+
+    #[test]
+    fn narrowing_rounds_as_half_does() {
+        // Ties, values that round up into the next binade or to infinity, subnormals, signed
+        // zeros and a tail shorter than one vector.
+        let mut src: Vec<f32> = (0..2003).map(|i| (i as f32 - 1000.0) * 0.0173).collect();
+        src.extend([
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            2047.5,
+            65519.0,
+            65520.0,
+            1e9,
+            -1e9,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            5.9604645e-8,
+            2.9802322e-8,
+            1e-10,
+            -0.0,
+            0.0,
+        ]);
+        let mut dst = vec![half::f16::ZERO; src.len()];
+        narrow_f16(&src, &mut dst);
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!(half::f16::from_f32(*s).to_bits(), d.to_bits(), "{s}");
+        }
+        let mut nan = [half::f16::ZERO];
+        narrow_f16(&[f32::NAN], &mut nan);
+        assert!(nan[0].is_nan());
     }
 
     #[test]
