@@ -19,7 +19,7 @@ use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
 use crate::kernels::cpu::attention_few::{self, attend_few, KvHead, FEW};
-use crate::kernels::cpu::dense::{exp_in_place, narrow_f16, widen_f16};
+use crate::kernels::cpu::dense::{exp_in_place, narrow_f16, sum_of_squares, widen_f16};
 use crate::kernels::cpu::host_f32;
 use crate::kernels::cpu::parallel::{map_parallel, par_chunks_mut, team, DisjointOut};
 use crate::kv::{LayerParts, SeqStore};
@@ -205,7 +205,7 @@ const PARALLEL_MIN: usize = 16 * 1024;
 fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     par_chunks_mut(out, w.len(), PARALLEL_MIN, |r, out| {
         let row = &x[r * w.len()..(r + 1) * w.len()];
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let mean_sq = sum_of_squares(row) / w.len() as f32;
         let inv = 1.0 / (mean_sq + eps).sqrt();
         for ((o, v), w) in out.iter_mut().zip(row).zip(w) {
             *o = w * (v * inv);
@@ -221,15 +221,28 @@ fn rope(x: &mut [f32], heads: usize, cfg: &ModelConfig, host: &HostParams, posit
         let pos = positions[t] as usize;
         let cos = &host.cos[pos * half..(pos + 1) * half];
         let sin = &host.sin[pos * half..(pos + 1) * half];
+        let turn = |(xa, xb): (&mut f32, &mut f32), (c, s): (&f32, &f32)| {
+            let (a, b) = (*xa, *xb);
+            *xa = a * c - b * s;
+            *xb = b * c + a * s;
+        };
+        // One loop per layout, so that the compiler vectorises the rotation.
         for head in token.chunks_exact_mut(hd) {
-            for i in 0..half {
-                let (a, b) = match cfg.rope_layout {
-                    RopeLayout::Halves => (i, i + half),
-                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                };
-                let (xa, xb) = (head[a], head[b]);
-                head[a] = xa * cos[i] - xb * sin[i];
-                head[b] = xb * cos[i] + xa * sin[i];
+            match cfg.rope_layout {
+                RopeLayout::Halves => {
+                    let (lo, hi) = head.split_at_mut(half);
+                    lo.iter_mut()
+                        .zip(hi.iter_mut())
+                        .zip(cos.iter().zip(sin))
+                        .for_each(|(x, cs)| turn(x, cs));
+                }
+                RopeLayout::Interleaved => head
+                    .chunks_exact_mut(2)
+                    .zip(cos.iter().zip(sin))
+                    .for_each(|(pair, cs)| {
+                        let (a, b) = pair.split_at_mut(1);
+                        turn((&mut a[0], &mut b[0]), cs)
+                    }),
             }
         }
     });
