@@ -93,6 +93,7 @@ impl Engine {
         let path = path.as_ref();
         let device = Device::Cpu;
         let loaded = model::load(path, dtype, &device)?;
+        crate::kernels::cpu::weight_memory::return_freed_memory();
         if let Some(tok) = &loaded.tokenizer.tokenizer {
             tok.check_fits(loaded.model.config(), path)?;
         }

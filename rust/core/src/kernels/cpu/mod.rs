@@ -1,7 +1,7 @@
 //! CPU kernels: quantized and dense matrix products ([`qmatmul`], [`dense`]), attention over
 //! cached keys ([`attention`], and [`attention_few`] for a decode step's few queries),
-//! requantization of merged weights, vectorised exp, the persistent thread team ([`parallel`])
-//! and the seeded RNG.
+//! requantization of merged weights, vectorised exp, the persistent thread team ([`parallel`]),
+//! the seeded RNG, and the huge-page memory the repacked weights live in ([`weight_memory`]).
 //! SIMD paths are chosen at run time from the CPU's features, with a portable path beside each.
 
 pub(crate) mod attention;
@@ -12,6 +12,7 @@ pub mod peak;
 pub(crate) mod qmatmul;
 pub(crate) mod requantize;
 mod rng;
+pub(crate) mod weight_memory;
 
 use candle_core::{DType, Tensor};
 
