@@ -7,6 +7,7 @@
 
 use super::{check_param, choose, Rng, SamplingParams};
 use crate::error::Result;
+use crate::kernels::cpu::max_value;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ColdParams {
@@ -73,7 +74,7 @@ pub fn cold_scores(expert: &[f32], base: &[f32], p: &ColdParams) -> Vec<f32> {
 }
 
 fn plausibility_cut(expert: &[f32], p: &ColdParams) -> f32 {
-    p.alpha.ln() + expert.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    p.alpha.ln() + max_value(expert)
 }
 
 fn score(e: f32, b: f32, cut: f32, p: &ColdParams) -> f32 {

@@ -12,7 +12,7 @@
 //! lanes or on how many keys the tile reads for them: a query's result does not depend on the
 //! batch it ran in.
 
-use super::dense::{exp_in_place, scaled_matvec, weighted_row_sum};
+use super::dense::{exp_in_place, max_value, scaled_matvec, weighted_row_sum};
 
 /// Query vectors per tile.
 pub(crate) const LANES: usize = 16;
@@ -79,7 +79,7 @@ fn attend_each(t: &Tile<'_>, scores: &mut Vec<f32>, partials: &mut [&mut [f32]])
         scores.clear();
         scores.resize(visible, 0.0);
         scaled_matvec(&t.keys[..visible * hd], &query, t.scale, scores);
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = max_value(scores);
         scores.iter_mut().for_each(|v| *v -= max);
         exp_in_place(scores);
         let (head, out) = partial.split_at_mut(PARTIAL_HEADER);

@@ -11,7 +11,7 @@
 //! result does not depend on how many other queries shared its task.
 
 use super::attention::PARTIAL_HEADER;
-use super::dense::exp_in_place;
+use super::dense::{exp_in_place, max_value};
 
 /// The most queries one call takes.
 pub(crate) const FEW: usize = 4;
@@ -99,7 +99,7 @@ pub(crate) fn attend_few(
     let stride = PARTIAL_HEADER + head_dim;
     for (j, &seen) in visible.iter().enumerate() {
         let s = &mut scores[j * padded..j * padded + len];
-        let max = s[..seen].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = max_value(&s[..seen]);
         s[..seen].iter_mut().for_each(|v| *v -= max);
         exp_in_place(&mut s[..seen]);
         // Positions this query does not see weigh nothing in the value pass.

@@ -18,7 +18,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 
-pub use dense::exp_in_place;
+pub use dense::{exp_in_place, max_value};
 pub use rng::Rng;
 
 /// The values of `t`, flattened, as f32 on the host.
