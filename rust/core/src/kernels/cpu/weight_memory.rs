@@ -20,7 +20,7 @@ const CHUNK: usize = 16 << 20;
 /// Each matrix starts on a cache line.
 const ALIGN: usize = 64;
 
-/// One allocation that matrices are copied into; freed when the last of them is dropped.
+/// One allocation that matrices are repacked into; freed when the last of them is dropped.
 struct Chunk {
     ptr: NonNull<u8>,
     size: usize,
@@ -32,9 +32,8 @@ struct Chunk {
 unsafe impl Send for Chunk {}
 unsafe impl Sync for Chunk {}
 
-/// On Linux a chunk is its own mapping, aligned to a huge page and advised to use them. Not
-/// from the allocator: chunks placed on the heap between freed loading buffers kept those
-/// buffers from going back to the system (~50 MB more resident for SmolLM2-135M).
+/// On Linux a chunk is its own mapping, aligned to a huge page and advised to use them: it goes
+/// back to the system when its last matrix is dropped, whatever else the heap holds.
 #[cfg(target_os = "linux")]
 impl Chunk {
     fn new(size: usize) -> Option<Self> {
