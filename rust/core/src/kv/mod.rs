@@ -138,10 +138,19 @@ impl SeqStore {
         } else if seq.tail.len > 0 {
             let n = seq.tail.len;
             let freeze = |t: &Option<Tensor>| -> Result<Tensor> {
-                match t {
-                    Some(t) => Ok(t.narrow(1, 0, n)?.contiguous()?),
-                    None => Err(Error::invalid("tail buffer missing for a non-empty tail")),
+                let t = t
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("tail buffer missing for a non-empty tail"))?;
+                let used = t.narrow(1, 0, n)?;
+                if !used.is_contiguous() {
+                    return Ok(used.contiguous()?);
                 }
+                // One KV head: the narrowed tail is already contiguous, and `contiguous` would
+                // hand back the parent's own buffer, which it overwrites from offset 0 next.
+                let (heads, _, hd) = t.dims3()?;
+                let frozen = Tensor::zeros((heads, n, hd), t.dtype(), t.device())?;
+                frozen.slice_set(&used, 1, 0)?;
+                Ok(frozen)
             };
             let layers = seq
                 .tail
@@ -357,6 +366,45 @@ mod tests {
         s.free(a);
         assert!(s.len(a).is_err());
         assert_eq!(s.len(b).unwrap(), n + 1);
+    }
+
+    #[test]
+    fn a_frozen_block_of_one_kv_head_does_not_alias_the_parents_tail() {
+        // With one KV head a narrowed tail is already contiguous, so freezing it must still
+        // copy: the parent writes its next positions from offset 0 of the same buffer.
+        let mut s = SeqStore::new(
+            KvShape {
+                layers: 1,
+                kv_heads: 1,
+                head_dim: 4,
+                dtype: DType::F32,
+            },
+            &Device::Cpu,
+        );
+        let one = |n: usize, base: f32| {
+            let data: Vec<f32> = (0..n * 4).map(|i| base + i as f32).collect();
+            Tensor::from_vec(data, (1, n, 4), &Device::Cpu).unwrap()
+        };
+        let a = s.create();
+        s.append_and_view(a, 0, &one(FORK_COPY_LIMIT, 0.0), &one(FORK_COPY_LIMIT, 0.0))
+            .unwrap();
+        s.advance(a, FORK_COPY_LIMIT).unwrap();
+        let b = s.fork(a).unwrap();
+        s.append_and_view(a, 0, &one(1, 900.0), &one(1, 900.0))
+            .unwrap();
+        s.advance(a, 1).unwrap();
+        let vb = s.append_and_view(b, 0, &one(1, 5.0), &one(1, 5.0)).unwrap();
+        let want = Tensor::cat(&[one(FORK_COPY_LIMIT, 0.0), one(1, 5.0)], 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            flat(&vb),
+            want,
+            "the parent's new position overwrote the shared prefix"
+        );
     }
 
     #[test]
