@@ -804,10 +804,6 @@ mod avx2 {
     }
 }
 
-/// Tile kernels over sixteen weight rows in 512-bit registers: the two groups' quants of one
-/// chunk fill one register, and each activation word is broadcast against it. They compute
-/// exactly what the 256-bit kernels compute for each group (the same integer sums, the same
-/// float operations in the same order), so a row's result does not depend on which kernel ran.
 /// Runs `body` for each row index `i < R` (`R` at most eight), unrolled with constant
 /// indices: the per-row sums of a tile then live in registers instead of on the stack.
 macro_rules! each_row {
@@ -824,6 +820,29 @@ macro_rules! each_row {
     };
 }
 
+/// The Q4 offset term of block column `b` for each row of a tile: `off[i] += m · s_i`, with `m`
+/// the sixteen weight rows' minimum (Q4_1, `s_i` the activation block's `d · Σ q`) or their scale
+/// (Q4_0, the constant -8 folded into `s_i`). Shared by [`avx512::tile_q4`] and
+/// [`avx512::tile_unpacked`], which must give the same bits; a macro rather than a function so that
+/// it unrolls inside their target features (see [`each_row`]).
+#[cfg(target_arch = "x86_64")]
+macro_rules! add_q4_offsets {
+    ($r:expr, $m:expr, $acts:expr, $b:expr, $with_min:expr, $off:expr) => {
+        each_row!($r, |i| {
+            let s = if $with_min {
+                $acts[i][$b].s
+            } else {
+                -8.0 * $acts[i][$b].s
+            };
+            $off[i] = _mm512_fmadd_ps($m, _mm512_set1_ps(s), $off[i]);
+        })
+    };
+}
+
+/// Tile kernels over sixteen weight rows in 512-bit registers: the two groups' quants of one
+/// chunk fill one register, and each activation word is broadcast against it. They compute
+/// exactly what the 256-bit kernels compute for each group (the same integer sums, the same
+/// float operations in the same order), so a row's result does not depend on which kernel ran.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Kind, Q8Block, GROUP};
@@ -950,14 +969,7 @@ mod avx512 {
             } else {
                 d
             };
-            each_row!(R, |i| {
-                let s = if with_min {
-                    acts[i][b].s
-                } else {
-                    -8.0 * acts[i][b].s
-                };
-                off[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(s), off[i]);
-            });
+            add_q4_offsets!(R, m, acts, b, with_min, off);
             // Up to two rows, low and high nibbles go to separate sums: two dependency chains of
             // four instead of one of eight, which is what bounds a tile of one or two rows
             // (integer sums, so the result is the same bits).
@@ -1084,14 +1096,7 @@ mod avx512 {
             let d = _mm512_loadu_ps(u.d.as_ptr());
             if q4 {
                 let m = _mm512_loadu_ps(u.m.as_ptr());
-                each_row!(R, |i| {
-                    let s = if with_min {
-                        acts[i][b].s
-                    } else {
-                        -8.0 * acts[i][b].s
-                    };
-                    off[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(s), off[i]);
-                });
+                add_q4_offsets!(R, m, acts, b, with_min, off);
             }
             let mut sums = [_mm512_setzero_si512(); R];
             for (k, w) in u.words.iter().enumerate() {
