@@ -291,6 +291,54 @@ impl SeqStore {
         })
     }
 
+    /// [`Self::reserve`] on every layer.
+    pub(crate) fn reserve_all(&mut self, id: SeqId, n: usize) -> Result<usize> {
+        let mut start = 0;
+        for layer in 0..self.shape.layers {
+            start = self.reserve(id, layer, n)?;
+        }
+        Ok(start)
+    }
+
+    /// The pieces of a sequence's cache, the same on every layer: per shared block (oldest
+    /// first) an identity that every sequence holding that block sees, and its length in
+    /// positions. The private tail follows them as piece `blocks.len()` (see [`Self::piece`]).
+    pub(crate) fn blocks(&self, id: SeqId) -> Result<Vec<(usize, usize)>> {
+        self.get(id)?
+            .blocks
+            .iter()
+            .map(|b| {
+                let len = b.layers.first().map_or(Ok(0), |p| p.k.dim(1))?;
+                Ok((Arc::as_ptr(b) as usize, len))
+            })
+            .collect()
+    }
+
+    /// Keys and values of piece `piece` of a sequence's cache on `layer`: one of its shared
+    /// blocks, or (`piece == blocks`) its whole tail buffers, whose leading positions are in use.
+    pub(crate) fn piece(
+        &self,
+        id: SeqId,
+        layer: usize,
+        piece: usize,
+    ) -> Result<(&Tensor, &Tensor)> {
+        let seq = self.get(id)?;
+        if let Some(b) = seq.blocks.get(piece) {
+            let p = b
+                .layers
+                .get(layer)
+                .ok_or_else(|| Error::invalid(format!("no cache layer {layer}")))?;
+            return Ok((&p.k, &p.v));
+        }
+        if piece > seq.blocks.len() {
+            return Err(Error::invalid(format!("no cache piece {piece}")));
+        }
+        match (seq.tail.k.get(layer), seq.tail.v.get(layer)) {
+            (Some(Some(k)), Some(Some(v))) => Ok((k, v)),
+            _ => Err(Error::invalid("the cache's tail has no room reserved")),
+        }
+    }
+
     /// Commits `n` positions written by `append_and_view` on every layer.
     pub(crate) fn advance(&mut self, id: SeqId, n: usize) -> Result<()> {
         let seq = self.get_mut(id)?;

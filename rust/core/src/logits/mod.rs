@@ -113,21 +113,33 @@ pub fn log_normalizer(xs: &[f32]) -> (f32, f32) {
     (max, sum.ln() as f32)
 }
 
-/// Indices of the `k` largest values, best first (the smaller index first on ties), in one
-/// scan that keeps a small sorted list.
+/// Indices of the `k` largest values, best first (the smaller index first on ties; NaN is never
+/// chosen), in one scan that keeps a small sorted list. Once `k` values are held, a chunk with no
+/// value above the `k`-th is passed over after one vectorised comparison: over a vocabulary
+/// almost every chunk is.
 pub fn top_k_indices(xs: &[f32], k: usize) -> Vec<usize> {
+    const CHUNK: usize = 16;
     let mut top: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
     if k == 0 {
         return Vec::new();
     }
-    for (i, &x) in xs.iter().enumerate() {
-        if top.len() == k && x <= top[k - 1].0 {
-            continue;
+    for (c, chunk) in xs.chunks(CHUNK).enumerate() {
+        if top.len() == k {
+            let bar = top[k - 1].0;
+            // A fold, not `any`: no early exit, so it compiles to vector compares.
+            if !chunk.iter().fold(false, |hit, &x| hit | (x > bar)) {
+                continue;
+            }
         }
-        // After the equal ones already held: they have smaller indices.
-        let at = top.partition_point(|&(v, _)| v >= x);
-        top.insert(at, (x, i));
-        top.truncate(k);
+        for (j, &x) in chunk.iter().enumerate() {
+            if x.is_nan() || (top.len() == k && x <= top[k - 1].0) {
+                continue;
+            }
+            // After the equal ones already held: they have smaller indices.
+            let at = top.partition_point(|&(v, _)| v >= x);
+            top.insert(at, (x, c * CHUNK + j));
+            top.truncate(k);
+        }
     }
     top.into_iter().map(|(_, i)| i).collect()
 }
@@ -521,15 +533,28 @@ mod tests {
     #[test]
     fn top_k_scan_matches_a_full_sort() {
         let mut rng = Rng::new(4, 0);
-        for n in [1usize, 5, 300, 5000] {
-            // Coarse values, so that ties are common.
-            let xs: Vec<f32> = (0..n).map(|_| (rng.next_f32() * 50.0).floor()).collect();
+        for n in [1usize, 5, 300, 5000, 49_152] {
+            // Coarse values, so that ties are common; the larger ones drift upwards, so that
+            // later chunks keep replacing what is held.
+            let drift = if n > 5000 { 0.002 } else { 0.0 };
+            let xs: Vec<f32> = (0..n)
+                .map(|i| (rng.next_f32() * 50.0 + drift * i as f32).floor())
+                .collect();
             let mut all: Vec<usize> = (0..n).collect();
             all.sort_by(|&a, &b| xs[b].total_cmp(&xs[a]).then(a.cmp(&b)));
             for k in [1usize, 3, 16] {
                 assert_eq!(top_k_indices(&xs, k), all[..k.min(n)].to_vec());
             }
         }
+    }
+
+    #[test]
+    fn top_k_scan_passes_over_nan() {
+        let mut xs = vec![1.0f32; 300];
+        xs[7] = f32::NAN;
+        xs[200] = 3.0;
+        xs[250] = f32::NAN;
+        assert_eq!(top_k_indices(&xs, 3), vec![200, 0, 1]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::kernels::cpu::attention_few::{self, attend_few, KvHead, FEW};
 use crate::kernels::cpu::dense::{exp_in_place, narrow_f16, sum_of_squares, widen_f16};
 use crate::kernels::cpu::host_f32;
 use crate::kernels::cpu::parallel::{map_parallel, par_chunks_mut, team, DisjointOut};
-use crate::kv::{LayerParts, SeqStore};
+use crate::kv::SeqStore;
 use crate::lora::{group_by_adapter, LoraAdapter, Proj};
 
 /// Host copies of the small per-layer vectors and the RoPE tables.
@@ -104,6 +104,7 @@ pub(crate) fn forward(
     let (mut gate, mut up) = (sized(&first.mlp.gate), sized(&first.mlp.up));
     let mut act = vec![0f32; gate.len()];
     let mut down = sized(&first.mlp.down);
+    let layout = AttentionPlan::new(cfg, store, plan)?;
     for (li, layer) in model.layers.iter().enumerate() {
         rms_norm_into(&x, &host.input_norms[li], eps, &mut normed);
         project_many_into(
@@ -115,7 +116,7 @@ pub(crate) fn forward(
         )?;
         rope(&mut q, cfg.num_heads, cfg, host, &plan.positions);
         rope(&mut k, cfg.num_kv_heads, cfg, host, &plan.positions);
-        attention(cfg, li, [&q, &k, &v], store, plan, &mut attn)?;
+        attention(cfg, li, [&q, &k, &v], store, plan, &layout, &mut attn)?;
         project_many_into(
             &attn.out,
             n,
@@ -269,19 +270,124 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<TaskScratch> = std::cell::RefCell::new(TaskScratch::default());
 }
 
-/// A run of cached keys and values and the rows that read it.
-struct Run<'a> {
-    view: &'a PieceView<'a>,
-    readers: Vec<Reader>,
+/// A run of cached keys and values that one or more rows read: a shared block (read once for
+/// every row that descends from it) or one row's private tail.
+struct Run {
+    /// A row that reads it and the run's place among that row's pieces, which name it on
+    /// every layer (see [`SeqStore::piece`]).
+    row: usize,
+    piece: usize,
+    /// Positions in use.
+    len: usize,
 }
 
-struct Reader {
-    row: usize,
-    /// The run's place among the row's pieces.
-    piece: usize,
-    /// How many of the run's positions the row's first new token sees (each later token sees
-    /// one more, up to the run's length).
-    first_visible: usize,
+/// The shape of one step's attention, the same on every layer: which rows read which cache
+/// pieces, and the tasks over them. Built once per forward pass, not once per layer (with
+/// beams or tree branches a row's cache is several pieces, some shared, and walking them costs
+/// more than a small model's attention arithmetic).
+struct AttentionPlan {
+    /// Per row: where its new positions start in its tail, and how many pieces its cache is.
+    starts: Vec<usize>,
+    pieces: Vec<usize>,
+    runs: Vec<Run>,
+    queries: Vec<Query>,
+    /// Up to [`LANES`] queries of one KV head over one run: (run, KV head, queries).
+    tasks: Vec<(usize, usize, std::ops::Range<usize>)>,
+    /// Partial-softmax slots, for rows whose cache is in several pieces: query (token t, head h)
+    /// of row r has one per piece, at `slot_base[r] + ((t - off) * heads + h) * pieces + k`. A
+    /// row in one piece gets its output straight from its task.
+    slot_base: Vec<usize>,
+    slots: usize,
+}
+
+impl AttentionPlan {
+    /// Reserves room for every row's new positions on every layer (serial: it may grow a
+    /// buffer) and lays out the step's attention.
+    fn new(cfg: &ModelConfig, store: &mut SeqStore, plan: &RowPlan<'_>) -> Result<Self> {
+        let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
+        let groups = heads / kv_heads;
+        let mut starts = Vec::with_capacity(plan.rows.len());
+        for (row, &(_, n)) in plan.rows.iter().zip(&plan.spans) {
+            starts.push(store.reserve_all(row.seq, n)?);
+        }
+        let mut pieces = Vec::with_capacity(plan.rows.len());
+        let mut runs: Vec<Run> = Vec::new();
+        // Per run, the rows that read it: (row, piece, how many of the run's positions the row's
+        // first new token sees; each later token sees one more, up to the run's length).
+        let mut readers: Vec<Vec<(usize, usize, usize)>> = Vec::new();
+        let mut run_of_block: HashMap<usize, usize> = HashMap::new();
+        let mut slot_base = Vec::with_capacity(plan.rows.len());
+        let mut slots = 0;
+        for (r, (row, &(_, n))) in plan.rows.iter().zip(&plan.spans).enumerate() {
+            let blocks = store.blocks(row.seq)?;
+            let tail = (None, starts[r] + n);
+            let row_pieces = blocks
+                .iter()
+                .map(|&(id, len)| (Some(id), len))
+                .chain([tail]);
+            let count = blocks.len() + 1;
+            pieces.push(count);
+            slot_base.push(slots);
+            if count > 1 {
+                slots += n * heads * count;
+            }
+            let past = blocks.iter().map(|b| b.1).sum::<usize>() + starts[r];
+            let mut at = 0;
+            for (k, (block, len)) in row_pieces.enumerate() {
+                let mut new_run = || {
+                    runs.push(Run {
+                        row: r,
+                        piece: k,
+                        len,
+                    });
+                    readers.push(Vec::new());
+                    runs.len() - 1
+                };
+                let i = match block {
+                    Some(id) => *run_of_block.entry(id).or_insert_with(new_run),
+                    None => new_run(),
+                };
+                // Query i of the row sees positions up to `past + i` of its sequence.
+                readers[i].push((r, k, (past + 1).saturating_sub(at)));
+                at += len;
+            }
+        }
+        let mut queries: Vec<Query> = Vec::new();
+        let mut tasks = Vec::new();
+        for (ri, (run, readers)) in runs.iter().zip(&readers).enumerate() {
+            for kvh in 0..kv_heads {
+                let start = queries.len();
+                for &(row, piece, first_visible) in readers {
+                    let (off, n) = plan.spans[row];
+                    let count = pieces[row];
+                    for i in 0..n {
+                        let visible = (first_visible + i).min(run.len);
+                        for h in kvh * groups..(kvh + 1) * groups {
+                            queries.push(Query {
+                                token: off + i,
+                                head: h,
+                                visible,
+                                slot: (count > 1)
+                                    .then(|| slot_base[row] + (i * heads + h) * count + piece),
+                            });
+                        }
+                    }
+                }
+                for first in (start..queries.len()).step_by(LANES) {
+                    tasks.push((ri, kvh, first..(first + LANES).min(queries.len())));
+                }
+            }
+        }
+        Ok(Self {
+            starts,
+            pieces,
+            runs,
+            queries,
+            tasks,
+            slot_base,
+            slots,
+        })
+    }
 }
 
 /// One query vector of one attention task.
@@ -297,7 +403,6 @@ struct Query {
 /// `h * head_stride + p * head_dim` of its keys and values.
 struct PieceView<'a> {
     kv: KvValues<'a>,
-    len: usize,
     head_stride: usize,
 }
 
@@ -381,12 +486,12 @@ impl WidenedHead {
 /// Counts attention calls, to tell one call's [`WidenedHead`] from the next.
 static ATTENTION_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The first `len` positions (`None`: all of them) of a piece's `[kv_heads, capacity,
-/// head_dim]` key and value buffers on the host.
+/// The first `len` positions of a piece's `[kv_heads, capacity, head_dim]` key and value
+/// buffers on the host.
 fn piece_view<'a>(
     (k, k_layout): (&'a Storage, &Layout),
     (v, v_layout): (&'a Storage, &Layout),
-    len: Option<usize>,
+    len: usize,
 ) -> Result<PieceView<'a>> {
     let (Storage::Cpu(k), Storage::Cpu(v)) = (k, v) else {
         return Err(Error::invalid("the host forward pass needs a CPU cache"));
@@ -399,7 +504,6 @@ fn piece_view<'a>(
     if dims.len() != 3 || stride[2] != 1 || stride[1] != dims[2] {
         return Err(Error::invalid("cache piece has an unexpected layout"));
     }
-    let len = len.unwrap_or(dims[1]);
     if len == 0 || len > dims[1] {
         return Err(Error::invalid("cache view longer than its buffer"));
     }
@@ -422,7 +526,6 @@ fn piece_view<'a>(
     };
     Ok(PieceView {
         kv,
-        len,
         head_stride: stride[0],
     })
 }
@@ -475,35 +578,36 @@ impl candle_core::InplaceOp1 for WriteNewPositions<'_> {
     }
 }
 
-/// Writes each row's new keys and values into its cache and attends over the whole cache.
-/// `q` is `[tokens, heads * hd]`, `k`/`v` are `[tokens, kv_heads * hd]`; returns
-/// `[tokens, heads * hd]`.
+/// Writes each row's new keys and values into its cache and attends over the whole cache, as
+/// laid out by `layout`. `q` is `[tokens, heads * hd]`, `k`/`v` are `[tokens, kv_heads * hd]`;
+/// writes `[tokens, heads * hd]` into `buffers.out`.
 fn attention(
     cfg: &ModelConfig,
     layer: usize,
     [q, k, v]: [&[f32]; 3],
-    store: &mut SeqStore,
+    store: &SeqStore,
     plan: &RowPlan<'_>,
+    layout: &AttentionPlan,
     buffers: &mut AttentionBuffers,
 ) -> Result<()> {
     let hd = cfg.head_dim;
-    let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
-    // Room for each row's new positions first (serial: it may grow a buffer), then every row's
-    // keys and values written into its cache on the team. The cache is read in place: no
-    // tensor is made per row and layer.
-    let mut starts = Vec::with_capacity(plan.rows.len());
-    for (row, &(_, n)) in plan.rows.iter().zip(&plan.spans) {
-        starts.push(store.reserve(row.seq, layer, n)?);
-    }
-    let store = &*store;
-    let parts: Vec<LayerParts<'_>> = plan
-        .rows
-        .iter()
-        .map(|row| store.layer_parts(row.seq, layer))
-        .collect::<Result<_>>()?;
+    let heads = cfg.num_heads;
+    let AttentionPlan {
+        starts,
+        pieces,
+        runs,
+        queries,
+        tasks,
+        slot_base,
+        slots,
+    } = layout;
+    let slots = *slots;
+    // Every row's keys and values written into its cache (on the team for wide batches); the
+    // cache is then read in place: no tensor is made per row and layer.
     let write = |r: usize| -> Result<()> {
         let (first_token, n) = plan.spans[r];
-        for (buffer, src) in [(parts[r].tail_k, k), (parts[r].tail_v, v)] {
+        let (tail_k, tail_v) = store.piece(plan.rows[r].seq, layer, pieces[r] - 1)?;
+        for (buffer, src) in [(tail_k, k), (tail_v, v)] {
             buffer.inplace_op1(&WriteNewPositions {
                 src,
                 first_token,
@@ -521,98 +625,19 @@ fn attention(
     } else {
         (0..plan.rows.len()).try_for_each(write)?;
     }
-    // Per row: its blocks' keys and values, then its tail's, each with the positions in use.
-    let guards: Vec<Vec<_>> = parts
+    // Each run's keys and values on this layer, with the positions in use.
+    let guards = runs
         .iter()
-        .zip(&starts)
-        .zip(&plan.spans)
-        .map(|((p, &start), &(_, n))| {
-            let mut g: Vec<_> = p
-                .blocks
-                .iter()
-                .map(|b| (b.k.storage_and_layout(), b.v.storage_and_layout(), None))
-                .collect();
-            g.push((
-                p.tail_k.storage_and_layout(),
-                p.tail_v.storage_and_layout(),
-                Some(start + n),
-            ));
-            g
+        .map(|run| {
+            let (k, v) = store.piece(plan.rows[run.row].seq, layer, run.piece)?;
+            Ok((k.storage_and_layout(), v.storage_and_layout(), run.len))
         })
-        .collect();
-    let views: Vec<Vec<PieceView<'_>>> = guards
+        .collect::<Result<Vec<_>>>()?;
+    let views = guards
         .iter()
-        .map(|gs| {
-            gs.iter()
-                .map(|(gk, gv, len)| piece_view((&gk.0, gk.1), (&gv.0, gv.1), *len))
-                .collect::<Result<Vec<_>>>()
-        })
-        .collect::<Result<_>>()?;
-
-    let groups = heads / kv_heads;
+        .map(|(gk, gv, len)| piece_view((&gk.0, gk.1), (&gv.0, gv.1), *len))
+        .collect::<Result<Vec<_>>>()?;
     let scale = 1.0 / (hd as f32).sqrt();
-    // Runs of keys by identity: a block that forked rows share appears once, with every row
-    // that reads it.
-    let mut runs: Vec<Run<'_>> = Vec::new();
-    let mut run_of: HashMap<(usize, usize), usize> = HashMap::new();
-    // Partial-softmax slots, for rows whose cache is in several pieces: query (token t, head h)
-    // of row r has one per piece, at `slot_base[r] + ((t - off) * heads + h) * pieces + k`. A row
-    // in one piece gets its output straight from its task.
-    let mut slot_base = Vec::with_capacity(plan.rows.len());
-    let mut slots = 0;
-    for (r, (row_views, &(_, n))) in views.iter().zip(&plan.spans).enumerate() {
-        slot_base.push(slots);
-        if row_views.len() > 1 {
-            slots += n * heads * row_views.len();
-        }
-        let past = row_views.iter().map(|p| p.len).sum::<usize>() - n;
-        let mut at = 0;
-        for (k, p) in row_views.iter().enumerate() {
-            let key = (p.kv_addr(), p.len);
-            let i = *run_of.entry(key).or_insert_with(|| {
-                runs.push(Run {
-                    view: p,
-                    readers: Vec::new(),
-                });
-                runs.len() - 1
-            });
-            runs[i].readers.push(Reader {
-                row: r,
-                piece: k,
-                // Query i of the row sees positions up to `past + i` of its sequence.
-                first_visible: (past + 1).saturating_sub(at),
-            });
-            at += p.len;
-        }
-    }
-    // Tasks: up to LANES queries of one KV head over one run.
-    let mut queries: Vec<Query> = Vec::new();
-    let mut tasks: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
-    for (ri, run) in runs.iter().enumerate() {
-        for kvh in 0..kv_heads {
-            let start = queries.len();
-            for reader in &run.readers {
-                let (off, n) = plan.spans[reader.row];
-                let pieces = views[reader.row].len();
-                for i in 0..n {
-                    let visible = (reader.first_visible + i).min(run.view.len);
-                    for h in kvh * groups..(kvh + 1) * groups {
-                        queries.push(Query {
-                            token: off + i,
-                            head: h,
-                            visible,
-                            slot: (pieces > 1).then(|| {
-                                slot_base[reader.row] + (i * heads + h) * pieces + reader.piece
-                            }),
-                        });
-                    }
-                }
-            }
-            for first in (start..queries.len()).step_by(LANES) {
-                tasks.push((ri, kvh, first..(first + LANES).min(queries.len())));
-            }
-        }
-    }
     let stride = PARTIAL_HEADER + hd;
     // Every slot and every query's output below is written by exactly one task before anything
     // reads it, so neither buffer is cleared first.
@@ -630,8 +655,7 @@ fn attention(
     let few_kernel = attention_few::available(hd);
     team().run(tasks.len(), &|task| {
         let (ri, kvh, ref range) = tasks[task];
-        let run = &runs[ri];
-        let p = run.view;
+        let p = &views[ri];
         let mine = &queries[range.clone()];
         SCRATCH.with_borrow_mut(|scratch| {
             let TaskScratch {
@@ -710,13 +734,11 @@ fn attention(
         });
     });
 
-    let several: Vec<usize> = (0..plan.rows.len())
-        .filter(|&r| views[r].len() > 1)
-        .collect();
+    let several: Vec<usize> = (0..plan.rows.len()).filter(|&r| pieces[r] > 1).collect();
     team().run(several.len(), &|task| {
         let r = several[task];
         let (off, n) = plan.spans[r];
-        let pieces = views[r].len();
+        let pieces = pieces[r];
         let mut merged = vec![0f32; hd];
         for i in 0..n {
             for h in 0..heads {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::branch::Head;
 use super::{Advance, Candidate, FinishReason, RowOutput, Strategy, TextDelta};
 use crate::error::{Error, Result};
+use crate::kernels::cpu::parallel::map_parallel;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{self, ColdParams};
 use crate::lora::LoraAdapter;
@@ -170,24 +171,30 @@ impl BeamSearch {
         let g = &self.groups[gi];
         let prompt_len = g.prompt.len();
         let generated = g.running.first().map_or(0, |b| b.tokens.len()) + 1;
-        let mut cands: Vec<Cand> = Vec::with_capacity(keep * rows.len());
-        for (bi, (expert, base)) in rows.iter().enumerate() {
-            if !logits::all_finite(expert) || !base.as_deref().is_none_or(logits::all_finite) {
-                return Err(Error::NonFiniteLogits {
-                    row: gi,
-                    step: self.step,
-                });
+        // Each beam's best `keep` tokens as (token, log-probability under the scores, the
+        // expert's own log-probability); beams on the team: a row is four scans of the
+        // vocabulary, which otherwise leave the other threads idle between forward passes.
+        let step = self.step;
+        let best = map_parallel(rows, |(expert, base)| -> Result<Vec<(usize, f32, f32)>> {
+            if !logits::all_finite(&expert) || !base.as_deref().is_none_or(logits::all_finite) {
+                return Err(Error::NonFiniteLogits { row: gi, step });
             }
-            let (scores, max, ln_sum) = self.token_scores(expert, base.as_deref());
+            let (scores, max, ln_sum) = self.token_scores(&expert, base.as_deref());
             // Under CoLD the reported log-probabilities are still the expert's own.
             let (e_max, e_ln_sum) = match p.cold {
-                Some(_) => logits::log_normalizer(expert),
+                Some(_) => logits::log_normalizer(&expert),
                 None => (max, ln_sum),
             };
-            let beam_score = g.running[bi].score;
-            for t in logits::top_k_indices(&scores, keep) {
+            Ok(logits::top_k_indices(&scores, keep)
+                .into_iter()
                 // As torch's log_softmax rounds it: (x - max) - ln_sum.
-                let lp_t = scores[t] - max - ln_sum;
+                .map(|t| (t, scores[t] - max - ln_sum, expert[t] - e_max - e_ln_sum))
+                .collect())
+        });
+        let mut cands: Vec<Cand> = Vec::with_capacity(keep * best.len());
+        for (bi, tokens) in best.into_iter().enumerate() {
+            let beam_score = g.running[bi].score;
+            for (t, lp_t, logprob) in tokens? {
                 let hit = if self.eos.contains(&(t as u32)) {
                     Some(FinishReason::Eos)
                 } else if generated >= self.max_new_tokens {
@@ -197,7 +204,6 @@ impl BeamSearch {
                 } else {
                     None
                 };
-                let logprob = expert[t] - e_max - e_ln_sum;
                 cands.push(Cand {
                     score: lp_t + beam_score,
                     beam: bi,
