@@ -19,7 +19,7 @@ use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
 use crate::kernels::cpu::attention_few::{self, attend_few, KvHead, FEW};
-use crate::kernels::cpu::dense::{exp_in_place, narrow_f16, sum_of_squares, widen_f16};
+use crate::kernels::cpu::dense::{narrow_f16, silu_mul, sum_of_squares, widen_f16};
 use crate::kernels::cpu::host_f32;
 use crate::kernels::cpu::parallel::{map_parallel, par_chunks_mut, team, DisjointOut};
 use crate::kv::SeqStore;
@@ -187,13 +187,7 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 fn silu_mul_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
     par_chunks_mut(out, ELEMENTWISE_CHUNK, PARALLEL_MIN, |c, e| {
         let at = c * ELEMENTWISE_CHUNK;
-        for (e, g) in e.iter_mut().zip(&gate[at..]) {
-            *e = -g;
-        }
-        exp_in_place(e);
-        for ((e, g), u) in e.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
-            *e = g / (1.0 + *e) * u;
-        }
+        silu_mul(&gate[at..], &up[at..], e);
     });
 }
 

@@ -153,6 +153,25 @@ pub fn exp_in_place(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = v.exp());
 }
 
+/// `out[i] = silu(gate[i]) · up[i]`, with `silu(g) = g / (1 + e^-g)` (the same arithmetic on
+/// every path, so the same bits as [`exp_in_place`] followed by the division).
+pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(gate.len() >= out.len() && up.len() >= out.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::avx512f_available() {
+        // SAFETY: the CPU has AVX-512F; both inputs are at least as long as `out`.
+        return unsafe { avx512::silu_mul(gate, up, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::avx2_available() {
+        // SAFETY: the CPU has AVX2 and FMA; both inputs are at least as long as `out`.
+        return unsafe { avx2::silu_mul(gate, up, out) };
+    }
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
 fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if super::qmatmul::avx2_available() {
@@ -261,6 +280,35 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        let one = _mm256_set1_ps(1.0);
+        let silu = |g: __m256, u: __m256| {
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u)
+        };
+        let n = out.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            let v = silu(
+                _mm256_loadu_ps(gate.as_ptr().add(i)),
+                _mm256_loadu_ps(up.as_ptr().add(i)),
+            );
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+        }
+        if n < out.len() {
+            let (mut g, mut u) = ([0f32; 8], [0f32; 8]);
+            let t = out.len() - n;
+            g[..t].copy_from_slice(&gate[n..out.len()]);
+            u[..t].copy_from_slice(&up[n..out.len()]);
+            let mut o = [0f32; 8];
+            _mm256_storeu_ps(
+                o.as_mut_ptr(),
+                silu(_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr())),
+            );
+            out[n..].copy_from_slice(&o[..t]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn weighted_row_sum(rows: &[f32], weights: &[f32], acc: &mut [f32]) {
         let cols = acc.len();
         assert!(rows.len() >= weights.len() * cols);
@@ -355,6 +403,29 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        let one = _mm512_set1_ps(1.0);
+        let silu = |g: __m512, u: __m512| {
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u)
+        };
+        let n = out.len() / 16 * 16;
+        for i in (0..n).step_by(16) {
+            let v = silu(
+                _mm512_loadu_ps(gate.as_ptr().add(i)),
+                _mm512_loadu_ps(up.as_ptr().add(i)),
+            );
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), v);
+        }
+        if n < out.len() {
+            let live = ((1u32 << (out.len() - n)) - 1) as u16;
+            let g = _mm512_maskz_loadu_ps(live, gate.as_ptr().add(n));
+            let u = _mm512_maskz_loadu_ps(live, up.as_ptr().add(n));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(n), live, silu(g, u));
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_in_place(x: &mut [f32]) {
         let mut chunks = x.chunks_exact_mut(16);
         for c in &mut chunks {
@@ -388,6 +459,44 @@ mod tests {
         widen_f16(&src, &mut dst);
         for (s, d) in src.iter().zip(&dst) {
             assert_eq!(s.to_f32().to_bits(), d.to_bits());
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_silu_in_f64_on_every_path() {
+        let gate: Vec<f32> = (0..1043)
+            .map(|i| ((i * 7919) % 2003) as f32 * 0.013 - 13.0)
+            .chain([-100.0, 100.0, 0.0, -0.0, f32::NAN])
+            .collect();
+        let up: Vec<f32> = (0..gate.len())
+            .map(|i| (i % 17) as f32 * 0.25 - 2.0)
+            .collect();
+        let check = |out: &[f32], path: &str| {
+            for ((o, &g), &u) in out.iter().zip(&gate).zip(&up) {
+                let want = (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32;
+                if g.is_nan() {
+                    assert!(o.is_nan(), "{path}");
+                } else {
+                    // Below e^-88 the exponential overflows to infinity and the product is 0.
+                    let tol = (4.0 * f32::EPSILON * want.abs()).max(1e-30);
+                    assert!(
+                        (o - want).abs() <= tol,
+                        "{path}: silu({g})·{u} = {o}, want {want}"
+                    );
+                }
+            }
+        };
+        for n in [0, 1, 7, 8, 15, 16, 17, gate.len()] {
+            let mut out = vec![0f32; n];
+            silu_mul(&gate, &up, &mut out);
+            check(&out, "dispatched");
+            #[cfg(target_arch = "x86_64")]
+            if super::super::qmatmul::avx2_available() {
+                let mut avx2_out = vec![0f32; n];
+                // SAFETY: the CPU has AVX2 and FMA; the inputs are longer than the output.
+                unsafe { avx2::silu_mul(&gate, &up, &mut avx2_out) };
+                check(&avx2_out, "avx2");
+            }
         }
     }
 
