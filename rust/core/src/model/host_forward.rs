@@ -651,6 +651,8 @@ fn attention(
         let (ri, kvh, ref range) = tasks[task];
         let p = &views[ri];
         let mine = &queries[range.clone()];
+        let need = mine.iter().map(|qy| qy.visible).max().unwrap_or(0);
+        p.head(kvh, need, hd).prefetch();
         SCRATCH.with_borrow_mut(|scratch| {
             let TaskScratch {
                 transposed,
