@@ -7,6 +7,7 @@ pub use crate::kernels::cpu::Rng;
 pub use cold::{cold_choose, cold_scores, ColdParams};
 
 use crate::error::{Error, Result};
+use crate::kernels::cpu::dense::exp_shifted_sum;
 use crate::kernels::cpu::{exp_in_place, max_value};
 
 /// How the next token is chosen from a row of logits.
@@ -100,16 +101,11 @@ pub fn log_prob(xs: &[f32], index: usize) -> f32 {
 /// `(max, ln(sum(exp(xs - max))))`: `log_softmax(xs)[i] = xs[i] - max - ln_sum`.
 pub fn log_normalizer(xs: &[f32]) -> (f32, f32) {
     let max = max_value(xs);
-    // Vectorised exp in chunks; each chunk summed in f32, the chunks in f64, so a 50k-token
-    // vocabulary loses no precision.
-    let mut buf = [0f32; 1024];
-    let mut sum = 0f64;
-    for chunk in xs.chunks(buf.len()) {
-        let part = &mut buf[..chunk.len()];
-        part.iter_mut().zip(chunk).for_each(|(b, &x)| *b = x - max);
-        exp_in_place(part);
-        sum += chunked_sum(part);
-    }
+    // Each chunk summed in f32, the chunks in f64, so a 50k-token vocabulary loses no precision.
+    let sum: f64 = xs
+        .chunks(1024)
+        .map(|chunk| f64::from(exp_shifted_sum(chunk, max)))
+        .sum();
     (max, sum.ln() as f32)
 }
 

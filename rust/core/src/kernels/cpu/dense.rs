@@ -172,6 +172,35 @@ pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `Σ e^(x - shift)` over `xs`, summed as eight interleaved partial sums (element `i` into sum
+/// `i % 8`, the sums then added in order, the last `len % 8` values summed apart and added
+/// last): the same bits as [`exp_in_place`] on the shifted values followed by that sum, in one
+/// pass without a buffer.
+pub(crate) fn exp_shifted_sum(xs: &[f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::avx512f_available() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { avx512::exp_shifted_sum(xs, shift) };
+    }
+    exp_shifted_sum_by_eights(xs, shift)
+}
+
+fn exp_shifted_sum_by_eights(xs: &[f32], shift: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    let mut buf = [0f32; 8];
+    for c in &mut chunks {
+        buf.iter_mut().zip(c).for_each(|(b, &x)| *b = x - shift);
+        exp_in_place(&mut buf);
+        lanes.iter_mut().zip(&buf).for_each(|(l, &e)| *l += e);
+    }
+    let rest = chunks.remainder();
+    let mut tail = buf[..rest.len()].to_vec();
+    tail.iter_mut().zip(rest).for_each(|(t, &x)| *t = x - shift);
+    exp_in_place(&mut tail);
+    lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
 fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if super::qmatmul::avx2_available() {
@@ -403,6 +432,40 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted_sum(xs: &[f32], shift: f32) -> f32 {
+        let s = _mm512_set1_ps(shift);
+        let high = |e: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+        let mut acc = _mm256_setzero_ps();
+        let n = xs.len() / 16 * 16;
+        for i in (0..n).step_by(16) {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(xs.as_ptr().add(i)), s));
+            acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+            acc = _mm256_add_ps(acc, high(e));
+        }
+        let rest = xs.len() - n;
+        let mut tail = 0f32;
+        if rest > 0 {
+            let live = ((1u32 << rest) - 1) as u16;
+            let e = exp16(_mm512_sub_ps(
+                _mm512_maskz_loadu_ps(live, xs.as_ptr().add(n)),
+                s,
+            ));
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), e);
+            let from = if rest >= 8 {
+                acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+                8
+            } else {
+                0
+            };
+            tail = lanes[from..rest].iter().sum();
+        }
+        let mut sums = [0f32; 8];
+        _mm256_storeu_ps(sums.as_mut_ptr(), acc);
+        sums.iter().sum::<f32>() + tail
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
         let one = _mm512_set1_ps(1.0);
         let silu = |g: __m512, u: __m512| {
@@ -497,6 +560,28 @@ mod tests {
                 unsafe { avx2::silu_mul(&gate, &up, &mut avx2_out) };
                 check(&avx2_out, "avx2");
             }
+        }
+    }
+
+    #[test]
+    fn exp_shifted_sum_is_exp_then_eight_lane_sum() {
+        let xs: Vec<f32> = (0..1024)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.03 - 20.0)
+            .collect();
+        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 24, 31, 1000, 1024] {
+            let mut e: Vec<f32> = xs[..n].iter().map(|&x| x - 3.5).collect();
+            exp_in_place(&mut e);
+            let mut lanes = [0f32; 8];
+            let mut it = e.chunks_exact(8);
+            for c in &mut it {
+                lanes.iter_mut().zip(c).for_each(|(l, &v)| *l += v);
+            }
+            let want = lanes.iter().sum::<f32>() + it.remainder().iter().sum::<f32>();
+            assert_eq!(
+                exp_shifted_sum(&xs[..n], 3.5).to_bits(),
+                want.to_bits(),
+                "{n}"
+            );
         }
     }
 
