@@ -118,21 +118,16 @@ impl SeqStore {
     /// would make attention walk hundreds of pieces per row.
     pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
         let mut child_tail = self.empty_tail();
+        let (shape, device) = (self.shape, self.device.clone());
         let seq = self.get_mut(parent)?;
         if seq.tail.len > 0 && seq.tail.len < FORK_COPY_LIMIT {
             let n = seq.tail.len;
-            let copy = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
-                let t = t
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid("tail buffer missing for a non-empty tail"))?;
-                let (heads, _, hd) = t.dims3()?;
-                let buf = tail_buffer((heads, MIN_TAIL_CAPACITY, hd), t.dtype(), t.device())?;
-                buf.slice_set(&t.narrow(1, 0, n)?.contiguous()?, 1, 0)?;
-                Ok(Some(buf))
-            };
-            for layer in 0..seq.tail.k.len() {
-                child_tail.k[layer] = copy(&seq.tail.k[layer])?;
-                child_tail.v[layer] = copy(&seq.tail.v[layer])?;
+            let (ks, vs) = layer_buffers(shape, MIN_TAIL_CAPACITY, &device)?;
+            for (layer, (k, v)) in ks.into_iter().zip(vs).enumerate() {
+                copy_positions(&seq.tail.k[layer], &k, n)?;
+                copy_positions(&seq.tail.v[layer], &v, n)?;
+                child_tail.k[layer] = Some(k);
+                child_tail.v[layer] = Some(v);
             }
             child_tail.len = n;
         } else if seq.tail.len > 0 {
@@ -292,10 +287,27 @@ impl SeqStore {
     }
 
     /// [`Self::reserve`] on every layer.
+    /// Growing every layer at once takes one buffer for all of them (a fork would otherwise
+    /// allocate and later free one per layer for keys and another for values).
     pub(crate) fn reserve_all(&mut self, id: SeqId, n: usize) -> Result<usize> {
-        let mut start = 0;
-        for layer in 0..self.shape.layers {
-            start = self.reserve(id, layer, n)?;
+        let (shape, device) = (self.shape, self.device.clone());
+        let seq = self.get_mut(id)?;
+        let start = seq.tail.len;
+        let needed = start + n;
+        let capacity = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), |t| t.dim(1));
+        let mut least = usize::MAX;
+        for t in seq.tail.k.iter().chain(&seq.tail.v) {
+            least = least.min(capacity(t)?);
+        }
+        if least < needed {
+            let new_cap = needed.max(2 * least).max(MIN_TAIL_CAPACITY);
+            let (ks, vs) = layer_buffers(shape, new_cap, &device)?;
+            for (layer, (k, v)) in ks.into_iter().zip(vs).enumerate() {
+                copy_positions(&seq.tail.k[layer], &k, start)?;
+                copy_positions(&seq.tail.v[layer], &v, start)?;
+                seq.tail.k[layer] = Some(k);
+                seq.tail.v[layer] = Some(v);
+            }
         }
         Ok(start)
     }
@@ -352,9 +364,40 @@ impl SeqStore {
 /// and values, or a copy) before anything reads it, and reads never go past the positions in
 /// use. Zeroing the ~25 kB of each layer's keys and values cost a beam search ~1% of its time,
 /// as every step forks a beam's tail into new buffers.
-fn tail_buffer(shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+fn tail_buffer<S: Into<candle_core::Shape>>(
+    shape: S,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     // SAFETY: see above; the cache holds plain floats, valid for any bits once written.
     Ok(unsafe { Tensor::empty(shape, dtype, device)? })
+}
+
+/// Per layer, a `[kv_heads, capacity, head_dim]` key buffer and a value buffer, all views of
+/// one allocation for the keys and one for the values.
+fn layer_buffers(
+    shape: KvShape,
+    capacity: usize,
+    device: &Device,
+) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let dims = (shape.layers, shape.kv_heads, capacity, shape.head_dim);
+    let views = || -> Result<Vec<Tensor>> {
+        let all = tail_buffer(dims, shape.dtype, device)?;
+        (0..shape.layers).map(|l| Ok(all.get(l)?)).collect()
+    };
+    Ok((views()?, views()?))
+}
+
+/// Copies the first `n` positions of every head of `from` (a tail buffer) into `to`.
+fn copy_positions(from: &Option<Tensor>, to: &Tensor, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let from = from
+        .as_ref()
+        .ok_or_else(|| Error::invalid("tail buffer missing for a non-empty tail"))?;
+    to.slice_set(&from.narrow(1, 0, n)?.contiguous()?, 1, 0)?;
+    Ok(())
 }
 
 #[cfg(test)]
