@@ -410,11 +410,15 @@ fn batched_rows_with_forks_and_adapters_equal_rows_alone() {
     eng.load_adapter(adapter.path(), "a").unwrap();
     for kv in [DType::F32, DType::F16] {
         eng.set_kv_dtype(kv).unwrap();
-        batched_rows_equal_rows_alone(&eng, kv);
+        // Several tokens per row, then one (a decode step: up to eight rows, attention takes
+        // each row's pieces in one task; above, one task per shared run).
+        for one_token in [false, true] {
+            batched_rows_equal_rows_alone(&eng, kv, one_token);
+        }
     }
 }
 
-fn batched_rows_equal_rows_alone(eng: &Engine, kv: DType) {
+fn batched_rows_equal_rows_alone(eng: &Engine, kv: DType, one_token: bool) {
     let lora = eng.adapter("a").unwrap();
     let lora_for = |name: Option<&str>| name.map(|_| &*lora);
     let prefix: Vec<u32> = (40..70).collect();
@@ -434,9 +438,8 @@ fn batched_rows_equal_rows_alone(eng: &Engine, kv: DType) {
         let mut plan: Vec<PlannedRow<'_>> = Vec::new();
         for i in 0..batch {
             let adapter = (i % 2 == 1).then_some("a");
-            let fed: Vec<u32> = (0..1 + (i * 7) % 5)
-                .map(|t| (i * 13 + t * 3) as u32 % 300)
-                .collect();
+            let count = if one_token { 1 } else { 1 + (i * 7) % 5 };
+            let fed: Vec<u32> = (0..count).map(|t| (i * 13 + t * 3) as u32 % 300).collect();
             if i % 3 == 2 {
                 // A fresh prompt of its own length.
                 let seq = store.create();
@@ -462,7 +465,7 @@ fn batched_rows_equal_rows_alone(eng: &Engine, kv: DType) {
             let err = max_abs_diff(&got, want) / scale;
             assert!(
                 err < 1e-4,
-                "{kv:?} cache, batch {batch} row {i}: relative error {err}"
+                "{kv:?} cache, batch {batch} row {i} (one token: {one_token}): relative error {err}"
             );
         }
     }

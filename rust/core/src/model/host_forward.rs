@@ -292,7 +292,16 @@ struct AttentionPlan {
     /// row in one piece gets its output straight from its task.
     slot_base: Vec<usize>,
     slots: usize,
+    /// Per-row mode (see [`PER_ROW_MAX_ROWS`]): a task is `(row, KV head, queries)` and walks
+    /// the row's pieces, `(run, first position)` each, merging their partials itself.
+    row_pieces: Option<Vec<Vec<(usize, usize)>>>,
 }
+
+/// Up to this many rows, each decoding a token whose queries fit the few-query kernel, a task
+/// takes one row's queries of one KV head over every piece of its cache and merges the partial
+/// softmaxes itself: a few beams or branches share short blocks, and a task per shared run plus
+/// a second region to merge cost more than reading those blocks once per row (from the cache).
+const PER_ROW_MAX_ROWS: usize = 8;
 
 impl AttentionPlan {
     /// Reserves room for every row's new positions on every layer (serial: it may grow a
@@ -307,8 +316,9 @@ impl AttentionPlan {
         let mut pieces = Vec::with_capacity(plan.rows.len());
         let mut runs: Vec<Run> = Vec::new();
         // Per run, the rows that read it: (row, piece, how many of the run's positions the row's
-        // first new token sees; each later token sees one more, up to the run's length).
-        let mut readers: Vec<Vec<(usize, usize, usize)>> = Vec::new();
+        // first new token sees (each later token sees one more, up to the run's length), where
+        // the run starts in the row's sequence).
+        let mut readers: Vec<Vec<(usize, usize, usize, usize)>> = Vec::new();
         let mut run_of_block: HashMap<usize, usize> = HashMap::new();
         let mut slot_base = Vec::with_capacity(plan.rows.len());
         let mut slots = 0;
@@ -342,16 +352,68 @@ impl AttentionPlan {
                     None => new_run(),
                 };
                 // Query i of the row sees positions up to `past + i` of its sequence.
-                readers[i].push((r, k, (past + 1).saturating_sub(at)));
+                readers[i].push((r, k, (past + 1).saturating_sub(at), at));
                 at += len;
             }
+        }
+        let per_row = plan.rows.len() <= PER_ROW_MAX_ROWS
+            && attention_few::available(cfg.head_dim)
+            && plan.spans.iter().all(|&(_, n)| n * groups <= FEW);
+        if per_row {
+            let mut by_piece: Vec<Vec<(usize, usize, usize)>> =
+                pieces.iter().map(|&c| Vec::with_capacity(c)).collect();
+            for (ri, readers) in readers.iter().enumerate() {
+                for &(row, piece, _, at) in readers {
+                    by_piece[row].push((piece, ri, at));
+                }
+            }
+            let row_pieces: Vec<Vec<(usize, usize)>> = by_piece
+                .into_iter()
+                .map(|mut v| {
+                    v.sort_unstable();
+                    v.into_iter().map(|(_, ri, at)| (ri, at)).collect()
+                })
+                .collect();
+            let mut queries: Vec<Query> = Vec::new();
+            let mut tasks = Vec::new();
+            for (row, &(off, n)) in plan.spans.iter().enumerate() {
+                let past = row_pieces[row]
+                    .last()
+                    .map_or(0, |&(ri, at)| at + runs[ri].len)
+                    - n;
+                for kvh in 0..kv_heads {
+                    let start = queries.len();
+                    for i in 0..n {
+                        for h in kvh * groups..(kvh + 1) * groups {
+                            queries.push(Query {
+                                token: off + i,
+                                head: h,
+                                // Positions of the whole sequence it sees.
+                                visible: past + 1 + i,
+                                slot: None,
+                            });
+                        }
+                    }
+                    tasks.push((row, kvh, start..queries.len()));
+                }
+            }
+            return Ok(Self {
+                starts,
+                pieces,
+                runs,
+                queries,
+                tasks,
+                slot_base: Vec::new(),
+                slots: 0,
+                row_pieces: Some(row_pieces),
+            });
         }
         let mut queries: Vec<Query> = Vec::new();
         let mut tasks = Vec::new();
         for (ri, (run, readers)) in runs.iter().zip(&readers).enumerate() {
             for kvh in 0..kv_heads {
                 let start = queries.len();
-                for &(row, piece, first_visible) in readers {
+                for &(row, piece, first_visible, _) in readers {
                     let (off, n) = plan.spans[row];
                     let count = pieces[row];
                     for i in 0..n {
@@ -380,6 +442,7 @@ impl AttentionPlan {
             tasks,
             slot_base,
             slots,
+            row_pieces: None,
         })
     }
 }
@@ -596,6 +659,7 @@ fn attention(
         tasks,
         slot_base,
         slots,
+        row_pieces,
     } = layout;
     let slots = *slots;
     // Every row's keys and values written into its cache (on the team for wide batches); the
@@ -651,8 +715,53 @@ fn attention(
     let few_kernel = attention_few::available(hd);
     team().run(tasks.len(), &|task| {
         let (ri, kvh, ref range) = tasks[task];
-        let p = &views[ri];
         let mine = &queries[range.clone()];
+        if let Some(row_pieces) = row_pieces {
+            // Task `ri` is a row: every piece of its cache, then the merge.
+            let pieces = &row_pieces[ri];
+            let n = mine.len();
+            let mut qs: [&[f32]; FEW] = [&[]; FEW];
+            for (q_ref, qy) in qs.iter_mut().zip(mine) {
+                *q_ref = &q[qy.token * heads * hd + qy.head * hd..][..hd];
+            }
+            let kvs: Vec<(KvHead<'_>, [usize; FEW])> = pieces
+                .iter()
+                .map(|&(run, at)| {
+                    let mut visible = [0usize; FEW];
+                    for (seen, qy) in visible.iter_mut().zip(mine) {
+                        *seen = qy.visible.saturating_sub(at).min(runs[run].len);
+                    }
+                    let need = visible[..n].iter().copied().max().unwrap_or(0);
+                    let kv = views[run].head(kvh, need, hd);
+                    kv.prefetch();
+                    (kv, visible)
+                })
+                .collect();
+            SCRATCH.with_borrow_mut(|scratch| {
+                let TaskScratch {
+                    outs,
+                    scores,
+                    merged,
+                    ..
+                } = scratch;
+                outs.resize(pieces.len() * n * stride, 0.0);
+                for ((kv, visible), outs) in kvs.iter().zip(outs.chunks_exact_mut(n * stride)) {
+                    attend_few(&qs[..n], &visible[..n], *kv, hd, scale, scores, outs);
+                }
+                merged.resize(hd, 0.0);
+                for (j, qy) in mine.iter().enumerate() {
+                    let parts = (0..pieces.len()).map(|k| {
+                        let at = (k * n + j) * stride;
+                        &outs[at..at + stride]
+                    });
+                    merge_partials(parts, merged);
+                    // SAFETY: each query of the step is in exactly one task.
+                    unsafe { writer.set_slice(qy.token * heads * hd + qy.head * hd, merged) };
+                }
+            });
+            return;
+        }
+        let p = &views[ri];
         let need = mine.iter().map(|qy| qy.visible).max().unwrap_or(0);
         p.head(kvh, need, hd).prefetch();
         SCRATCH.with_borrow_mut(|scratch| {
@@ -732,7 +841,9 @@ fn attention(
         });
     });
 
-    let several: Vec<usize> = (0..plan.rows.len()).filter(|&r| pieces[r] > 1).collect();
+    let several: Vec<usize> = (0..plan.rows.len())
+        .filter(|&r| row_pieces.is_none() && pieces[r] > 1)
+        .collect();
     team().run(several.len(), &|task| {
         let r = several[task];
         let (off, n) = plan.spans[r];
