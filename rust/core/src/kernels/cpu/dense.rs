@@ -201,6 +201,26 @@ fn exp_shifted_sum_by_eights(xs: &[f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
+/// Whether any value is NaN or +inf (-inf is a masked logit, not an error).
+pub(crate) fn any_nan_or_pos_inf(xs: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::avx512f_available() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { avx512::any_nan_or_pos_inf(xs) };
+    }
+    any_nan_or_pos_inf_portable(xs)
+}
+
+fn any_nan_or_pos_inf_portable(xs: &[f32]) -> bool {
+    // Without an early exit inside a chunk, so that the compiler vectorises the test.
+    xs.chunks(1024).any(|chunk| {
+        chunk.iter().fold(false, |bad, x| {
+            let nan = (x.to_bits() & 0x7fff_ffff) > 0x7f80_0000;
+            bad | nan | (x.to_bits() == 0x7f80_0000)
+        })
+    })
+}
+
 fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if super::qmatmul::avx2_available() {
@@ -466,6 +486,26 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub unsafe fn any_nan_or_pos_inf(xs: &[f32]) -> bool {
+        let inf = _mm512_set1_ps(f32::INFINITY);
+        let bad = |v: __m512| {
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v) | _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, inf)
+        };
+        let n = xs.len() / 16 * 16;
+        for chunk in (0..n).step_by(1024) {
+            let mut found = 0u16;
+            for i in (chunk..(chunk + 1024).min(n)).step_by(16) {
+                found |= bad(_mm512_loadu_ps(xs.as_ptr().add(i)));
+            }
+            if found != 0 {
+                return true;
+            }
+        }
+        let live = ((1u32 << (xs.len() - n)) - 1) as u16;
+        bad(_mm512_maskz_loadu_ps(live, xs.as_ptr().add(n))) & live != 0
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
         let one = _mm512_set1_ps(1.0);
         let silu = |g: __m512, u: __m512| {
@@ -582,6 +622,30 @@ mod tests {
                 want.to_bits(),
                 "{n}"
             );
+        }
+    }
+
+    #[test]
+    fn nan_and_positive_infinity_are_found_anywhere() {
+        for n in [0usize, 1, 15, 16, 17, 1023, 1024, 1025, 49_152] {
+            let mut xs: Vec<f32> = (0..n).map(|i| (i % 97) as f32 - 50.0).collect();
+            if n > 0 {
+                xs[n / 3] = f32::NEG_INFINITY;
+            }
+            assert!(!any_nan_or_pos_inf(&xs), "{n}");
+            assert!(!any_nan_or_pos_inf_portable(&xs), "{n}");
+            for at in [0, n / 2, n.saturating_sub(1)] {
+                for bad in [f32::NAN, f32::INFINITY, -f32::NAN] {
+                    if n == 0 {
+                        continue;
+                    }
+                    let keep = xs[at];
+                    xs[at] = bad;
+                    assert!(any_nan_or_pos_inf(&xs), "{n} at {at}: {bad}");
+                    assert!(any_nan_or_pos_inf_portable(&xs), "{n} at {at}: {bad}");
+                    xs[at] = keep;
+                }
+            }
         }
     }
 
