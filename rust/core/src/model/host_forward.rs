@@ -322,6 +322,8 @@ impl AttentionPlan {
         let mut run_of_block: HashMap<usize, usize> = HashMap::new();
         let mut slot_base = Vec::with_capacity(plan.rows.len());
         let mut slots = 0;
+        // Per row: positions cached before this step.
+        let mut pasts = Vec::with_capacity(plan.rows.len());
         for (r, (row, &(_, n))) in plan.rows.iter().zip(&plan.spans).enumerate() {
             let blocks = store.blocks(row.seq)?;
             let tail = (None, starts[r] + n);
@@ -336,6 +338,7 @@ impl AttentionPlan {
                 slots += n * heads * count;
             }
             let past = blocks.iter().map(|b| b.1).sum::<usize>() + starts[r];
+            pasts.push(past);
             let mut at = 0;
             for (k, (block, len)) in row_pieces.enumerate() {
                 let mut new_run = || {
@@ -376,11 +379,7 @@ impl AttentionPlan {
                 .collect();
             let mut queries: Vec<Query> = Vec::new();
             let mut tasks = Vec::new();
-            for (row, &(off, n)) in plan.spans.iter().enumerate() {
-                let past = row_pieces[row]
-                    .last()
-                    .map_or(0, |&(ri, at)| at + runs[ri].len)
-                    - n;
+            for (row, (&(off, n), &past)) in plan.spans.iter().zip(&pasts).enumerate() {
                 for kvh in 0..kv_heads {
                     let start = queries.len();
                     for i in 0..n {
