@@ -60,7 +60,7 @@ fn write_llama(dir: &Path, dims: Dims) {
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": INTER,
         "num_hidden_layers": LAYERS, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "tie_word_embeddings": true
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -217,8 +217,10 @@ fn invalid_requests_are_errors_not_panics() {
     assert!(eng
         .generate(vec![vec![]], &GenerateOptions::default())
         .is_err());
+    // A prompt longer than the context (512 positions).
+    let too_long: Vec<u32> = (0..600).map(|i| i % VOCAB as u32).collect();
     assert!(eng
-        .generate(vec![(0..300).collect()], &GenerateOptions::default())
+        .generate(vec![too_long], &GenerateOptions::default())
         .is_err());
     assert!(eng.logits(&[VOCAB as u32]).is_err());
 }
@@ -394,7 +396,8 @@ type PlannedRow<'a> = (u64, Vec<u32>, Vec<u32>, Option<&'a str>);
 /// Rows of one forward pass (fresh prompts of different lengths, forks of a shared prefix fed one
 /// or several tokens, with and without an adapter) give the logits each row gives alone, from a
 /// fresh recompute of its whole sequence, at batch sizes 1, 3, 8 and 17; head size 64, so that
-/// attention runs its vector paths, in tiles shared between the forks.
+/// attention runs its vector paths, in tiles shared between the forks or (one-token rows that
+/// share little) one task per row.
 #[test]
 fn batched_rows_with_forks_and_adapters_equal_rows_alone() {
     let dims = Dims {
@@ -421,7 +424,10 @@ fn batched_rows_with_forks_and_adapters_equal_rows_alone() {
 fn batched_rows_equal_rows_alone(eng: &Engine, kv: DType, one_token: bool) {
     let lora = eng.adapter("a").unwrap();
     let lora_for = |name: Option<&str>| name.map(|_| &*lora);
-    let prefix: Vec<u32> = (40..70).collect();
+    // Long enough that at 17 one-token rows the forks would read the prefix again ~4,000 times
+    // per KV head, past the per-row layout's limit (3,000): attention then runs one task per
+    // shared run; at 1, 3 and 8 rows it runs one task per row.
+    let prefix: Vec<u32> = (0..400).map(|i| 40 + (i * 7) % 250).collect();
     for batch in [1usize, 3, 8, 17] {
         let mut store = eng.new_store();
         // One prefilled parent per adapter choice: a fork continues with its parent's adapter.

@@ -292,16 +292,21 @@ struct AttentionPlan {
     /// row in one piece gets its output straight from its task.
     slot_base: Vec<usize>,
     slots: usize,
-    /// Per-row mode (see [`PER_ROW_MAX_ROWS`]): a task is `(row, KV head, queries)` and walks
+    /// Per-row mode (see [`PER_ROW_MAX_REREAD`]): a task is `(row, KV head, queries)` and walks
     /// the row's pieces, `(run, first position)` each, merging their partials itself.
     row_pieces: Option<Vec<Vec<(usize, usize)>>>,
 }
 
-/// Up to this many rows, each decoding a token whose queries fit the few-query kernel, a task
-/// takes one row's queries of one KV head over every piece of its cache and merges the partial
-/// softmaxes itself: a few beams or branches share short blocks, and a task per shared run plus
-/// a second region to merge cost more than reading those blocks once per row (from the cache).
-const PER_ROW_MAX_ROWS: usize = 8;
+/// When every row decodes a token whose queries fit the few-query kernel, and the positions
+/// that rows would read again instead of sharing (each shared run's length times its readers
+/// beyond the first) are at most this many, a task takes one row's queries of one KV head over
+/// every piece of its cache and merges the partial softmaxes itself. Beams, branches and
+/// samples of a short prompt share little; a task per shared run plus a second region to merge
+/// then cost more than reading the shared blocks again from the cache. Paired against the run
+/// layout in one process: 4 beams 1.06x, 16 samples of a 42-token prompt 1.04x, 64 of them
+/// 1.03x, 4 samples of a 1,000-token prompt (3,000 positions read again) 1.03x, but 8 samples of
+/// it (7,000) 0.92x and 16 samples of a 300-token prompt (4,500) 0.93x.
+const PER_ROW_MAX_REREAD: usize = 3000;
 
 impl AttentionPlan {
     /// Reserves room for every row's new positions on every layer (serial: it may grow a
@@ -359,7 +364,12 @@ impl AttentionPlan {
                 at += len;
             }
         }
-        let per_row = plan.rows.len() <= PER_ROW_MAX_ROWS
+        let reread: usize = runs
+            .iter()
+            .zip(&readers)
+            .map(|(run, readers)| run.len * readers.len().saturating_sub(1))
+            .sum();
+        let per_row = reread <= PER_ROW_MAX_REREAD
             && attention_few::available(cfg.head_dim)
             && plan.spans.iter().all(|&(_, n)| n * groups <= FEW);
         if per_row {
