@@ -280,12 +280,15 @@ struct Run {
 /// beams or tree branches a row's cache is several pieces, some shared, and walking them costs
 /// more than a small model's attention arithmetic).
 struct AttentionPlan {
-    /// Per row: where its new positions start in its tail, and how many pieces its cache is.
+    /// Per row: where its new positions start in its tail.
     starts: Vec<usize>,
-    pieces: Vec<usize>,
+    /// Per row, the pieces of its cache in order (its tail last): (run, where the run starts in
+    /// the row's sequence).
+    row_runs: Vec<Vec<(usize, usize)>>,
     runs: Vec<Run>,
     queries: Vec<Query>,
-    /// Up to [`LANES`] queries of one KV head over one run: (run, KV head, queries).
+    /// Up to [`LANES`] queries of one KV head over one run: (run, KV head, queries); in per-row
+    /// mode, a row's queries of one KV head: (row, KV head, queries).
     tasks: Vec<(usize, usize, std::ops::Range<usize>)>,
     /// Partial-softmax slots, for rows whose cache is in several pieces: query (token t, head h)
     /// of row r has one per piece, at `slot_base[r] + ((t - off) * heads + h) * pieces + k`. A
@@ -293,8 +296,8 @@ struct AttentionPlan {
     slot_base: Vec<usize>,
     slots: usize,
     /// Per-row mode (see [`PER_ROW_MAX_REREAD`]): a task is `(row, KV head, queries)` and walks
-    /// the row's pieces, `(run, first position)` each, merging their partials itself.
-    row_pieces: Option<Vec<Vec<(usize, usize)>>>,
+    /// the row's pieces, merging their partials itself.
+    per_row: bool,
 }
 
 /// When every row decodes a token whose queries fit the few-query kernel, and the positions
@@ -318,15 +321,12 @@ impl AttentionPlan {
         for (row, &(_, n)) in plan.rows.iter().zip(&plan.spans) {
             starts.push(store.reserve_all(row.seq, n)?);
         }
-        let mut pieces = Vec::with_capacity(plan.rows.len());
         let mut runs: Vec<Run> = Vec::new();
         // Per run, the rows that read it: (row, piece, how many of the run's positions the row's
-        // first new token sees (each later token sees one more, up to the run's length), where
-        // the run starts in the row's sequence).
-        let mut readers: Vec<Vec<(usize, usize, usize, usize)>> = Vec::new();
+        // first new token sees; each later token sees one more, up to the run's length).
+        let mut readers: Vec<Vec<(usize, usize, usize)>> = Vec::new();
+        let mut row_runs: Vec<Vec<(usize, usize)>> = Vec::with_capacity(plan.rows.len());
         let mut run_of_block: HashMap<usize, usize> = HashMap::new();
-        let mut slot_base = Vec::with_capacity(plan.rows.len());
-        let mut slots = 0;
         // Per row: positions cached before this step.
         let mut pasts = Vec::with_capacity(plan.rows.len());
         for (r, (row, &(_, n))) in plan.rows.iter().zip(&plan.spans).enumerate() {
@@ -336,14 +336,9 @@ impl AttentionPlan {
                 .iter()
                 .map(|&(id, len)| (Some(id), len))
                 .chain([tail]);
-            let count = blocks.len() + 1;
-            pieces.push(count);
-            slot_base.push(slots);
-            if count > 1 {
-                slots += n * heads * count;
-            }
             let past = blocks.iter().map(|b| b.1).sum::<usize>() + starts[r];
             pasts.push(past);
+            let mut own = Vec::with_capacity(blocks.len() + 1);
             let mut at = 0;
             for (k, (block, len)) in row_pieces.enumerate() {
                 let mut new_run = || {
@@ -360,9 +355,11 @@ impl AttentionPlan {
                     None => new_run(),
                 };
                 // Query i of the row sees positions up to `past + i` of its sequence.
-                readers[i].push((r, k, (past + 1).saturating_sub(at), at));
+                readers[i].push((r, k, (past + 1).saturating_sub(at)));
+                own.push((i, at));
                 at += len;
             }
+            row_runs.push(own);
         }
         let reread: usize = runs
             .iter()
@@ -372,23 +369,11 @@ impl AttentionPlan {
         let per_row = reread <= PER_ROW_MAX_REREAD
             && attention_few::available(cfg.head_dim)
             && plan.spans.iter().all(|&(_, n)| n * groups <= FEW);
+        let mut queries: Vec<Query> = Vec::new();
+        let mut tasks = Vec::new();
+        let mut slot_base = Vec::new();
+        let mut slots = 0;
         if per_row {
-            let mut by_piece: Vec<Vec<(usize, usize, usize)>> =
-                pieces.iter().map(|&c| Vec::with_capacity(c)).collect();
-            for (ri, readers) in readers.iter().enumerate() {
-                for &(row, piece, _, at) in readers {
-                    by_piece[row].push((piece, ri, at));
-                }
-            }
-            let row_pieces: Vec<Vec<(usize, usize)>> = by_piece
-                .into_iter()
-                .map(|mut v| {
-                    v.sort_unstable();
-                    v.into_iter().map(|(_, ri, at)| (ri, at)).collect()
-                })
-                .collect();
-            let mut queries: Vec<Query> = Vec::new();
-            let mut tasks = Vec::new();
             for (row, (&(off, n), &past)) in plan.spans.iter().zip(&pasts).enumerate() {
                 for kvh in 0..kv_heads {
                     let start = queries.len();
@@ -406,52 +391,48 @@ impl AttentionPlan {
                     tasks.push((row, kvh, start..queries.len()));
                 }
             }
-            return Ok(Self {
-                starts,
-                pieces,
-                runs,
-                queries,
-                tasks,
-                slot_base: Vec::new(),
-                slots: 0,
-                row_pieces: Some(row_pieces),
-            });
-        }
-        let mut queries: Vec<Query> = Vec::new();
-        let mut tasks = Vec::new();
-        for (ri, (run, readers)) in runs.iter().zip(&readers).enumerate() {
-            for kvh in 0..kv_heads {
-                let start = queries.len();
-                for &(row, piece, first_visible, _) in readers {
-                    let (off, n) = plan.spans[row];
-                    let count = pieces[row];
-                    for i in 0..n {
-                        let visible = (first_visible + i).min(run.len);
-                        for h in kvh * groups..(kvh + 1) * groups {
-                            queries.push(Query {
-                                token: off + i,
-                                head: h,
-                                visible,
-                                slot: (count > 1)
-                                    .then(|| slot_base[row] + (i * heads + h) * count + piece),
-                            });
+        } else {
+            for (own, &(_, n)) in row_runs.iter().zip(&plan.spans) {
+                let count = own.len();
+                slot_base.push(slots);
+                if count > 1 {
+                    slots += n * heads * count;
+                }
+            }
+            for (ri, (run, readers)) in runs.iter().zip(&readers).enumerate() {
+                for kvh in 0..kv_heads {
+                    let start = queries.len();
+                    for &(row, piece, first_visible) in readers {
+                        let (off, n) = plan.spans[row];
+                        let count = row_runs[row].len();
+                        for i in 0..n {
+                            let visible = (first_visible + i).min(run.len);
+                            for h in kvh * groups..(kvh + 1) * groups {
+                                queries.push(Query {
+                                    token: off + i,
+                                    head: h,
+                                    visible,
+                                    slot: (count > 1)
+                                        .then(|| slot_base[row] + (i * heads + h) * count + piece),
+                                });
+                            }
                         }
                     }
-                }
-                for first in (start..queries.len()).step_by(LANES) {
-                    tasks.push((ri, kvh, first..(first + LANES).min(queries.len())));
+                    for first in (start..queries.len()).step_by(LANES) {
+                        tasks.push((ri, kvh, first..(first + LANES).min(queries.len())));
+                    }
                 }
             }
         }
         Ok(Self {
             starts,
-            pieces,
+            row_runs,
             runs,
             queries,
             tasks,
             slot_base,
             slots,
-            row_pieces: None,
+            per_row,
         })
     }
 }
@@ -662,20 +643,20 @@ fn attention(
     let heads = cfg.num_heads;
     let AttentionPlan {
         starts,
-        pieces,
+        row_runs,
         runs,
         queries,
         tasks,
         slot_base,
         slots,
-        row_pieces,
+        per_row,
     } = layout;
     let slots = *slots;
     // Every row's keys and values written into its cache (on the team for wide batches); the
     // cache is then read in place: no tensor is made per row and layer.
     let write = |r: usize| -> Result<()> {
         let (first_token, n) = plan.spans[r];
-        let (tail_k, tail_v) = store.piece(plan.rows[r].seq, layer, pieces[r] - 1)?;
+        let (tail_k, tail_v) = store.piece(plan.rows[r].seq, layer, row_runs[r].len() - 1)?;
         for (buffer, src) in [(tail_k, k), (tail_v, v)] {
             buffer.inplace_op1(&WriteNewPositions {
                 src,
@@ -725,9 +706,9 @@ fn attention(
     team().run(tasks.len(), &|task| {
         let (ri, kvh, ref range) = tasks[task];
         let mine = &queries[range.clone()];
-        if let Some(row_pieces) = row_pieces {
+        if *per_row {
             // Task `ri` is a row: every piece of its cache, then the merge.
-            let pieces = &row_pieces[ri];
+            let pieces = &row_runs[ri];
             let n = mine.len();
             let mut qs: [&[f32]; FEW] = [&[]; FEW];
             for (q_ref, qy) in qs.iter_mut().zip(mine) {
@@ -851,12 +832,12 @@ fn attention(
     });
 
     let several: Vec<usize> = (0..plan.rows.len())
-        .filter(|&r| row_pieces.is_none() && pieces[r] > 1)
+        .filter(|&r| !per_row && row_runs[r].len() > 1)
         .collect();
     team().run(several.len(), &|task| {
         let r = several[task];
         let (off, n) = plan.spans[r];
-        let pieces = pieces[r];
+        let pieces = row_runs[r].len();
         let mut merged = vec![0f32; hd];
         for i in 0..n {
             for h in 0..heads {
