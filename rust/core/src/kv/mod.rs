@@ -132,35 +132,16 @@ impl SeqStore {
             child_tail.len = n;
         } else if seq.tail.len > 0 {
             let n = seq.tail.len;
-            let freeze = |t: &Option<Tensor>| -> Result<Tensor> {
-                let t = t
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid("tail buffer missing for a non-empty tail"))?;
-                let used = t.narrow(1, 0, n)?;
-                if !used.is_contiguous() {
-                    return Ok(used.contiguous()?);
-                }
-                // One KV head: the narrowed tail is already contiguous, and `contiguous` would
-                // hand back the parent's own buffer, which it overwrites from offset 0 next.
-                let (heads, _, hd) = t.dims3()?;
-                let frozen = tail_buffer((heads, n, hd), t.dtype(), t.device())?;
-                frozen.slice_set(&used, 1, 0)?;
-                Ok(frozen)
-            };
-            let layers = seq
-                .tail
-                .k
-                .iter()
-                .zip(&seq.tail.v)
-                .map(|(k, v)| {
-                    Ok(KvPiece {
-                        k: freeze(k)?,
-                        v: freeze(v)?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            // Copied into buffers of their own (one allocation for all layers' keys, one for
+            // the values): the parent writes its next positions from offset 0 of its tail again.
+            let (ks, vs) = layer_buffers(shape, n, &device)?;
+            let mut layers = Vec::with_capacity(ks.len());
+            for (layer, (k, v)) in ks.into_iter().zip(vs).enumerate() {
+                copy_positions(&seq.tail.k[layer], &k, n)?;
+                copy_positions(&seq.tail.v[layer], &v, n)?;
+                layers.push(KvPiece { k, v });
+            }
             seq.blocks.push(Arc::new(Block { layers }));
-            // The parent keeps its buffers and writes its next positions from offset 0 again.
             seq.tail.len = 0;
         }
         let child = Sequence {
@@ -227,7 +208,7 @@ impl SeqStore {
     ) -> Result<Vec<KvPiece>> {
         let n = k.dim(1)?;
         let dtype = self.shape.dtype;
-        let start = self.reserve(id, layer, n)?;
+        let start = self.reserve_all(id, n)?;
         let parts = self.layer_parts(id, layer)?;
         parts
             .tail_k
@@ -241,34 +222,6 @@ impl SeqStore {
             v: parts.tail_v.narrow(1, 0, start + n)?,
         });
         Ok(pieces)
-    }
-
-    /// Makes room in the tail for `n` new positions on `layer` (growing its buffers when they
-    /// are full) and returns where they start.
-    pub(crate) fn reserve(&mut self, id: SeqId, layer: usize, n: usize) -> Result<usize> {
-        let shape = self.shape;
-        let device = self.device.clone();
-        let seq = self.get_mut(id)?;
-        let start = seq.tail.len;
-        let needed = start + n;
-        for buf in [&mut seq.tail.k[layer], &mut seq.tail.v[layer]] {
-            let cap = buf.as_ref().map(|t| t.dim(1)).transpose()?.unwrap_or(0);
-            if cap < needed {
-                let new_cap = needed.max(2 * cap).max(MIN_TAIL_CAPACITY);
-                let grown = tail_buffer(
-                    (shape.kv_heads, new_cap, shape.head_dim),
-                    shape.dtype,
-                    &device,
-                )?;
-                if let Some(old) = buf.as_ref() {
-                    if start > 0 {
-                        grown.slice_set(&old.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
-                    }
-                }
-                *buf = Some(grown);
-            }
-        }
-        Ok(start)
     }
 
     /// The sequence's cache on `layer` as stored, without new tensors: its shared blocks, oldest
@@ -286,9 +239,11 @@ impl SeqStore {
         })
     }
 
-    /// [`Self::reserve`] on every layer.
-    /// Growing every layer at once takes one buffer for all of them (a fork would otherwise
-    /// allocate and later free one per layer for keys and another for values).
+    /// Makes room in the tail for `n` new positions on every layer (growing its buffers when
+    /// they are full) and returns where they start; until [`Self::advance`] commits them, a
+    /// second call for the same positions changes nothing. Growing takes one buffer for all
+    /// layers' keys and one for their values (a fork would otherwise allocate and later free one
+    /// per layer for each).
     pub(crate) fn reserve_all(&mut self, id: SeqId, n: usize) -> Result<usize> {
         let (shape, device) = (self.shape, self.device.clone());
         let seq = self.get_mut(id)?;
