@@ -34,27 +34,14 @@ impl KvHead<'_> {
     /// task reads a few kilobytes that the weights streamed since the last step have pushed out
     /// of the caches; found missing one line after another, they cost more than the arithmetic.
     pub fn prefetch(&self) {
-        fn lines<T>(s: &[T]) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                let bytes = std::mem::size_of_val(s);
-                for at in (0..bytes).step_by(64) {
-                    // SAFETY: a prefetch only hints; the address lies inside `s`.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>((s.as_ptr() as *const i8).add(at)) };
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = s;
-        }
         match self {
             KvHead::F32 { keys, values } => {
-                lines(keys);
-                lines(values);
+                super::prefetch(keys);
+                super::prefetch(values);
             }
             KvHead::F16 { keys, values } => {
-                lines(keys);
-                lines(values);
+                super::prefetch(keys);
+                super::prefetch(values);
             }
         }
     }

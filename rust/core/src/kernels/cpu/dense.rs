@@ -195,9 +195,9 @@ fn exp_shifted_sum_by_eights(xs: &[f32], shift: f32) -> f32 {
         lanes.iter_mut().zip(&buf).for_each(|(l, &e)| *l += e);
     }
     let rest = chunks.remainder();
-    let mut tail = buf[..rest.len()].to_vec();
+    let tail = &mut buf[..rest.len()];
     tail.iter_mut().zip(rest).for_each(|(t, &x)| *t = x - shift);
-    exp_in_place(&mut tail);
+    exp_in_place(tail);
     lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 

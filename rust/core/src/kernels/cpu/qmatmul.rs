@@ -211,7 +211,7 @@ impl QuantMatrix {
         // The tiles prefetch two pairs ahead; the first two pairs of the range are requested
         // here, all at once, rather than found missing one line after another.
         let first = rows.start / GROUP * gb;
-        avx512::prefetch(&self.data[first..(first + 4 * gb).min(self.data.len())]);
+        super::prefetch(&self.data[first..(first + 4 * gb).min(self.data.len())]);
         // Activation rows in chunks that stay in the core's L2 while every pair of the range
         // passes over them: the weights then stream from memory once per chunk.
         for chunk in (0..acts.m).step_by(ACT_CHUNK) {
@@ -893,14 +893,6 @@ mod avx512 {
         ]))
     }
 
-    /// Requests every cache line of `region`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn prefetch(region: &[u8]) {
-        for at in (0..region.len()).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(region.as_ptr().add(at) as *const i8);
-        }
-    }
-
     /// Prefetches of one region spread evenly over the steps of a loop.
     struct Prefetch<'a> {
         region: &'a [u8],
@@ -919,7 +911,7 @@ mod avx512 {
         unsafe fn step(&self, i: usize) {
             let from = (i * self.per_step).min(self.region.len());
             let to = (from + self.per_step).min(self.region.len());
-            prefetch(&self.region[from..to]);
+            super::super::prefetch(&self.region[from..to]);
         }
     }
 
