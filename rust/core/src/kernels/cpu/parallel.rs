@@ -287,6 +287,77 @@ pub(crate) fn row_chunks(rows: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Items `0..n` split into one contiguous home run per thread. A thread takes its own run from
+/// the front, in order (its weights stream as one run, as [`row_chunks`] gives it); once that is
+/// done it takes items from the back of the run with the most left. On a shared machine two
+/// cores often run the same work at different speeds, and a fixed split leaves the faster one
+/// waiting out the slower one's remainder.
+pub(crate) struct StealingRuns {
+    /// Per home run, `front << 32 | back`: the items `front..back` are still unclaimed.
+    runs: Vec<AtomicU64>,
+}
+
+impl StealingRuns {
+    pub fn new(n: usize, homes: usize) -> Self {
+        let homes = homes.clamp(1, n.max(1));
+        let runs = (0..homes)
+            .map(|h| {
+                let (front, back) = (n * h / homes, n * (h + 1) / homes);
+                AtomicU64::new(((front as u64) << 32) | back as u64)
+            })
+            .collect();
+        Self { runs }
+    }
+
+    pub fn homes(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// The next item for the thread working on home run `home`, or `None` when every run is
+    /// empty.
+    pub fn next(&self, home: usize) -> Option<usize> {
+        if let Some(item) = self.take(home, true) {
+            return Some(item);
+        }
+        loop {
+            let fullest = (0..self.runs.len())
+                .map(|h| (Self::left(self.runs[h].load(Ordering::Relaxed)), h))
+                .max()?;
+            if fullest.0 == 0 {
+                return None;
+            }
+            if let Some(item) = self.take(fullest.1, false) {
+                return Some(item);
+            }
+        }
+    }
+
+    fn left(state: u64) -> u64 {
+        (state & 0xFFFF_FFFF).saturating_sub(state >> 32)
+    }
+
+    /// Claims the front (or back) item of run `h`, if any is left.
+    fn take(&self, h: usize, front: bool) -> Option<usize> {
+        let run = &self.runs[h];
+        let mut cur = run.load(Ordering::Relaxed);
+        loop {
+            let (f, b) = (cur >> 32, cur & 0xFFFF_FFFF);
+            if f >= b {
+                return None;
+            }
+            let (next, item) = if front {
+                (((f + 1) << 32) | b, f)
+            } else {
+                ((f << 32) | (b - 1), b - 1)
+            };
+            match run.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(item as usize),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
 /// Runs `f(index, chunk)` over consecutive chunks of `chunk` elements of `data` on the
 /// process-wide team, at least `min_per_task` elements per task (fewer tasks for small inputs,
 /// where a hand-off would cost more than the work).
@@ -392,5 +463,29 @@ mod tests {
             sum.fetch_add(i, Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 45);
+    }
+
+    #[test]
+    fn stealing_runs_hand_out_every_item_once() {
+        for (n, homes) in [(0, 2), (1, 2), (7, 2), (100, 3), (5, 8)] {
+            let runs = StealingRuns::new(n, homes);
+            // One thread drains the last home first, then steals the rest.
+            let mut seen = Vec::new();
+            let last = runs.homes() - 1;
+            while let Some(i) = runs.next(last) {
+                seen.push(i);
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n {n}, homes {homes}");
+        }
+        // Several threads at once.
+        let runs = StealingRuns::new(10_000, 4);
+        let taken: Vec<AtomicUsize> = (0..10_000).map(|_| AtomicUsize::new(0)).collect();
+        team().run(4, &|h| {
+            while let Some(i) = runs.next(h % runs.homes()) {
+                taken[i].fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert!(taken.iter().all(|t| t.load(Ordering::Relaxed) == 1));
     }
 }

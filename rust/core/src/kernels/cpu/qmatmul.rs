@@ -227,11 +227,9 @@ impl QuantMatrix {
                 // The last tile over this pair also pulls the pair after next towards the core
                 // (the hardware prefetcher alone falls behind: single-row decode 1.3x with it,
                 // four rows 1.17x, paired in one process). The other tiles find this pair in L1.
-                let ahead: &[u8] = if p + 2 < pairs {
-                    &self.data[(g + 4) * gb..(g + 6) * gb]
-                } else {
-                    &[]
-                };
+                // It reaches past the end of `rows` too: the chunk a thread claims next usually
+                // starts there, and would otherwise begin cold.
+                let ahead: &[u8] = self.data.get((g + 4) * gb..(g + 6) * gb).unwrap_or(&[]);
                 // Output rows are written in place by the kernels, `live` values each.
                 let dst = |j: usize| out.ptr_at(j * self.rows + first, live);
                 let mut j = chunk;
