@@ -237,7 +237,8 @@ const HEAD_LOG_RATIO: f32 = 9.0;
 const HEAD_WIDENINGS: u32 = 4;
 
 impl<'a> LazyOrder<'a> {
-    fn new(keys: &'a [f32], max: f32, top_k: usize) -> Self {
+    /// `head`: the tokens whose key is at least `max - HEAD_LOG_RATIO`, in id order.
+    fn new(keys: &'a [f32], max: f32, head: Vec<u32>, top_k: usize) -> Self {
         let limit = if top_k == 0 {
             keys.len()
         } else {
@@ -249,7 +250,7 @@ impl<'a> LazyOrder<'a> {
                 .collect()
         };
         let mut cut = max - HEAD_LOG_RATIO;
-        let mut ids = above(cut);
+        let mut ids = head;
         // A top-k walk never goes past its k candidates: widen the head until it holds them
         // all, so that the rest of the vocabulary is never gathered and sorted.
         let mut widen = 0;
@@ -326,9 +327,52 @@ fn chunked_sum(xs: &[f32]) -> f64 {
 /// The token that the uniform draw `u` in [0, 1) picks from [`sampling_distribution`]: the
 /// same distribution walked in the same order, without building it.
 pub fn draw(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
-    let scaled: Vec<f32> = logits.iter().map(|&x| x / p.temperature).collect();
-    let max = max_value(&scaled);
-    let mut order = LazyOrder::new(&scaled, max, p.top_k);
+    SCALED.with_borrow_mut(|scaled| {
+        // Division by a positive temperature keeps the order (rounding included), so the
+        // scaled maximum is the scaled raw maximum.
+        let max = max_value(logits) / p.temperature;
+        let head = scale_and_gather(logits, p.temperature, max - HEAD_LOG_RATIO, scaled);
+        draw_scaled(scaled, max, head, p, u)
+    })
+}
+
+thread_local! {
+    /// The scaled logits of [`draw`]: one vocabulary row (~200 kB) per thread, reused rather
+    /// than allocated (and its pages faulted in) for every row of every step.
+    static SCALED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes `logits / temperature` into `scaled` and returns the tokens whose scaled logit is at
+/// least `cut`, in id order: one pass over the vocabulary for both.
+fn scale_and_gather(logits: &[f32], temperature: f32, cut: f32, scaled: &mut Vec<f32>) -> Vec<u32> {
+    const LANES: usize = 16;
+    scaled.clear();
+    scaled.reserve(logits.len());
+    let mut head = Vec::new();
+    for (c, chunk) in logits.chunks(LANES).enumerate() {
+        let mut s = [0f32; LANES];
+        let mut any = false;
+        for (o, &x) in s.iter_mut().zip(chunk) {
+            *o = x / temperature;
+            any |= *o >= cut;
+        }
+        let s = &s[..chunk.len()];
+        scaled.extend_from_slice(s);
+        if any {
+            head.extend(
+                (0..s.len())
+                    .filter(|&j| s[j] >= cut)
+                    .map(|j| (c * LANES + j) as u32),
+            );
+        }
+    }
+    head
+}
+
+/// [`draw`] over logits already divided by the temperature, with `max` their maximum and `head`
+/// the tokens within [`HEAD_LOG_RATIO`] of it.
+fn draw_scaled(scaled: &[f32], max: f32, head: Vec<u32>, p: &SamplingParams, u: f32) -> u32 {
+    let mut order = LazyOrder::new(scaled, max, head, p.top_k);
     let n = order.len();
     // Weights relative to the most likely token, which gets 1: for the whole vocabulary when
     // every token is a candidate (the total needs them all), else only for the top k, by rank.
