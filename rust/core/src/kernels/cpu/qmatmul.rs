@@ -965,7 +965,7 @@ mod avx512 {
             // (integer sums, so the result is the same bits).
             let mut sums = [_mm512_setzero_si512(); R];
             let mut sums_hi = [_mm512_setzero_si512(); R];
-            for c in 0..4 {
+            each_row!(4, |c| {
                 let q = halves(p0.add(qs_at + c * 32), p1.add(qs_at + c * 32));
                 let lo = _mm512_and_si512(q, mask);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
@@ -978,7 +978,7 @@ mod avx512 {
                         sums[i] = _mm512_dpbusd_epi32(sums[i], hi, act_word(a, 16 + 4 * c));
                     }
                 });
-            }
+            });
             each_row!(R, |i| {
                 let sum = if R <= 2 {
                     _mm512_add_epi32(sums[i], sums_hi[i])
@@ -1089,12 +1089,13 @@ mod avx512 {
                 add_q4_offsets!(R, m, acts, b, with_min, off);
             }
             let mut sums = [_mm512_setzero_si512(); R];
-            for (k, w) in u.words.iter().enumerate() {
-                let w = _mm512_loadu_si512(w.as_ptr() as *const __m512i);
+            // Unrolled: a loop's counter and branch take the ports the products run on.
+            each_row!(8, |k| {
+                let w = _mm512_loadu_si512(u.words[k].as_ptr() as *const __m512i);
                 each_row!(R, |i| {
                     sums[i] = _mm512_dpbusd_epi32(sums[i], w, act_word(&acts[i][b], 4 * k));
                 });
-            }
+            });
             each_row!(R, |i| {
                 let a = &acts[i][b];
                 let sum = if q4 {
@@ -1150,7 +1151,7 @@ mod avx512 {
             // four, as in `tile_q4`); an eight-row tile has no registers to spare for them.
             let mut sums = [_mm512_setzero_si512(); R];
             let mut odd = [_mm512_setzero_si512(); R];
-            for c in 0..8 {
+            each_row!(8, |c| {
                 let biased =
                     _mm512_xor_si512(halves(p0.add(16 + c * 32), p1.add(16 + c * 32)), bias);
                 each_row!(R, |i| {
@@ -1161,7 +1162,7 @@ mod avx512 {
                         sums[i] = _mm512_dpbusd_epi32(sums[i], biased, word);
                     }
                 });
-            }
+            });
             each_row!(R, |i| {
                 let a = &acts[i][b];
                 let sum = if R <= 4 {
