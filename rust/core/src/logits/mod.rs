@@ -376,7 +376,7 @@ fn draw_scaled(scaled: &[f32], max: f32, head: Vec<u32>, p: &SamplingParams, u: 
     let n = order.len();
     // Weights relative to the most likely token, which gets 1: for the whole vocabulary when
     // every token is a candidate (the total needs them all), else only for the top k, by rank.
-    let mut weights = CandidateWeights::new(&scaled, max, n < scaled.len());
+    let mut weights = CandidateWeights::new(scaled, max, n < scaled.len());
     let total = if n == scaled.len() {
         chunked_sum(&weights.all)
     } else {
