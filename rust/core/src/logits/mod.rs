@@ -244,24 +244,23 @@ impl<'a> LazyOrder<'a> {
         } else {
             top_k.min(keys.len())
         };
-        let above = |cut: f32| -> Vec<u32> {
-            (0..keys.len() as u32)
-                .filter(|&i| keys[i as usize] >= cut)
-                .collect()
-        };
         let mut cut = max - HEAD_LOG_RATIO;
         let mut ids = head;
         // A top-k walk never goes past its k candidates: widen the head until it holds them
-        // all, so that the rest of the vocabulary is never gathered and sorted.
-        let mut widen = 0;
-        while top_k > 0 && ids.len() < limit && cut > f32::NEG_INFINITY {
-            widen += 1;
-            cut = if widen < HEAD_WIDENINGS {
-                max - HEAD_LOG_RATIO * (1 << widen) as f32
-            } else {
-                f32::NEG_INFINITY
-            };
-            ids = above(cut);
+        // all, so that the rest of the vocabulary is never gathered and sorted. One counting
+        // pass says which widening that is; one more pass gathers it.
+        if top_k > 0 && ids.len() < limit {
+            let counts = count_above(
+                keys,
+                std::array::from_fn::<f32, { HEAD_WIDENINGS as usize - 1 }, _>(|w| {
+                    widened_cut(max, w as u32 + 1)
+                }),
+            );
+            let widen = (1..HEAD_WIDENINGS)
+                .find(|&w| counts[w as usize - 1] >= limit)
+                .unwrap_or(HEAD_WIDENINGS);
+            cut = widened_cut(max, widen);
+            ids = gather_above(keys, cut);
         }
         Self {
             keys,
@@ -331,7 +330,7 @@ pub fn draw(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
         // Division by a positive temperature keeps the order (rounding included), so the
         // scaled maximum is the scaled raw maximum.
         let max = max_value(logits) / p.temperature;
-        let head = scale_and_gather(logits, p.temperature, max - HEAD_LOG_RATIO, scaled);
+        let head = scale_and_gather(logits, p.temperature, max, scaled);
         draw_scaled(scaled, max, head, p, u)
     })
 }
@@ -342,35 +341,54 @@ thread_local! {
     static SCALED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Writes `logits / temperature` into `scaled` and returns the tokens whose scaled logit is at
-/// least `cut`, in id order: one pass over the vocabulary for both.
-fn scale_and_gather(logits: &[f32], temperature: f32, cut: f32, scaled: &mut Vec<f32>) -> Vec<u32> {
-    const LANES: usize = 16;
+/// The cut of a head widened `widen` times (`widen >= 1`): the log-ratio doubles each time, and
+/// the last widening takes the whole vocabulary.
+fn widened_cut(max: f32, widen: u32) -> f32 {
+    if widen < HEAD_WIDENINGS {
+        max - HEAD_LOG_RATIO * (1 << widen) as f32
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
+/// Writes `logits / temperature` into `scaled` and returns the tokens whose scaled value is
+/// within [`HEAD_LOG_RATIO`] of `max` (the scaled maximum), in id order.
+fn scale_and_gather(logits: &[f32], temperature: f32, max: f32, scaled: &mut Vec<f32>) -> Vec<u32> {
     scaled.clear();
-    scaled.reserve(logits.len());
-    let mut head = Vec::new();
-    for (c, chunk) in logits.chunks(LANES).enumerate() {
-        let mut s = [0f32; LANES];
-        let mut any = false;
-        for (o, &x) in s.iter_mut().zip(chunk) {
-            *o = x / temperature;
-            any |= *o >= cut;
+    scaled.extend(logits.iter().map(|&x| x / temperature));
+    // A second simple pass over a row now in the core's cache: each loop vectorises, where
+    // one fused loop did not.
+    gather_above(scaled, max - HEAD_LOG_RATIO)
+}
+
+/// How many keys are at least each of `cuts`, in one pass.
+fn count_above<const C: usize>(keys: &[f32], cuts: [f32; C]) -> [usize; C] {
+    let mut counts = [0usize; C];
+    for chunk in keys.chunks(1024) {
+        for (count, &cut) in counts.iter_mut().zip(&cuts) {
+            *count += chunk.iter().map(|&k| u32::from(k >= cut)).sum::<u32>() as usize;
         }
-        let s = &s[..chunk.len()];
-        scaled.extend_from_slice(s);
-        if any {
-            head.extend(
-                (0..s.len())
-                    .filter(|&j| s[j] >= cut)
+    }
+    counts
+}
+
+/// The tokens whose key is at least `cut`, in id order.
+fn gather_above(keys: &[f32], cut: f32) -> Vec<u32> {
+    const LANES: usize = 16;
+    let mut ids = Vec::new();
+    for (c, chunk) in keys.chunks(LANES).enumerate() {
+        if chunk.iter().fold(false, |any, &k| any | (k >= cut)) {
+            ids.extend(
+                (0..chunk.len())
+                    .filter(|&j| chunk[j] >= cut)
                     .map(|j| (c * LANES + j) as u32),
             );
         }
     }
-    head
+    ids
 }
 
-/// [`draw`] over logits already divided by the temperature, with `max` their maximum and `head`
-/// the tokens within [`HEAD_LOG_RATIO`] of it.
+/// [`draw`] over logits already divided by the temperature, with `max` their maximum.
 fn draw_scaled(scaled: &[f32], max: f32, head: Vec<u32>, p: &SamplingParams, u: f32) -> u32 {
     let mut order = LazyOrder::new(scaled, max, head, p.top_k);
     let n = order.len();
