@@ -42,6 +42,25 @@ struct Tail {
     len: usize,
 }
 
+impl Tail {
+    /// Buffers of `capacity` positions for every layer (see [`layer_buffers`]) that hold this
+    /// tail's first `n` positions.
+    fn copied(
+        &self,
+        shape: KvShape,
+        capacity: usize,
+        n: usize,
+        device: &Device,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let (ks, vs) = layer_buffers(shape, capacity, device)?;
+        for (layer, (k, v)) in ks.iter().zip(&vs).enumerate() {
+            copy_positions(&self.k[layer], k, n)?;
+            copy_positions(&self.v[layer], v, n)?;
+        }
+        Ok((ks, vs))
+    }
+}
+
 #[derive(Debug)]
 struct Sequence {
     blocks: Vec<Arc<Block>>,
@@ -122,25 +141,20 @@ impl SeqStore {
         let seq = self.get_mut(parent)?;
         if seq.tail.len > 0 && seq.tail.len < FORK_COPY_LIMIT {
             let n = seq.tail.len;
-            let (ks, vs) = layer_buffers(shape, MIN_TAIL_CAPACITY, &device)?;
-            for (layer, (k, v)) in ks.into_iter().zip(vs).enumerate() {
-                copy_positions(&seq.tail.k[layer], &k, n)?;
-                copy_positions(&seq.tail.v[layer], &v, n)?;
-                child_tail.k[layer] = Some(k);
-                child_tail.v[layer] = Some(v);
-            }
+            let (ks, vs) = seq.tail.copied(shape, MIN_TAIL_CAPACITY, n, &device)?;
+            child_tail.k = ks.into_iter().map(Some).collect();
+            child_tail.v = vs.into_iter().map(Some).collect();
             child_tail.len = n;
         } else if seq.tail.len > 0 {
             let n = seq.tail.len;
             // Copied into buffers of their own (one allocation for all layers' keys, one for
             // the values): the parent writes its next positions from offset 0 of its tail again.
-            let (ks, vs) = layer_buffers(shape, n, &device)?;
-            let mut layers = Vec::with_capacity(ks.len());
-            for (layer, (k, v)) in ks.into_iter().zip(vs).enumerate() {
-                copy_positions(&seq.tail.k[layer], &k, n)?;
-                copy_positions(&seq.tail.v[layer], &v, n)?;
-                layers.push(KvPiece { k, v });
-            }
+            let (ks, vs) = seq.tail.copied(shape, n, n, &device)?;
+            let layers = ks
+                .into_iter()
+                .zip(vs)
+                .map(|(k, v)| KvPiece { k, v })
+                .collect();
             seq.blocks.push(Arc::new(Block { layers }));
             seq.tail.len = 0;
         }
@@ -256,13 +270,9 @@ impl SeqStore {
         }
         if least < needed {
             let new_cap = needed.max(2 * least).max(MIN_TAIL_CAPACITY);
-            let (ks, vs) = layer_buffers(shape, new_cap, &device)?;
-            for (layer, (k, v)) in ks.into_iter().zip(vs).enumerate() {
-                copy_positions(&seq.tail.k[layer], &k, start)?;
-                copy_positions(&seq.tail.v[layer], &v, start)?;
-                seq.tail.k[layer] = Some(k);
-                seq.tail.v[layer] = Some(v);
-            }
+            let (ks, vs) = seq.tail.copied(shape, new_cap, start, &device)?;
+            seq.tail.k = ks.into_iter().map(Some).collect();
+            seq.tail.v = vs.into_iter().map(Some).collect();
         }
         Ok(start)
     }

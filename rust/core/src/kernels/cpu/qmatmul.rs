@@ -802,11 +802,12 @@ mod avx2 {
     }
 }
 
-/// Runs `body` for each row index `i < R` (`R` at most eight), unrolled with constant
-/// indices: the per-row sums of a tile then live in registers instead of on the stack.
-macro_rules! each_row {
+/// Runs `body` for each index `i < R` (`R` at most eight), unrolled with constant indices: the
+/// per-row sums of a tile then live in registers instead of on the stack, and a loop over a
+/// block's quant words carries no counter or branch on the ports the products run on.
+macro_rules! unrolled {
     ($r:expr, |$i:ident| $body:block) => {{
-        each_row!(@ $r, $i, $body, 0, 1, 2, 3, 4, 5, 6, 7);
+        unrolled!(@ $r, $i, $body, 0, 1, 2, 3, 4, 5, 6, 7);
     }};
     (@ $r:expr, $i:ident, $body:block, $($n:literal),*) => {
         $(
@@ -822,11 +823,11 @@ macro_rules! each_row {
 /// the sixteen weight rows' minimum (Q4_1, `s_i` the activation block's `d · Σ q`) or their scale
 /// (Q4_0, the constant -8 folded into `s_i`). Shared by [`avx512::tile_q4`] and
 /// [`avx512::tile_unpacked`], which must give the same bits; a macro rather than a function so that
-/// it unrolls inside their target features (see [`each_row`]).
+/// it unrolls inside their target features (see [`unrolled`]).
 #[cfg(target_arch = "x86_64")]
 macro_rules! add_q4_offsets {
     ($r:expr, $m:expr, $acts:expr, $b:expr, $with_min:expr, $off:expr) => {
-        each_row!($r, |i| {
+        unrolled!($r, |i| {
             let s = if $with_min {
                 $acts[i][$b].s
             } else {
@@ -965,11 +966,11 @@ mod avx512 {
             // (integer sums, so the result is the same bits).
             let mut sums = [_mm512_setzero_si512(); R];
             let mut sums_hi = [_mm512_setzero_si512(); R];
-            each_row!(4, |c| {
+            unrolled!(4, |c| {
                 let q = halves(p0.add(qs_at + c * 32), p1.add(qs_at + c * 32));
                 let lo = _mm512_and_si512(q, mask);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
-                each_row!(R, |i| {
+                unrolled!(R, |i| {
                     let a = &acts[i][b];
                     sums[i] = _mm512_dpbusd_epi32(sums[i], lo, act_word(a, 4 * c));
                     if R <= 2 {
@@ -979,7 +980,7 @@ mod avx512 {
                     }
                 });
             });
-            each_row!(R, |i| {
+            unrolled!(R, |i| {
                 let sum = if R <= 2 {
                     _mm512_add_epi32(sums[i], sums_hi[i])
                 } else {
@@ -989,7 +990,7 @@ mod avx512 {
                 acc[i] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[i]);
             });
         }
-        each_row!(R, |i| {
+        unrolled!(R, |i| {
             store(_mm512_add_ps(acc[i], off[i]), dst[i], live);
         });
     }
@@ -1089,14 +1090,13 @@ mod avx512 {
                 add_q4_offsets!(R, m, acts, b, with_min, off);
             }
             let mut sums = [_mm512_setzero_si512(); R];
-            // Unrolled: a loop's counter and branch take the ports the products run on.
-            each_row!(8, |k| {
+            unrolled!(8, |k| {
                 let w = _mm512_loadu_si512(u.words[k].as_ptr() as *const __m512i);
-                each_row!(R, |i| {
+                unrolled!(R, |i| {
                     sums[i] = _mm512_dpbusd_epi32(sums[i], w, act_word(&acts[i][b], 4 * k));
                 });
             });
-            each_row!(R, |i| {
+            unrolled!(R, |i| {
                 let a = &acts[i][b];
                 let sum = if q4 {
                     sums[i]
@@ -1107,7 +1107,7 @@ mod avx512 {
                 acc[i] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[i]);
             });
         }
-        each_row!(R, |i| {
+        unrolled!(R, |i| {
             store(
                 if q4 {
                     _mm512_add_ps(acc[i], off[i])
@@ -1151,10 +1151,10 @@ mod avx512 {
             // four, as in `tile_q4`); an eight-row tile has no registers to spare for them.
             let mut sums = [_mm512_setzero_si512(); R];
             let mut odd = [_mm512_setzero_si512(); R];
-            each_row!(8, |c| {
+            unrolled!(8, |c| {
                 let biased =
                     _mm512_xor_si512(halves(p0.add(16 + c * 32), p1.add(16 + c * 32)), bias);
-                each_row!(R, |i| {
+                unrolled!(R, |i| {
                     let word = act_word(&acts[i][b], 4 * c);
                     if R <= 4 && c % 2 == 1 {
                         odd[i] = _mm512_dpbusd_epi32(odd[i], biased, word);
@@ -1163,7 +1163,7 @@ mod avx512 {
                     }
                 });
             });
-            each_row!(R, |i| {
+            unrolled!(R, |i| {
                 let a = &acts[i][b];
                 let sum = if R <= 4 {
                     _mm512_add_epi32(sums[i], odd[i])
@@ -1175,7 +1175,7 @@ mod avx512 {
                 acc[i] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(exact), acc[i]);
             });
         }
-        each_row!(R, |i| {
+        unrolled!(R, |i| {
             store(acc[i], dst[i], live);
         });
     }
