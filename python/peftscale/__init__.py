@@ -37,7 +37,7 @@ from peftscale.strategies import (
 )
 
 if TYPE_CHECKING:
-    from peftscale import train
+    from peftscale import eval, train
 
 __all__ = [
     "MCTS",
@@ -70,15 +70,16 @@ __all__ = [
     "TokenizerError",
     "__version__",
     "cpu_kernels",
+    "eval",
     "models",
     "train",
 ]
 
 
 def __getattr__(name: str) -> object:
-    # The training stack (torch, transformers, peft) loads only when it is asked for.
-    if name == "train":
+    # The training stack (torch, transformers, peft) and the evaluation load only when asked for.
+    if name in ("train", "eval"):
         import importlib
 
-        return importlib.import_module("peftscale.train")
+        return importlib.import_module(f"peftscale.{name}")
     raise AttributeError(f"module 'peftscale' has no attribute '{name}'")

@@ -154,6 +154,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peftscale import eval as ev
+
+    config = ev.EvalConfig(
+        dataset=args.dataset,
+        strategies=args.strategies,
+        model=args.model,
+        adapter=args.adapter,
+        slice=args.slice,
+        data_dir=args.data_dir,
+        fields=args.fields,
+        shots=args.shots,
+        template=args.template,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        cold_alpha=args.cold_alpha,
+        cold_beta=args.cold_beta,
+    )
+    try:
+        out = ev.run(config, args.out, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished questions are in {args.out}; rerun the command to continue", file=sys.stderr)
+        return 130
+    print((out / "table.md").read_text(), end="")
+    print(f"results, summary and plots in {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftscale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +206,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the output")
         t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key: train.lr=1e-4")
         t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="accuracy against compute of decoding strategies on a data set")
+    e.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
+    e.add_argument("--adapter", default=None, help="a peft LoRA adapter folder (needed by cold and +cold)")
+    e.add_argument("--dataset", required=True, help="gsm8k | math500 | game24 | PATH.jsonl")
+    e.add_argument("--slice", default=None, help="rows a:b of the data set (default: all)")
+    e.add_argument(
+        "--strategies",
+        default="greedy",
+        help="comma-separated specs: greedy, sample, cold, sc@8, bon@1..16 (powers of two), beam@4, tot@1:5 "
+        "(every integer), mcts@16, adaptive@512; '+cold' to score with CoLD; 'base:' to run without the adapter",
+    )
+    e.add_argument("--out", required=True, help="output folder (rerun into it to continue an interrupted run)")
+    e.add_argument("--data-dir", default=None, help="where gsm8k/, math500/, game24/ lie (default ../shared/data)")
+    e.add_argument("--fields", default=None, help="JSONL field names: question=q,answer=a")
+    e.add_argument("--shots", type=int, default=0, help="worked examples from the train split before each question")
+    e.add_argument("--template", default=None, help="the user turn, with a {question} placeholder")
+    e.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default per data set)")
+    e.add_argument("--batch-size", type=int, default=8, help="questions per call for greedy, sample and cold")
+    e.add_argument("--group-size", type=int, default=16, help="questions per call for adaptive allocation")
+    e.add_argument("--cold-alpha", type=float, default=0.1)
+    e.add_argument("--cold-beta", type=float, default=0.5)
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

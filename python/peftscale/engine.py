@@ -168,9 +168,7 @@ class Engine:
         self._content_hash: str | None = None
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], dtype: DType = "auto", kv_dtype: DType = "auto"
-    ) -> Engine:
+    def load(cls, path: str | os.PathLike[str], dtype: DType = "auto", kv_dtype: DType = "auto") -> Engine:
         """Load a model.
 
         ``dtype="auto"`` keeps GGUF weights quantized as stored (dense checkpoints load as f32);

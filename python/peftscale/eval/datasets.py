@@ -1,0 +1,234 @@
+"""Evaluation data: GSM8K, MATH-500, Game of 24 and user JSONL, as :class:`Question` lists.
+
+The data sets are read where they lie (``../shared/data/`` relative to the project root by
+default, or ``data_dir``); the project never copies them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftscale.errors import InvalidArgument
+from peftscale.eval.grading import (
+    Grade,
+    check_game24,
+    extract_game24,
+    grade_game24,
+    grade_gsm8k,
+    grade_math,
+    gsm8k_gold,
+    judge_math,
+    judge_number,
+)
+from peftscale.strategies import Extract
+
+__all__ = ["Question", "Task", "default_data_dir", "load_task", "parse_fields", "parse_slice"]
+
+
+@dataclass(frozen=True)
+class Question:
+    #: Stable within its data set: the row index in its file (``"gsm8k/test:217"``).
+    id: str
+    question: str
+    gold: str
+    #: A worked solution, when the data set has one (the k-shot prompts use them).
+    solution: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A data set with its grader and the prompt format its questions want."""
+
+    name: str
+    questions: list[Question]
+    #: ``(reply, gold)``: the answer read from a whole reply, and whether it is right.
+    grade: Callable[[str, str], Grade]
+    #: ``(answer, gold)``: whether an already extracted answer (a vote's winner) is right.
+    judge: Callable[[str | None, str], bool]
+    #: Worked examples for k-shot prompts (from the train split, never the evaluated rows).
+    shots: list[Question] = field(default_factory=list)
+    #: The user turn for a question (``{question}`` is replaced); replaceable per run.
+    template: str = "{question}\n\nLet's think step by step. End with '#### <answer>'."
+    #: What the self-consistency, MCTS and adaptive votes extract from each path.
+    extract: Extract = "last_number"
+    #: Per-family keyword arguments the task's searches need (``{"tot": {"depth": 4}}``).
+    search: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def default_data_dir() -> Path:
+    """``$PEFTSCALE_DATA`` if set, else ``../shared/data`` next to the project (the working tree's
+    parent), else ``./data``."""
+    env = os.environ.get("PEFTSCALE_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent.parent / "shared" / "data"
+        if (parent / "pyproject.toml").is_file() and candidate.is_dir():
+            return candidate
+    cwd_candidate = Path.cwd().parent / "shared" / "data"
+    return cwd_candidate if cwd_candidate.is_dir() else Path("data")
+
+
+def parse_slice(spec: str | None, total: int) -> range:
+    """``"200:500"`` -> rows 200..499; ``":100"``, ``"900:"``, ``None`` (all). Checked against the
+    data set's size."""
+    if spec is None or spec.strip() in ("", ":"):
+        return range(total)
+    start_s, sep, end_s = spec.partition(":")
+    if not sep:
+        raise InvalidArgument(f"invalid argument: slice must look like 'a:b', got '{spec}'")
+    try:
+        start = int(start_s) if start_s.strip() else 0
+        end = int(end_s) if end_s.strip() else total
+    except ValueError:
+        raise InvalidArgument(f"invalid argument: slice bounds must be integers, got '{spec}'") from None
+    if not 0 <= start < end <= total:
+        raise InvalidArgument(f"invalid argument: slice {spec} is empty or outside the data set's {total} rows")
+    return range(start, end)
+
+
+def parse_fields(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"question=q,answer=a"`` -> ``{"question": "q", "answer": "a"}`` (defaults: the same names)."""
+    fields = {"question": "question", "answer": "answer"}
+    if spec is None:
+        return fields
+    pairs = spec.items() if isinstance(spec, Mapping) else (p.split("=", 1) for p in spec.split(",") if p.strip())
+    for pair in pairs:
+        if len(pair) != 2:
+            raise InvalidArgument(f"invalid argument: fields must look like 'question=q,answer=a', got '{spec}'")
+        key, value = (s.strip() for s in pair)
+        if key not in fields:
+            raise InvalidArgument(f"invalid argument: unknown field '{key}' (known: question, answer)")
+        fields[key] = value
+    return fields
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise InvalidArgument(f"invalid argument: no data file at {path} (set --data-dir or PEFTSCALE_DATA)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"invalid argument: {path}:{n} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InvalidArgument(f"invalid argument: {path}:{n} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _gsm8k(data_dir: Path, shots: int) -> Task:
+    def load(split: str) -> list[Question]:
+        rows = _read_jsonl(data_dir / "gsm8k" / f"{split}.jsonl")
+        return [
+            Question(
+                id=f"gsm8k/{split}:{i}",
+                question=r["question"],
+                gold=gsm8k_gold(r["answer"]),
+                solution=r["answer"],
+            )
+            for i, r in enumerate(rows)
+        ]
+
+    return Task("gsm8k", load("test"), grade_gsm8k, judge_number, shots=load("train")[:shots] if shots else [])
+
+
+def _math500(data_dir: Path, shots: int) -> Task:
+    rows = _read_jsonl(data_dir / "math500" / "test.jsonl")
+    questions = [
+        Question(id=f"math500:{i}", question=r["problem"], gold=r["answer"], solution=r.get("solution"))
+        for i, r in enumerate(rows)
+    ]
+    if shots:
+        raise InvalidArgument("invalid argument: MATH-500 has no train split here; use shots=0")
+    return Task(
+        "math500",
+        questions,
+        grade_math,
+        judge_math,
+        template="{question}\n\nLet's think step by step. Put the final answer in \\boxed{}.",
+        extract="boxed",
+    )
+
+
+def _judge_game24(expression: str | None, puzzle: str) -> bool:
+    return expression is not None and check_game24(expression, puzzle)
+
+
+GAME24_TEMPLATE = (
+    "Use the numbers {question} and + - * / to make 24. Each number must be used exactly once. "
+    "Combine two numbers per step, then end with 'Answer: <expression> = 24'."
+)
+
+
+def _game24(data_dir: Path, shots: int) -> Task:
+    path = data_dir / "game24" / "24.csv"
+    if not path.is_file():
+        raise InvalidArgument(f"invalid argument: no data file at {path} (set --data-dir or PEFTSCALE_DATA)")
+    with open(path, encoding="utf-8", newline="") as f:
+        puzzles = [row["Puzzles"] for row in csv.DictReader(f)]
+    if shots:
+        raise InvalidArgument("invalid argument: Game of 24 prompts are zero-shot; use shots=0")
+    return Task(
+        "game24",
+        [Question(id=f"game24:{i}", question=p, gold=p) for i, p in enumerate(puzzles)],
+        grade_game24,
+        _judge_game24,
+        template=GAME24_TEMPLATE,
+        extract=extract_game24,
+    )
+
+
+def _jsonl(path: Path, fields: dict[str, str]) -> Task:
+    rows = _read_jsonl(path)
+    questions = []
+    for i, r in enumerate(rows):
+        missing = [f for f in fields.values() if f not in r]
+        if missing:
+            raise InvalidArgument(
+                f"invalid argument: {path} row {i} has no field {missing[0]!r} "
+                f"(map fields with --fields question=...,answer=...)"
+            )
+        answer = str(r[fields["answer"]])
+        gold = gsm8k_gold(answer) if "####" in answer else answer
+        questions.append(Question(id=f"{path.name}:{i}", question=str(r[fields["question"]]), gold=gold))
+    return Task(path.stem, questions, grade_gsm8k, judge_number)
+
+
+def load_task(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    fields: str | Mapping[str, str] | None = None,
+    shots: int = 0,
+) -> Task:
+    """``dataset``: ``"gsm8k"`` (test split; k-shot examples from train), ``"math500"``,
+    ``"game24"`` or a path to a JSONL file whose rows hold a question and a numeric answer
+    (``fields`` maps their names)."""
+    if shots < 0:
+        raise InvalidArgument(f"invalid argument: shots must be >= 0, got {shots}")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if dataset == "gsm8k":
+        return _gsm8k(root, shots)
+    if dataset == "math500":
+        return _math500(root, shots)
+    if dataset == "game24":
+        return _game24(root, shots)
+    path = Path(dataset)
+    if path.suffix == ".jsonl":
+        if shots:
+            raise InvalidArgument("invalid argument: a JSONL data set has no train split here; use shots=0")
+        return _jsonl(path, parse_fields(fields))
+    raise InvalidArgument(
+        f"invalid argument: unknown dataset '{dataset}' (gsm8k, math500, game24 or a path to a .jsonl file)"
+    )

@@ -1,0 +1,40 @@
+"""Chat-formatted evaluation prompts: zero-shot chain of thought, or k worked examples first."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from peftscale.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from peftscale.engine import Engine
+    from peftscale.eval.datasets import Question, Task
+
+_CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
+
+
+def user_turn(template: str, question: str) -> str:
+    """``template`` with ``{question}`` replaced (other braces, such as LaTeX's, are left alone)."""
+    if "{question}" not in template:
+        raise InvalidArgument("invalid argument: a prompt template needs a '{question}' placeholder")
+    return template.replace("{question}", question)
+
+
+def _worked(shot: Question) -> str:
+    if shot.solution is None:
+        raise InvalidArgument(f"invalid argument: example {shot.id} has no worked solution for a k-shot prompt")
+    # GSM8K's calculator notes ("<<48/2=24>>") are dropped, as in training.
+    return _CALCULATOR_NOTE.sub("", shot.solution)
+
+
+def build_prompt(engine: Engine, task: Task, question: Question, template: str | None = None) -> str:
+    """The question as the model's chat template renders it, after the task's k-shot examples
+    (each a user turn and the worked answer as the assistant's turn)."""
+    template = template or task.template
+    messages: list[dict[str, str]] = []
+    for shot in task.shots:
+        messages.append({"role": "user", "content": user_turn(template, shot.question)})
+        messages.append({"role": "assistant", "content": _worked(shot)})
+    messages.append({"role": "user", "content": user_turn(template, question.question)})
+    return engine.apply_chat_template(messages)

@@ -1,0 +1,175 @@
+"""An evaluation folder's summary: ``summary.json``, ``table.md`` and the accuracy-against-compute
+plots ``accuracy_flops.png`` and ``accuracy_seconds.png``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from peftscale.eval.stats import paired_difference, wilson_interval
+
+__all__ = ["StrategySummary", "summarize", "write"]
+
+SUMMARY = "summary.json"
+TABLE = "table.md"
+PLOT_FLOPS = "accuracy_flops.png"
+PLOT_SECONDS = "accuracy_seconds.png"
+
+
+@dataclass(frozen=True)
+class StrategySummary:
+    strategy: str
+    family: str
+    budget: int | None
+    questions: int
+    correct: int
+    accuracy: float
+    #: 95% Wilson interval of the accuracy.
+    ci_low: float
+    ci_high: float
+    tokens_per_question: float
+    flops_per_question: float
+    seconds_per_question: float
+
+
+def _reference(labels: Sequence[str]) -> str | None:
+    """What the others are compared with: greedy with the adapter, else base greedy, else the first."""
+    for name in ("greedy", "base:greedy"):
+        if name in labels:
+            return name
+    return labels[0] if labels else None
+
+
+def summarize(records: Sequence[dict[str, Any]], ids: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Per-strategy accuracy (with its interval) and compute over the questions ``ids``, and each
+    strategy's paired difference from the reference on the questions both answered."""
+    wanted = set(ids)
+    by: dict[str, dict[str, dict[str, Any]]] = {label: {} for label in labels}
+    for r in records:
+        if r["strategy"] in by and r["id"] in wanted:
+            by[r["strategy"]][r["id"]] = r
+    rows: list[StrategySummary] = []
+    for label in labels:
+        got = list(by[label].values())
+        if not got:
+            continue
+        n, right = len(got), sum(bool(r["correct"]) for r in got)
+        low, high = wilson_interval(right, n)
+        rows.append(
+            StrategySummary(
+                strategy=label,
+                family=got[0]["family"],
+                budget=got[0]["budget"],
+                questions=n,
+                correct=right,
+                accuracy=right / n,
+                ci_low=low,
+                ci_high=high,
+                tokens_per_question=sum(r["tokens"] for r in got) / n,
+                flops_per_question=sum(r["flops"] for r in got) / n,
+                seconds_per_question=sum(r["seconds"] for r in got) / n,
+            )
+        )
+    ref = _reference([r.strategy for r in rows])
+    comparisons = []
+    if ref is not None:
+        for row in rows:
+            if row.strategy == ref:
+                continue
+            common = [i for i in ids if i in by[ref] and i in by[row.strategy]]
+            if not common:
+                continue
+            d = paired_difference(
+                [bool(by[ref][i]["correct"]) for i in common], [bool(by[row.strategy][i]["correct"]) for i in common]
+            )
+            comparisons.append({"strategy": row.strategy, "reference": ref, **asdict(d)})
+    return {"strategies": [asdict(r) for r in rows], "reference": ref, "comparisons": comparisons}
+
+
+def _table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| strategy | questions | accuracy | 95% CI | tokens / q | GFLOPs / q | seconds / q |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["strategies"]:
+        lines.append(
+            f"| {r['strategy']} | {r['questions']} | {r['accuracy']:.1%} | {r['ci_low']:.1%}-{r['ci_high']:.1%} | "
+            f"{r['tokens_per_question']:.0f} | {r['flops_per_question'] / 1e9:.1f} | {r['seconds_per_question']:.2f} |"
+        )
+    if summary["comparisons"]:
+        lines += [
+            "",
+            f"Paired against {summary['reference']} (same questions; 95% paired-bootstrap interval, exact McNemar):",
+            "",
+            "| strategy | difference | 95% CI | only reference right | only strategy right | p |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in summary["comparisons"]:
+            lines.append(
+                f"| {c['strategy']} | {c['difference']:+.1%} | {c['low']:+.1%} to {c['high']:+.1%} | "
+                f"{c['only_a']} | {c['only_b']} | {c['p_value']:.3g} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict[str, Any], x_key: str, x_label: str, path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: dict[str, list[dict[str, Any]]] = {}
+    for r in summary["strategies"]:
+        families.setdefault(r["family"], []).append(r)
+    for family, rs in families.items():
+        rs = sorted(rs, key=lambda r: r[x_key])
+        xs = [r[x_key] for r in rs]
+        ys = [100 * r["accuracy"] for r in rs]
+        err = [
+            [100 * (r["accuracy"] - r["ci_low"]) for r in rs],
+            [100 * (r["ci_high"] - r["accuracy"]) for r in rs],
+        ]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=family, linestyle="-" if len(rs) > 1 else "none")
+        for r in rs:
+            if r["budget"] is not None:
+                ax.annotate(
+                    str(r["budget"]),
+                    (r[x_key], 100 * r["accuracy"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write(out: Path, ids: Sequence[str], labels: Sequence[str], title: str = "") -> dict[str, Any]:
+    """Writes ``summary.json``, ``table.md`` and the plots for the results in ``out``; returns the
+    summary. Plots need matplotlib (``pip install "peftscale[train]"``); without it they are
+    skipped with a note."""
+    from peftscale.eval.runner import read_records
+
+    summary = summarize(read_records(out), ids, labels)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / TABLE).write_text(_table(summary))
+    if summary["strategies"]:
+        flops = _plot(summary, "flops_per_question", "FLOPs per question (log)", out / PLOT_FLOPS, title)
+        seconds = _plot(summary, "seconds_per_question", "seconds per question (log)", out / PLOT_SECONDS, title)
+        if not (flops and seconds):
+            print("matplotlib is not installed: plots skipped (pip install matplotlib)", file=sys.stderr)
+    return summary

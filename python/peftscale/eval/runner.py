@@ -1,0 +1,308 @@
+"""Runs strategies over a data set's questions, one result line per question, resumably."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from peftscale import models
+from peftscale.engine import Engine, GenerationOutput
+from peftscale.errors import InvalidArgument
+from peftscale.eval.datasets import Question, Task, load_task, parse_slice
+from peftscale.eval.prompts import build_prompt
+from peftscale.eval.specs import Spec, parse_specs
+from peftscale.strategies import Adaptive, CoLD, Greedy, Sampling
+
+__all__ = ["EvalConfig", "Record", "run", "RESULTS", "RUN"]
+
+RESULTS = "results.jsonl"
+"""One JSON line per (strategy, question), appended as each question finishes."""
+RUN = "run.json"
+"""What the results in a folder were produced from; a rerun into the folder must match it."""
+
+_MAX_NEW_TOKENS = {"gsm8k": 256, "math500": 512, "game24": 192}
+_ADAPTER = "eval"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that decides an evaluation's results (``run.json`` holds it)."""
+
+    dataset: str
+    strategies: str
+    model: str | None = None
+    adapter: str | None = None
+    slice: str | None = None
+    data_dir: str | None = None
+    fields: str | None = None
+    shots: int = 0
+    #: The user turn, ``{question}`` replaced; default: the task's zero-shot chain of thought.
+    template: str | None = None
+    #: Per generated answer (searches: per path); default per data set (GSM8K 256, MATH 512, 24: 192).
+    max_new_tokens: int | None = None
+    #: Questions per call for greedy, sampling and CoLD (rows of one batch).
+    batch_size: int = 8
+    #: Questions per call for adaptive allocation (its budget is spread over them).
+    group_size: int = 16
+    #: CoLD settings for ``cold`` and ``+cold``.
+    cold_alpha: float = 0.1
+    cold_beta: float = 0.5
+    #: Per-family keyword arguments for the strategy dataclasses (``{"tot": {"depth": 4}}``).
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields whose change makes earlier results incomparable: not the strategies or the
+        slice (results are kept per strategy and question, so either may grow), nor batching."""
+        d = asdict(self)
+        for k in ("strategies", "slice", "batch_size", "group_size", "data_dir"):
+            d.pop(k)
+        d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class Record:
+    """One question answered by one strategy."""
+
+    id: str
+    strategy: str
+    family: str
+    budget: int | None
+    question: str
+    gold: str
+    prediction: str | None
+    correct: bool
+    #: The reply the prediction was read from (the search's chosen path).
+    text: str
+    finish_reason: str
+    #: Tokens run through the model for this question (prompt once, every path and probe).
+    tokens: int
+    #: Tokens generated in the returned reply.
+    generated_tokens: int
+    flops: float
+    seconds: float
+
+
+@dataclass
+class _Call:
+    """One engine call's outputs for some questions, and each question's share of its cost."""
+
+    outputs: list[GenerationOutput]
+    shares: list[float]
+
+
+def _progress(total: int, label: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=label, unit="q", file=sys.stderr, dynamic_ncols=True)
+
+
+class _Results:
+    """The results file: read once, then appended line by line (flushed, so a crash keeps them)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        self.records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        # A line cut short by a crash: that question runs again.
+                        continue
+        self.done = {(r["strategy"], r["id"]) for r in self.records}
+        self._file: TextIO | None = None
+
+    def append(self, record: Record) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        line = json.dumps(asdict(record), ensure_ascii=False)
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records.append(asdict(record))
+        self.done.add((record.strategy, record.id))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _check_run_file(out: Path, config: EvalConfig) -> None:
+    path = out / RUN
+    identity = config.identity()
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            earlier = None
+        if earlier != identity:
+            changed = sorted(k for k in identity if not isinstance(earlier, dict) or earlier.get(k) != identity[k])
+            raise InvalidArgument(
+                f"invalid argument: {out} holds results of a different evaluation (changed: {', '.join(changed)}); "
+                "use another output folder"
+            )
+    else:
+        path.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def _chunks(items: Sequence[Question], size: int) -> Iterator[list[Question]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def _task_overrides(task: Task, config: EvalConfig) -> dict[str, dict[str, Any]]:
+    """The task's own search settings (``Task.search``), then the user's on top."""
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in task.search.items()}
+    for family, kwargs in config.overrides.items():
+        merged.setdefault(family, {}).update(kwargs)
+    return merged
+
+
+def _shares(outputs: Sequence[GenerationOutput]) -> list[float]:
+    """Each output's share of its call's cost: its own tokens (prompt and reply; search outputs
+    report ``tokens_spent``) over all of them."""
+    weights = [o.tokens_spent or (o.prompt_tokens + len(o.token_ids)) for o in outputs]
+    total = sum(weights) or 1
+    return [w / total for w in weights]
+
+
+def _run_call(engine: Engine, spec: Spec, prompts: list[str], max_new_tokens: int, group_budget: int | None) -> _Call:
+    adapter = _ADAPTER if spec.uses_adapter else None
+    strategy = spec.strategy
+    if isinstance(strategy, Adaptive):
+        assert group_budget is not None
+        import dataclasses
+
+        strategy = dataclasses.replace(strategy, budget_tokens=group_budget)
+    if len(prompts) == 1 and not isinstance(strategy, Adaptive):
+        out = engine.generate(prompts[0], max_new_tokens=max_new_tokens, strategy=strategy, adapter=adapter)
+        return _Call([out], [1.0])
+    outs = engine.generate(prompts, max_new_tokens=max_new_tokens, strategy=strategy, adapter=adapter)
+    assert isinstance(outs, list)
+    return _Call(outs, _shares(outs))
+
+
+def _record(task: Task, spec: Spec, q: Question, out: GenerationOutput, share: float) -> Record:
+    text = out.text or ""
+    if out.answer is not None:
+        prediction: str | None = out.answer
+        correct = task.judge(prediction, q.gold)
+    else:
+        grade = task.grade(text, q.gold)
+        prediction, correct = grade.prediction, grade.correct
+    tokens = out.tokens_spent or round(out.stats.tokens_forwarded * share)
+    return Record(
+        id=q.id,
+        strategy=spec.label,
+        family=spec.family,
+        budget=spec.budget,
+        question=q.question,
+        gold=q.gold,
+        prediction=prediction,
+        correct=bool(correct),
+        text=text,
+        finish_reason=out.finish_reason,
+        tokens=int(tokens),
+        generated_tokens=len(out.token_ids),
+        flops=float(out.stats.flops * share),
+        seconds=float(out.stats.seconds * share),
+    )
+
+
+def run(
+    config: EvalConfig | None = None,
+    out: str | os.PathLike[str] = "eval-out",
+    *,
+    engine: Engine | None = None,
+    progress: bool = True,
+    on_record: Callable[[Record], None] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Runs every strategy of ``config`` over the chosen questions and writes the results to
+    ``out`` (see :mod:`peftscale.eval`); returns ``out``.
+
+    ``config`` may be left out and its fields given as keywords (``dataset="gsm8k",
+    strategies="greedy,sc@8", slice="200:500"``). Questions already in ``out/results.jsonl`` are
+    skipped, so an interrupted run continues where it stopped. ``engine`` reuses a loaded model
+    (it must be the one ``config.model`` names).
+    """
+    if config is None:
+        config = EvalConfig(**kwargs)
+    elif kwargs:
+        raise InvalidArgument(f"invalid argument: give either a config or keywords, not both ({sorted(kwargs)})")
+    if config.batch_size < 1 or config.group_size < 1:
+        raise InvalidArgument("invalid argument: batch_size and group_size must be >= 1")
+    task = load_task(config.dataset, config.data_dir, config.fields, config.shots)
+    rows = parse_slice(config.slice, len(task.questions))
+    questions = [task.questions[i] for i in rows]
+    specs = parse_specs(
+        config.strategies,
+        extract=task.extract,
+        cold=CoLD(alpha=config.cold_alpha, beta=config.cold_beta),
+        overrides=_task_overrides(task, config),
+        has_adapter=config.adapter is not None,
+    )
+    max_new_tokens = config.max_new_tokens or _MAX_NEW_TOKENS.get(task.name, 256)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_file(out_dir, config)
+    if engine is None:
+        engine = Engine.load(config.model or models.smollm2_135m_instruct())
+    if config.adapter is not None and _ADAPTER not in engine.adapters:
+        engine.load_adapter(config.adapter, name=_ADAPTER)
+    prompts = {q.id: build_prompt(engine, task, q, config.template) for q in questions}
+    results = _Results(out_dir / RESULTS)
+    try:
+        for spec in specs:
+            todo = [q for q in questions if (spec.label, q.id) not in results.done]
+            earlier = [r for r in results.records if r["strategy"] == spec.label]
+            right, seen = sum(r["correct"] for r in earlier), len(earlier)
+            bar = _progress(len(questions), spec.label, progress)
+            if bar is not None:
+                bar.update(seen)
+            size = config.group_size if spec.per_group else (config.batch_size if _batchable(spec) else 1)
+            for chunk in _chunks(todo, size):
+                budget = spec.budget * len(chunk) if spec.per_group and spec.budget else None
+                call = _run_call(engine, spec, [prompts[q.id] for q in chunk], max_new_tokens, budget)
+                for q, o, share in zip(chunk, call.outputs, call.shares, strict=True):
+                    record = _record(task, spec, q, o, share)
+                    results.append(record)
+                    right, seen = right + record.correct, seen + 1
+                    if on_record is not None:
+                        on_record(record)
+                if bar is not None:
+                    bar.update(len(chunk))
+                    bar.set_postfix(acc=f"{right / seen:.1%}")
+            if bar is not None:
+                bar.close()
+    finally:
+        results.close()
+    from peftscale.eval import report
+
+    report.write(out_dir, [q.id for q in questions], [s.label for s in specs])
+    return out_dir
+
+
+def _batchable(spec: Spec) -> bool:
+    """Plain decoding of several questions shares one batched call; searches run one question per
+    call so that each one's compute is measured exactly."""
+    return isinstance(spec.strategy, Greedy | Sampling | CoLD)
+
+
+def read_records(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The result lines of an evaluation folder."""
+    return _Results(Path(out) / RESULTS).records

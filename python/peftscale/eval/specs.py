@@ -1,0 +1,187 @@
+"""Strategy specs on the command line: ``greedy,cold,sc@8,bon@1..16,beam@4,tot,mcts,adaptive``.
+
+Grammar of one spec: ``[base:]NAME[@BUDGETS][+cold]``.
+
+- ``NAME``: ``greedy``, ``sample``, ``cold``, ``sc`` (self-consistency), ``bon`` (best-of-N),
+  ``beam``, ``tot`` (Tree-of-Thought, BFS), ``mcts`` or ``adaptive``.
+- ``BUDGETS``: one number (``sc@8``), the powers of two from a to b (``sc@1..16`` = 1, 2, 4, 8,
+  16), every integer from a to b (``tot@1:5``). The budget is ``n`` for ``sc`` and ``bon``,
+  ``num_beams`` for ``beam``, ``breadth`` for ``tot``, ``iterations`` for ``mcts`` and the mean
+  generated tokens per question for ``adaptive``.
+- ``+cold``: the strategy scores tokens with CoLD (needs an adapter).
+- ``base:``: run without the adapter (``base:greedy`` beside ``greedy`` compares the two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from peftscale.errors import InvalidArgument
+from peftscale.strategies import (
+    MCTS,
+    Adaptive,
+    BeamSearch,
+    BestOfN,
+    CoLD,
+    Extract,
+    Greedy,
+    Sampling,
+    SelfConsistency,
+    Strategy,
+    TreeOfThought,
+)
+
+__all__ = ["FAMILIES", "Spec", "parse_specs"]
+
+FAMILIES = ("greedy", "sample", "cold", "sc", "bon", "beam", "tot", "mcts", "adaptive")
+_NO_BUDGET = ("greedy", "sample", "cold")
+_DEFAULT_BUDGET = {"sc": 8, "bon": 8, "beam": 4, "tot": 3, "mcts": 16, "adaptive": 1024}
+_SAMPLING = Sampling(temperature=0.7, seed=0)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One strategy at one budget, ready to run."""
+
+    #: How results name it: ``"sc@8"``, ``"sc@8+cold"``, ``"base:greedy"``.
+    label: str
+    #: The curve it belongs to in the plots: ``"sc"``, ``"sc+cold"``, ``"base:greedy"``.
+    family: str
+    budget: int | None
+    strategy: Strategy
+    #: Whether the run's adapter is used.
+    uses_adapter: bool
+    #: Adaptive allocation spreads ``budget`` tokens per question over a whole group of
+    #: questions in one call; the others take one question per call (or a batch of them).
+    per_group: bool = False
+
+
+def _budgets(text: str, spec: str) -> list[int]:
+    try:
+        if ".." in text:
+            lo, hi = (int(x) for x in text.split(".."))
+            if lo < 1 or hi < lo:
+                raise ValueError
+            out, n = [], 1
+            while n <= hi:
+                if n >= lo:
+                    out.append(n)
+                n *= 2
+            if not out:
+                raise ValueError
+            return out
+        if ":" in text:
+            lo, hi = (int(x) for x in text.split(":"))
+            if lo < 1 or hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        n = int(text)
+        if n < 1:
+            raise ValueError
+        return [n]
+    except ValueError:
+        raise InvalidArgument(
+            f"invalid argument: budget in '{spec}' must be N, A..B (powers of two) or A:B (every integer), all >= 1"
+        ) from None
+
+
+def _build(
+    name: str,
+    budget: int | None,
+    cold: CoLD | None,
+    settings: CoLD,
+    extract: Extract,
+    overrides: Mapping[str, Mapping[str, Any]],
+) -> Strategy:
+    extra = dict(overrides.get(name, {}))
+    if name == "greedy":
+        return Greedy()
+    if name == "sample":
+        return dataclasses.replace(_SAMPLING, **extra)
+    if name == "cold":
+        return dataclasses.replace(settings, **extra)
+    assert budget is not None
+    if name == "sc":
+        return SelfConsistency(n=budget, sampling=_SAMPLING, extract=extract, scorer=cold, **extra)
+    if name == "bon":
+        return BestOfN(n=budget, sampling=_SAMPLING, scorer=cold or "mean_logprob", **extra)
+    if name == "beam":
+        return BeamSearch(num_beams=budget, scorer=cold, **extra)
+    if name == "tot":
+        return TreeOfThought(breadth=budget, sampling=_SAMPLING, scorer=cold, **extra)
+    if name == "mcts":
+        return MCTS(iterations=budget, extract=extract, sampling=_SAMPLING, scorer=cold, **extra)
+    if name == "adaptive":
+        # budget_tokens is set per group by the runner (budget x the group's questions).
+        return Adaptive(sampling=_SAMPLING, extract=extract, scorer=cold, **extra)
+    raise AssertionError(name)
+
+
+def parse_specs(
+    text: str,
+    *,
+    extract: Extract = "last_number",
+    cold: CoLD | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    has_adapter: bool = False,
+) -> list[Spec]:
+    """Every strategy and budget ``text`` names, in order, duplicates removed.
+
+    ``extract`` is the task's answer extractor (for votes and MCTS rewards); ``cold`` the CoLD
+    settings that ``cold`` and ``+cold`` use (default ``CoLD()``); ``overrides`` per-family
+    keyword arguments for the strategy dataclasses (``{"tot": {"generate": "propose"}}``).
+    """
+    overrides = overrides or {}
+    unknown = set(overrides) - set(FAMILIES)
+    if unknown:
+        raise InvalidArgument(f"invalid argument: overrides for unknown strategies {sorted(unknown)}")
+    specs: list[Spec] = []
+    seen: set[str] = set()
+    for raw in (s.strip() for s in text.split(",")):
+        if not raw:
+            continue
+        base = raw.startswith("base:")
+        body = raw.removeprefix("base:")
+        body, plus, scorer = body.partition("+")
+        if plus and scorer != "cold":
+            raise InvalidArgument(f"invalid argument: '{raw}': the only scorer suffix is '+cold'")
+        name, at, budget_text = body.partition("@")
+        if name not in FAMILIES:
+            known = ", ".join(FAMILIES)
+            raise InvalidArgument(f"invalid argument: unknown strategy '{name}' in '{raw}' (known: {known})")
+        if name in _NO_BUDGET and at:
+            raise InvalidArgument(f"invalid argument: '{name}' takes no budget ('{raw}')")
+        if plus and name in _NO_BUDGET:
+            raise InvalidArgument(f"invalid argument: '{raw}': use 'cold' for CoLD decoding on its own")
+        uses_cold = bool(plus) or name == "cold"
+        if uses_cold and base:
+            raise InvalidArgument(f"invalid argument: '{raw}': CoLD needs the adapter, not base:")
+        if uses_cold and not has_adapter:
+            raise InvalidArgument(f"invalid argument: '{raw}' uses CoLD, which needs an adapter (--adapter)")
+        budgets: list[int | None] = (
+            [None] if name in _NO_BUDGET else list(_budgets(budget_text, raw) if at else [_DEFAULT_BUDGET[name]])
+        )
+        family = ("base:" if base else "") + name + ("+cold" if plus else "")
+        for b in budgets:
+            label = family if b is None else f"{'base:' if base else ''}{name}@{b}{'+cold' if plus else ''}"
+            if label in seen:
+                continue
+            seen.add(label)
+            settings = cold or CoLD()
+            strategy = _build(name, b, settings if plus else None, settings, extract, overrides)
+            specs.append(
+                Spec(
+                    label=label,
+                    family=family,
+                    budget=b,
+                    strategy=strategy,
+                    uses_adapter=has_adapter and not base,
+                    per_group=name == "adaptive",
+                )
+            )
+    if not specs:
+        raise InvalidArgument("invalid argument: no strategies given (e.g. 'greedy,sc@8')")
+    return specs

@@ -1,0 +1,103 @@
+"""peftscale.eval end to end on the packaged model: records against the engine's own outputs,
+per-question compute, resuming, and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peftscale as ps
+import pytest
+from peftscale.cli import main
+from peftscale.eval.datasets import load_task
+from peftscale.eval.prompts import build_prompt
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = [
+    ("Tom has 3 apples and buys 4 more. How many apples does he have?", "7"),
+    ("A box holds 6 eggs. How many eggs are in 5 boxes?", "30"),
+    ("Sara had 20 dollars and spent 8. How many dollars are left?", "12"),
+]
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "arith.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QUESTIONS))
+    return path
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_records_are_the_engines_outputs_graded(smollm2_q: ps.Engine, data: Path, tmp_path: Path) -> None:
+    out = ps.eval.run(
+        dataset=str(data),
+        strategies="greedy,sc@2",
+        out=tmp_path / "run",
+        max_new_tokens=24,
+        batch_size=2,
+        engine=smollm2_q,
+        progress=False,
+    )
+    records = _records(out)
+    assert [(r["strategy"], r["id"]) for r in records] == [
+        (s, f"arith.jsonl:{i}") for s in ("greedy", "sc@2") for i in range(3)
+    ]
+    task = load_task(str(data))
+    prompts = [build_prompt(smollm2_q, task, q) for q in task.questions]
+    greedy = [r for r in records if r["strategy"] == "greedy"]
+    for r, prompt, q in zip(greedy, prompts, task.questions, strict=True):
+        alone = smollm2_q.generate(prompt, max_new_tokens=24)
+        assert r["text"] == alone.text
+        grade = ps.eval.grade_gsm8k(alone.text, q.gold)
+        assert (r["prediction"], r["correct"]) == (grade.prediction, grade.correct)
+        assert r["generated_tokens"] == len(alone.token_ids)
+    # Questions batched in one call split its compute by their tokens: the shares add up to the call.
+    pair = smollm2_q.generate(prompts[:2], max_new_tokens=24)
+    assert sum(r["flops"] for r in greedy[:2]) == pytest.approx(pair[0].stats.flops, rel=1e-9)
+    assert sum(r["tokens"] for r in greedy[:2]) == pytest.approx(pair[0].stats.tokens_forwarded, abs=1)
+    # A search runs one question per call: its compute is the call's, and its answer is the vote's.
+    sc = [r for r in records if r["strategy"] == "sc@2"]
+    direct = smollm2_q.generate(prompts[0], max_new_tokens=24, strategy=ps.eval.parse_specs("sc@2")[0].strategy)
+    assert sc[0]["prediction"] == direct.answer
+    assert sc[0]["tokens"] == direct.tokens_spent
+    assert sc[0]["flops"] == pytest.approx(direct.stats.flops)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["strategy"] for s in summary["strategies"]] == ["greedy", "sc@2"]
+    assert summary["strategies"][0]["correct"] == sum(r["correct"] for r in greedy)
+    assert (out / "table.md").read_text().startswith("| strategy |")
+
+
+def test_an_interrupted_run_continues(smollm2_q: ps.Engine, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    seen: list[str] = []
+
+    def stop_after_first(record: ps.eval.Record) -> None:
+        seen.append(record.id)
+        raise KeyboardInterrupt
+
+    kwargs = dict(dataset=str(data), strategies="greedy", max_new_tokens=16, batch_size=1, engine=smollm2_q)
+    with pytest.raises(KeyboardInterrupt):
+        ps.eval.run(out=out, progress=False, on_record=stop_after_first, **kwargs)
+    first = _records(out)
+    assert [r["id"] for r in first] == seen == ["arith.jsonl:0"]
+    ps.eval.run(out=out, progress=False, on_record=lambda r: seen.append(r.id), **kwargs)
+    records = _records(out)
+    assert [r["id"] for r in records] == [f"arith.jsonl:{i}" for i in range(3)]
+    assert records[0] == first[0]
+    assert seen[1:] == ["arith.jsonl:1", "arith.jsonl:2"]  # the finished question did not run again
+    with pytest.raises(ps.InvalidArgument, match="different evaluation.*max_new_tokens"):
+        ps.eval.run(out=out, progress=False, **{**kwargs, "max_new_tokens": 8})
+
+
+def test_the_command_line(smollm2_path: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    argv = ["eval", "--dataset", str(data), "--slice", "0:2", "--strategies", "greedy", "--out", str(out)]
+    assert main([*argv, "--max-new-tokens", "8", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| greedy | 2 |" in printed
+    assert main(["eval", "--dataset", str(data), "--strategies", "cold", "--out", str(out)]) == 1
+    assert "needs an adapter" in capsys.readouterr().err
