@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,29 +79,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    path = args.model or models.smollm2_135m_instruct()
-    print(f"model: {path}")
-    t0 = time.perf_counter()
-    eng = Engine.load(path, dtype=args.dtype)
-    print(f"loaded in {time.perf_counter() - t0:.2f}s ({eng.weight_bytes / 1e6:.1f} MB of weights)")
-    question = "What is the capital of France? Answer in one sentence."
-    prompt = eng.apply_chat_template([{"role": "user", "content": question}])
-    print(f"\nuser: {question}\nassistant: ", end="", flush=True)
-    t0 = time.perf_counter()
-    pieces = []
-    for piece in eng.stream(prompt, max_new_tokens=args.max_new_tokens, strategy=Greedy()):
-        pieces.append(piece)
-        print(piece, end="", flush=True)
-    print()
-    out = eng.generate(prompt, max_new_tokens=64, ignore_eos=True)
-    speed = len(out.token_ids) / out.stats.seconds
-    print(
-        f"\ngreedy: {len(out.token_ids)} tokens in {out.stats.seconds:.2f}s = {speed:.1f} tokens/s "
-        f"({out.stats.flops / out.stats.seconds / 1e9:.1f} GFLOP/s, prompt included)"
-    )
-    batch = eng.generate([prompt] * 4, max_new_tokens=32, strategy=Sampling(temperature=0.8, seed=1), ignore_eos=True)
-    n = sum(len(o.token_ids) for o in batch)
-    print(f"batched sampling: 4 rows x 32 tokens, {n / batch[0].stats.seconds:.1f} tokens/s in total")
+    from peftscale.eval import demo
+
+    try:
+        demo.run(args.out, quick=args.quick, data_dir=args.data_dir)
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to continue from what is saved in {args.out}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -194,8 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = sub.add_parser("chat", help="interactive chat")
     _add_model_args(c)
     c.set_defaults(func=cmd_chat)
-    d = sub.add_parser("demo", help="generate from the packaged model and print speed")
-    _add_model_args(d)
+    d = sub.add_parser(
+        "demo", help="train a LoRA on GSM8K, then compare greedy, CoLD and test-time strategies (about 15 min)"
+    )
+    d.add_argument("--quick", action="store_true", help="a smaller run of about 3 minutes")
+    d.add_argument("--out", default="runs/demo", help="output folder (rerun into it to continue)")
+    d.add_argument("--data-dir", default=None, help="where gsm8k/ lies (default ../shared/data)")
     d.set_defaults(func=cmd_demo)
     for name, what in (
         ("train", "train from a YAML config (lora, qlora, full, prune, distill; see examples/)"),
@@ -221,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--data-dir", default=None, help="where gsm8k/, math500/, game24/ lie (default ../shared/data)")
     e.add_argument("--fields", default=None, help="JSONL field names: question=q,answer=a")
     e.add_argument("--shots", type=int, default=0, help="worked examples from the train split before each question")
-    e.add_argument("--template", default=None, help="the user turn, with a {question} placeholder")
+    e.add_argument("--template", default=None, help="user turn: 'plain', 'cot' or a text with {question}")
     e.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default per data set)")
     e.add_argument("--batch-size", type=int, default=8, help="questions per call for greedy, sample and cold")
     e.add_argument("--group-size", type=int, default=16, help="questions per call for adaptive allocation")

@@ -14,10 +14,22 @@ if TYPE_CHECKING:
 _CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
 
 
+TEMPLATES = {
+    "plain": "{question}",
+    "cot": "{question}\n\nLet's think step by step.",
+}
+"""Named templates for ``template=``: the bare question, or zero-shot chain of thought."""
+
+
 def user_turn(template: str, question: str) -> str:
-    """``template`` with ``{question}`` replaced (other braces, such as LaTeX's, are left alone)."""
+    """``template`` (a name from :data:`TEMPLATES` or a text) with ``{question}`` replaced (other
+    braces, such as LaTeX's, are left alone)."""
+    template = TEMPLATES.get(template, template)
     if "{question}" not in template:
-        raise InvalidArgument("invalid argument: a prompt template needs a '{question}' placeholder")
+        raise InvalidArgument(
+            f"invalid argument: a prompt template needs a '{{question}}' placeholder or one of the names "
+            f"{', '.join(TEMPLATES)}; got {template!r}"
+        )
     return template.replace("{question}", question)
 
 
