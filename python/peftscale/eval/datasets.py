@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftscale.errors import InvalidArgument
 from peftscale.eval.grading import (
@@ -27,6 +27,9 @@ from peftscale.eval.grading import (
     judge_number,
 )
 from peftscale.strategies import Extract
+
+if TYPE_CHECKING:
+    from peftscale.engine import Engine
 
 __all__ = ["Question", "Task", "default_data_dir", "load_task", "parse_fields", "parse_slice"]
 
@@ -61,8 +64,9 @@ class Task:
     template: str = "{question}"
     #: What the self-consistency, MCTS and adaptive votes extract from each path.
     extract: Extract = "last_number"
-    #: Per-family keyword arguments the task's searches need (``{"tot": {"depth": 4}}``).
-    search: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Per-family keyword arguments the task's searches need, given the loaded engine
+    #: (``{"tot": {"depth": 4}}``).
+    search: Callable[[Engine], dict[str, dict[str, Any]]] | None = None
 
 
 def default_data_dir() -> Path:
@@ -166,6 +170,12 @@ def _math500(data_dir: Path, shots: int) -> Task:
     )
 
 
+def _game24_search(engine: Engine) -> dict[str, dict[str, Any]]:
+    from peftscale.eval.game24 import search_settings
+
+    return search_settings(engine)
+
+
 def _judge_game24(expression: str | None, puzzle: str) -> bool:
     return expression is not None and check_game24(expression, puzzle)
 
@@ -191,6 +201,7 @@ def _game24(data_dir: Path, shots: int) -> Task:
         _judge_game24,
         template=GAME24_TEMPLATE,
         extract=extract_game24,
+        search=_game24_search,
     )
 
 

@@ -164,9 +164,10 @@ def _chunks(items: Sequence[Question], size: int) -> Iterator[list[Question]]:
         yield list(items[i : i + size])
 
 
-def _task_overrides(task: Task, config: EvalConfig) -> dict[str, dict[str, Any]]:
+def _task_overrides(task: Task, config: EvalConfig, engine: Engine) -> dict[str, dict[str, Any]]:
     """The task's own search settings (``Task.search``), then the user's on top."""
-    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in task.search.items()}
+    own = task.search(engine) if task.search is not None else {}
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in own.items()}
     for family, kwargs in config.overrides.items():
         merged.setdefault(family, {}).update(kwargs)
     return merged
@@ -249,19 +250,23 @@ def run(
     task = load_task(config.dataset, config.data_dir, config.fields, config.shots)
     rows = parse_slice(config.slice, len(task.questions))
     questions = [task.questions[i] for i in rows]
-    specs = parse_specs(
-        config.strategies,
-        extract=task.extract,
-        cold=CoLD(alpha=config.cold_alpha, beta=config.cold_beta),
-        overrides=_task_overrides(task, config),
-        has_adapter=config.adapter is not None,
-    )
+    # The strategies are checked before the model loads (it takes seconds), then built with the
+    # task's engine-dependent settings.
+    has_adapter = config.adapter is not None
+    parse_specs(config.strategies, overrides=config.overrides, has_adapter=has_adapter)
     max_new_tokens = config.max_new_tokens or _MAX_NEW_TOKENS.get(task.name, 256)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run_file(out_dir, config)
     if engine is None:
         engine = Engine.load(config.model or models.smollm2_135m_instruct())
+    specs = parse_specs(
+        config.strategies,
+        extract=task.extract,
+        cold=CoLD(alpha=config.cold_alpha, beta=config.cold_beta),
+        overrides=_task_overrides(task, config, engine),
+        has_adapter=has_adapter,
+    )
     if config.adapter is not None and _ADAPTER not in engine.adapters:
         engine.load_adapter(config.adapter, name=_ADAPTER)
     prompts = {q.id: build_prompt(engine, task, q, config.template) for q in questions}

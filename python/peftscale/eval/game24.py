@@ -1,0 +1,263 @@
+"""Game of 24 at small scale (the Tree-of-Thought paper's setting): a solver, the LoRA training
+data it yields, and the search settings that use the model's own proposals and value judgements.
+
+The recipe (``examples/game24/README.md``):
+
+1. ``python -m peftscale.eval.game24 data --out runs/game24-data`` writes chat-format training
+   rows from puzzles *outside* the test range 900-999 of ``24.csv``: solution traces in the
+   propose format (``4 + 8 = 12 (left: 6 12)``, one step per line, then ``Answer: ... = 24``) and
+   value judgements (sure / likely / impossible for the numbers a partial solution leaves,
+   labelled by the solver).
+2. ``peftscale train examples/game24/lora-game24.yaml`` trains the adapter on them.
+3. ``peftscale eval --dataset game24 --slice 900:1000 --adapter runs/game24-lora
+   --strategies greedy,sc@1..8,tot@1:5,mcts@8 --out runs/eval-game24``: Tree-of-Thought samples
+   each step from the adapter and scores the states with the adapter's own value judgements.
+
+The solver labels the training data only; the checker grades only the final expressions; neither
+runs inside a search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import random
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftscale.eval.datasets import GAME24_TEMPLATE, default_data_dir
+from peftscale.eval.grading import check_game24
+from peftscale.eval.prompts import user_turn
+
+if TYPE_CHECKING:
+    from peftscale.engine import Engine
+
+__all__ = [
+    "TEST_RANGE",
+    "VALUE_QUESTION",
+    "Step",
+    "can_reach_24",
+    "format_number",
+    "search_settings",
+    "solutions",
+    "training_rows",
+    "value_label",
+]
+
+TEST_RANGE = range(900, 1000)
+"""The puzzles the ToT paper tests on (rows of ``24.csv``); training never uses them."""
+
+VALUE_QUESTION = (
+    "Steps so far:\n{state}\nCan the numbers left still make 24? Answer with one word: sure, likely or impossible."
+)
+"""The value judgement's user turn; ``{state}`` is the partial solution, one step per line."""
+
+
+def format_number(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """``left op right = result``, and the numbers left afterwards (sorted)."""
+
+    left: Fraction
+    op: str
+    right: Fraction
+    result: Fraction
+    remaining: tuple[Fraction, ...]
+
+    def __str__(self) -> str:
+        rest = " ".join(format_number(n) for n in self.remaining)
+        return (
+            f"{format_number(self.left)} {self.op} {format_number(self.right)} = "
+            f"{format_number(self.result)} (left: {rest})"
+        )
+
+
+def _moves(nums: tuple[Fraction, ...]) -> Iterator[tuple[int, int, str, Fraction]]:
+    """Every (i, j, op, value) that combines two of ``nums`` (both orders for - and /)."""
+    for i in range(len(nums)):
+        for j in range(len(nums)):
+            if i == j:
+                continue
+            a, b = nums[i], nums[j]
+            if i < j:
+                yield i, j, "+", a + b
+                yield i, j, "*", a * b
+            yield i, j, "-", a - b
+            if b != 0:
+                yield i, j, "/", a / b
+
+
+@functools.cache
+def _reachable(nums: tuple[Fraction, ...]) -> bool:
+    if len(nums) == 1:
+        return nums[0] == 24
+    for i, j, _, value in _moves(nums):
+        rest = tuple(sorted([n for k, n in enumerate(nums) if k not in (i, j)] + [value]))
+        if _reachable(rest):
+            return True
+    return False
+
+
+def can_reach_24(numbers: Sequence[int | Fraction]) -> bool:
+    """Whether ``numbers`` can still make 24 with + - * / (each used once, exact arithmetic)."""
+    return _reachable(tuple(sorted(Fraction(n) for n in numbers)))
+
+
+def solutions(puzzle: str) -> list[tuple[list[Step], str]]:
+    """Every way to solve ``puzzle`` (``"4 9 10 13"``) as steps and the final expression, distinct
+    expressions only, in a fixed order."""
+    start = [(Fraction(int(n)), n) for n in puzzle.split()]
+    found: dict[str, list[Step]] = {}
+
+    def walk(items: list[tuple[Fraction, str]], steps: list[Step]) -> None:
+        if len(items) == 1:
+            if items[0][0] == 24:
+                found.setdefault(items[0][1], list(steps))
+            return
+        nums = tuple(v for v, _ in items)
+        for i, j, op, value in _moves(nums):
+            rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+            if not _reachable(tuple(sorted([v for v, _ in rest] + [value]))):
+                continue
+            left_expr, right_expr = items[i][1], items[j][1]
+            expr = f"{left_expr} {op} {right_expr}"
+            merged = [*rest, (value, f"({expr})" if len(rest) else expr)]
+            remaining = tuple(sorted(v for v, _ in merged))
+            walk(merged, [*steps, Step(nums[i], op, nums[j], value, remaining)])
+
+    walk(start, [])
+    return [(steps, f"{expr} = 24") for expr, steps in found.items()]
+
+
+def value_label(steps: Sequence[Step], puzzle: str, answer: str | None = None) -> str:
+    """The solver's judgement of a partial solution: ``sure`` when one step (or none) is left and
+    it works, or a final answer is right; ``likely`` when 24 is still reachable in more steps;
+    ``impossible`` otherwise."""
+    if answer is not None:
+        return "sure" if check_game24(answer, puzzle) else "impossible"
+    numbers = steps[-1].remaining if steps else tuple(Fraction(int(n)) for n in puzzle.split())
+    if not can_reach_24(numbers):
+        return "impossible"
+    return "sure" if len(numbers) <= 2 else "likely"
+
+
+def _wrong_step(steps: list[Step], puzzle: str, rng: random.Random) -> list[Step] | None:
+    """``steps`` with a last step that leaves numbers from which 24 cannot be made, if any."""
+    nums = steps[-1].remaining if steps else tuple(Fraction(int(n)) for n in puzzle.split())
+    options = []
+    for i, j, op, value in _moves(nums):
+        rest = tuple(sorted([n for k, n in enumerate(nums) if k not in (i, j)] + [value]))
+        if not _reachable(rest):
+            options.append(Step(nums[i], op, nums[j], value, rest))
+    return [*steps, rng.choice(options)] if options else None
+
+
+def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int = 0) -> list[dict[str, Any]]:
+    """Chat rows (``{"messages": [...]}``) for ``peftscale train``: up to ``traces_per_puzzle``
+    solution traces per solvable puzzle, and value judgements of partial solutions (solution
+    prefixes, a final answer, and wrong turns), balanced between the three labels."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    values: dict[str, list[dict[str, Any]]] = {"sure": [], "likely": [], "impossible": []}
+
+    def value_row(state: list[str], label: str) -> None:
+        question = VALUE_QUESTION.replace("{state}", "\n".join(state))
+        values[label].append(
+            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": label}]}
+        )
+
+    for puzzle in puzzles:
+        found = solutions(puzzle)
+        prompt = user_turn(GAME24_TEMPLATE, puzzle)
+        if found:
+            # Traces through whole, non-negative numbers where the puzzle has them: the steps a
+            # person would write, and easier for a small model to imitate.
+            plain = [f for f in found if all(s.result >= 0 and s.result.denominator == 1 for s in f[0])]
+            pool = plain or found
+            for steps, answer in rng.sample(pool, min(traces_per_puzzle, len(pool))):
+                reply = "\n".join([*(str(s) for s in steps), f"Answer: {answer}"])
+                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+                rows.append({"messages": messages})
+            steps, answer = rng.choice(pool)
+            for k in range(1, len(steps) + 1):
+                value_row([str(s) for s in steps[:k]], value_label(steps[:k], puzzle))
+            value_row([*(str(s) for s in steps), f"Answer: {answer}"], "sure")
+            cut = rng.randrange(len(steps))
+            wrong = _wrong_step(list(steps[:cut]), puzzle, rng)
+            if wrong is not None:
+                value_row([str(s) for s in wrong], "impossible")
+        else:
+            wrong = _wrong_step([], puzzle, rng)
+            if wrong is not None:
+                value_row([str(s) for s in wrong], "impossible")
+    # As many of each label as the rarest has, so that no label is the safe guess.
+    least = min(len(v) for v in values.values())
+    for label in values:
+        rows.extend(rng.sample(values[label], least))
+    rng.shuffle(rows)
+    return rows
+
+
+def search_settings(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Tree-of-Thought and MCTS settings for Game of 24: one step per line (three steps, then the
+    answer line), steps sampled from the model, and Tree-of-Thought's states valued by the model's
+    own sure / likely / impossible judgement, asked in its chat format."""
+    value_template = engine.apply_chat_template([{"role": "user", "content": VALUE_QUESTION}])
+    return {
+        "tot": {
+            "step_delimiter": "\n",
+            "depth": 4,
+            "proposals": 3,
+            "generate": "sample",
+            "evaluator": "self",
+            "value_samples": 3,
+            "value_template": value_template,
+            "max_step_tokens": 32,
+        },
+        "mcts": {"step_delimiter": "\n", "max_depth": 4, "max_step_tokens": 32},
+    }
+
+
+def _read_puzzles(data_dir: Path) -> list[str]:
+    with open(data_dir / "game24" / "24.csv", encoding="utf-8", newline="") as f:
+        return [row["Puzzles"] for row in csv.DictReader(f)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m peftscale.eval.game24", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="write LoRA training rows from the puzzles outside rows 900-999")
+    d.add_argument("--out", required=True, help="folder for train.jsonl")
+    d.add_argument("--data-dir", default=None, help="where game24/24.csv lies (default ../shared/data)")
+    d.add_argument("--traces-per-puzzle", type=int, default=2)
+    d.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    puzzles = _read_puzzles(data_dir)
+    train = [p for i, p in enumerate(puzzles) if i not in TEST_RANGE]
+    rows = training_rows(train, args.traces_per_puzzle, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    traces = sum(1 for r in rows if r["messages"][1]["content"].startswith(tuple("0123456789")))
+    print(
+        f"{len(rows)} rows ({traces} solution traces, {len(rows) - traces} value judgements) from "
+        f"{len(train)} puzzles outside rows {TEST_RANGE.start}-{TEST_RANGE.stop - 1}: {out / 'train.jsonl'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
