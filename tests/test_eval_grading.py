@@ -142,6 +142,10 @@ def test_game24_extraction() -> None:
     assert grading.grade_game24(reply, "2 4 8").correct
     assert grading.extract_game24("steps\n(4 + 8) * 2 = 24\n") == "(4 + 8) * 2 = 24"
     assert grading.extract_game24("no answer") is None
+    # Words before the arithmetic are dropped; a step line ("... (left: 24)") is not an answer.
+    assert grading.extract_game24("So we get (4 + 8) * 2 = 24.") == "(4 + 8) * 2 = 24"
+    assert grading.extract_game24("4 + 8 = 12 (left: 2 12)\n12 * 2 = 24 (left: 24)") is None
+    assert not grading.grade_game24("Sum them: 4 + 5 + 6 + 10 = 24", "4 5 6 10").correct
 
 
 # ------------------------------------------------------------------ statistics

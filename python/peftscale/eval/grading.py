@@ -256,18 +256,22 @@ def _check_game24(expression: str, numbers: str | list[int]) -> bool:
 
 
 _ANSWER_LINE = re.compile(r"answer\s*[:=]\s*(.+)", re.IGNORECASE)
+# The arithmetic at the end of a line, up to "= 24": "So (4 + 8) * 2 = 24." -> "(4 + 8) * 2 = 24".
+_EXPRESSION_TO_24 = re.compile(r"([\d\s+\-*/×÷().]*\d[\d\s+\-*/×÷().]*=\s*24)\s*\.?\s*$")
 
 
 def extract_game24(reply: str) -> str | None:
     """The final expression of a Game of 24 reply: after the last ``Answer:``, else the last line
-    that ends in ``= 24`` and is not a single step (``a op b = 24 (left: ...)``)."""
+    that ends in ``= 24``; words before the arithmetic are dropped."""
     found = _ANSWER_LINE.findall(reply)
-    if found:
-        return found[-1].strip().rstrip(".")
-    for line in reversed(reply.splitlines()):
-        line = line.strip().rstrip(".")
-        if re.search(r"=\s*24\s*$", line):
-            return line
+    candidates = [found[-1]] if found else reversed(reply.splitlines())
+    for line in candidates:
+        line = line.strip()
+        m = _EXPRESSION_TO_24.search(line)
+        if m:
+            return m.group(1).strip()
+        if found:
+            return line.rstrip(".") or None
     return None
 
 

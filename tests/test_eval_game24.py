@@ -1,0 +1,91 @@
+"""The Game of 24 solver and training rows, checked against an independent brute force over
+expression strings graded by the checker."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA
+from peftscale.eval import game24
+from peftscale.eval.grading import check_game24
+
+
+def _brute_force(puzzle: str) -> bool:
+    """Any fully parenthesised expression over any order of the four numbers that the checker
+    accepts: an oracle that shares no code with the solver."""
+    nums = puzzle.split()
+    shapes = ["(({a} {x} {b}) {y} {c}) {z} {d}", "({a} {x} ({b} {y} {c})) {z} {d}", "({a} {x} {b}) {y} ({c} {z} {d})",
+              "{a} {x} (({b} {y} {c}) {z} {d})", "{a} {x} ({b} {y} ({c} {z} {d}))"]  # fmt: skip
+    for a, b, c, d in set(itertools.permutations(nums)):
+        for x, y, z in itertools.product("+-*/", repeat=3):
+            for shape in shapes:
+                if check_game24(shape.format(a=a, b=b, c=c, d=d, x=x, y=y, z=z), puzzle):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("puzzle", ["4 9 10 13", "3 3 8 8", "1 1 1 1", "1 1 1 2", "1 5 5 5", "2 3 5 12", "1 1 2 7"])
+def test_solver_agrees_with_brute_force(puzzle: str) -> None:
+    found = game24.solutions(puzzle)
+    assert bool(found) == _brute_force(puzzle) == game24.can_reach_24([int(n) for n in puzzle.split()])
+    for steps, answer in found:
+        assert check_game24(answer, puzzle), answer
+        assert len(steps) == 3 and steps[-1].remaining == (Fraction(24),)
+    assert len({a for _, a in found}) == len(found)
+
+
+def test_step_format_and_value_labels() -> None:
+    steps, answer = next((s, a) for s, a in game24.solutions("4 9 10 13") if "4 * ((9 + 10) - 13)" in a)
+    assert [str(s) for s in steps] == [
+        "9 + 10 = 19 (left: 4 13 19)",
+        "19 - 13 = 6 (left: 4 6)",
+        "4 * 6 = 24 (left: 24)",
+    ]
+    assert game24.value_label(steps[:1], "4 9 10 13") == "likely"
+    assert game24.value_label(steps[:2], "4 9 10 13") == "sure"
+    wrong = game24.Step(Fraction(4), "+", Fraction(9), Fraction(13), (Fraction(10), Fraction(13), Fraction(13)))
+    assert game24.value_label([wrong], "4 9 10 13") == "impossible"
+    assert game24.value_label(steps, "4 9 10 13", answer=answer) == "sure"
+    assert game24.value_label(steps, "4 9 10 13", answer="4 * 9 - 10 - 13 = 24") == "impossible"
+    assert game24.format_number(Fraction(8, 3)) == "8/3"
+
+
+def test_training_rows_are_labelled_by_the_solver() -> None:
+    puzzles = ["4 9 10 13", "3 3 8 8", "1 1 1 1", "2 3 5 12", "1 1 2 7"]
+    rows = game24.training_rows(puzzles, traces_per_puzzle=2, seed=3)
+    assert rows == game24.training_rows(puzzles, traces_per_puzzle=2, seed=3)
+    labels = {"sure": 0, "likely": 0, "impossible": 0}
+    for row in rows:
+        user, reply = (m["content"] for m in row["messages"])
+        if reply in labels:
+            labels[reply] += 1
+            state = user.split("Steps so far:\n")[1].split("\nCan the numbers")[0].splitlines()
+            last = state[-1]
+            if last.startswith("Answer:"):
+                assert reply == "sure"
+                continue
+            left = [Fraction(n) for n in last.split("(left: ")[1].rstrip(")").split()]
+            reachable = game24.can_reach_24(left)
+            assert reply == ("impossible" if not reachable else "sure" if len(left) <= 2 else "likely"), user
+        else:
+            puzzle = user.split("Use the numbers ")[1].split(" and")[0]
+            *steps, answer = reply.splitlines()
+            assert len(steps) == 3 and check_game24(answer.removeprefix("Answer: "), puzzle)
+    assert labels["sure"] == labels["likely"] == labels["impossible"] > 0
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "game24").is_dir(), reason="../shared/data/game24 is absent")
+def test_the_data_command_never_trains_on_test_puzzles(tmp_path: Path) -> None:
+    assert game24.main(["data", "--out", str(tmp_path), "--data-dir", str(SHARED_DATA)]) == 0
+    puzzles = (SHARED_DATA / "game24" / "24.csv").read_text().splitlines()[1:]
+    test = {line.split(",")[1] for line in puzzles[900:1000]}
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    prompts = [r["messages"][0]["content"] for r in rows if "Use the numbers" in r["messages"][0]["content"]]
+    used = {p.split("Use the numbers ")[1].split(" and")[0] for p in prompts}
+    assert used and not used & test
+    # Every puzzle of the file is solvable (it lists solvable puzzles), so each training puzzle has a trace.
+    assert len(used) == len(puzzles) - 100
