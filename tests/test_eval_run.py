@@ -71,6 +71,39 @@ def test_records_are_the_engines_outputs_graded(smollm2_q: ps.Engine, data: Path
     assert (out / "table.md").read_text().startswith("| strategy |")
 
 
+def test_smaller_budgets_read_from_the_largest_run_equal_their_own_runs(
+    smollm2_q: ps.Engine, data: Path, tmp_path: Path
+) -> None:
+    """sc@1..4 and bon@1..4 run 4 samples per question once; sc@1, sc@2 and bon@2 are read from
+    their first samples. Each must be exactly what its own run gives."""
+    out = ps.eval.run(
+        dataset=str(data),
+        strategies="sc@1..4,bon@2..4",
+        out=tmp_path / "run",
+        max_new_tokens=24,
+        engine=smollm2_q,
+        progress=False,
+    )
+    records = {(r["strategy"], r["id"]): r for r in _records(out)}
+    assert {s for s, _ in records} == {"sc@1", "sc@2", "sc@4", "bon@2", "bon@4"}
+    task = load_task(str(data))
+    for spec in ps.eval.parse_specs("sc@1..4,bon@2..4"):
+        for q in task.questions:
+            r = records[(spec.label, q.id)]
+            assert (r["shares_samples_of"] is None) == (spec.budget == 4)
+            own = smollm2_q.generate(build_prompt(smollm2_q, task, q), max_new_tokens=24, strategy=spec.strategy)
+            assert r["text"] == own.text, (spec.label, q.id)
+            if spec.family == "sc":
+                assert r["prediction"] == own.answer
+            else:
+                assert r["prediction"] == ps.eval.grade_gsm8k(own.text, q.gold).prediction
+            if spec.budget < 4:
+                # Its share of the larger run's compute: fewer tokens, same cost per token.
+                parent = records[(r["shares_samples_of"], q.id)]
+                assert 0 < r["tokens"] <= parent["tokens"]
+                assert r["flops"] / r["tokens"] == pytest.approx(parent["flops"] / parent["tokens"], rel=0.05)
+
+
 def test_an_interrupted_run_continues(smollm2_q: ps.Engine, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     seen: list[str] = []

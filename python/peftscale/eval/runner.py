@@ -86,6 +86,10 @@ class Record:
     generated_tokens: int
     flops: float
     seconds: float
+    #: Set when the result was read from the first samples of a larger budget's run (see
+    #: :attr:`peftscale.eval.Spec.shares_samples_of`); its compute is that run's, scaled by the
+    #: tokens of the samples it used.
+    shares_samples_of: str | None = None
 
 
 @dataclass
@@ -224,6 +228,44 @@ def _record(task: Task, spec: Spec, q: Question, out: GenerationOutput, share: f
     )
 
 
+def _first_samples(task: Task, spec: Spec, q: Question, out: GenerationOutput, parent: Record) -> Record:
+    """``spec``'s result for ``q`` from the first ``spec.budget`` samples of the larger run ``out``
+    (same vote, or same ranking, as the engine's: ties go to the sample drawn first)."""
+    assert spec.budget is not None
+    used = out.candidates[: spec.budget]
+    if spec.family.startswith(("sc", "base:sc")):
+        votes: dict[str, float] = {}
+        for c in used:
+            if c.answer is not None:
+                votes[c.answer] = votes.get(c.answer, 0.0) + c.score
+        winner = max(votes, key=lambda a: votes[a]) if votes else None  # first seen wins ties
+        chosen = next((c for c in used if winner is not None and c.answer == winner), used[0])
+        prediction, correct = winner, task.judge(winner, q.gold)
+    else:
+        chosen = max(used, key=lambda c: c.score)  # the first of equal scores
+        grade = task.grade(chosen.text or "", q.gold)
+        prediction, correct = grade.prediction, grade.correct
+    full = out.prompt_tokens + sum(len(c.token_ids) for c in out.candidates)
+    part = (out.prompt_tokens + sum(len(c.token_ids) for c in used)) / full
+    return Record(
+        id=q.id,
+        strategy=spec.label,
+        family=spec.family,
+        budget=spec.budget,
+        question=q.question,
+        gold=q.gold,
+        prediction=prediction,
+        correct=bool(correct),
+        text=chosen.text or "",
+        finish_reason=chosen.finish_reason,
+        tokens=round(parent.tokens * part),
+        generated_tokens=len(chosen.token_ids),
+        flops=parent.flops * part,
+        seconds=parent.seconds * part,
+        shares_samples_of=parent.strategy,
+    )
+
+
 def run(
     config: EvalConfig | None = None,
     out: str | os.PathLike[str] = "eval-out",
@@ -273,25 +315,34 @@ def run(
     results = _Results(out_dir / RESULTS)
     try:
         for spec in specs:
-            todo = [q for q in questions if (spec.label, q.id) not in results.done]
+            if spec.shares_samples_of is not None:
+                continue  # written with the run whose samples it reads
+            nested = [s for s in specs if s.shares_samples_of == spec.label]
+            labels = [spec.label, *(s.label for s in nested)]
+            todo = [q for q in questions if any((label, q.id) not in results.done for label in labels)]
             earlier = [r for r in results.records if r["strategy"] == spec.label]
             right, seen = sum(r["correct"] for r in earlier), len(earlier)
-            bar = _progress(len(questions), spec.label, progress)
+            title = spec.label + (f" (and {', '.join(s.label for s in nested)})" if nested else "")
+            bar = _progress(len(questions), title, progress)
             if bar is not None:
-                bar.update(seen)
+                bar.update(len(questions) - len(todo))
             size = config.group_size if spec.per_group else (config.batch_size if _batchable(spec) else 1)
             for chunk in _chunks(todo, size):
                 budget = spec.budget * len(chunk) if spec.per_group and spec.budget else None
                 call = _run_call(engine, spec, [prompts[q.id] for q in chunk], max_new_tokens, budget)
                 for q, o, share in zip(chunk, call.outputs, call.shares, strict=True):
                     record = _record(task, spec, q, o, share)
-                    results.append(record)
-                    right, seen = right + record.correct, seen + 1
-                    if on_record is not None:
-                        on_record(record)
+                    if (record.strategy, record.id) not in results.done:
+                        right, seen = right + record.correct, seen + 1
+                    for r in [record, *(_first_samples(task, s, q, o, record) for s in nested)]:
+                        if (r.strategy, r.id) in results.done:
+                            continue  # run again only to fill in a shared-sample result
+                        results.append(r)
+                        if on_record is not None:
+                            on_record(r)
                 if bar is not None:
                     bar.update(len(chunk))
-                    bar.set_postfix(acc=f"{right / seen:.1%}")
+                    bar.set_postfix(acc=f"{right / max(seen, 1):.1%}")
             if bar is not None:
                 bar.close()
     finally:

@@ -57,6 +57,11 @@ class Spec:
     #: Adaptive allocation spreads ``budget`` tokens per question over a whole group of
     #: questions in one call; the others take one question per call (or a batch of them).
     per_group: bool = False
+    #: For a smaller budget of a self-consistency or best-of-N sweep: the label of the sweep's
+    #: largest budget, whose first ``budget`` samples are exactly the ones this budget would
+    #: draw (sample ``i`` is seeded by ``(seed, i)`` whatever ``n`` is). Its result is read from
+    #: that run instead of sampling again.
+    shares_samples_of: str | None = None
 
 
 def _budgets(text: str, spec: str) -> list[int]:
@@ -120,6 +125,23 @@ def _build(
     raise AssertionError(name)
 
 
+def _nests(name: str, strategy: Strategy) -> bool:
+    """Whether smaller budgets can be read from the largest one's samples: self-consistency
+    without early stopping (its votes then depend only on the samples) and best-of-N ranked by
+    log-probabilities."""
+    if name == "sc":
+        return (
+            isinstance(strategy, SelfConsistency)
+            and strategy.stop_when_confident is None
+            and not callable(strategy.scorer)
+        )
+    if name == "bon":
+        return isinstance(strategy, BestOfN) and (
+            isinstance(strategy.scorer, CoLD) or strategy.scorer in ("mean_logprob", "sum_logprob")
+        )
+    return False
+
+
 def parse_specs(
     text: str,
     *,
@@ -165,6 +187,7 @@ def parse_specs(
             [None] if name in _NO_BUDGET else list(_budgets(budget_text, raw) if at else [_DEFAULT_BUDGET[name]])
         )
         family = ("base:" if base else "") + name + ("+cold" if plus else "")
+        largest = f"{'base:' if base else ''}{name}@{max(b or 0 for b in budgets)}{'+cold' if plus else ''}"
         for b in budgets:
             label = family if b is None else f"{'base:' if base else ''}{name}@{b}{'+cold' if plus else ''}"
             if label in seen:
@@ -180,6 +203,7 @@ def parse_specs(
                     strategy=strategy,
                     uses_adapter=has_adapter and not base,
                     per_group=name == "adaptive",
+                    shares_samples_of=largest if _nests(name, strategy) and label != largest else None,
                 )
             )
     if not specs:
