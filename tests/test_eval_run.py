@@ -8,6 +8,7 @@ from pathlib import Path
 
 import peftscale as ps
 import pytest
+from conftest import SHARED_DATA
 from peftscale.cli import main
 from peftscale.eval.datasets import load_task
 from peftscale.eval.prompts import build_prompt
@@ -134,3 +135,41 @@ def test_the_command_line(smollm2_path: Path, data: Path, tmp_path: Path, capsys
     assert "| greedy | 2 |" in printed
     assert main(["eval", "--dataset", str(data), "--strategies", "cold", "--out", str(out)]) == 1
     assert "needs an adapter" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "game24").is_dir(), reason="../shared/data/game24 is absent")
+def test_game24_searches_use_the_models_own_judgement(smollm2_q: ps.Engine, tmp_path: Path) -> None:
+    """Tree-of-Thought values states and MCTS rewards rollouts with the model's answers to the
+    value question; the judge's own generations count in the question's compute."""
+    from peftscale.eval import game24
+
+    settings = game24.search_settings(smollm2_q, None)
+    assert "{state}" in settings["tot"]["value_template"] and "<|im_start|>" in settings["tot"]["value_template"]
+    judge = settings["mcts"]["reward"]
+    value = judge("", "4 + 8 = 12 (left: 2 12)\n12 * 2 = 24 (left: 24)\nAnswer: (4 + 8) * 2 = 24")
+    assert value in (0.0, 0.5, 1.0) or 0.0 <= value <= 1.0
+    tokens, flops = judge.take_spent()
+    assert tokens > 0 and flops > 0 and judge.take_spent() == (0, 0.0)
+
+    out = ps.eval.run(
+        dataset="game24",
+        data_dir=str(SHARED_DATA),
+        slice="900:901",
+        strategies="mcts@2",
+        out=tmp_path / "g24",
+        engine=smollm2_q,
+        progress=False,
+    )
+    (record,) = _records(out)
+    prompt = build_prompt(smollm2_q, load_task("game24", SHARED_DATA), load_task("game24", SHARED_DATA).questions[900])
+    own = smollm2_q.generate(
+        prompt,
+        max_new_tokens=192,
+        strategy=ps.MCTS(
+            iterations=2,
+            **{**settings["mcts"], "extract": ps.eval.extract_game24, "sampling": ps.Sampling(temperature=0.7, seed=0)},
+        ),
+    )
+    assert record["text"] == own.text
+    assert record["tokens"] > own.tokens_spent  # the judge's calls are counted too
+    assert record["correct"] == ps.eval.grade_game24(own.text or "", "4 5 6 10").correct

@@ -64,9 +64,9 @@ class Task:
     template: str = "{question}"
     #: What the self-consistency, MCTS and adaptive votes extract from each path.
     extract: Extract = "last_number"
-    #: Per-family keyword arguments the task's searches need, given the loaded engine
-    #: (``{"tot": {"depth": 4}}``).
-    search: Callable[[Engine], dict[str, dict[str, Any]]] | None = None
+    #: Per-family keyword arguments the task's searches need, given the loaded engine and the
+    #: adapter's name (``{"tot": {"depth": 4}}``).
+    search: Callable[[Engine, str | None], dict[str, dict[str, Any]]] | None = None
 
 
 def default_data_dir() -> Path:
@@ -170,10 +170,10 @@ def _math500(data_dir: Path, shots: int) -> Task:
     )
 
 
-def _game24_search(engine: Engine) -> dict[str, dict[str, Any]]:
+def _game24_search(engine: Engine, adapter: str | None) -> dict[str, dict[str, Any]]:
     from peftscale.eval.game24 import search_settings
 
-    return search_settings(engine)
+    return search_settings(engine, adapter)
 
 
 def _judge_game24(expression: str | None, puzzle: str) -> bool:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TEST_RANGE",
     "VALUE_QUESTION",
+    "ModelJudge",
     "Step",
     "can_reach_24",
     "format_number",
@@ -207,10 +208,46 @@ def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int 
     return rows
 
 
-def search_settings(engine: Engine) -> dict[str, dict[str, Any]]:
+class ModelJudge:
+    """MCTS's reward from the model's own judgement: it asks ``VALUE_QUESTION`` about a finished
+    rollout ``samples`` times (with ``adapter``) and scores sure / likely / impossible as 1 / 0.5 / 0.
+
+    Its generations are separate engine calls, so their compute is kept here for the caller to
+    add to the search's (:meth:`take_spent`)."""
+
+    def __init__(self, engine: Engine, adapter: str | None, samples: int = 3, seed: int = 0) -> None:
+        self.engine, self.adapter, self.samples, self.seed = engine, adapter, samples, seed
+        self._tokens, self._flops = 0, 0.0
+
+    def __call__(self, prompt: str, text: str) -> float:
+        from peftscale.strategies import Sampling
+
+        question = VALUE_QUESTION.replace("{state}", text.strip())
+        chat = self.engine.apply_chat_template([{"role": "user", "content": question}])
+        outs = self.engine.generate(
+            [chat] * self.samples,
+            max_new_tokens=4,
+            strategy=Sampling(temperature=0.7, seed=self.seed),
+            adapter=self.adapter,
+        )
+        assert isinstance(outs, list)
+        self._tokens += outs[0].stats.tokens_forwarded
+        self._flops += outs[0].stats.flops
+        words = [(o.text or "").strip().lower() for o in outs]
+        return sum(1.0 if w.startswith("sure") else 0.5 if w.startswith("likely") else 0.0 for w in words) / len(words)
+
+    def take_spent(self) -> tuple[int, float]:
+        """Tokens and FLOPs spent since the last call, and resets them."""
+        spent = (self._tokens, self._flops)
+        self._tokens, self._flops = 0, 0.0
+        return spent
+
+
+def search_settings(engine: Engine, adapter: str | None = None) -> dict[str, dict[str, Any]]:
     """Tree-of-Thought and MCTS settings for Game of 24: one step per line (three steps, then the
-    answer line), steps sampled from the model, and Tree-of-Thought's states valued by the model's
-    own sure / likely / impossible judgement, asked in its chat format."""
+    answer line), steps sampled from the model; Tree-of-Thought's states valued by the model's own
+    sure / likely / impossible judgement, asked in its chat format, and MCTS's rollouts rewarded by
+    the same judgement of the finished answer (:class:`ModelJudge`, with ``adapter``)."""
     value_template = engine.apply_chat_template([{"role": "user", "content": VALUE_QUESTION}])
     return {
         "tot": {
@@ -223,7 +260,12 @@ def search_settings(engine: Engine) -> dict[str, dict[str, Any]]:
             "value_template": value_template,
             "max_step_tokens": 32,
         },
-        "mcts": {"step_delimiter": "\n", "max_depth": 4, "max_step_tokens": 32},
+        "mcts": {
+            "step_delimiter": "\n",
+            "max_depth": 4,
+            "max_step_tokens": 32,
+            "reward": ModelJudge(engine, adapter),
+        },
     }
 
 

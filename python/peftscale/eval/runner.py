@@ -98,6 +98,18 @@ class _Call:
 
     outputs: list[GenerationOutput]
     shares: list[float]
+    #: Tokens and FLOPs of engine calls the strategy's callables made (a model judging rollouts).
+    nested: tuple[int, float] = (0, 0.0)
+
+
+def _nested_spent(strategy: object) -> tuple[int, float]:
+    tokens, flops = 0, 0.0
+    for name in ("reward", "evaluator", "scorer"):
+        take = getattr(getattr(strategy, name, None), "take_spent", None)
+        if callable(take):
+            t, f = take()
+            tokens, flops = tokens + t, flops + f
+    return tokens, flops
 
 
 def _progress(total: int, label: str, enabled: bool) -> Any:
@@ -170,7 +182,8 @@ def _chunks(items: Sequence[Question], size: int) -> Iterator[list[Question]]:
 
 def _task_overrides(task: Task, config: EvalConfig, engine: Engine) -> dict[str, dict[str, Any]]:
     """The task's own search settings (``Task.search``), then the user's on top."""
-    own = task.search(engine) if task.search is not None else {}
+    adapter = _ADAPTER if config.adapter is not None else None
+    own = task.search(engine, adapter) if task.search is not None else {}
     merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in own.items()}
     for family, kwargs in config.overrides.items():
         merged.setdefault(family, {}).update(kwargs)
@@ -195,13 +208,15 @@ def _run_call(engine: Engine, spec: Spec, prompts: list[str], max_new_tokens: in
         strategy = dataclasses.replace(strategy, budget_tokens=group_budget)
     if len(prompts) == 1 and not isinstance(strategy, Adaptive):
         out = engine.generate(prompts[0], max_new_tokens=max_new_tokens, strategy=strategy, adapter=adapter)
-        return _Call([out], [1.0])
+        return _Call([out], [1.0], _nested_spent(strategy))
     outs = engine.generate(prompts, max_new_tokens=max_new_tokens, strategy=strategy, adapter=adapter)
     assert isinstance(outs, list)
     return _Call(outs, _shares(outs))
 
 
-def _record(task: Task, spec: Spec, q: Question, out: GenerationOutput, share: float) -> Record:
+def _record(
+    task: Task, spec: Spec, q: Question, out: GenerationOutput, share: float, nested: tuple[int, float] = (0, 0.0)
+) -> Record:
     text = out.text or ""
     if out.answer is not None:
         prediction: str | None = out.answer
@@ -221,9 +236,9 @@ def _record(task: Task, spec: Spec, q: Question, out: GenerationOutput, share: f
         correct=bool(correct),
         text=text,
         finish_reason=out.finish_reason,
-        tokens=int(tokens),
+        tokens=int(tokens) + nested[0],
         generated_tokens=len(out.token_ids),
-        flops=float(out.stats.flops * share),
+        flops=float(out.stats.flops * share) + nested[1],
         seconds=float(out.stats.seconds * share),
     )
 
@@ -302,6 +317,8 @@ def run(
     _check_run_file(out_dir, config)
     if engine is None:
         engine = Engine.load(config.model or models.smollm2_135m_instruct())
+    if config.adapter is not None and _ADAPTER not in engine.adapters:
+        engine.load_adapter(config.adapter, name=_ADAPTER)
     specs = parse_specs(
         config.strategies,
         extract=task.extract,
@@ -309,8 +326,6 @@ def run(
         overrides=_task_overrides(task, config, engine),
         has_adapter=has_adapter,
     )
-    if config.adapter is not None and _ADAPTER not in engine.adapters:
-        engine.load_adapter(config.adapter, name=_ADAPTER)
     prompts = {q.id: build_prompt(engine, task, q, config.template) for q in questions}
     results = _Results(out_dir / RESULTS)
     try:
@@ -331,7 +346,7 @@ def run(
                 budget = spec.budget * len(chunk) if spec.per_group and spec.budget else None
                 call = _run_call(engine, spec, [prompts[q.id] for q in chunk], max_new_tokens, budget)
                 for q, o, share in zip(chunk, call.outputs, call.shares, strict=True):
-                    record = _record(task, spec, q, o, share)
+                    record = _record(task, spec, q, o, share, call.nested)
                     if (record.strategy, record.id) not in results.done:
                         right, seen = right + record.correct, seen + 1
                     for r in [record, *(_first_samples(task, s, q, o, record) for s in nested)]:
