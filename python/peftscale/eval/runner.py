@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -203,8 +204,6 @@ def _run_call(engine: Engine, spec: Spec, prompts: list[str], max_new_tokens: in
     strategy = spec.strategy
     if isinstance(strategy, Adaptive):
         assert group_budget is not None
-        import dataclasses
-
         strategy = dataclasses.replace(strategy, budget_tokens=group_budget)
     if len(prompts) == 1 and not isinstance(strategy, Adaptive):
         out = engine.generate(prompts[0], max_new_tokens=max_new_tokens, strategy=strategy, adapter=adapter)
