@@ -103,25 +103,26 @@ def _build(
 ) -> Strategy:
     extra = dict(overrides.get(name, {}))
     if name == "greedy":
-        return Greedy()
+        return Greedy(**extra)
     if name == "sample":
         return dataclasses.replace(_SAMPLING, **extra)
     if name == "cold":
         return dataclasses.replace(settings, **extra)
     assert budget is not None
+    # The spec's defaults, then the overrides on top (an override may replace any of them).
     if name == "sc":
-        return SelfConsistency(n=budget, sampling=_SAMPLING, extract=extract, scorer=cold, **extra)
+        return SelfConsistency(**{"n": budget, "sampling": _SAMPLING, "extract": extract, "scorer": cold, **extra})
     if name == "bon":
-        return BestOfN(n=budget, sampling=_SAMPLING, scorer=cold or "mean_logprob", **extra)
+        return BestOfN(**{"n": budget, "sampling": _SAMPLING, "scorer": cold or "mean_logprob", **extra})
     if name == "beam":
-        return BeamSearch(num_beams=budget, scorer=cold, **extra)
+        return BeamSearch(**{"num_beams": budget, "scorer": cold, **extra})
     if name == "tot":
-        return TreeOfThought(breadth=budget, sampling=_SAMPLING, scorer=cold, **extra)
+        return TreeOfThought(**{"breadth": budget, "sampling": _SAMPLING, "scorer": cold, **extra})
     if name == "mcts":
-        return MCTS(iterations=budget, extract=extract, sampling=_SAMPLING, scorer=cold, **extra)
+        return MCTS(**{"iterations": budget, "extract": extract, "sampling": _SAMPLING, "scorer": cold, **extra})
     if name == "adaptive":
         # budget_tokens is set per group by the runner (budget x the group's questions).
-        return Adaptive(sampling=_SAMPLING, extract=extract, scorer=cold, **extra)
+        return Adaptive(**{"sampling": _SAMPLING, "extract": extract, "scorer": cold, **extra})
     raise AssertionError(name)
 
 
