@@ -237,6 +237,19 @@ def test_bad_specs_are_named(text: str, message: str) -> None:
         specs.parse_specs(text)
 
 
+def test_overrides_reach_every_budget_and_unknown_fields_are_named() -> None:
+    from peftscale.cli import _overrides
+
+    parsed = specs.parse_specs("tot@1:2,sc@4", overrides=_overrides(["tot.depth=3", "sc.vote=weighted"]))
+    assert [s.strategy.depth for s in parsed[:2]] == [3, 3] and parsed[2].strategy.vote == "weighted"
+    with pytest.raises(InvalidArgument, match="not one of its fields"):
+        specs.parse_specs("tot@1", overrides={"tot": {"deep": 3}})
+    with pytest.raises(InvalidArgument, match="unknown strategies"):
+        specs.parse_specs("tot@1", overrides={"tree": {"depth": 3}})
+    with pytest.raises(InvalidArgument, match="FAMILY.FIELD=VALUE"):
+        _overrides(["depth=3"])
+
+
 def test_slices_and_fields() -> None:
     assert parse_slice("200:500", 1319) == range(200, 500)
     assert parse_slice(":3", 10) == range(0, 3)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftscale import models
 from peftscale.engine import Engine
-from peftscale.errors import PeftscaleError
+from peftscale.errors import InvalidArgument, PeftscaleError
 from peftscale.strategies import Greedy, Sampling, Strategy
 
 
@@ -137,6 +137,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(items: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``["tot.depth=3", "sc.vote=weighted"]`` -> ``{"tot": {"depth": 3}, "sc": {"vote": "weighted"}}``."""
+    import ast
+
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        family, dot, field = key.partition(".")
+        if not (sep and dot and family and field):
+            raise InvalidArgument(f"invalid argument: --set needs FAMILY.FIELD=VALUE (e.g. tot.depth=3), got '{item}'")
+        try:
+            value: object = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string
+        out.setdefault(family, {})[field] = value
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from peftscale import eval as ev
 
@@ -155,6 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         cold_alpha=args.cold_alpha,
         cold_beta=args.cold_beta,
+        overrides=_overrides(args.set),
     )
     try:
         out = ev.run(config, args.out, progress=not args.no_progress)
@@ -214,6 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--group-size", type=int, default=16, help="questions per call for adaptive allocation")
     e.add_argument("--cold-alpha", type=float, default=0.1)
     e.add_argument("--cold-beta", type=float, default=0.5)
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FAMILY.FIELD=VALUE",
+        help="a strategy field for every budget of a family: tot.depth=3, sc.vote=weighted, mcts.c_puct=1.5",
+    )
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)

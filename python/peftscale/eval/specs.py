@@ -195,7 +195,11 @@ def parse_specs(
                 continue
             seen.add(label)
             settings = cold or CoLD()
-            strategy = _build(name, b, settings if plus else None, settings, extract, overrides)
+            try:
+                strategy = _build(name, b, settings if plus else None, settings, extract, overrides)
+            except TypeError as e:
+                msg = f"invalid argument: a setting for {name!r} is not one of its fields ({e})"
+                raise InvalidArgument(msg) from None
             specs.append(
                 Spec(
                     label=label,
