@@ -160,7 +160,8 @@ class _Results:
 
 def _check_run_file(out: Path, config: EvalConfig) -> None:
     path = out / RUN
-    identity = config.identity()
+    # As JSON reads it back (tuples become lists; a callable in an override is named by its repr).
+    identity = json.loads(json.dumps(config.identity(), default=repr))
     if path.is_file():
         try:
             earlier = json.loads(path.read_text())
