@@ -160,8 +160,9 @@ class _Results:
 
 def _check_run_file(out: Path, config: EvalConfig) -> None:
     path = out / RUN
-    # As JSON reads it back (tuples become lists; a callable in an override is named by its repr).
-    identity = json.loads(json.dumps(config.identity(), default=repr))
+    # As JSON reads it back (tuples become lists; a callable in an override by its name, not
+    # its address, which changes from run to run).
+    identity = json.loads(json.dumps(config.identity(), default=_name_of))
     if path.is_file():
         try:
             earlier = json.loads(path.read_text())
@@ -175,6 +176,10 @@ def _check_run_file(out: Path, config: EvalConfig) -> None:
             )
     else:
         path.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def _name_of(value: object) -> str:
+    return getattr(value, "__qualname__", None) or type(value).__qualname__
 
 
 def _chunks(items: Sequence[Question], size: int) -> Iterator[list[Question]]:
