@@ -20,12 +20,6 @@ def test_generate_prints_the_continuation(smollm2_path) -> None:
     assert "Paris" in r.stdout
 
 
-def test_demo_reports_speed(smollm2_path) -> None:
-    r = _run("demo", "--max-new-tokens", "16")
-    assert r.returncode == 0, r.stderr
-    assert "tokens/s" in r.stdout
-
-
 def test_bad_model_path_is_a_clean_error(tmp_path) -> None:
     r = _run("generate", "--model", str(tmp_path / "missing.gguf"), "hi")
     assert r.returncode == 1
