@@ -116,6 +116,13 @@ def _table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(value: float, _: object = None) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
+
+
 def _plot(summary: dict[str, Any], x_key: str, x_label: str, path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -147,6 +154,13 @@ def _plot(summary: dict[str, Any], x_key: str, x_label: str, path: Path, title: 
                     textcoords="offset points",
                 )
     ax.set_xscale("log")
+    # Ticks at 1, 2 and 5 of each decade with short labels (50G, 100G, 200G): matplotlib's
+    # default minor labels collide when the range spans less than a decade.
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_short))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(x_label)
     ax.set_ylabel("accuracy (%), 95% CI")
     ax.set_title(title)

@@ -369,7 +369,10 @@ def run(
         results.close()
     from peftscale.eval import report
 
-    report.write(out_dir, [q.id for q in questions], [s.label for s in specs])
+    rows_text = f"rows {rows.start}-{rows.stop - 1}"
+    adapter_text = f" + {Path(config.adapter).name}" if config.adapter else ""
+    title = f"{task.name}, {rows_text}: {Path(engine.path).name}{adapter_text}"
+    report.write(out_dir, [q.id for q in questions], [s.label for s in specs], title=title)
     return out_dir
 
 
