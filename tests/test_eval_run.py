@@ -173,3 +173,24 @@ def test_game24_searches_use_the_models_own_judgement(smollm2_q: ps.Engine, tmp_
     assert record["text"] == own.text
     assert record["tokens"] > own.tokens_spent  # the judge's calls are counted too
     assert record["correct"] == ps.eval.grade_game24(own.text or "", "4 5 6 10").correct
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="../shared/data/gsm8k is absent")
+def test_k_shot_prompts_put_worked_train_examples_first(smollm2_q: ps.Engine) -> None:
+    task = load_task("gsm8k", SHARED_DATA, shots=2)
+    assert [s.id for s in task.shots] == ["gsm8k/train:0", "gsm8k/train:1"]
+    q = task.questions[200]
+    prompt = build_prompt(smollm2_q, task, q)
+    messages = [
+        {"role": "user", "content": task.shots[0].question},
+        {"role": "assistant", "content": task.shots[0].solution.replace("<<48/2=24>>", "").replace("<<48+24=72>>", "")},
+        {"role": "user", "content": task.shots[1].question},
+    ]
+    start = smollm2_q.apply_chat_template(messages, add_generation_prompt=False)
+    assert prompt.startswith(start)
+    assert "<<" not in prompt  # calculator notes dropped, as in training
+    assert prompt.endswith(smollm2_q.apply_chat_template([{"role": "user", "content": q.question}])[-200:])
+    assert prompt.count("<|im_start|>user") == 3
+    with pytest.raises(ps.InvalidArgument, match="placeholder"):
+        build_prompt(smollm2_q, task, q, template="no placeholder")
+    assert "Let's think step by step." in build_prompt(smollm2_q, task, q, template="cot")
