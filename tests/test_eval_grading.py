@@ -71,6 +71,8 @@ def test_parse_number_is_exact() -> None:
         ("\\boxed{2.50}", "\\frac{5}{2}", True),
         ("\\boxed{\\frac{1}{3}}", "0.33", False),
         ("\\boxed{6 - 5i}", "6+5i", False),
+        ("\\boxed{2m}", "2", False),  # a variable is not a unit
+        ("\\boxed{12 \\text{ cm}}", "12", True),
         ("first \\boxed{1} then \\boxed{2}", "2", True),
         ("nested \\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", True),
         ("The answer is 42.", "42", True),

@@ -126,9 +126,10 @@ _FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")
 _FRAC_HALF = re.compile(r"\\frac(\d)\{")
 _FRAC = re.compile(r"\\frac\{([^{}]*)\}\{([^{}]*)\}")
 _SQRT_SHORT = re.compile(r"\\sqrt(\w)")
+# Unit words after an answer ("12 \text{ cm}", "5 dollars"); no single letters, which are variables.
 _UNITS = re.compile(
-    r"\\?(?:text\{)?\s*(?:units?|cm|m|km|inches|inch|feet|foot|ft|degrees?|cents?|dollars?|hours?|minutes?|"
-    r"seconds?|meters?|miles?|mph|sq|square)\b\}?\s*$"
+    r"\\?(?:text\{)?\s*(?:units?|cm|km|inches|inch|feet|foot|ft|degrees?|cents?|dollars?|hours?|minutes?|"
+    r"seconds?|meters?|miles?|mph|square units)\b\}?\s*$"
 )
 
 
