@@ -273,3 +273,34 @@ def test_user_jsonl_with_a_field_map(tmp_path: Path) -> None:
         load_task(str(data))
     with pytest.raises(InvalidArgument, match="unknown dataset"):
         load_task("nope")
+
+
+def test_summary_compares_adaptive_with_each_sweep_at_equal_accuracy() -> None:
+    from peftscale.eval.report import summarize
+
+    def rec(strategy: str, budget: int | None, i: int, correct: bool, flops: float) -> dict:
+        family = strategy.split("@")[0]
+        return dict(strategy=strategy, family=family, budget=budget, id=str(i), correct=correct, tokens=10,
+                    flops=flops, seconds=1.0)  # fmt: skip
+
+    records = []
+    for i in range(100):
+        records += [
+            rec("greedy", None, i, i < 10, 1e9),
+            rec("sc@1", 1, i, i < 10, 1e9),
+            rec("sc@4", 4, i, i < 20, 4e9),
+            rec("sc@16", 16, i, i < 30, 16e9),
+            rec("adaptive@512", 512, i, i < 25, 3e9),
+            rec("adaptive@4096", 4096, i, i < 40, 30e9),
+        ]
+    labels = ["greedy", "sc@1", "sc@4", "sc@16", "adaptive@512", "adaptive@4096"]
+    s = summarize(records, [str(i) for i in range(100)], labels)
+    first, second = s["equal_accuracy"]
+    # 25% lies halfway between sc@4 (20%, 4 GFLOPs) and sc@16 (30%, 16 GFLOPs): 8 GFLOPs in log space.
+    assert first["against"] == "sc" and first["their_flops_at_that_accuracy"] == pytest.approx(8e9)
+    assert first["ratio"] == pytest.approx(8 / 3)
+    assert second["their_flops_at_that_accuracy"] is None and second["ratio"] is None  # sc never reaches 40%
+    by = {r["strategy"]: r for r in s["strategies"]}
+    assert by["sc@16"]["accuracy"] == 0.3 and by["sc@16"]["flops_per_question"] == 16e9
+    (cmp,) = [c for c in s["comparisons"] if c["strategy"] == "sc@16"]
+    assert cmp["reference"] == "greedy" and cmp["difference"] == pytest.approx(0.2) and cmp["only_b"] == 20

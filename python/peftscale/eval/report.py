@@ -87,7 +87,55 @@ def summarize(records: Sequence[dict[str, Any]], ids: Sequence[str], labels: Seq
                 [bool(by[ref][i]["correct"]) for i in common], [bool(by[row.strategy][i]["correct"]) for i in common]
             )
             comparisons.append({"strategy": row.strategy, "reference": ref, **asdict(d)})
-    return {"strategies": [asdict(r) for r in rows], "reference": ref, "comparisons": comparisons}
+    return {
+        "strategies": [asdict(r) for r in rows],
+        "reference": ref,
+        "comparisons": comparisons,
+        "equal_accuracy": _equal_accuracy(rows),
+    }
+
+
+def _equal_accuracy(rows: Sequence[StrategySummary]) -> list[dict[str, Any]]:
+    """For each adaptive budget and each family swept over several budgets (self-consistency,
+    best-of-N, ...): the FLOPs per question at which the sweep first reaches the adaptive run's
+    accuracy (interpolated linearly in log FLOPs between neighbouring budgets), and its ratio to
+    the adaptive run's FLOPs; ``None`` when the sweep never gets there."""
+    import math
+
+    sweeps: dict[str, list[StrategySummary]] = {}
+    for r in rows:
+        if r.budget is not None and not r.family.endswith("adaptive"):
+            sweeps.setdefault(r.family, []).append(r)
+    out = []
+    for a in (r for r in rows if r.family.split(":")[-1].startswith("adaptive")):
+        for family, points in sweeps.items():
+            if len(points) < 2:
+                continue
+            points = sorted(points, key=lambda p: p.flops_per_question)
+            at = None
+            for lo, hi in zip([None, *points], points, strict=False):
+                if hi.accuracy < a.accuracy:
+                    continue
+                if lo is None or lo.accuracy >= hi.accuracy:
+                    at = hi.flops_per_question
+                else:
+                    t = (a.accuracy - lo.accuracy) / (hi.accuracy - lo.accuracy)
+                    at = math.exp(
+                        math.log(lo.flops_per_question)
+                        + t * (math.log(hi.flops_per_question) - math.log(lo.flops_per_question))
+                    )
+                break
+            out.append(
+                {
+                    "strategy": a.strategy,
+                    "accuracy": a.accuracy,
+                    "flops_per_question": a.flops_per_question,
+                    "against": family,
+                    "their_flops_at_that_accuracy": at,
+                    "ratio": None if at is None else at / a.flops_per_question,
+                }
+            )
+    return out
 
 
 def _table(summary: dict[str, Any]) -> str:
@@ -112,6 +160,20 @@ def _table(summary: dict[str, Any]) -> str:
             lines.append(
                 f"| {c['strategy']} | {c['difference']:+.1%} | {c['low']:+.1%} to {c['high']:+.1%} | "
                 f"{c['only_a']} | {c['only_b']} | {c['p_value']:.3g} |"
+            )
+    if summary.get("equal_accuracy"):
+        lines += [
+            "",
+            "Compute to reach the adaptive run's accuracy along each sweep (interpolated in log FLOPs):",
+            "",
+            "| adaptive | its accuracy | its GFLOPs / q | sweep | sweep GFLOPs / q at that accuracy | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in summary["equal_accuracy"]:
+            theirs = e["their_flops_at_that_accuracy"]
+            lines.append(
+                f"| {e['strategy']} | {e['accuracy']:.1%} | {e['flops_per_question'] / 1e9:.1f} | {e['against']} | "
+                + ("not reached | - |" if theirs is None else f"{theirs / 1e9:.1f} | {e['ratio']:.2f}x |")
             )
     return "\n".join(lines) + "\n"
 
