@@ -19,6 +19,7 @@ from peftscale import models
 from peftscale.engine import Engine
 from peftscale.errors import InvalidArgument
 from peftscale.eval.datasets import default_data_dir
+from peftscale.provenance import RECORD
 
 __all__ = ["DemoPlan", "plan", "run"]
 
@@ -72,7 +73,7 @@ def _trained(output: Path, steps: int) -> bool:
     import json
 
     try:
-        record = json.loads((output / "peftscale.json").read_text())
+        record = json.loads((output / RECORD).read_text())
     except (OSError, ValueError):
         return False
     return not record.get("interrupted") and record.get("config", {}).get("train", {}).get("max_steps") == steps

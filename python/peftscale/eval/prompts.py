@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from peftscale.errors import InvalidArgument
+from peftscale.train.data import without_calculator_notes
 
 if TYPE_CHECKING:
     from peftscale.engine import Engine
     from peftscale.eval.datasets import Question, Task
-
-_CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
 
 
 TEMPLATES = {
@@ -36,8 +34,8 @@ def user_turn(template: str, question: str) -> str:
 def _worked(shot: Question) -> str:
     if shot.solution is None:
         raise InvalidArgument(f"invalid argument: example {shot.id} has no worked solution for a k-shot prompt")
-    # GSM8K's calculator notes ("<<48/2=24>>") are dropped, as in training.
-    return _CALCULATOR_NOTE.sub("", shot.solution)
+    # As in training.
+    return without_calculator_notes(shot.solution)
 
 
 def build_prompt(engine: Engine, task: Task, question: Question, template: str | None = None) -> str:

@@ -267,13 +267,10 @@ def _first_samples(task: Task, spec: Spec, q: Question, out: GenerationOutput, p
         prediction, correct = grade.prediction, grade.correct
     full = out.prompt_tokens + sum(len(c.token_ids) for c in out.candidates)
     part = (out.prompt_tokens + sum(len(c.token_ids) for c in used)) / full
-    return Record(
-        id=q.id,
+    return dataclasses.replace(
+        parent,
         strategy=spec.label,
-        family=spec.family,
         budget=spec.budget,
-        question=q.question,
-        gold=q.gold,
         prediction=prediction,
         correct=bool(correct),
         text=chosen.text or "",

@@ -20,6 +20,11 @@ Messages = list[dict[str, str]]
 _CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
 
 
+def without_calculator_notes(text: str) -> str:
+    """GSM8K worked steps without the data set's calculator notes (``<<48/2=24>>``)."""
+    return _CALCULATOR_NOTE.sub("", text)
+
+
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]
@@ -68,7 +73,7 @@ def to_messages(row: dict[str, Any], config: DataConfig, where: str) -> Messages
     if config.format in ("gsm8k", "prompt_completion"):
         if config.format == "gsm8k":
             # The worked steps without the dataset's calculator notes ("<<48/2=24>>").
-            prompt, reply = text("question"), _CALCULATOR_NOTE.sub("", text("answer"))
+            prompt, reply = text("question"), without_calculator_notes(text("answer"))
         else:
             prompt, reply = text("prompt"), text("completion")
         return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
