@@ -12,6 +12,7 @@ from conftest import SHARED_DATA
 from peftscale.cli import main
 from peftscale.eval.datasets import load_task
 from peftscale.eval.prompts import build_prompt
+from peftscale.eval.runner import _batchable
 
 pytestmark = pytest.mark.integration
 
@@ -60,12 +61,18 @@ def test_records_are_the_engines_outputs_graded(smollm2_q: ps.Engine, data: Path
     pair = smollm2_q.generate(prompts[:2], max_new_tokens=24)
     assert sum(r["flops"] for r in greedy[:2]) == pytest.approx(pair[0].stats.flops, rel=1e-9)
     assert sum(r["tokens"] for r in greedy[:2]) == pytest.approx(pair[0].stats.tokens_forwarded, abs=1)
-    # A search runs one question per call: its compute is the call's, and its answer is the vote's.
+    # Searches of several questions share a call too: each answer is its own search's vote, its
+    # tokens exactly what that search spent, and the call's FLOPs are split by those tokens.
     sc = [r for r in records if r["strategy"] == "sc@2"]
-    direct = smollm2_q.generate(prompts[0], max_new_tokens=24, strategy=ps.eval.parse_specs("sc@2")[0].strategy)
-    assert sc[0]["prediction"] == direct.answer
-    assert sc[0]["tokens"] == direct.tokens_spent
-    assert sc[0]["flops"] == pytest.approx(direct.stats.flops)
+    strategy = ps.eval.parse_specs("sc@2")[0].strategy
+    alone = [smollm2_q.generate(p, max_new_tokens=24, strategy=strategy) for p in prompts]
+    assert [r["prediction"] for r in sc] == [o.answer for o in alone]
+    assert [r["text"] for r in sc] == [o.text for o in alone]
+    assert [r["tokens"] for r in sc] == [o.tokens_spent for o in alone]
+    together = smollm2_q.generate(prompts[:2], max_new_tokens=24, strategy=strategy)
+    assert sum(r["flops"] for r in sc[:2]) == pytest.approx(together[0].stats.flops, rel=1e-9)
+    for r, o in zip(sc, alone, strict=True):
+        assert r["flops"] == pytest.approx(o.stats.flops, rel=0.1)  # attention's share varies by length
     summary = json.loads((out / "summary.json").read_text())
     assert [s["strategy"] for s in summary["strategies"]] == ["greedy", "sc@2"]
     assert summary["strategies"][0]["correct"] == sum(r["correct"] for r in greedy)
@@ -150,6 +157,9 @@ def test_game24_searches_use_the_models_own_judgement(smollm2_q: ps.Engine, tmp_
     assert value in (0.0, 0.5, 1.0) or 0.0 <= value <= 1.0
     tokens, flops = judge.take_spent()
     assert tokens > 0 and flops > 0 and judge.take_spent() == (0, 0.0)
+    # A judge that calls the engine is counted per call: such a search takes one question per call.
+    mcts, tot = ps.eval.parse_specs("mcts@2,tot@2", overrides=settings)
+    assert not _batchable(mcts) and _batchable(tot)
 
     out = ps.eval.run(
         dataset="game24",

@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--shots", type=int, default=0, help="worked examples from the train split before each question")
     e.add_argument("--template", default=None, help="user turn: 'plain', 'cot' or a text with {question}")
     e.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default per data set)")
-    e.add_argument("--batch-size", type=int, default=8, help="questions per call for greedy, sample and cold")
+    e.add_argument("--batch-size", type=int, default=8, help="questions decoded together per call (searches included)")
     e.add_argument("--group-size", type=int, default=16, help="questions per call for adaptive allocation")
     e.add_argument("--cold-alpha", type=float, default=0.1)
     e.add_argument("--cold-beta", type=float, default=0.5)

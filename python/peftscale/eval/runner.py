@@ -17,7 +17,7 @@ from peftscale.errors import InvalidArgument
 from peftscale.eval.datasets import Question, Task, load_task, parse_slice
 from peftscale.eval.prompts import build_prompt
 from peftscale.eval.specs import Spec, parse_specs
-from peftscale.strategies import Adaptive, CoLD, Greedy, Sampling
+from peftscale.strategies import Adaptive, CoLD
 
 __all__ = ["EvalConfig", "Record", "run", "RESULTS", "RUN"]
 
@@ -46,7 +46,8 @@ class EvalConfig:
     template: str | None = None
     #: Per generated answer (searches: per path); default per data set (GSM8K 256, MATH 512, 24: 192).
     max_new_tokens: int | None = None
-    #: Questions per call for greedy, sampling and CoLD (rows of one batch).
+    #: Questions per call (their rows share each forward pass); searches whose judge calls the
+    #: engine itself take one question per call.
     batch_size: int = 8
     #: Questions per call for adaptive allocation (its budget is spread over them).
     group_size: int = 16
@@ -103,9 +104,13 @@ class _Call:
     nested: tuple[int, float] = (0, 0.0)
 
 
+#: Strategy fields that may hold a judge calling the engine itself (and counting what it spends).
+_JUDGES = ("reward", "evaluator", "scorer")
+
+
 def _nested_spent(strategy: object) -> tuple[int, float]:
     tokens, flops = 0, 0.0
-    for name in ("reward", "evaluator", "scorer"):
+    for name in _JUDGES:
         take = getattr(getattr(strategy, name, None), "take_spent", None)
         if callable(take):
             t, f = take()
@@ -374,9 +379,11 @@ def run(
 
 
 def _batchable(spec: Spec) -> bool:
-    """Plain decoding of several questions shares one batched call; searches run one question per
-    call so that each one's compute is measured exactly."""
-    return isinstance(spec.strategy, Greedy | Sampling | CoLD)
+    """Several questions share one batched call (each keeps its own search; its answer does not
+    depend on the others), except a search whose judge re-enters the engine: that compute is
+    counted per call, so such a search runs one question per call."""
+    strategy = spec.strategy
+    return not any(callable(getattr(getattr(strategy, n, None), "take_spent", None)) for n in _JUDGES)
 
 
 def read_records(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
