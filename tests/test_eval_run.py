@@ -12,7 +12,7 @@ from conftest import SHARED_DATA
 from peftscale.cli import main
 from peftscale.eval.datasets import load_task
 from peftscale.eval.prompts import build_prompt
-from peftscale.eval.runner import _batchable
+from peftscale.eval.runner import _batchable, _check_adaptive_budgets
 
 pytestmark = pytest.mark.integration
 
@@ -204,3 +204,12 @@ def test_k_shot_prompts_put_worked_train_examples_first(smollm2_q: ps.Engine) ->
     with pytest.raises(ps.InvalidArgument, match="placeholder"):
         build_prompt(smollm2_q, task, q, template="no placeholder")
     assert "Let's think step by step." in build_prompt(smollm2_q, task, q, template="cot")
+
+
+def test_an_adaptive_budget_below_its_probes_fails_before_the_model_loads(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ps.InvalidArgument, match=r"adaptive@512 .* need 1024: use adaptive@1024"):
+        ps.eval.run(dataset=str(data), strategies="greedy,adaptive@512", out=tmp_path / "run", max_new_tokens=256)
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+    # The same budget pays for two probes.
+    specs = ps.eval.parse_specs("adaptive@512", overrides={"adaptive": {"probe": 2}})
+    _check_adaptive_budgets(specs, 256)

@@ -317,8 +317,9 @@ def run(
     # The strategies are checked before the model loads (it takes seconds), then built with the
     # task's engine-dependent settings.
     has_adapter = config.adapter is not None
-    parse_specs(config.strategies, overrides=config.overrides, has_adapter=has_adapter)
+    checked = parse_specs(config.strategies, overrides=config.overrides, has_adapter=has_adapter)
     max_new_tokens = config.max_new_tokens or _MAX_NEW_TOKENS.get(task.name, 256)
+    _check_adaptive_budgets(checked, max_new_tokens)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run_file(out_dir, config)
@@ -376,6 +377,20 @@ def run(
     title = f"{task.name}, {rows_text}: {Path(engine.path).name}{adapter_text}"
     report.write(out_dir, [q.id for q in questions], [s.label for s in specs], title=title)
     return out_dir
+
+
+def _check_adaptive_budgets(specs: Sequence[Spec], max_new_tokens: int) -> None:
+    """Adaptive allocation first samples ``probe`` answers of up to ``max_new_tokens`` tokens
+    for every question; a budget per question below that cannot pay for them."""
+    for spec in specs:
+        if isinstance(spec.strategy, Adaptive) and spec.budget is not None:
+            needed = spec.strategy.probe * max_new_tokens
+            if spec.budget < needed:
+                raise InvalidArgument(
+                    f"invalid argument: {spec.label} gives {spec.budget} tokens per question, but its "
+                    f"{spec.strategy.probe} probes of up to {max_new_tokens} tokens need {needed}: "
+                    f"use adaptive@{needed} or more, or fewer probes (--set adaptive.probe=N)"
+                )
 
 
 def _batchable(spec: Spec) -> bool:
