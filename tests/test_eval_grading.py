@@ -304,3 +304,22 @@ def test_summary_compares_adaptive_with_each_sweep_at_equal_accuracy() -> None:
     assert by["sc@16"]["accuracy"] == 0.3 and by["sc@16"]["flops_per_question"] == 16e9
     (cmp,) = [c for c in s["comparisons"] if c["strategy"] == "sc@16"]
     assert cmp["reference"] == "greedy" and cmp["difference"] == pytest.approx(0.2) and cmp["only_b"] == 20
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="../shared/data/gsm8k is absent")
+def test_gsm8k_searches_go_deep_enough_for_a_solution_and_the_user_overrides_win() -> None:
+    from peftscale.eval.runner import EvalConfig, _task_overrides
+
+    def tot_with(user: dict) -> strategies.TreeOfThought:
+        config = EvalConfig(dataset="gsm8k", strategies="tot@1", overrides={"tot": user})
+        merged = _task_overrides(load_task("gsm8k", SHARED_DATA), config, None)  # type: ignore[arg-type]
+        tot = specs.parse_specs("tot@1", overrides=merged)[0].strategy
+        assert isinstance(tot, strategies.TreeOfThought)
+        return tot
+
+    tot = tot_with({"breadth": 2})
+    assert tot.breadth == 2
+    train = [q.solution or "" for q in load_task("gsm8k", SHARED_DATA, shots=7473).shots]
+    lines = sorted(len(s.strip().split("\n")) for s in train)
+    assert lines[int(0.95 * len(lines))] <= tot.depth < lines[-1]
+    assert tot_with({"depth": 3}).depth == 3

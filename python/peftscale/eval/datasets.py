@@ -149,7 +149,21 @@ def _gsm8k(data_dir: Path, shots: int) -> Task:
             for i, r in enumerate(rows)
         ]
 
-    return Task("gsm8k", load("test"), grade_gsm8k, judge_number, shots=load("train")[:shots] if shots else [])
+    return Task(
+        "gsm8k",
+        load("test"),
+        grade_gsm8k,
+        judge_number,
+        shots=load("train")[:shots] if shots else [],
+        search=_gsm8k_search,
+    )
+
+
+def _gsm8k_search(engine: Engine, adapter: str | None) -> dict[str, dict[str, Any]]:
+    """Searches deep enough for a whole solution: 98.6% of GSM8K's train solutions take at most
+    eight lines, the ``#### answer`` line included (the strategies' defaults stop at four levels
+    for Tree-of-Thought, Game of 24's three steps and an answer)."""
+    return {"tot": {"depth": 8}, "mcts": {"max_depth": 8}}
 
 
 def _math500(data_dir: Path, shots: int) -> Task:
