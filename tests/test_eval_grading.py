@@ -323,3 +323,21 @@ def test_gsm8k_searches_go_deep_enough_for_a_solution_and_the_user_overrides_win
     lines = sorted(len(s.strip().split("\n")) for s in train)
     assert lines[int(0.95 * len(lines))] <= tot.depth < lines[-1]
     assert tot_with({"depth": 3}).depth == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [('{"question": "q", "answer": "1"', "not JSON"), ("[1, 2]", "expected a JSON object, got list")],
+)
+def test_a_malformed_jsonl_line_is_named_in_eval_and_in_training(tmp_path: Path, line: str, problem: str) -> None:
+    from peftscale.train.config import ConfigError, DataConfig
+    from peftscale.train.data import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "q", "answer": "1"}\n\n' + line + "\n")
+    with pytest.raises(InvalidArgument, match=f"invalid argument: {path}:3: {problem}"):
+        load_task(str(path))
+    with pytest.raises(ConfigError, match=f"{path}:3: {problem}"):
+        read_rows(DataConfig(path=str(path), format="gsm8k"))
+    # A limit stops before the bad line.
+    assert read_rows(DataConfig(path=str(path), format="gsm8k", limit=1)) == [{"question": "q", "answer": "1"}]

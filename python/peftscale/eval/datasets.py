@@ -7,7 +7,6 @@ default, or ``data_dir``); the project never copies them.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from peftscale.eval.grading import (
     judge_number,
 )
 from peftscale.strategies import Extract
+from peftscale.train.data import read_jsonl
 
 if TYPE_CHECKING:
     from peftscale.engine import Engine
@@ -121,19 +121,7 @@ def parse_fields(spec: str | Mapping[str, str] | None) -> dict[str, str]:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InvalidArgument(f"invalid argument: no data file at {path} (set --data-dir or PEFTSCALE_DATA)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidArgument(f"invalid argument: {path}:{n} is not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InvalidArgument(f"invalid argument: {path}:{n} is not a JSON object")
-            rows.append(row)
-    return rows
+    return read_jsonl(path, lambda message: InvalidArgument(f"invalid argument: {message}"))
 
 
 def _gsm8k(data_dir: Path, shots: int) -> Task:

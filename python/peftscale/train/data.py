@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,21 +40,28 @@ class Splits:
     dropped: int
 
 
-def read_rows(config: DataConfig) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, error: Callable[[str], Exception], limit: int = 0) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, blank lines skipped, at most ``limit`` (0: all). A line
+    that is not a JSON object raises ``error(message)``, the message naming the file and line."""
     rows = []
-    with open(config.path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{config.path}:{n}: not a JSON object ({e.msg})") from None
+                raise error(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ConfigError(f"{config.path}:{n}: expected a JSON object, got {type(row).__name__}")
+                raise error(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
-            if config.limit and len(rows) == config.limit:
+            if limit and len(rows) == limit:
                 break
+    return rows
+
+
+def read_rows(config: DataConfig) -> list[dict[str, Any]]:
+    rows = read_jsonl(config.path, ConfigError, config.limit)
     if not rows:
         raise ConfigError(f"{config.path} holds no rows")
     return rows
