@@ -424,15 +424,16 @@ impl PyGeneration {
             .collect())
     }
 
-    /// Decodes to the end with the GIL released.
+    /// Decodes to the end, the GIL released during each step. Pending signals are handled
+    /// between steps, so Ctrl-C raises `KeyboardInterrupt` within one step (the generation is
+    /// then abandoned; the engine stays usable).
     fn run(&mut self, py: Python<'_>) -> PyResult<()> {
-        py.allow_threads(|| {
-            while !self.inner.is_done() {
-                self.inner.step()?;
-            }
-            Ok(())
-        })
-        .map_err(|e| to_py_with(e, &self.callbacks))
+        while !self.inner.is_done() {
+            py.allow_threads(|| self.inner.step())
+                .map_err(|e| to_py_with(e, &self.callbacks))?;
+            py.check_signals()?;
+        }
+        Ok(())
     }
 
     #[getter]
