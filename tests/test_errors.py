@@ -159,9 +159,58 @@ def test_nan_logits(tmp_path: Path, tiny_llama: Path) -> None:
         ps.Engine.load(folder).generate([1, 2, 3], max_new_tokens=4)
 
 
-def test_bad_chat_messages(smollm2_q: ps.Engine) -> None:
-    with pytest.raises(ps.InvalidArgument, match="role"):
-        smollm2_q.chat([{"text": "hi"}])  # type: ignore[list-item]
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([{"text": "hi"}], "message 0 must be a mapping with 'role' and 'content'"),
+        ([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}], "message 1 has role 'wizard'"),
+        ([{"role": "user", "content": 5}], "message 0 has a int content"),
+        ([{"role": None, "content": "hi"}], "message 0 has a NoneType role"),
+        ([], "non-empty list of messages"),
+        ("hi", "non-empty list of messages"),
+    ],
+)
+def test_bad_chat_messages(smollm2_q: ps.Engine, messages: object, match: str) -> None:
+    with pytest.raises(ps.InvalidArgument, match=match):
+        smollm2_q.chat(messages, max_new_tokens=2)  # type: ignore[arg-type]
+    if isinstance(messages, list) and messages:
+        with pytest.raises(ps.InvalidArgument, match=match):
+            smollm2_q.apply_chat_template(messages)  # type: ignore[arg-type]
+
+
+def test_a_template_that_renders_nothing(tmp_path: Path, tiny_llama: Path) -> None:
+    folder = _copy_folder(tiny_llama, tmp_path / "m")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}{% endif %}{% endfor %}"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ps.ChatTemplateError, match="empty prompt"):
+        ps.Engine.load(folder).chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("call", ["logits", "generate", "decode"])
+def test_negative_and_non_integer_token_ids(tiny: ps.Engine, call: str) -> None:
+    run = {
+        "logits": lambda ids: tiny.logits(ids),
+        "generate": lambda ids: tiny.generate([ids], max_new_tokens=2),
+        "decode": lambda ids: tiny.tokenizer.decode(ids),
+    }[call]
+    with pytest.raises(ps.InvalidArgument, match="token id -1 is negative"):
+        run([1, -1])
+    with pytest.raises(ps.InvalidArgument, match="must be integers"):
+        run([1, 2.5]) if call != "generate" else tiny.generate([[1, 2.5]], max_new_tokens=2)  # type: ignore[list-item]
+
+
+def test_decoding_an_id_outside_the_tokenizer(tiny: ps.Engine) -> None:
+    with pytest.raises(ps.InvalidArgument, match="outside the tokenizer's"):
+        tiny.tokenizer.decode([1, 10**6])
+
+
+def test_an_empty_stop_string(tiny: ps.Engine) -> None:
+    with pytest.raises(ps.InvalidArgument, match="stop string 1 is empty"):
+        tiny.generate("Hello", max_new_tokens=4, stop=["\n", ""])
+    assert tiny.generate("Hello", max_new_tokens=4, stop=["\n"]).text is not None
 
 
 def test_errors_share_one_base_class() -> None:

@@ -144,7 +144,7 @@ class Tokenizer:
         return self._core.encode(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self._core.decode(list(ids), skip_special_tokens)
+        return self._core.decode(_token_ids(ids), skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._core.token_to_id(token)
@@ -276,8 +276,8 @@ class Engine:
         all computed in one batched forward pass). ``adapter`` names a loaded adapter, ``None``
         for the base model, or gives one per sequence.
         """
-        single = _is_ids(token_ids)
-        seqs = [[int(t) for t in token_ids]] if single else [[int(t) for t in s] for s in token_ids]  # type: ignore[union-attr]
+        single = len(token_ids) > 0 and not isinstance(token_ids[0], Sequence | np.ndarray)
+        seqs = [_token_ids(token_ids)] if single else [_token_ids(s) for s in token_ids]  # type: ignore[arg-type, union-attr]
         names = _per_row(adapter, len(seqs), "sequences")
         out = self._core.logits_batch(seqs, names)
         return out[0] if single else out
@@ -347,7 +347,9 @@ class Engine:
         adapter: str | None = None,
     ) -> GenerationOutput | list[GenerationOutput]:
         """Answer one conversation (a list of ``{"role", "content"}``) or a list of them."""
-        if len(messages) > 0 and isinstance(messages[0], Mapping):
+        if isinstance(messages, str) or len(messages) == 0:
+            raise InvalidArgument("invalid argument: a chat needs a non-empty list of messages (or of conversations)")
+        if isinstance(messages[0], Mapping):
             return self.generate(
                 self.apply_chat_template(messages),  # type: ignore[arg-type]
                 max_new_tokens=max_new_tokens,
@@ -398,7 +400,7 @@ class Engine:
             if prompt == "":
                 raise InvalidArgument("invalid argument: prompt is empty")
             return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        return _token_ids(prompt)
 
     @staticmethod
     def _kwargs(
@@ -438,9 +440,31 @@ def _is_ids(x: object) -> bool:
 
 
 def _messages(messages: Sequence[Message]) -> list[tuple[str, str]]:
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or len(messages) == 0:
+        raise InvalidArgument("invalid argument: a chat needs a non-empty list of messages")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise InvalidArgument(f"invalid argument: message {i} must be a mapping with 'role' and 'content'")
-        out.append((str(m["role"]), str(m["content"])))
+        role, content = m["role"], m["content"]
+        if not isinstance(role, str) or not isinstance(content, str):
+            bad = "role" if not isinstance(role, str) else "content"
+            raise InvalidArgument(
+                f"invalid argument: message {i} has a {type(m[bad]).__name__} {bad}; role and content must be strings"
+            )
+        out.append((role, content))
+    return out
+
+
+def _token_ids(ids: Sequence[int]) -> list[int]:
+    """Token ids as non-negative ints (the core checks them against the vocabulary)."""
+    if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
+        raise InvalidArgument(f"invalid argument: token ids must be a list of integers, got {ids!r}")
+    out = []
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int | np.integer):
+            raise InvalidArgument(f"invalid argument: token ids must be integers, got {t!r}")
+        if t < 0:
+            raise InvalidArgument(f"invalid argument: token id {t} is negative")
+        out.append(int(t))
     return out

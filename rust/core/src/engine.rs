@@ -300,6 +300,11 @@ impl Engine {
             return Err(Error::invalid("max_new_tokens must be at least 1"));
         }
         opts.sampling.validate()?;
+        if let Some(i) = opts.stop.iter().position(String::is_empty) {
+            return Err(Error::invalid(format!(
+                "stop string {i} is empty: it would match before any text"
+            )));
+        }
         for p in &prompts {
             self.check_prompt(p)?;
         }

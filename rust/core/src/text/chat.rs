@@ -11,6 +11,9 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// The roles chat templates are written for.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
@@ -40,6 +43,17 @@ impl ChatTemplate {
         if messages.is_empty() {
             return Err(Error::invalid("a chat needs at least one message"));
         }
+        if let Some((i, m)) = messages
+            .iter()
+            .enumerate()
+            .find(|(_, m)| !ROLES.contains(&m.role.as_str()))
+        {
+            return Err(Error::invalid(format!(
+                "message {i} has role '{}': expected one of {}",
+                m.role,
+                ROLES.join(", ")
+            )));
+        }
         let tmpl = self
             .env
             .get_template("chat")
@@ -51,6 +65,15 @@ impl ChatTemplate {
             eos_token => self.eos_token,
         })
         .map_err(|e| Error::ChatTemplate(format!("cannot render: {e}")))
+        .and_then(|text| {
+            if text.trim().is_empty() {
+                Err(Error::ChatTemplate(
+                    "the template renders these messages as an empty prompt".into(),
+                ))
+            } else {
+                Ok(text)
+            }
+        })
     }
 }
 
@@ -92,5 +115,24 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn unknown_roles_and_empty_renders_are_errors() {
+        let t = ChatTemplate::new(SMOL, None, None).unwrap();
+        let wizard = ChatMessage {
+            role: "wizard".into(),
+            content: "hi".into(),
+        };
+        let err = t.render(&[user("a"), wizard], true).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(
+            err.to_string().contains("message 1 has role 'wizard'"),
+            "{err}"
+        );
+        let blank = ChatTemplate::new("{% for m in messages %} {% endfor %}", None, None).unwrap();
+        let err = blank.render(&[user("hi")], false).unwrap_err();
+        assert!(matches!(err, Error::ChatTemplate(_)), "{err}");
+        assert!(err.to_string().contains("empty prompt"), "{err}");
     }
 }

@@ -46,6 +46,12 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let n = self.vocab_size();
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= n) {
+            return Err(Error::invalid(format!(
+                "token id {id} is outside the tokenizer's {n} tokens"
+            )));
+        }
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
