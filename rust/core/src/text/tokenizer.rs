@@ -19,6 +19,9 @@ pub struct TokenizerSource {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Ids it knows, added tokens included (counted once: `tokenizers` rebuilds its vocabulary
+    /// map to count them).
+    vocab_size: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// Prepend `bos_token_id` by hand (GGUF); Hugging Face folders let tokenizer.json's own
@@ -58,7 +61,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -189,6 +192,7 @@ impl TokenizerSource {
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         Ok(Self {
             tokenizer: Some(Tokenizer {
+                vocab_size: inner.get_vocab_size(true),
                 inner,
                 bos_token_id,
                 eos_token_ids: eos.into_iter().collect(),
@@ -262,6 +266,7 @@ impl TokenizerSource {
             .or_else(|| ids_from(model_config.get("bos_token_id")).first().copied());
         Ok(Self {
             tokenizer: Some(Tokenizer {
+                vocab_size: inner.get_vocab_size(true),
                 inner,
                 bos_token_id,
                 eos_token_ids,
