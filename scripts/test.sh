@@ -8,6 +8,9 @@ cargo fmt --all -- --check
 empty_dev_null
 cargo clippy --all-targets -- -D warnings
 empty_dev_null
+# The parser fuzzer also mutates the packaged model's tokenizer and chat template.
+PEFTSCALE_PACKAGED_GGUF="$(python -c 'from peftscale.models import smollm2_135m_instruct as m; print(m())')"
+export PEFTSCALE_PACKAGED_GGUF
 cargo test --release
 ruff check python tests benches
 empty_dev_null

@@ -244,6 +244,24 @@ def test_missing_files_and_bad_requests(eng: ps.Engine, adapters, tmp_path: Path
         eng.logits([1, 2, 3], adapter=["full", None])
 
 
+def test_an_adapter_named_twice_in_one_batch(eng: ps.Engine, adapters) -> None:
+    """Rows naming the same adapter share it; the same folder under a second name is a second,
+    equal adapter. Each row decodes as it would alone."""
+    eng.load_adapter(adapters["full"][0], name="full-again")
+    try:
+        prompts = [TEXTS[0], TEXTS[1], TEXTS[0], TEXTS[0]]
+        names = ["full", "full", "full-again", None]
+        together = eng.generate(prompts, max_new_tokens=12, adapter=names, ignore_eos=True)
+        alone = [
+            eng.generate(p, max_new_tokens=12, adapter=a, ignore_eos=True) for p, a in zip(prompts, names, strict=True)
+        ]
+        assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+        assert together[0].token_ids == together[2].token_ids
+        assert together[0].token_ids != together[3].token_ids
+    finally:
+        eng.unload_adapter("full-again")
+
+
 def test_cold_departs_from_greedy_with_the_adapter(eng: ps.Engine) -> None:
     """The contrast must matter: on these prompts CoLD and plain expert greedy part ways."""
     outs = eng.generate(COLD_PROMPTS, max_new_tokens=48, adapter="full", strategy=ps.CoLD(), ignore_eos=True)

@@ -331,3 +331,24 @@ def test_cold_as_the_token_scorer(tiny_with_adapter: ps.Engine) -> None:
         eng.generate(PROMPT, max_new_tokens=3, strategy=ps.SelfConsistency(n=2, scorer=neutral))
     sc = eng.generate(PROMPT, max_new_tokens=4, strategy=ps.SelfConsistency(n=2, scorer=neutral), adapter="a")
     assert len(sc.candidates) == 2
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ps.BeamSearch(num_beams=3),
+        ps.BestOfN(n=3),
+        ps.SelfConsistency(n=3),
+        ps.TreeOfThought(proposals=2, breadth=2, depth=3, evaluator=lambda _p, s: float(len(s)), max_step_tokens=3),
+        ps.MCTS(iterations=4, expansions=2, max_step_tokens=3, reward=lambda _p, t: float(len(t) % 3)),
+        ps.Adaptive(budget_tokens=60, probe=2, max_n=6, bins=2),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_every_search_cut_short_by_a_timeout_returns_one_row_per_prompt(tiny: ps.Engine, strategy) -> None:
+    outs = tiny.generate([PROMPT, PROMPT[:5]], max_new_tokens=12, strategy=strategy, ignore_eos=True, timeout_s=0)
+    assert len(outs) == 2
+    assert all(o.finish_reason == "timeout" for o in outs)
+    # Without the timeout the same search finishes on its own.
+    full = tiny.generate([PROMPT, PROMPT[:5]], max_new_tokens=12, strategy=strategy, ignore_eos=True)
+    assert all(o.finish_reason != "timeout" for o in full)

@@ -45,7 +45,7 @@ class Stats:
         return (self.seconds - self.first_token_seconds) / later if later > 0 else 0.0
 
 
-FinishReason = Literal["eos", "stop", "length", "context"]
+FinishReason = Literal["eos", "stop", "length", "context", "timeout"]
 
 
 @dataclass(frozen=True)
@@ -296,6 +296,7 @@ class Engine:
         stop: Sequence[str] | None = ...,
         ignore_eos: bool = ...,
         adapter: str | None = ...,
+        timeout_s: float | None = ...,
     ) -> GenerationOutput: ...
 
     @overload
@@ -308,6 +309,7 @@ class Engine:
         stop: Sequence[str] | None = ...,
         ignore_eos: bool = ...,
         adapter: str | None | Sequence[str | None] = ...,
+        timeout_s: float | None = ...,
     ) -> list[GenerationOutput] | GenerationOutput: ...
 
     def generate(
@@ -319,6 +321,7 @@ class Engine:
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
         adapter: str | None | Sequence[str | None] = None,
+        timeout_s: float | None = None,
     ) -> GenerationOutput | list[GenerationOutput]:
         """Continue one prompt or a batch of prompts.
 
@@ -329,9 +332,14 @@ class Engine:
         (the text is cut before it; ``token_ids`` keep the token that completed it).
         ``adapter`` names a loaded LoRA adapter for every prompt, or gives one per prompt
         (``None`` for the base model); :class:`peftscale.CoLD` needs one.
+
+        ``timeout_s`` bounds the call's wall time: when it passes, decoding ends at the next step
+        and every unfinished row keeps what it produced, with ``finish_reason == "timeout"`` (a
+        search cut short returns the best of what it finished). Ctrl-C raises
+        ``KeyboardInterrupt`` within one step; the engine stays usable.
         """
         ids, single = self._encode_prompts(prompts)
-        kwargs = self._kwargs(max_new_tokens, strategy, stop, ignore_eos)
+        kwargs = self._kwargs(max_new_tokens, strategy, stop, ignore_eos, timeout_s)
         gen = self._core.start(ids, adapters=_per_row(adapter, len(ids), "prompts"), **kwargs)
         gen.run()
         outs = [GenerationOutput._from_core(d) for d in gen.outputs()]
@@ -345,6 +353,7 @@ class Engine:
         strategy: Strategy | None = None,
         stop: Sequence[str] | None = None,
         adapter: str | None = None,
+        timeout_s: float | None = None,
     ) -> GenerationOutput | list[GenerationOutput]:
         """Answer one conversation (a list of ``{"role", "content"}``) or a list of them."""
         if isinstance(messages, str) or len(messages) == 0:
@@ -356,9 +365,12 @@ class Engine:
                 strategy=strategy,
                 stop=stop,
                 adapter=adapter,
+                timeout_s=timeout_s,
             )
         prompts = [self.apply_chat_template(conv) for conv in messages]  # type: ignore[arg-type]
-        return self.generate(prompts, max_new_tokens=max_new_tokens, strategy=strategy, stop=stop, adapter=adapter)
+        return self.generate(
+            prompts, max_new_tokens=max_new_tokens, strategy=strategy, stop=stop, adapter=adapter, timeout_s=timeout_s
+        )
 
     def stream(
         self,
@@ -368,6 +380,7 @@ class Engine:
         strategy: Strategy | None = None,
         stop: Sequence[str] | None = None,
         adapter: str | None = None,
+        timeout_s: float | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as it is decoded.
 
@@ -375,7 +388,7 @@ class Engine:
         yield the chosen text once, when the search is over.
         """
         ids, _ = self._encode_prompts(prompt)
-        kwargs = self._kwargs(max_new_tokens, strategy, stop, False)
+        kwargs = self._kwargs(max_new_tokens, strategy, stop, False, timeout_s)
         gen = self._core.start(ids, adapters=_per_row(adapter, 1, "prompts"), **kwargs)
         streamed = False
         while not gen.done:
@@ -404,7 +417,11 @@ class Engine:
 
     @staticmethod
     def _kwargs(
-        max_new_tokens: int, strategy: Strategy | None, stop: Sequence[str] | None, ignore_eos: bool
+        max_new_tokens: int,
+        strategy: Strategy | None,
+        stop: Sequence[str] | None,
+        ignore_eos: bool,
+        timeout_s: float | None = None,
     ) -> dict[str, Any]:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidArgument(f"invalid argument: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -413,10 +430,15 @@ class Engine:
         strategy = strategy if strategy is not None else Greedy()
         if not hasattr(strategy, "_core_kwargs"):
             raise InvalidArgument(f"invalid argument: unknown strategy {strategy!r}")
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 <= timeout_s < float("inf")
+        ):
+            raise InvalidArgument(f"invalid argument: timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
         return {
             "max_new_tokens": max_new_tokens,
             "stop": list(stop or []),
             "ignore_eos": ignore_eos,
+            "timeout_s": None if timeout_s is None else float(timeout_s),
             **strategy._core_kwargs(),
         }
 

@@ -62,6 +62,30 @@ impl ModelConfig {
         if self.max_position_embeddings == 0 {
             return fail("config has a zero context length".into());
         }
+        // Far above any llama-family model; they keep size arithmetic exact and stop a corrupt
+        // header from reserving memory for billions of layers or positions before any tensor
+        // is read.
+        let limits = [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_attention_heads", self.num_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("context length", self.max_position_embeddings, 1 << 20),
+        ];
+        if let Some((name, value, limit)) = limits.iter().find(|(_, v, l)| v > l) {
+            return fail(format!(
+                "config has {name} = {value}, more than the engine supports ({limit})"
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0)
+        {
+            return fail(format!(
+                "config has rms_norm_eps = {} and rope_theta = {}: both must be finite, rope_theta positive",
+                self.rms_norm_eps, self.rope_theta
+            ));
+        }
         Ok(())
     }
 

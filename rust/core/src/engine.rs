@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -35,6 +35,9 @@ pub struct GenerateOptions {
     pub cold: Option<ColdParams>,
     /// A test-time search (beam search, best-of-N, ...) instead of one continuation per prompt.
     pub search: Option<SearchSpec>,
+    /// Wall time after which the generation ends at the next step, every unfinished row
+    /// keeping what it produced (finish reason `Timeout`).
+    pub timeout: Option<Duration>,
 }
 
 impl Default for GenerateOptions {
@@ -47,6 +50,7 @@ impl Default for GenerateOptions {
             adapters: Vec::new(),
             cold: None,
             search: None,
+            timeout: None,
         }
     }
 }
@@ -346,7 +350,7 @@ impl Engine {
             search.validate()?;
             let strategy =
                 build_search(search, &prompts, adapters, criteria, self.tokenizer.clone())?;
-            return Generation::new(self.model.clone(), strategy, prompts, false);
+            return Generation::new(self.model.clone(), strategy, prompts, false, opts.timeout);
         }
         let strategy: Box<dyn Strategy> = Box::new(SamplingStrategy::new(
             opts.sampling,
@@ -356,7 +360,13 @@ impl Engine {
             opts.cold,
         ));
         let separate_passes = opts.cold.is_some_and(|c| !c.paired);
-        Generation::new(self.model.clone(), strategy, prompts, separate_passes)
+        Generation::new(
+            self.model.clone(),
+            strategy,
+            prompts,
+            separate_passes,
+            opts.timeout,
+        )
     }
 
     /// Decodes `prompts` to completion.
@@ -379,6 +389,7 @@ pub struct Generation {
     started: Instant,
     /// Run rows with different adapters in separate forward passes (naive CoLD, for comparison).
     separate_passes: bool,
+    deadline: Option<Instant>,
 }
 
 impl Generation {
@@ -387,7 +398,9 @@ impl Generation {
         mut strategy: Box<dyn Strategy>,
         prompts: Vec<Vec<u32>>,
         separate_passes: bool,
+        timeout: Option<Duration>,
     ) -> Result<Self> {
+        let started = Instant::now();
         let mut store = SeqStore::new(model.kv_shape(), model.device());
         let pending = strategy.start(&mut store, &prompts)?;
         Ok(Self {
@@ -396,8 +409,9 @@ impl Generation {
             strategy,
             pending,
             stats: Stats::default(),
-            started: Instant::now(),
+            started,
             separate_passes,
+            deadline: timeout.map(|t| started + t),
         })
     }
 
@@ -446,6 +460,10 @@ impl Generation {
         .into_iter()
         .collect::<Result<_>>()?;
         self.pending = self.strategy.consume(&mut self.store, per_seq)?;
+        if !self.pending.is_empty() && self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.strategy.finish_early();
+            self.pending.clear();
+        }
         self.stats.steps += 1;
         self.stats.seconds = self.started.elapsed().as_secs_f64();
         if self.stats.first_token_seconds == 0.0 {

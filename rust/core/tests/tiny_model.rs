@@ -1,96 +1,12 @@
 //! Engine-level tests on a tiny random llama written to a temporary Hugging Face folder.
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use peftscale_core::kv::SeqStore;
-use peftscale_core::logits::Rng;
 use peftscale_core::model::{LogitsFor, RowInput};
 use peftscale_core::{Engine, GenerateOptions, WeightDType};
 
-const VOCAB: usize = 300;
-const HIDDEN: usize = 32;
-const INTER: usize = 48;
-const LAYERS: usize = 2;
-
-/// Uniform noise of standard deviation `std`, the same on every run (seeded).
-fn noise(shape: &[usize], std: f32, rng: &mut Rng) -> Tensor {
-    let n: usize = shape.iter().product();
-    let half_width = std * 3f32.sqrt();
-    let values: Vec<f32> = (0..n)
-        .map(|_| (2.0 * rng.next_f32() - 1.0) * half_width)
-        .collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
-
-/// The shape of a tiny llama: hidden size, query heads, KV heads.
-#[derive(Clone, Copy)]
-struct Dims {
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-}
-
-impl Dims {
-    /// Width of the key and value projections.
-    fn kv_dim(self) -> usize {
-        self.hidden / self.heads * self.kv_heads
-    }
-}
-
-const TINY: Dims = Dims {
-    hidden: HIDDEN,
-    heads: 4,
-    kv_heads: 2,
-};
-
-fn write_tiny_llama(dir: &Path) {
-    write_llama(dir, TINY)
-}
-
-fn write_llama(dir: &Path, dims: Dims) {
-    let Dims {
-        hidden,
-        heads,
-        kv_heads,
-    } = dims;
-    let kv_dim = dims.kv_dim();
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": true
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let dev = Device::Cpu;
-    let mut rng = Rng::new(0, 0);
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    let mut add = |name: String, shape: &[usize]| {
-        let w = if shape.len() == 1 {
-            Tensor::ones(shape, DType::F32, &dev).unwrap()
-        } else {
-            noise(shape, 0.2, &mut rng)
-        };
-        t.insert(name, w);
-    };
-    add("model.embed_tokens.weight".into(), &[VOCAB, hidden]);
-    add("model.norm.weight".into(), &[hidden]);
-    for i in 0..LAYERS {
-        let p = format!("model.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), &[hidden]);
-        add(format!("{p}.post_attention_layernorm.weight"), &[hidden]);
-        add(format!("{p}.self_attn.q_proj.weight"), &[hidden, hidden]);
-        add(format!("{p}.self_attn.k_proj.weight"), &[kv_dim, hidden]);
-        add(format!("{p}.self_attn.v_proj.weight"), &[kv_dim, hidden]);
-        add(format!("{p}.self_attn.o_proj.weight"), &[hidden, hidden]);
-        add(format!("{p}.mlp.gate_proj.weight"), &[INTER, hidden]);
-        add(format!("{p}.mlp.up_proj.weight"), &[INTER, hidden]);
-        add(format!("{p}.mlp.down_proj.weight"), &[hidden, INTER]);
-    }
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-}
+mod common;
+use common::*;
 
 fn engine() -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().unwrap();
@@ -297,42 +213,6 @@ fn a_half_precision_cache_stays_close_to_the_f32_one() {
     // f16 keeps 11 significant bits (relative rounding 2^-11 ≈ 5e-4).
     assert!(worst < 5e-3, "relative error {worst}");
     assert!(worst > 0.0, "the cache was not rounded");
-}
-
-/// A random rank-4 peft adapter on all seven projections of the tiny llama.
-fn write_tiny_adapter(dir: &Path) {
-    write_adapter(dir, TINY)
-}
-
-fn write_adapter(dir: &Path, dims: Dims) {
-    let hidden = dims.hidden;
-    let kv_dim = dims.kv_dim();
-    let config = serde_json::json!({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    });
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
-    let mut rng = Rng::new(1, 0);
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    let shapes = [
-        ("self_attn.q_proj", hidden, hidden),
-        ("self_attn.k_proj", kv_dim, hidden),
-        ("self_attn.v_proj", kv_dim, hidden),
-        ("self_attn.o_proj", hidden, hidden),
-        ("mlp.gate_proj", INTER, hidden),
-        ("mlp.up_proj", INTER, hidden),
-        ("mlp.down_proj", hidden, INTER),
-    ];
-    for i in 0..LAYERS {
-        for (module, out, inp) in shapes {
-            let p = format!("base_model.model.model.layers.{i}.{module}");
-            let a = noise(&[4, inp], 0.3, &mut rng);
-            let b = noise(&[out, 4], 0.3, &mut rng);
-            t.insert(format!("{p}.lora_A.weight"), a);
-            t.insert(format!("{p}.lora_B.weight"), b);
-        }
-    }
-    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
 }
 
 fn all_logits(eng: &Engine, tokens: &[u32], adapter: Option<&str>) -> Vec<f32> {

@@ -258,7 +258,7 @@ impl PyEngine {
 
     #[pyo3(signature = (prompts, max_new_tokens, stop, temperature, top_k, top_p, min_p,
                         repetition_penalty, seed, ignore_eos = false, adapters = Vec::new(),
-                        cold = None, search = None))]
+                        cold = None, search = None, timeout_s = None))]
     #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
@@ -276,7 +276,16 @@ impl PyEngine {
         adapters: Vec<Option<String>>,
         cold: Option<(f32, f32, f32, bool, f32, u64, bool)>,
         search: Option<Bound<'_, PyDict>>,
+        timeout_s: Option<f64>,
     ) -> PyResult<PyGeneration> {
+        let timeout = match timeout_s {
+            Some(t) if !(t.is_finite() && t >= 0.0) => {
+                return Err(InvalidArgument::new_err(format!(
+                    "invalid argument: timeout_s must be a finite number of seconds >= 0, got {t}"
+                )))
+            }
+            t => t.map(std::time::Duration::from_secs_f64),
+        };
         let callbacks = search::CallbackError::default();
         let cold = search::cold(cold);
         let search = search.map(|d| search::spec(&d, &callbacks)).transpose()?;
@@ -295,6 +304,7 @@ impl PyEngine {
             adapters,
             cold,
             search,
+            timeout,
         };
         let inner = py
             .allow_threads(|| self.engine().start(prompts, &opts))

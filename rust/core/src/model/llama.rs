@@ -194,7 +194,7 @@ impl Model {
         let q_dim = cfg.num_heads * cfg.head_dim;
         let kv_dim = cfg.num_kv_heads * cfg.head_dim;
         let embed = src.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        let mut layers = Vec::new();
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let bias = cfg.attention_bias;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -103,11 +103,24 @@ impl GgufSource {
         }
         file.seek(SeekFrom::Start(0))
             .map_err(|e| Error::load(path, e))?;
-        let content = gguf_file::Content::read(&mut file)
+        // The header holds one small read per string (hundreds of thousands for a vocabulary).
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| Error::load(path, format!("malformed GGUF header: {e}")))?;
+        let file = reader.into_inner();
         let file_len = file.metadata().map_err(|e| Error::load(path, e))?.len();
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
+            let dims = info.shape.dims();
+            let elems = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|&n| n as u64 <= file_len.saturating_mul(8))
+                .ok_or_else(|| {
+                    Error::load(
+                        path,
+                        format!("tensor {name} has shape {dims:?}, larger than the file can hold"),
+                    )
+                })?;
             let block = info.ggml_dtype.block_size();
             if elems % block != 0 {
                 return Err(Error::load(
@@ -116,14 +129,22 @@ impl GgufSource {
                 ));
             }
             let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
-            if end > file_len {
-                return Err(Error::load(
-                    path,
-                    format!(
-                        "file is truncated: tensor {name} ends at byte {end} but the file has {file_len} bytes"
+            let end = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|start| start.checked_add(bytes));
+            match end {
+                Some(end) if end <= file_len => {}
+                _ => {
+                    return Err(Error::load(
+                        path,
+                        format!(
+                        "file is truncated or its offsets are wrong: tensor {name} at offset {} \
+                             with {bytes} bytes does not fit in the file's {file_len} bytes",
+                        info.offset
                     ),
-                ));
+                    ))
+                }
             }
         }
         Ok(Self {

@@ -100,6 +100,8 @@ struct Group {
     finished: Vec<(f32, Option<Hypothesis>)>,
     heuristic_unsatisfied: bool,
     done: bool,
+    /// The generation's timeout ended the search before it finished.
+    timed_out: bool,
 }
 
 pub(crate) struct BeamSearch {
@@ -360,6 +362,7 @@ impl Strategy for BeamSearch {
                 finished: vec![(MASK, None); k],
                 heuristic_unsatisfied: true,
                 done: false,
+                timed_out: false,
             };
             work.extend(Advance::with_twin(head.seq, head.base, &g.adapter, p));
             self.groups.push(g);
@@ -413,6 +416,27 @@ impl Strategy for BeamSearch {
         Vec::new()
     }
 
+    fn finish_early(&mut self) {
+        let (k, lp) = (self.params.num_beams, self.params.length_penalty);
+        for g in self.groups.iter_mut().filter(|g| !g.done) {
+            // The running beams compete with the finished hypotheses on the same score.
+            let mut merged = std::mem::take(&mut g.finished);
+            for b in g.running.drain(..).filter(|b| !b.tokens.is_empty()) {
+                let divisor = ((b.tokens.len() as f64).powf(lp as f64)) as f32;
+                let hyp = Hypothesis {
+                    tokens: b.tokens,
+                    logprobs: b.logprobs,
+                    finish: FinishReason::Timeout,
+                };
+                merged.push((b.score / divisor, Some(hyp)));
+            }
+            let order = stable_top(merged.iter().map(|m| m.0), k);
+            g.finished = order.into_iter().map(|i| merged[i].clone()).collect();
+            g.done = true;
+            g.timed_out = true;
+        }
+    }
+
     fn outputs(&self) -> Vec<RowOutput> {
         let n = self.params.num_return_sequences;
         self.groups
@@ -432,7 +456,7 @@ impl Strategy for BeamSearch {
                         answer: None,
                     })
                     .collect();
-                match candidates.first() {
+                let mut out = match candidates.first() {
                     Some(best) => {
                         let mut out = RowOutput::from_candidate(best, g.prompt.len());
                         out.candidates = candidates;
@@ -445,7 +469,11 @@ impl Strategy for BeamSearch {
                         FinishReason::Length,
                         g.prompt.len(),
                     ),
+                };
+                if g.timed_out {
+                    out.finish_reason = FinishReason::Timeout;
                 }
+                out
             })
             .collect()
     }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use super::branch::{BranchId, Finished};
 use super::driver::{spec, Cx, Search};
 use super::spec::{BestOfNParams, Ranking};
-use super::{Candidate, RowOutput};
+use super::{Candidate, FinishReason, RowOutput};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 
@@ -161,7 +161,23 @@ impl Search for BestOfN {
     fn outputs(&self) -> Vec<RowOutput> {
         let prompt_tokens = self.job.prompt.len();
         let Some(best) = self.chosen.and_then(|i| self.candidates.get(i)) else {
-            return Vec::new();
+            // Cut short by a timeout: the finished candidate of best mean log-probability
+            // (a scorer only ranks a complete set), or nothing when none finished.
+            let best = self
+                .done
+                .iter()
+                .flatten()
+                .max_by(|a, b| a.mean_score().total_cmp(&b.mean_score()));
+            let (tokens, logprobs) = best
+                .map(|d| (d.tokens.clone(), d.logprobs.clone()))
+                .unwrap_or_default();
+            return vec![RowOutput::plain(
+                tokens,
+                logprobs,
+                None,
+                FinishReason::Timeout,
+                prompt_tokens,
+            )];
         };
         let mut out = RowOutput::from_candidate(best, prompt_tokens);
         out.candidates = self.candidates.clone();

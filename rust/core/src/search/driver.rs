@@ -145,11 +145,17 @@ pub(crate) trait Search: Send + Sync {
 pub(crate) struct SearchDriver {
     searches: Vec<Box<dyn Search>>,
     pool: Pool,
+    /// The generation's timeout ended the searches before they finished.
+    timed_out: bool,
 }
 
 impl SearchDriver {
     pub fn new(searches: Vec<Box<dyn Search>>, pool: Pool) -> Self {
-        Self { searches, pool }
+        Self {
+            searches,
+            pool,
+            timed_out: false,
+        }
     }
 
     /// Lets every ready branch pick its token and hands finished branches to their searches
@@ -213,6 +219,10 @@ impl Strategy for SearchDriver {
         Vec::new()
     }
 
+    fn finish_early(&mut self) {
+        self.timed_out = true;
+    }
+
     fn outputs(&self) -> Vec<RowOutput> {
         let mut outs = Vec::new();
         for (owner, search) in self.searches.iter().enumerate() {
@@ -227,6 +237,9 @@ impl Strategy for SearchDriver {
                 }
                 if out.token_ids.last().is_some_and(|t| self.pool.is_eos(*t)) {
                     out.finish_reason = super::FinishReason::Eos;
+                }
+                if self.timed_out {
+                    out.finish_reason = super::FinishReason::Timeout;
                 }
                 outs.push(out);
             }

@@ -74,6 +74,8 @@ pub enum FinishReason {
     Length,
     /// The model's context is full.
     Context,
+    /// The generation's `timeout` passed first; the row keeps what it produced.
+    Timeout,
 }
 
 impl FinishReason {
@@ -83,6 +85,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Context => "context",
+            FinishReason::Timeout => "timeout",
         }
     }
 }
@@ -267,4 +270,9 @@ pub trait Strategy: Send + Sync {
     fn take_deltas(&mut self) -> Vec<TextDelta>;
 
     fn outputs(&self) -> Vec<RowOutput>;
+
+    /// Ends every unfinished row now (the generation's timeout passed): plain rows keep their
+    /// tokens and report [`FinishReason::Timeout`]; searches report the best of what they
+    /// finished, each of their rows marked `Timeout`.
+    fn finish_early(&mut self);
 }

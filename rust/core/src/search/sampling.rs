@@ -272,6 +272,23 @@ impl Strategy for SamplingStrategy {
         std::mem::take(&mut self.deltas)
     }
 
+    fn finish_early(&mut self) {
+        for (idx, row) in self.rows.iter_mut().enumerate() {
+            if row.finish.is_some() {
+                continue;
+            }
+            row.finish = Some(FinishReason::Timeout);
+            // Text held back in case it began a stop string is final now.
+            if row.text.len() > row.streamed && row.text.is_char_boundary(row.streamed) {
+                self.deltas.push(TextDelta {
+                    row: idx,
+                    text: row.text[row.streamed..].to_string(),
+                });
+                row.streamed = row.text.len();
+            }
+        }
+    }
+
     fn outputs(&self) -> Vec<RowOutput> {
         self.rows
             .iter()

@@ -20,6 +20,29 @@ pub struct ChatTemplate {
     eos_token: String,
 }
 
+/// Template instructions one render may run: real chat templates need a few per message, so this
+/// only stops templates that loop without end.
+const FUEL: u64 = 5_000_000;
+/// Bytes one render may produce: far beyond any model's context, far below a machine's memory.
+const MAX_RENDER_BYTES: usize = 16 << 20;
+
+/// Collects a render's output, failing once it passes [`MAX_RENDER_BYTES`].
+struct BoundedOutput(Vec<u8>);
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDER_BYTES {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
     Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
 }
@@ -30,6 +53,7 @@ impl ChatTemplate {
         // Templates written for Python's Jinja call str methods such as .strip() and .startswith().
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.set_fuel(Some(FUEL));
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::ChatTemplate(format!("template does not parse: {e}")))?;
         Ok(Self {
@@ -58,22 +82,35 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-        })
-        .map_err(|e| Error::ChatTemplate(format!("cannot render: {e}")))
-        .and_then(|text| {
-            if text.trim().is_empty() {
-                Err(Error::ChatTemplate(
-                    "the template renders these messages as an empty prompt".into(),
-                ))
-            } else {
-                Ok(text)
-            }
-        })
+        let mut out = BoundedOutput(Vec::new());
+        let rendered = tmpl.render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            },
+            &mut out,
+        );
+        if let Err(e) = rendered {
+            return Err(Error::ChatTemplate(
+                if e.kind() == ErrorKind::WriteFailure {
+                    format!("cannot render: the output passed {MAX_RENDER_BYTES} bytes")
+                } else if e.kind() == ErrorKind::OutOfFuel {
+                    format!("cannot render: the template ran more than {FUEL} instructions (a loop without end?)")
+                } else {
+                    format!("cannot render: {e}")
+                },
+            ));
+        }
+        let text = String::from_utf8(out.0)
+            .map_err(|_| Error::ChatTemplate("the template rendered invalid UTF-8".into()))?;
+        if text.trim().is_empty() {
+            return Err(Error::ChatTemplate(
+                "the template renders these messages as an empty prompt".into(),
+            ));
+        }
+        Ok(text)
     }
 }
 
@@ -134,5 +171,25 @@ mod tests {
         let err = blank.render(&[user("hi")], false).unwrap_err();
         assert!(matches!(err, Error::ChatTemplate(_)), "{err}");
         assert!(err.to_string().contains("empty prompt"), "{err}");
+    }
+
+    #[test]
+    fn endless_loops_and_huge_outputs_are_errors() {
+        let endless = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let err = endless.render(&[user("hi")], false).unwrap_err();
+        assert!(err.to_string().contains("instructions"), "{err}");
+        let huge = ChatTemplate::new(
+            "{% for i in range(1000) %}{{ 'abcd' * 1000000 }}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let err = huge.render(&[user("hi")], false).unwrap_err();
+        assert!(err.to_string().contains("output passed"), "{err}");
     }
 }

@@ -8,6 +8,22 @@ use serde_json::{json, Value};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
+/// Parses a `tokenizer.json` document. `tokenizers` unwraps some of its own parse errors
+/// (malformed decoder sections panic inside its deserializer), so a panic is turned into the
+/// same error as any other malformed file.
+fn parse_tokenizer_json(text: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+        .map_err(|panic| {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            format!("malformed tokenizer definition ({detail})")
+        })?
+        .map_err(|e| e.to_string())
+}
+
 /// Everything about text that a model file declares.
 #[derive(Clone)]
 pub struct TokenizerSource {
@@ -176,7 +192,7 @@ impl TokenizerSource {
                       "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
                       "ignore_merges": false, "vocab": vocab, "merges": merges}
         });
-        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
+        let inner = parse_tokenizer_json(&spec.to_string()).map_err(|e| {
             Error::load(
                 path,
                 format!("cannot build tokenizer from GGUF metadata: {e}"),
@@ -228,7 +244,9 @@ impl TokenizerSource {
                 chat_template,
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+        let text = std::fs::read_to_string(tokenizer_json)
+            .map_err(|e| Error::load(tokenizer_json, format!("cannot read tokenizer.json: {e}")))?;
+        let inner = parse_tokenizer_json(&text)
             .map_err(|e| Error::load(tokenizer_json, format!("invalid tokenizer.json: {e}")))?;
         // A token can be named by a string or by {"content": ...} in tokenizer_config.json.
         let token_name = |key: &str| -> Option<String> {
