@@ -260,6 +260,9 @@ def test_ctrl_c_saves_a_usable_adapter(tiny_llama: Path, arithmetic: Path, tmp_p
     assert proc.returncode == 130, log
     record = json.loads((out / RECORD).read_text())
     assert record["interrupted"] is True and 2 <= record["steps"] < 100000
+    # The interrupted step is checkpointed, and the message says how to continue from it.
+    assert (out / "checkpoints" / f"checkpoint-{record['steps']}" / "optimizer.pt").exists()
+    assert f"{path} --resume" in log, log
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(out))
     with torch.no_grad():

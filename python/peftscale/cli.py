@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,7 +115,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train.run(config, resume=args.resume)
     except KeyboardInterrupt:
-        print(f"saved the interrupted run's weights in {config.output}", file=sys.stderr)
+        checkpoints = sorted(
+            (config.output / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1])
+        )
+        print(f"interrupted: the adapter so far is in {config.output}", file=sys.stderr)
+        if checkpoints:
+            again = shlex.join(
+                ["peftscale", args.command, str(args.config), *(x for s in args.set for x in ("--set", s))]
+            )
+            print(
+                f"trainer state (optimizer, schedule, step) in {checkpoints[-1]}; continue with: {again} --resume",
+                file=sys.stderr,
+            )
         return 130
     print(
         f"done: {result.steps} steps, held-out loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}; "

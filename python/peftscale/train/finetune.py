@@ -266,8 +266,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> bool:
 
 
 class _StopOnInterrupt(TrainerCallback):
-    """The first Ctrl-C ends training after the current optimizer step, so that what is saved is a
-    whole step's weights; a second one interrupts at once."""
+    """The first Ctrl-C ends training after the current optimizer step, saving that step's weights
+    and a checkpoint to resume from; a second one interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -292,3 +292,5 @@ class _StopOnInterrupt(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.requested:
             control.should_training_stop = True
+            # A checkpoint of this step (optimizer, schedule, RNG) is what --resume continues from.
+            control.should_save = True
