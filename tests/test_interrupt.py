@@ -95,3 +95,15 @@ def test_timeout_ends_a_search_with_what_it_has(smollm2_q: ps.Engine, label: str
 def test_bad_timeouts_are_typed_errors(smollm2_q: ps.Engine, bad: object) -> None:
     with pytest.raises(ps.InvalidArgument, match="timeout_s"):
         smollm2_q.generate("Hi", max_new_tokens=2, timeout_s=bad)  # type: ignore[arg-type]
+
+
+def test_ctrl_c_stops_the_logits_of_long_inputs(smollm2_q: ps.Engine) -> None:
+    long = [[(7 * i + k) % 40000 + 100 for i in range(8000)] for k in range(6)]
+    sent = _interrupt_after(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        smollm2_q.logits(long)
+    caught = time.perf_counter()
+    assert sent, "the call ended before the signal was sent: make it longer"
+    assert caught - sent[0] < 1.0, f"KeyboardInterrupt {caught - sent[0]:.2f} s after the signal"
+    short = [1, 2, 3, 4]
+    assert smollm2_q.logits(short).shape == (4, smollm2_q.config["vocab_size"])

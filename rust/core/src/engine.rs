@@ -81,6 +81,10 @@ pub struct Output {
     pub stats: Stats,
 }
 
+/// Tokens per forward pass when [`Engine::logits_batch`] runs long inputs: checks for an
+/// interrupt between passes stay a fraction of a second apart on a small model.
+pub const LOGITS_CHUNK: usize = 256;
+
 pub struct Engine {
     model: Arc<Model>,
     adapters: HashMap<String, Arc<LoraAdapter>>,
@@ -167,22 +171,52 @@ impl Engine {
     }
 
     /// Logits at every position of several sequences, each through the named adapter or the
-    /// base model, all in one forward pass.
+    /// base model, all in one forward pass (long inputs in chunks, see [`Self::logits_batch_with`]).
     pub fn logits_batch(&self, items: &[(&[u32], Option<&str>)]) -> Result<Vec<Tensor>> {
+        self.logits_batch_with(items, &mut || Ok(()))
+    }
+
+    /// [`Self::logits_batch`]; when the inputs hold more than [`LOGITS_CHUNK`] tokens in all, each
+    /// runs in chunks of that many tokens over its growing cache, one forward pass per chunk, and
+    /// `between` is called between passes: an error from it (an interrupt) ends the call.
+    pub fn logits_batch_with(
+        &self,
+        items: &[(&[u32], Option<&str>)],
+        between: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
         let mut store = SeqStore::new(self.model.kv_shape(), self.model.device());
         let mut adapters = Vec::with_capacity(items.len());
         for (ids, name) in items {
             self.check_prompt(ids)?;
             adapters.push(name.map(|n| self.adapter(n)).transpose()?);
         }
-        let rows: Vec<RowInput<'_>> = items
-            .iter()
-            .zip(&adapters)
-            .map(|((ids, _), a)| {
-                RowInput::new(store.create(), ids, LogitsFor::All).with_adapter(a.as_deref())
-            })
-            .collect();
-        self.model.forward(&mut store, &rows)
+        let seqs: Vec<_> = items.iter().map(|_| store.create()).collect();
+        if items.iter().map(|(ids, _)| ids.len()).sum::<usize>() <= LOGITS_CHUNK {
+            let rows: Vec<RowInput<'_>> = items
+                .iter()
+                .enumerate()
+                .map(|(i, (ids, _))| {
+                    RowInput::new(seqs[i], ids, LogitsFor::All).with_adapter(adapters[i].as_deref())
+                })
+                .collect();
+            return self.model.forward(&mut store, &rows);
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, (ids, _)) in items.iter().enumerate() {
+            let mut parts = Vec::new();
+            for chunk in ids.chunks(LOGITS_CHUNK) {
+                if i > 0 || !parts.is_empty() {
+                    between()?;
+                }
+                let row = RowInput::new(seqs[i], chunk, LogitsFor::All)
+                    .with_adapter(adapters[i].as_deref());
+                let logits = self.model.forward(&mut store, &[row])?;
+                parts.extend(logits);
+            }
+            out.push(Tensor::cat(&parts, 0)?);
+            store.free(seqs[i]);
+        }
+        Ok(out)
     }
 
     /// Loads the peft LoRA adapter folder `path` under `name`, to be named by rows.

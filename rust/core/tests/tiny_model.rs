@@ -356,3 +356,27 @@ fn batched_rows_equal_rows_alone(eng: &Engine, kv: DType, one_token: bool) {
         }
     }
 }
+
+#[test]
+fn long_inputs_run_in_chunks_with_the_logits_of_one_pass() {
+    let (_dir, eng) = engine();
+    let ids: Vec<u32> = (0..400).map(|i| (i * 7 % VOCAB) as u32).collect();
+    let chunked = all_logits(&eng, &ids, None);
+    let mut store = eng.new_store();
+    let seq = store.create();
+    let one = eng
+        .forward(&mut store, &[RowInput::new(seq, &ids, LogitsFor::All)])
+        .unwrap();
+    let one: Vec<f32> = one[0].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(chunked.len(), 400 * VOCAB);
+    assert!(max_abs_diff(&chunked, &one) < 1e-4);
+
+    // The hook runs between passes; its error ends the call.
+    let mut calls = 0;
+    let result = eng.logits_batch_with(&[(&ids, None)], &mut || {
+        calls += 1;
+        Err(peftscale_core::Error::InvalidArgument("stop".into()))
+    });
+    assert!(result.is_err());
+    assert_eq!(calls, 1);
+}

@@ -327,6 +327,8 @@ impl PyEngine {
                 sequences.len()
             )));
         }
+        // Pending signals are handled between chunks of a long input: Ctrl-C raises promptly.
+        let interrupted = search::CallbackError::default();
         let tensors = py
             .allow_threads(|| {
                 let items: Vec<(&[u32], Option<&str>)> = sequences
@@ -334,9 +336,12 @@ impl PyEngine {
                     .zip(&adapters)
                     .map(|(s, a)| (s.as_slice(), a.as_deref()))
                     .collect();
-                self.engine().logits_batch(&items)
+                self.engine().logits_batch_with(&items, &mut || {
+                    Python::with_gil(|py| py.check_signals())
+                        .map_err(|e| search::remember(&interrupted, "signal", e))
+                })
             })
-            .map_err(to_py)?;
+            .map_err(|e| to_py_with(e, &interrupted))?;
         tensors.into_iter().map(|t| logits_array(py, t)).collect()
     }
 

@@ -65,7 +65,7 @@ pub(crate) fn cold(t: Option<ColdTuple>) -> Option<ColdParams> {
     )
 }
 
-fn remember(errors: &CallbackError, what: &str, err: PyErr) -> Error {
+pub(crate) fn remember(errors: &CallbackError, what: &str, err: PyErr) -> Error {
     let message = Python::with_gil(|py| err.value(py).to_string());
     let mut slot = errors.lock().unwrap_or_else(|e| e.into_inner());
     if slot.is_none() {
