@@ -593,7 +593,7 @@ struct Runner {
 }
 
 impl Runner {
-    /// Runs one case: `body` loads the mutated input; `Ok(true)` is a valid load, `Err` a typed
+    /// Runs one case: `body` loads the mutated input; `Ok(())` is a valid load, `Err` a typed
     /// error. A panic, a deadline overrun, an untyped error or memory growth beyond `limit`
     /// bytes fails the case.
     fn case(
