@@ -81,8 +81,8 @@ pub struct Output {
     pub stats: Stats,
 }
 
-/// Tokens per forward pass when [`Engine::logits_batch`] runs long inputs: checks for an
-/// interrupt between passes stay a fraction of a second apart on a small model.
+/// Tokens per forward pass of [`Engine::logits_batch`]: checks for an interrupt between passes
+/// stay a fraction of a second apart on a small model.
 pub const LOGITS_CHUNK: usize = 256;
 
 pub struct Engine {
@@ -171,14 +171,16 @@ impl Engine {
     }
 
     /// Logits at every position of several sequences, each through the named adapter or the
-    /// base model, all in one forward pass (long inputs in chunks, see [`Self::logits_batch_with`]).
+    /// base model, batched into passes of at most [`LOGITS_CHUNK`] tokens (one pass when they
+    /// fit; see [`Self::logits_batch_with`]).
     pub fn logits_batch(&self, items: &[(&[u32], Option<&str>)]) -> Result<Vec<Tensor>> {
         self.logits_batch_with(items, &mut || Ok(()))
     }
 
-    /// [`Self::logits_batch`]; when the inputs hold more than [`LOGITS_CHUNK`] tokens in all, each
-    /// runs in chunks of that many tokens over its growing cache, one forward pass per chunk, and
-    /// `between` is called between passes: an error from it (an interrupt) ends the call.
+    /// [`Self::logits_batch`] in forward passes of at most [`LOGITS_CHUNK`] tokens: each pass
+    /// advances the sequences in order by their next pieces (so short batches still share one
+    /// pass, and a long input runs in chunks over its growing cache), and `between` is called
+    /// between passes: an error from it (an interrupt) ends the call.
     pub fn logits_batch_with(
         &self,
         items: &[(&[u32], Option<&str>)],
@@ -191,32 +193,39 @@ impl Engine {
             adapters.push(name.map(|n| self.adapter(n)).transpose()?);
         }
         let seqs: Vec<_> = items.iter().map(|_| store.create()).collect();
-        if items.iter().map(|(ids, _)| ids.len()).sum::<usize>() <= LOGITS_CHUNK {
-            let rows: Vec<RowInput<'_>> = items
-                .iter()
-                .enumerate()
-                .map(|(i, (ids, _))| {
-                    RowInput::new(seqs[i], ids, LogitsFor::All).with_adapter(adapters[i].as_deref())
-                })
-                .collect();
-            return self.model.forward(&mut store, &rows);
-        }
-        let mut out = Vec::with_capacity(items.len());
-        for (i, (ids, _)) in items.iter().enumerate() {
-            let mut parts = Vec::new();
-            for chunk in ids.chunks(LOGITS_CHUNK) {
-                if i > 0 || !parts.is_empty() {
-                    between()?;
-                }
-                let row = RowInput::new(seqs[i], chunk, LogitsFor::All)
-                    .with_adapter(adapters[i].as_deref());
-                let logits = self.model.forward(&mut store, &[row])?;
-                parts.extend(logits);
+        let mut fed = vec![0usize; items.len()];
+        let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); items.len()];
+        let mut first = true;
+        while fed.iter().zip(items).any(|(&f, (ids, _))| f < ids.len()) {
+            if !first {
+                between()?;
             }
-            out.push(Tensor::cat(&parts, 0)?);
-            store.free(seqs[i]);
+            first = false;
+            let mut budget = LOGITS_CHUNK;
+            let mut rows = Vec::new();
+            let mut owners = Vec::new();
+            for (i, (ids, _)) in items.iter().enumerate() {
+                let take = (ids.len() - fed[i]).min(budget);
+                if take == 0 {
+                    continue;
+                }
+                let piece = &ids[fed[i]..fed[i] + take];
+                rows.push(
+                    RowInput::new(seqs[i], piece, LogitsFor::All)
+                        .with_adapter(adapters[i].as_deref()),
+                );
+                owners.push(i);
+                fed[i] += take;
+                budget -= take;
+            }
+            for (i, logits) in owners
+                .into_iter()
+                .zip(self.model.forward(&mut store, &rows)?)
+            {
+                parts[i].push(logits);
+            }
         }
-        Ok(out)
+        parts.into_iter().map(|p| Ok(Tensor::cat(&p, 0)?)).collect()
     }
 
     /// Loads the peft LoRA adapter folder `path` under `name`, to be named by rows.

@@ -228,7 +228,7 @@ impl BeamSearch {
         // Finished hypotheses: only hits among the top `num_beams` may enter.
         let g = &mut self.groups[gi];
         let all_finished = g.finished.iter().all(|f| f.1.is_some());
-        let divisor = ((generated as f64).powf(p.length_penalty as f64)) as f32;
+        let divisor = length_divisor(generated, p.length_penalty);
         let mut merged: Vec<(f32, Option<Hypothesis>)> = std::mem::take(&mut g.finished);
         for (ci, c) in cands.iter().enumerate() {
             let mut s = c.score / divisor;
@@ -274,7 +274,7 @@ impl BeamSearch {
             generated
         };
         let best_running = next.first().map_or(f32::NEG_INFINITY, |&i| masked[i])
-            / ((best_len as f64).powf(p.length_penalty as f64)) as f32;
+            / length_divisor(best_len, p.length_penalty);
         let worst_finished = g.finished.iter().map(|f| f.0).fold(f32::INFINITY, f32::min);
         let improvement = g.finished.iter().any(|f| {
             let worst = if f.1.is_some() { worst_finished } else { MASK };
@@ -336,6 +336,11 @@ impl BeamSearch {
 }
 
 /// Indices of the `k` largest of `xs`, best first, the earlier one first on ties.
+/// transformers' length normalisation: a hypothesis scores `sum_logprob / len ** length_penalty`.
+fn length_divisor(len: usize, length_penalty: f32) -> f32 {
+    ((len as f64).powf(length_penalty as f64)) as f32
+}
+
 fn stable_top(xs: impl Iterator<Item = f32>, k: usize) -> Vec<usize> {
     let v: Vec<f32> = xs.collect();
     logits::top_k_indices(&v, k)
@@ -422,7 +427,7 @@ impl Strategy for BeamSearch {
             // The running beams compete with the finished hypotheses on the same score.
             let mut merged = std::mem::take(&mut g.finished);
             for b in g.running.drain(..).filter(|b| !b.tokens.is_empty()) {
-                let divisor = ((b.tokens.len() as f64).powf(lp as f64)) as f32;
+                let divisor = length_divisor(b.tokens.len(), lp);
                 let hyp = Hypothesis {
                     tokens: b.tokens,
                     logprobs: b.logprobs,
