@@ -54,28 +54,92 @@ def test_step_format_and_value_labels() -> None:
     assert game24.format_number(Fraction(8, 3)) == "8/3"
 
 
+def _exact_label(lines: list[str]) -> str:
+    """The judgement a partial solution deserves, worked out from its text alone: every step's
+    arithmetic and bookkeeping checked, then whether the numbers left can make 24 (brute force),
+    or for an answer line whether the checker accepts it for the puzzle the first step implies."""
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+    numbers: list[Fraction] | None = None
+    for line in lines:
+        if line.startswith("Answer:"):
+            assert numbers is not None
+            return "sure" if check_game24(line.removeprefix("Answer: "), puzzle) else "impossible"
+        lhs, left = line.split(" (left: ")
+        a, op, b, _, c = lhs.split()
+        a, b, c = Fraction(a), Fraction(b), Fraction(c)
+        after = sorted(Fraction(n) for n in left.rstrip(")").split())
+        if numbers is None:  # the puzzle: the first step's operands and what it left besides its result
+            rest = list(after)
+            rest.remove(c)
+            puzzle = " ".join(str(n) for n in sorted([a, b, *rest]))
+            numbers = sorted([a, b, *rest])
+        pool = list(numbers)
+        for n in (a, b):
+            if n not in pool:
+                return "impossible"
+            pool.remove(n)
+        if ops[op](a, b) != c or sorted([*pool, c]) != after:
+            return "impossible"
+        numbers = after
+    assert numbers is not None
+    reachable = Fraction(24) in _values(numbers)
+    return "impossible" if not reachable else "sure" if len(numbers) <= 2 else "likely"
+
+
+def _values(numbers: list[Fraction]) -> set[Fraction]:
+    """Every value an expression over all of ``numbers`` can take (exact arithmetic)."""
+    if len(numbers) == 1:
+        return {numbers[0]}
+    out: set[Fraction] = set()
+    for k in range(1, 2 ** len(numbers) - 1):  # every split into two non-empty groups
+        left = [n for i, n in enumerate(numbers) if k >> i & 1]
+        right = [n for i, n in enumerate(numbers) if not k >> i & 1]
+        for x in _values(left):
+            for y in _values(right):
+                out |= {x + y, x - y, x * y} | ({x / y} if y else set())
+    return out
+
+
 def test_training_rows_are_labelled_by_the_solver() -> None:
-    puzzles = ["4 9 10 13", "3 3 8 8", "1 1 1 1", "2 3 5 12", "1 1 2 7"]
+    puzzles = ["4 9 10 13", "3 3 8 8", "1 1 1 1", "2 3 5 12", "1 1 2 7", "1 2 4 10", "5 5 5 9"]
     rows = game24.training_rows(puzzles, traces_per_puzzle=2, seed=3)
     assert rows == game24.training_rows(puzzles, traces_per_puzzle=2, seed=3)
     labels = {"sure": 0, "likely": 0, "impossible": 0}
+    traces = 0
     for row in rows:
         user, reply = (m["content"] for m in row["messages"])
         if reply in labels:
             labels[reply] += 1
             state = user.split("Steps so far:\n")[1].split("\nCan the numbers")[0].splitlines()
-            last = state[-1]
-            if last.startswith("Answer:"):
-                assert reply == "sure"
-                continue
-            left = [Fraction(n) for n in last.split("(left: ")[1].rstrip(")").split()]
-            reachable = game24.can_reach_24(left)
-            assert reply == ("impossible" if not reachable else "sure" if len(left) <= 2 else "likely"), user
+            assert reply == _exact_label(state), user
         else:
+            traces += 1
             puzzle = user.split("Use the numbers ")[1].split(" and")[0]
             *steps, answer = reply.splitlines()
             assert len(steps) == 3 and check_game24(answer.removeprefix("Answer: "), puzzle)
+            assert _exact_label([*steps, answer]) == "sure"
     assert labels["sure"] == labels["likely"] == labels["impossible"] > 0
+    assert labels["sure"] <= traces // 2
+
+
+def test_judgements_include_the_searchs_failures() -> None:
+    """Wrong arithmetic and answers built on a false step are judged impossible, so that the
+    model's own value judgement can prune its slips."""
+    rows = game24.training_rows([p for p in ["4 9 10 13", "2 3 5 12", "1 2 4 10", "3 4 10 10"] * 5], seed=1)
+    impossible = [
+        r["messages"][0]["content"].split("Steps so far:\n")[1].split("\nCan the numbers")[0].splitlines()
+        for r in rows
+        if r["messages"][1]["content"] == "impossible"
+    ]
+
+    def miscalculated(line: str) -> bool:
+        a, op, b, _, c = line.split(" (left: ")[0].split()
+        ops = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__, "/": Fraction.__truediv__}
+        return ops[op](Fraction(a), Fraction(b)) != Fraction(c)
+
+    assert any(s[-1].startswith("Answer:") for s in impossible)
+    assert any(not s[-1].startswith("Answer:") and miscalculated(s[-1]) for s in impossible)
+    assert any(all(not line.startswith("Answer:") and not miscalculated(line) for line in s) for s in impossible)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "game24").is_dir(), reason="../shared/data/game24 is absent")

@@ -151,21 +151,70 @@ def value_label(steps: Sequence[Step], puzzle: str, answer: str | None = None) -
     return "sure" if len(numbers) <= 2 else "likely"
 
 
-def _wrong_step(steps: list[Step], puzzle: str, rng: random.Random) -> list[Step] | None:
-    """``steps`` with a last step that leaves numbers from which 24 cannot be made, if any."""
-    nums = steps[-1].remaining if steps else tuple(Fraction(int(n)) for n in puzzle.split())
-    options = []
-    for i, j, op, value in _moves(nums):
-        rest = tuple(sorted([n for k, n in enumerate(nums) if k not in (i, j)] + [value]))
-        if not _reachable(rest):
-            options.append(Step(nums[i], op, nums[j], value, rest))
+def _start(puzzle: str) -> tuple[Fraction, ...]:
+    return tuple(sorted(Fraction(int(n)) for n in puzzle.split()))
+
+
+def _after(nums: tuple[Fraction, ...], i: int, j: int, value: Fraction) -> tuple[Fraction, ...]:
+    return tuple(sorted([n for k, n in enumerate(nums) if k not in (i, j)] + [value]))
+
+
+def _left(steps: Sequence[Step], puzzle: str) -> tuple[Fraction, ...]:
+    return steps[-1].remaining if steps else _start(puzzle)
+
+
+def _turn(steps: list[Step], puzzle: str, rng: random.Random, reachable: bool) -> list[Step] | None:
+    """``steps`` with one more (exact) step after which 24 can (``reachable``) or cannot be made."""
+    nums = _left(steps, puzzle)
+    options = [
+        Step(nums[i], op, nums[j], value, rest)
+        for i, j, op, value in _moves(nums)
+        if _reachable(rest := _after(nums, i, j, value)) == reachable
+    ]
     return [*steps, rng.choice(options)] if options else None
+
+
+def _miscalculation(steps: list[Step], puzzle: str, rng: random.Random) -> list[Step]:
+    """``steps`` with one more step whose result is wrong (off by one or two, or another
+    operation's result), the numbers left following the wrong result: the small model's usual slip."""
+    nums = _left(steps, puzzle)
+    i, j, op, value = rng.choice(list(_moves(nums)))
+    near = {value + d for d in (-2, -1, 1, 2)} | {v for *_, v in _moves((nums[i], nums[j]))}
+    wrong = sorted(v for v in near if v != value)
+    plain = [v for v in wrong if v >= 0 and v.denominator == 1]
+    result = rng.choice(plain or wrong)
+    return [*steps, Step(nums[i], op, nums[j], result, _after(nums, i, j, result))]
+
+
+def _false_finish(puzzle: str, rng: random.Random) -> tuple[list[Step], str] | None:
+    """Three exact steps that do not make 24 but whose last one claims it, and the answer they
+    compose (which the checker rejects); ``None`` when the random path happens to be right."""
+    items = [(Fraction(int(n)), n) for n in puzzle.split()]
+    steps: list[Step] = []
+    while len(items) > 1:
+        nums = tuple(v for v, _ in items)
+        i, j, op, value = rng.choice(list(_moves(nums)))
+        rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+        expr = f"{items[i][1]} {op} {items[j][1]}"
+        if not rest:
+            if value == 24:
+                return None
+            value = Fraction(24)
+        merged = [*rest, (value, f"({expr})" if rest else expr)]
+        steps.append(Step(nums[i], op, nums[j], value, tuple(sorted(v for v, _ in merged))))
+        items = merged
+    return steps, f"{items[0][1]} = 24"
 
 
 def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int = 0) -> list[dict[str, Any]]:
     """Chat rows (``{"messages": [...]}``) for ``peftscale train``: up to ``traces_per_puzzle``
-    solution traces per solvable puzzle, and value judgements of partial solutions (solution
-    prefixes, a final answer, and wrong turns), balanced between the three labels."""
+    solution traces per solvable puzzle, and value judgements of partial solutions, the three
+    labels equally often and each label half as often as traces (where the puzzles give enough).
+
+    The judgements cover what a search meets: ``sure`` for two numbers left that make 24, for
+    24 reached and for a right answer; ``likely`` for three numbers left that can still make it;
+    ``impossible`` for a turn after which 24 cannot be made, for a step with wrong arithmetic
+    (whatever is left after it), and for an answer built on a step that falsely claims 24."""
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     values: dict[str, list[dict[str, Any]]] = {"sure": [], "likely": [], "impossible": []}
@@ -175,6 +224,10 @@ def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int 
         values[label].append(
             {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": label}]}
         )
+
+    def judged(steps: list[Step] | None, label: str) -> None:
+        if steps is not None:
+            value_row([str(s) for s in steps], label)
 
     for puzzle in puzzles:
         found = solutions(puzzle)
@@ -190,20 +243,23 @@ def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int 
                 rows.append({"messages": messages})
             steps, answer = rng.choice(pool)
             for k in range(1, len(steps) + 1):
-                value_row([str(s) for s in steps[:k]], value_label(steps[:k], puzzle))
+                judged(list(steps[:k]), value_label(steps[:k], puzzle))
             value_row([*(str(s) for s in steps), f"Answer: {answer}"], "sure")
+            judged(_turn([], puzzle, rng, reachable=True), "likely")
             cut = rng.randrange(len(steps))
-            wrong = _wrong_step(list(steps[:cut]), puzzle, rng)
-            if wrong is not None:
-                value_row([str(s) for s in wrong], "impossible")
+            judged(_turn(list(steps[:cut]), puzzle, rng, reachable=False), "impossible")
+            judged(_miscalculation(list(steps[: rng.randrange(len(steps))]), puzzle, rng), "impossible")
         else:
-            wrong = _wrong_step([], puzzle, rng)
-            if wrong is not None:
-                value_row([str(s) for s in wrong], "impossible")
-    # As many of each label as the rarest has, so that no label is the safe guess.
-    least = min(len(v) for v in values.values())
+            judged(_turn([], puzzle, rng, reachable=False), "impossible")
+        for _ in range(4):
+            if (false := _false_finish(puzzle, rng)) is not None:
+                false_steps, false_answer = false
+                value_row([*(str(s) for s in false_steps), f"Answer: {false_answer}"], "impossible")
+                break
+    # Each label equally often, so that none is the safe guess; traces stay 40% of the rows.
+    per_label = min(*(len(v) for v in values.values()), max(1, len(rows) // 2))
     for label in values:
-        rows.extend(rng.sample(values[label], least))
+        rows.extend(rng.sample(values[label], per_label))
     rng.shuffle(rows)
     return rows
 

@@ -122,9 +122,7 @@ impl TreeOfThought {
     fn fill(&mut self, template: &str, s: usize, cx: &Cx<'_>) -> Result<String> {
         let state = cx.decode(&self.path_tokens(s))?;
         let problem = self.problem(cx)?;
-        Ok(template
-            .replace("{problem}", &problem)
-            .replace("{state}", &state))
+        Ok(fill_template(template, &problem, &state))
     }
 
     fn stream(&mut self) -> u64 {
@@ -504,5 +502,34 @@ impl Search for TreeOfThought {
         out.score = Some(self.states[best].value);
         out.tree = Some(TreeReport { nodes });
         vec![out]
+    }
+}
+
+/// `template` with its `{problem}` and `{state}` filled in. Every thought ends with the step
+/// delimiter; the state's trailing one is dropped so that `{state}\n` in a template reads as the
+/// steps written one per line, the way judgements are written (and trained) by hand.
+fn fill_template(template: &str, problem: &str, state: &str) -> String {
+    template
+        .replace("{problem}", problem)
+        .replace("{state}", state.trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_template;
+
+    #[test]
+    fn states_fill_templates_without_their_last_delimiter() {
+        let template = "Problem: {problem}\nSteps so far:\n{state}\nJudgement:";
+        let filled = fill_template(
+            template,
+            "2 3 4",
+            "2 + 3 = 5 (left: 4 5)\n4 * 5 = 20 (left: 20)\n",
+        );
+        assert_eq!(
+            filled,
+            "Problem: 2 3 4\nSteps so far:\n2 + 3 = 5 (left: 4 5)\n4 * 5 = 20 (left: 20)\nJudgement:"
+        );
+        assert_eq!(fill_template("{state}|", "", ""), "|");
     }
 }
