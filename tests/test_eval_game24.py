@@ -60,9 +60,10 @@ def _exact_label(lines: list[str]) -> str:
     or for an answer line whether the checker accepts it for the puzzle the first step implies."""
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
     numbers: list[Fraction] | None = None
+    puzzle = ""
     for line in lines:
         if line.startswith("Answer:"):
-            assert numbers is not None
+            assert puzzle
             return "sure" if check_game24(line.removeprefix("Answer: "), puzzle) else "impossible"
         lhs, left = line.split(" (left: ")
         a, op, b, _, c = lhs.split()
