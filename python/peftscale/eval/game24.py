@@ -10,7 +10,7 @@ The recipe (``examples/game24/README.md``):
    labelled by the solver).
 2. ``peftscale train examples/game24/lora-game24.yaml`` trains the adapter on them.
 3. ``peftscale eval --dataset game24 --slice 900:1000 --adapter runs/game24-lora
-   --strategies greedy,sc@1..8,tot@1:5,mcts@8 --out runs/eval-game24``: Tree-of-Thought samples
+   --strategies greedy,sc@1..8,tot@1:5,mcts@4 --out runs/eval-game24``: Tree-of-Thought samples
    each step from the adapter and scores the states with the adapter's own value judgements.
 
 The solver labels the training data only; the checker grades only the final expressions; neither
