@@ -97,15 +97,23 @@ def _moves(nums: tuple[Fraction, ...]) -> Iterator[tuple[int, int, str, Fraction
                 yield i, j, "/", a / b
 
 
+def _start(puzzle: str) -> tuple[Fraction, ...]:
+    return tuple(sorted(Fraction(int(n)) for n in puzzle.split()))
+
+
+def _after(nums: tuple[Fraction, ...], i: int, j: int, value: Fraction) -> tuple[Fraction, ...]:
+    return tuple(sorted([n for k, n in enumerate(nums) if k not in (i, j)] + [value]))
+
+
+def _left(steps: Sequence[Step], puzzle: str) -> tuple[Fraction, ...]:
+    return steps[-1].remaining if steps else _start(puzzle)
+
+
 @functools.cache
 def _reachable(nums: tuple[Fraction, ...]) -> bool:
     if len(nums) == 1:
         return nums[0] == 24
-    for i, j, _, value in _moves(nums):
-        rest = tuple(sorted([n for k, n in enumerate(nums) if k not in (i, j)] + [value]))
-        if _reachable(rest):
-            return True
-    return False
+    return any(_reachable(_after(nums, i, j, value)) for i, j, _, value in _moves(nums))
 
 
 def can_reach_24(numbers: Sequence[int | Fraction]) -> bool:
@@ -145,22 +153,10 @@ def value_label(steps: Sequence[Step], puzzle: str, answer: str | None = None) -
     ``impossible`` otherwise."""
     if answer is not None:
         return "sure" if check_game24(answer, puzzle) else "impossible"
-    numbers = steps[-1].remaining if steps else tuple(Fraction(int(n)) for n in puzzle.split())
+    numbers = _left(steps, puzzle)
     if not can_reach_24(numbers):
         return "impossible"
     return "sure" if len(numbers) <= 2 else "likely"
-
-
-def _start(puzzle: str) -> tuple[Fraction, ...]:
-    return tuple(sorted(Fraction(int(n)) for n in puzzle.split()))
-
-
-def _after(nums: tuple[Fraction, ...], i: int, j: int, value: Fraction) -> tuple[Fraction, ...]:
-    return tuple(sorted([n for k, n in enumerate(nums) if k not in (i, j)] + [value]))
-
-
-def _left(steps: Sequence[Step], puzzle: str) -> tuple[Fraction, ...]:
-    return steps[-1].remaining if steps else _start(puzzle)
 
 
 def _turn(steps: list[Step], puzzle: str, rng: random.Random, reachable: bool) -> list[Step] | None:

@@ -335,12 +335,12 @@ impl BeamSearch {
     }
 }
 
-/// Indices of the `k` largest of `xs`, best first, the earlier one first on ties.
 /// transformers' length normalisation: a hypothesis scores `sum_logprob / len ** length_penalty`.
 fn length_divisor(len: usize, length_penalty: f32) -> f32 {
     ((len as f64).powf(length_penalty as f64)) as f32
 }
 
+/// Indices of the `k` largest of `xs`, best first, the earlier one first on ties.
 fn stable_top(xs: impl Iterator<Item = f32>, k: usize) -> Vec<usize> {
     let v: Vec<f32> = xs.collect();
     logits::top_k_indices(&v, k)
