@@ -101,19 +101,67 @@ def _values(numbers: list[Fraction]) -> set[Fraction]:
     return out
 
 
+def _exact_reply_parts(lines: list[str]) -> list[str]:
+    """The reasoning a judgement should show before its verdict, worked out independently: the
+    last step redone from the numbers the line before it left (for a first step, its claimed
+    numbers less its result plus its operands), and for two numbers rightly left, their sum,
+    product, difference and quotient that can be 24."""
+    steps = [line for line in lines if not line.startswith("Answer:")]
+    if not steps:
+        return []
+
+    def parse(line: str) -> tuple[Fraction, str, Fraction, Fraction, list[Fraction]]:
+        lhs, left = line.split(" (left: ")
+        a, op, b, _, c = lhs.split()
+        return Fraction(a), op, Fraction(b), Fraction(c), sorted(Fraction(n) for n in left.rstrip(")").split())
+
+    a, op, b, c, after = parse(steps[-1])
+    if len(steps) > 1:
+        pool = parse(steps[-2])[4]
+    else:
+        pool = list(after)
+        if c in pool:
+            pool.remove(c)
+        pool += [a, b]
+    for n in (a, b):
+        if n not in pool:
+            return [f"{n} is not left"]
+        pool.remove(n)
+    true = {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+    left = sorted([*pool, true])
+    redone = f"{a} {op} {b} = {true} (left: {' '.join(str(n) for n in left)})"
+    if redone != steps[-1] or lines[-1].startswith("Answer:") or len(left) != 2:
+        return [redone]
+    x, y = left
+    made = [f"{x} + {y} = {x + y}", f"{x} * {y} = {x * y}", f"{y} - {x} = {y - x}"]
+    big, small = (x, y) if abs(x) >= abs(y) else (y, x)
+    made += [f"{big} / {small} = {big / small}"] if small else []
+    return [redone, ", ".join(made)]
+
+
+def _judgement_rows(rows: list[dict]) -> list[tuple[list[str], str]]:
+    return [
+        (r["messages"][0]["content"].split("Steps so far:\n")[1].split("\nCan the numbers")[0].splitlines(),
+         r["messages"][1]["content"])
+        for r in rows
+        if "Steps so far:" in r["messages"][0]["content"]
+    ]  # fmt: skip
+
+
 def test_training_rows_are_labelled_by_the_solver() -> None:
     puzzles = ["4 9 10 13", "3 3 8 8", "1 1 1 1", "2 3 5 12", "1 1 2 7", "1 2 4 10", "5 5 5 9"]
     rows = game24.training_rows(puzzles, traces_per_puzzle=2, seed=3)
     assert rows == game24.training_rows(puzzles, traces_per_puzzle=2, seed=3)
     labels = {"sure": 0, "likely": 0, "impossible": 0}
+    for state, reply in _judgement_rows(rows):
+        *parts, label = reply.split("; ")
+        labels[label] += 1
+        assert label == _exact_label(state) == game24.verdict(reply), state
+        assert parts == _exact_reply_parts(state), state
     traces = 0
     for row in rows:
         user, reply = (m["content"] for m in row["messages"])
-        if reply in labels:
-            labels[reply] += 1
-            state = user.split("Steps so far:\n")[1].split("\nCan the numbers")[0].splitlines()
-            assert reply == _exact_label(state), user
-        else:
+        if "Use the numbers" in user:
             traces += 1
             puzzle = user.split("Use the numbers ")[1].split(" and")[0]
             *steps, answer = reply.splitlines()
@@ -121,25 +169,49 @@ def test_training_rows_are_labelled_by_the_solver() -> None:
             assert _exact_label([*steps, answer]) == "sure"
     assert labels["sure"] == labels["likely"] == labels["impossible"] > 0
     assert labels["sure"] <= traces // 2
+    assert traces + sum(labels.values()) == len(rows)
+
+
+def test_a_judgement_redoes_the_last_step() -> None:
+    steps, _ = next((s, a) for s, a in game24.solutions("4 9 10 13") if "4 * ((9 + 10) - 13)" in a)
+    assert game24.judgement(steps[:2], "4 9 10 13") == (
+        "19 - 13 = 6 (left: 4 6); 4 + 6 = 10, 4 * 6 = 24, 6 - 4 = 2, 6 / 4 = 3/2; sure"
+    )
+    slip = game24.Step(Fraction(4), "*", Fraction(6), Fraction(24), (Fraction(13), Fraction(24)))
+    assert game24.judgement([*steps[:2], slip], "4 9 10 13") == "4 * 6 = 24 (left: 24); impossible"
+    absent = game24.Step(Fraction(13), "+", Fraction(6), Fraction(19), (Fraction(4), Fraction(19)))
+    assert game24.judgement([*steps[:2], absent], "4 9 10 13") == "13 is not left; impossible"
+    assert game24.verdict("sure; unsure, likely") == "likely"
+    assert game24.verdict("unsure") is None
 
 
 def test_judgements_include_the_searchs_failures() -> None:
-    """Wrong arithmetic and answers built on a false step are judged impossible, so that the
-    model's own value judgement can prune its slips."""
+    """Wrong arithmetic, wrong numbers left and answers built on a false step are judged
+    impossible, so that the model's own value judgement can prune its slips."""
     rows = game24.training_rows([p for p in ["4 9 10 13", "2 3 5 12", "1 2 4 10", "3 4 10 10"] * 5], seed=1)
-    impossible = [
-        r["messages"][0]["content"].split("Steps so far:\n")[1].split("\nCan the numbers")[0].splitlines()
-        for r in rows
-        if r["messages"][1]["content"] == "impossible"
-    ]
+    impossible = [state for state, reply in _judgement_rows(rows) if reply.endswith("; impossible")]
+    ops = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__, "/": Fraction.__truediv__}
 
     def miscalculated(line: str) -> bool:
         a, op, b, _, c = line.split(" (left: ")[0].split()
-        ops = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__, "/": Fraction.__truediv__}
         return ops[op](Fraction(a), Fraction(b)) != Fraction(c)
+
+    def misbooked(state: list[str]) -> bool:
+        """The last step's arithmetic is right, but not the numbers it says are left."""
+        if len(state) < 2 or state[-1].startswith("Answer:") or miscalculated(state[-1]):
+            return False
+        before, last = state[-2:]
+        pool = [Fraction(n) for n in before.split("(left: ")[1].rstrip(")").split()]
+        a, _, b, _, c = last.split(" (left: ")[0].split()
+        for n in (a, b):
+            if Fraction(n) in pool:
+                pool.remove(Fraction(n))
+        claimed = sorted(Fraction(n) for n in last.split("(left: ")[1].rstrip(")").split())
+        return sorted([*pool, Fraction(c)]) != claimed
 
     assert any(s[-1].startswith("Answer:") for s in impossible)
     assert any(not s[-1].startswith("Answer:") and miscalculated(s[-1]) for s in impossible)
+    assert any(misbooked(s) for s in impossible)
     assert any(all(not line.startswith("Answer:") and not miscalculated(line) for line in s) for s in impossible)
 
 

@@ -138,6 +138,24 @@ def test_tot_bfs_keeps_breadth_states_per_level(tiny: ps.Engine) -> None:
     assert out.score == max(n.value for n in nodes if n.depth == 3 and n.selected)
 
 
+def test_tot_self_values_are_cut_at_value_max_tokens(tiny: ps.Engine) -> None:
+    """The tree is the same whatever the cap (the random model's replies hold no verdict, so
+    every value is 0); only the value replies' tokens change, by at most the cap per sample."""
+
+    def spent(cap: int) -> tuple[int, int]:
+        strategy = ps.TreeOfThought(
+            proposals=2, breadth=1, depth=1, value_samples=2, value_max_tokens=cap, max_step_tokens=3,
+            step_delimiter="\n\n\n", value_template="{state} ->",
+        )  # fmt: skip
+        out = tiny.generate(PROMPT, max_new_tokens=8, strategy=strategy)
+        return out.stats.tokens_forwarded, len(out.tree.nodes)
+
+    (few, nodes), (more, same_nodes) = spent(1), spent(9)
+    assert nodes == same_nodes == 3
+    # Two states, two samples each; each sample forwards up to cap - 1 more tokens.
+    assert few < more <= few + 2 * 2 * 8
+
+
 def test_tot_dfs_backtracks_below_the_threshold(tiny: ps.Engine) -> None:
     # Root -> A (5), B (3); A -> A1 (0), A2 (0): both pruned, back to B -> B1 (0), B2 (2).
     strategy = ps.TreeOfThought(
@@ -232,6 +250,7 @@ def test_beam_search_forwards_each_prompt_once(tiny: ps.Engine) -> None:
         (ps.BeamSearch(num_beams=2, num_return_sequences=3), "num_return_sequences"),
         (ps.TreeOfThought(breadth=0), "breadth"),
         (ps.TreeOfThought(depth=0), "depth"),
+        (ps.TreeOfThought(value_max_tokens=0), "value_max_tokens"),
         (ps.MCTS(c_puct=-1.0), "c_puct"),
         (ps.MCTS(iterations=0), "iterations"),
         (ps.Adaptive(budget_tokens=10, probe=4), "budget_tokens"),

@@ -1,7 +1,8 @@
 """Where a Game of 24 adapter goes wrong, on the test puzzles 900-999:
 
-- how often its greedy value judgement matches the solver's label, per kind of state (states built
-  from the test puzzles the way training rows are, so never trained on);
+- how often its greedy value judgement ends on the solver's label, and how often it redoes the
+  last step right, per kind of state (states built from the test puzzles the way training rows
+  are, so never trained on);
 - per strategy of an evaluation, how many steps have wrong arithmetic or bookkeeping (the numbers
   left must be those before, less the two used, plus the result), and how many answers rest on one.
 
@@ -21,7 +22,6 @@ import peftscale as ps
 from peftscale.eval import game24
 from peftscale.eval.datasets import default_data_dir
 
-LABELS = ("sure", "likely", "impossible")
 OPS = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__, "/": Fraction.__truediv__}
 
 
@@ -30,33 +30,39 @@ def _state(row: dict) -> list[str]:
     return user.split("Steps so far:\n")[1].split("\nCan the numbers")[0].splitlines()
 
 
-def _kind(state: list[str], label: str) -> str:
-    last = state[-1]
+def _kind(state: list[str], reply: str) -> str:
+    last, label = state[-1], game24.verdict(reply)
     if last.startswith("Answer:"):
         return f"answer, {label}"
     a, op, b, _, c = last.split(" (left: ")[0].split()
     if OPS[op](Fraction(a), Fraction(b)) != Fraction(c):
         return "wrong arithmetic, impossible"
+    if reply.split("; ")[0] != last:
+        return "wrong numbers left, impossible"
     return f"{len(last.split('(left: ')[1].rstrip(')').split())} left, {label}"
 
 
 def judgements(adapter: str, puzzles: list[str]) -> None:
-    rows = [r for r in game24.training_rows(puzzles, seed=12345) if r["messages"][1]["content"] in LABELS]
+    rows = [r for r in game24.training_rows(puzzles, seed=12345) if "Steps so far:" in r["messages"][0]["content"]]
     engine = ps.Engine.load(ps.models.smollm2_135m_instruct(), dtype="auto")
     engine.load_adapter(adapter, name="game24")
     chats = [engine.apply_chat_template([r["messages"][0]]) for r in rows]
-    outs = engine.generate(chats, max_new_tokens=4, strategy=ps.Greedy(), adapter="game24")
+    outs = engine.generate(
+        chats, max_new_tokens=game24.VALUE_MAX_TOKENS, strategy=ps.Greedy(), adapter="game24", stop=["\n"]
+    )
     right: Counter[str] = Counter()
+    redone: Counter[str] = Counter()
     total: Counter[str] = Counter()
     for row, out in zip(rows, outs, strict=True):
-        label = row["messages"][1]["content"]
-        words = (out.text or "").strip().lower().split()
-        kind = _kind(_state(row), label)
+        reply, text = row["messages"][1]["content"], out.text or ""
+        label = game24.verdict(reply)
+        kind = _kind(_state(row), reply)
         total[kind] += 1
-        right[kind] += bool(words) and words[0] == label
+        right[kind] += game24.verdict(text) == label
+        redone[kind] += text.strip().split("; ")[0] == reply.split("; ")[0]
     print(f"value judgements: {sum(right.values())} of {sum(total.values())} right")
     for kind in sorted(total):
-        print(f"  {kind}: {right[kind]} of {total[kind]}")
+        print(f"  {kind}: {right[kind]} of {total[kind]} right, last step redone right in {redone[kind]}")
 
 
 def _audit(puzzle: str, text: str) -> tuple[int, int, bool, bool]:

@@ -236,8 +236,10 @@ class TreeOfThought:
     ``generate="sample"`` samples ``proposals`` next steps from each state's own (forked)
     sequence; ``"propose"`` asks the model for several next steps at once with
     ``propose_template`` (one per line). ``evaluator="self"`` asks the model ``value_samples``
-    times with ``value_template`` and sums sure / likely / impossible as 20 / 1 / 0.001, all
-    states of a level in one batch; a callable ``(prompt, state) -> float`` replaces it.
+    times with ``value_template`` for a one-line reply of at most ``value_max_tokens`` (room for
+    reasoning before the verdict) and sums the last sure / likely / impossible of each reply as
+    20 / 1 / 0.001, all states of a level in one batch; a callable ``(prompt, state) -> float``
+    replaces it.
     ``search="bfs"`` keeps the best ``breadth`` states per level for ``depth`` levels;
     ``"dfs"`` follows the best child first and backtracks below ``value_threshold``.
     ``out.tree`` holds every state with its value.
@@ -250,6 +252,7 @@ class TreeOfThought:
     generate: Literal["sample", "propose"] = "sample"
     evaluator: Literal["self"] | Scorer = "self"
     value_samples: int = 3
+    value_max_tokens: int = 16
     search: Literal["bfs", "dfs"] = "bfs"
     value_threshold: float = 1.0
     max_step_tokens: int = 64
@@ -269,6 +272,7 @@ class TreeOfThought:
             generate=self.generate,
             evaluator=self.evaluator,
             value_samples=_non_negative("value_samples", self.value_samples),
+            value_max_tokens=_non_negative("value_max_tokens", self.value_max_tokens),
             search=self.search,
             value_threshold=float(self.value_threshold),
             max_step_tokens=_non_negative("max_step_tokens", self.max_step_tokens),

@@ -6,8 +6,9 @@ The recipe (``examples/game24/README.md``):
 1. ``python -m peftscale.eval.game24 data --out runs/game24-data`` writes chat-format training
    rows from puzzles *outside* the test range 900-999 of ``24.csv``: solution traces in the
    propose format (``4 + 8 = 12 (left: 6 12)``, one step per line, then ``Answer: ... = 24``) and
-   value judgements (sure / likely / impossible for the numbers a partial solution leaves,
-   labelled by the solver).
+   value judgements of partial solutions: one line that works the last step out again from the
+   numbers before it, lists what two numbers left can make, and ends with sure / likely /
+   impossible (labelled by the solver; :func:`judgement`).
 2. ``peftscale train examples/game24/lora-game24.yaml`` trains the adapter on them.
 3. ``peftscale eval --dataset game24 --slice 900:1000 --adapter runs/game24-lora
    --strategies greedy,sc@1..8,tot@1:5,mcts@4 --out runs/eval-game24``: Tree-of-Thought samples
@@ -42,13 +43,16 @@ __all__ = [
     "TEST_RANGE",
     "VALUE_QUESTION",
     "ModelJudge",
+    "VALUE_MAX_TOKENS",
     "Step",
     "can_reach_24",
     "format_number",
+    "judgement",
     "search_settings",
     "solutions",
     "training_rows",
     "value_label",
+    "verdict",
 ]
 
 TEST_RANGE = range(900, 1000)
@@ -58,6 +62,14 @@ VALUE_QUESTION = (
     "Steps so far:\n{state}\nCan the numbers left still make 24? Answer with one word: sure, likely or impossible."
 )
 """The value judgement's user turn; ``{state}`` is the partial solution, one step per line."""
+
+VALUE_MAX_TOKENS = 96
+"""Room for a judgement's reply (:func:`judgement`: ~20 tokens of recomputed step, 30-70 of what
+two numbers make, the verdict)."""
+
+LABELS = ("sure", "likely", "impossible")
+
+_OPS = {"+": Fraction.__add__, "-": Fraction.__sub__, "*": Fraction.__mul__, "/": Fraction.__truediv__}
 
 
 def format_number(x: Fraction) -> str:
@@ -159,6 +171,76 @@ def value_label(steps: Sequence[Step], puzzle: str, answer: str | None = None) -
     return "sure" if len(numbers) <= 2 else "likely"
 
 
+def _recomputed(steps: Sequence[Step]) -> Step | str:
+    """The last of ``steps`` worked out again from the numbers the step before it left (for a
+    first step, the numbers it claims to leave less its result, plus its operands: the judge
+    does not see the puzzle), or why it cannot be (it uses a number that is not left)."""
+    last = steps[-1]
+    if len(steps) > 1:
+        pool = list(steps[-2].remaining)
+    else:
+        pool = list(last.remaining)
+        if last.result in pool:
+            pool.remove(last.result)
+        pool += [last.left, last.right]
+    for n in (last.left, last.right):
+        if n not in pool:
+            return f"{format_number(n)} is not left"
+        pool.remove(n)
+    if last.op == "/" and last.right == 0:
+        return "no division by 0"
+    value = _OPS[last.op](last.left, last.right)
+    return Step(last.left, last.op, last.right, value, tuple(sorted([*pool, value])))
+
+
+def _pair_results(nums: tuple[Fraction, ...]) -> str:
+    """What two numbers can make that might be 24: the sum, the product, the larger less the
+    smaller, and the one of larger magnitude over the other."""
+    x, y = nums
+    small, large = sorted(nums)
+    over, under = sorted(nums, key=abs, reverse=True)
+    parts = [
+        f"{format_number(x)} + {format_number(y)} = {format_number(x + y)}",
+        f"{format_number(x)} * {format_number(y)} = {format_number(x * y)}",
+        f"{format_number(large)} - {format_number(small)} = {format_number(large - small)}",
+    ]
+    if under != 0:
+        parts.append(f"{format_number(over)} / {format_number(under)} = {format_number(over / under)}")
+    return ", ".join(parts)
+
+
+def judgement(steps: Sequence[Step], puzzle: str, answer: str | None = None) -> str:
+    """The value judgement the search should give a partial solution, as one line the model can
+    produce: the last step worked out again (a slip in its arithmetic or in the numbers it says
+    are left shows as a difference, and makes the state ``impossible``), then for two numbers
+    left what they make, then the label: ``sure`` / ``likely`` / ``impossible`` as in
+    :func:`value_label` for the numbers truly left, or for ``answer`` whether it is right.
+
+    ``"19 - 13 = 6 (left: 4 6); 4 + 6 = 10, 4 * 6 = 24, 6 - 4 = 2, 6 / 4 = 3/2; sure"``"""
+    parts: list[str] = []
+    left = _start(puzzle)
+    if steps:
+        redone = _recomputed(steps)
+        parts.append(str(redone))
+        if redone != steps[-1]:
+            return "; ".join([*parts, "impossible"])
+        left = steps[-1].remaining
+    if answer is not None:
+        label = value_label(steps, puzzle, answer)
+    else:
+        if len(left) == 2:
+            parts.append(_pair_results(left))
+        label = value_label(steps, puzzle)
+    return "; ".join([*parts, label])
+
+
+def verdict(reply: str) -> str | None:
+    """The label a judgement's reply ends on: the last whole word among sure / likely /
+    impossible (as the Tree-of-Thought search reads it), or ``None``."""
+    words = [w for w in "".join(c if c.isalpha() else " " for c in reply.lower()).split() if w in LABELS]
+    return words[-1] if words else None
+
+
 def _turn(steps: list[Step], puzzle: str, rng: random.Random, reachable: bool) -> list[Step] | None:
     """``steps`` with one more (exact) step after which 24 can (``reachable``) or cannot be made."""
     nums = _left(steps, puzzle)
@@ -172,14 +254,43 @@ def _turn(steps: list[Step], puzzle: str, rng: random.Random, reachable: bool) -
 
 def _miscalculation(steps: list[Step], puzzle: str, rng: random.Random) -> list[Step]:
     """``steps`` with one more step whose result is wrong (off by one or two, or another
-    operation's result), the numbers left following the wrong result: the small model's usual slip."""
+    operation's result; on the last step, half the time a false 24), the numbers left following
+    the wrong result: the small model's usual slips."""
     nums = _left(steps, puzzle)
     i, j, op, value = rng.choice(list(_moves(nums)))
     near = {value + d for d in (-2, -1, 1, 2)} | {v for *_, v in _moves((nums[i], nums[j]))}
+    if len(nums) == 2 and value != 24 and rng.random() < 0.5:
+        near = {Fraction(24)}
     wrong = sorted(v for v in near if v != value)
     plain = [v for v in wrong if v >= 0 and v.denominator == 1]
     result = rng.choice(plain or wrong)
     return [*steps, Step(nums[i], op, nums[j], result, _after(nums, i, j, result))]
+
+
+def _misbooking(steps: list[Step], puzzle: str, rng: random.Random) -> list[Step] | None:
+    """``steps`` (at least one) with one more step whose arithmetic is right but whose numbers
+    left are not: a false ``(left: 24)`` on the last step, or a number dropped, kept after use,
+    or left out in favour of a used one; ``None`` when the slip happens to be right."""
+    nums = _left(steps, puzzle)
+    i, j, op, value = rng.choice(list(_moves(nums)))
+    after = list(_after(nums, i, j, value))
+    if len(after) == 1:
+        claimed = [Fraction(24)]
+    else:
+        rest = list(after)
+        rest.remove(value)
+        slip = rng.choice(["drop", "keep", "swap"])
+        if slip == "drop":
+            rest.remove(rng.choice(rest))
+        elif slip == "keep":
+            rest.append(rng.choice([nums[i], nums[j]]))
+        else:
+            rest[rng.randrange(len(rest))] = rng.choice([nums[i], nums[j]])
+        claimed = [*rest, value]
+    remaining = tuple(sorted(claimed))
+    if remaining == tuple(after):
+        return None
+    return [*steps, Step(nums[i], op, nums[j], value, remaining)]
 
 
 def _false_finish(puzzle: str, rng: random.Random) -> tuple[list[Step], str] | None:
@@ -207,23 +318,24 @@ def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int 
     solution traces per solvable puzzle, and value judgements of partial solutions, the three
     labels equally often and each label half as often as traces (where the puzzles give enough).
 
-    The judgements cover what a search meets: ``sure`` for two numbers left that make 24, for
-    24 reached and for a right answer; ``likely`` for three numbers left that can still make it;
-    ``impossible`` for a turn after which 24 cannot be made, for a step with wrong arithmetic
-    (whatever is left after it), and for an answer built on a step that falsely claims 24."""
+    The judgements (:func:`judgement`) cover what a search meets: ``sure`` for two numbers left
+    that make 24, for 24 reached and for a right answer; ``likely`` for three numbers left that
+    can still make it; ``impossible`` for a turn after which 24 cannot be made, for a step with
+    wrong arithmetic or wrong numbers left (whatever follows), and for an answer built on a step
+    that falsely claims 24."""
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
-    values: dict[str, list[dict[str, Any]]] = {"sure": [], "likely": [], "impossible": []}
+    values: dict[str, list[dict[str, Any]]] = {label: [] for label in LABELS}
 
-    def value_row(state: list[str], label: str) -> None:
+    def judged(steps: list[Step] | None, puzzle: str, answer: str | None = None) -> None:
+        if steps is None:
+            return
+        state = [str(s) for s in steps] + ([f"Answer: {answer}"] if answer is not None else [])
         question = VALUE_QUESTION.replace("{state}", "\n".join(state))
-        values[label].append(
-            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": label}]}
+        reply = judgement(steps, puzzle, answer)
+        values[reply.rsplit("; ", 1)[-1]].append(
+            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
         )
-
-    def judged(steps: list[Step] | None, label: str) -> None:
-        if steps is not None:
-            value_row([str(s) for s in steps], label)
 
     for puzzle in puzzles:
         found = solutions(puzzle)
@@ -239,18 +351,18 @@ def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int 
                 rows.append({"messages": messages})
             steps, answer = rng.choice(pool)
             for k in range(1, len(steps) + 1):
-                judged(list(steps[:k]), value_label(steps[:k], puzzle))
-            value_row([*(str(s) for s in steps), f"Answer: {answer}"], "sure")
-            judged(_turn([], puzzle, rng, reachable=True), "likely")
-            cut = rng.randrange(len(steps))
-            judged(_turn(list(steps[:cut]), puzzle, rng, reachable=False), "impossible")
-            judged(_miscalculation(list(steps[: rng.randrange(len(steps))]), puzzle, rng), "impossible")
+                judged(list(steps[:k]), puzzle)
+            judged(steps, puzzle, answer)
+            judged(_turn([], puzzle, rng, reachable=True), puzzle)
+            judged(_turn(list(steps[: rng.randrange(len(steps))]), puzzle, rng, reachable=False), puzzle)
+            judged(_miscalculation(list(steps[: rng.randrange(len(steps))]), puzzle, rng), puzzle)
+            judged(_misbooking(list(steps[: rng.randrange(1, len(steps))]), puzzle, rng), puzzle)
         else:
-            judged(_turn([], puzzle, rng, reachable=False), "impossible")
+            judged(_turn([], puzzle, rng, reachable=False), puzzle)
         for _ in range(4):
             if (false := _false_finish(puzzle, rng)) is not None:
                 false_steps, false_answer = false
-                value_row([*(str(s) for s in false_steps), f"Answer: {false_answer}"], "impossible")
+                judged(false_steps, puzzle, false_answer)
                 break
     # Each label equally often, so that none is the safe guess; traces stay 40% of the rows.
     per_label = min(*(len(v) for v in values.values()), max(1, len(rows) // 2))
@@ -262,7 +374,8 @@ def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int 
 
 class ModelJudge:
     """MCTS's reward from the model's own judgement: it asks ``VALUE_QUESTION`` about a finished
-    rollout ``samples`` times (with ``adapter``) and scores sure / likely / impossible as 1 / 0.5 / 0.
+    rollout ``samples`` times (with ``adapter``) and scores the verdicts sure / likely / impossible
+    as 1 / 0.5 / 0.
 
     Its generations are separate engine calls, so their compute is kept here for the caller to
     add to the search's (:meth:`take_spent`)."""
@@ -278,15 +391,16 @@ class ModelJudge:
         chat = self.engine.apply_chat_template([{"role": "user", "content": question}])
         outs = self.engine.generate(
             [chat] * self.samples,
-            max_new_tokens=4,
+            max_new_tokens=VALUE_MAX_TOKENS,
             strategy=Sampling(temperature=0.7, seed=self.seed),
             adapter=self.adapter,
+            stop=["\n"],
         )
         assert isinstance(outs, list)
         self._tokens += outs[0].stats.tokens_forwarded
         self._flops += outs[0].stats.flops
-        words = [(o.text or "").strip().lower() for o in outs]
-        return sum(1.0 if w.startswith("sure") else 0.5 if w.startswith("likely") else 0.0 for w in words) / len(words)
+        score = {"sure": 1.0, "likely": 0.5, "impossible": 0.0, None: 0.0}
+        return sum(score[verdict(o.text or "")] for o in outs) / len(outs)
 
     def take_spent(self) -> tuple[int, float]:
         """Tokens and FLOPs spent since the last call, and resets them."""
@@ -309,6 +423,7 @@ def search_settings(engine: Engine, adapter: str | None = None) -> dict[str, dic
             "generate": "sample",
             "evaluator": "self",
             "value_samples": 3,
+            "value_max_tokens": VALUE_MAX_TOKENS,
             "value_template": value_template,
             "max_step_tokens": 32,
         },
@@ -344,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    traces = sum(1 for r in rows if r["messages"][1]["content"].startswith(tuple("0123456789")))
+    traces = sum(1 for r in rows if "Steps so far:" not in r["messages"][0]["content"])
     print(
         f"{len(rows)} rows ({traces} solution traces, {len(rows) - traces} value judgements) from "
         f"{len(train)} puzzles outside rows {TEST_RANGE.start}-{TEST_RANGE.stop - 1}: {out / 'train.jsonl'}",

@@ -256,6 +256,7 @@ pub(crate) fn spec(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Se
                 Ok(name) if name == "self" => ToTEvaluator::SelfValue {
                     template: item(d, "value_template")?,
                     samples: item(d, "value_samples")?,
+                    max_tokens: item(d, "value_max_tokens")?,
                 },
                 Ok(other) => return Err(bad("evaluator", "'self' or a callable", &other)),
                 Err(f) => ToTEvaluator::Callback(scorer(f, "evaluator", errors)),

@@ -52,11 +52,13 @@ pub enum ToTGenerate {
 
 #[derive(Debug, Clone)]
 pub enum ToTEvaluator {
-    /// The model rates each state from `template` (`{problem}`, `{state}`), `samples` times;
-    /// the words sure / likely / impossible count 20 / 1 / 0.001 and the sum is the value.
+    /// The model rates each state from `template` (`{problem}`, `{state}`), `samples` times,
+    /// each reply one line of at most `max_tokens`; the last of the words sure / likely /
+    /// impossible in a reply counts 20 / 1 / 0.001 and the sum is the value.
     SelfValue {
         template: String,
         samples: usize,
+        max_tokens: usize,
     },
     Callback(Evaluator),
 }
@@ -202,8 +204,14 @@ impl SearchSpec {
                 if p.step_delimiter.is_empty() {
                     return Err(Error::invalid("step_delimiter must not be empty"));
                 }
-                if let ToTEvaluator::SelfValue { samples, .. } = &p.evaluator {
+                if let ToTEvaluator::SelfValue {
+                    samples,
+                    max_tokens,
+                    ..
+                } = &p.evaluator
+                {
                     at_least("value_samples", *samples, 1)?;
+                    at_least("value_max_tokens", *max_tokens, 1)?;
                 }
                 if !p.value_threshold.is_finite() {
                     return Err(Error::invalid(format!(

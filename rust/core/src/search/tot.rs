@@ -16,9 +16,6 @@ use super::tree::{TreeNodeReport, TreeReport};
 use super::{FinishReason, RowOutput};
 use crate::error::{Error, Result};
 
-/// Tokens a self-evaluation may generate.
-const VALUE_TOKENS: usize = 16;
-
 #[derive(Debug, Clone, Default)]
 struct State {
     parent: Option<usize>,
@@ -430,7 +427,12 @@ impl Search for TreeOfThought {
                     .logits
                     .clone()
                     .ok_or_else(|| Error::invalid("value prompt fed without logits"))?;
-                let ToTEvaluator::SelfValue { samples, .. } = self.params.evaluator else {
+                let ToTEvaluator::SelfValue {
+                    samples,
+                    max_tokens,
+                    ..
+                } = self.params.evaluator
+                else {
                     return Ok(());
                 };
                 let first = self.streams;
@@ -439,7 +441,7 @@ impl Search for TreeOfThought {
                 let ids =
                     cx.continue_from(done.head, &logits, &self.job.adapter, samples, false, |i| {
                         spec(
-                            VALUE_TOKENS,
+                            max_tokens,
                             vec!["\n".into()],
                             sampling,
                             first + i as u64,
