@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit and engine tests, lints, then pytest (unit + integration).
+# The whole test suite: Rust unit and engine tests, lints, the CUDA kernels compiled for sm_90
+# (no GPU needed), then pytest (unit + integration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/devnull.sh
@@ -13,5 +14,6 @@ PEFTSCALE_PACKAGED_GGUF="$(python -c 'from peftscale.models import smollm2_135m_
 export PEFTSCALE_PACKAGED_GGUF
 cargo test --release
 ruff check python tests benches
+bash scripts/cuda-ptx.sh
 empty_dev_null
 python -m pytest -q
