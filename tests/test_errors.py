@@ -89,6 +89,29 @@ def test_bad_kv_dtype(tiny_llama: Path) -> None:
         ps.Engine.load(tiny_llama, kv_dtype="bf16")
 
 
+@pytest.mark.parametrize(
+    ("device", "missing"),
+    [
+        ("cuda", "cuda:0.*`cuda` feature"),
+        ("cuda:7", "cuda:7.*`cuda` feature"),
+        ("ascend", "ascend:0.*`ascend` feature"),
+    ],
+)
+def test_devices_this_build_lacks_are_named(tiny_llama: Path, device: str, missing: str) -> None:
+    with pytest.raises(ps.DeviceError, match=missing):
+        ps.Engine.load(tiny_llama, device=device)
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu:0", "cuda:x", "cpu:1", ""])
+def test_unknown_device_names(tiny_llama: Path, device: str) -> None:
+    with pytest.raises(ps.InvalidArgument, match=f"unknown device `{device}`"):
+        ps.Engine.load(tiny_llama, device=device)
+
+
+def test_cpu_device_loads(tiny_llama: Path) -> None:
+    assert ps.Engine.load(tiny_llama, device="cpu").config == ps.Engine.load(tiny_llama).config
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_llama: Path) -> ps.Engine:
     return ps.Engine.load(tiny_llama)

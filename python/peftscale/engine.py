@@ -168,7 +168,9 @@ class Engine:
         self._content_hash: str | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], dtype: DType = "auto", kv_dtype: DType = "auto") -> Engine:
+    def load(
+        cls, path: str | os.PathLike[str], dtype: DType = "auto", kv_dtype: DType = "auto", device: str = "cpu"
+    ) -> Engine:
         """Load a model.
 
         ``dtype="auto"`` keeps GGUF weights quantized as stored (dense checkpoints load as f32);
@@ -180,12 +182,17 @@ class Engine:
         otherwise, so that an f32 model matches its reference exactly. ``"f32"`` or ``"f16"``
         choose it (``"bf16"`` too for f16/bf16 weights).
 
+        ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"ascend"`` or ``"ascend:N"``. The model
+        runs on the CPU only so far: any other device raises :class:`DeviceError` naming what is
+        missing (the build's feature, the runtime, the device), and an unknown name raises
+        :class:`InvalidArgument`.
+
         >>> eng = ps.Engine.load(ps.models.smollm2_135m_instruct())  # doctest: +SKIP
         >>> eng.kv_dtype                                              # doctest: +SKIP
         'f16'
         """
         p = Path(path)
-        return cls(_core.Engine.load(p, dtype, kv_dtype), p)
+        return cls(_core.Engine.load(p, dtype, kv_dtype, device), p)
 
     @property
     def config(self) -> dict[str, Any]:

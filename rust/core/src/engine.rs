@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::parallel::map_parallel;
+use crate::kernels::device::DeviceSpec;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{ColdParams, SamplingParams};
 use crate::lora::{group_by_adapter, LoraAdapter};
@@ -97,7 +98,15 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Loads the model at `path` (GGUF file or Hugging Face folder) to run on the CPU.
     pub fn load(path: impl AsRef<Path>, dtype: WeightDType) -> Result<Self> {
+        Self::load_on(path, dtype, DeviceSpec::Cpu)
+    }
+
+    /// Loads the model to run on `device`; a device this build or machine lacks is a
+    /// [`Error::DeviceUnavailable`] that says what is missing, before any file is read.
+    pub fn load_on(path: impl AsRef<Path>, dtype: WeightDType, device: DeviceSpec) -> Result<Self> {
+        device.check_available()?;
         let path = path.as_ref();
         let device = Device::Cpu;
         let loaded = model::load(path, dtype, &device)?;

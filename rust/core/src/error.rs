@@ -17,6 +17,10 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// The requested device is missing from this build or this machine.
+    #[error("device `{device}` is not available: {reason}")]
+    DeviceUnavailable { device: String, reason: String },
+
     /// The prompt (plus the tokens to generate) does not fit in the model's context.
     #[error(
         "prompt of {prompt_tokens} tokens does not fit the model's context of {context} tokens \

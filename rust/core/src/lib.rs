@@ -16,5 +16,6 @@ pub mod text;
 
 pub use engine::{Engine, GenerateOptions, Generation, Output, Stats};
 pub use error::{Error, Result};
+pub use kernels::device::DeviceSpec;
 pub use logits::SamplingParams;
 pub use model::WeightDType;

@@ -555,6 +555,7 @@ fn kind(e: &Error) -> &'static str {
         Error::AdapterLoad { .. } => "AdapterLoad",
         Error::InvalidArgument(_) => "InvalidArgument",
         Error::ContextOverflow { .. } => "ContextOverflow",
+        Error::DeviceUnavailable { .. } => "DeviceUnavailable",
         Error::Tokenizer(_) => "Tokenizer",
         Error::ChatTemplate(_) => "ChatTemplate",
         Error::NonFiniteLogits { .. } => "NonFiniteLogits",

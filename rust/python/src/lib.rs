@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use numpy::{PyArray1, PyArrayMethods};
 use peftscale_core::search::{Candidate, TextDelta, TreeReport};
 use peftscale_core::text::ChatMessage;
-use peftscale_core::{Engine, Error, GenerateOptions, Generation, Output, WeightDType};
+use peftscale_core::{DeviceSpec, Engine, Error, GenerateOptions, Generation, Output, WeightDType};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -42,6 +42,12 @@ create_exception!(
     ContextLengthError,
     InvalidArgument,
     "A prompt does not fit the model's context."
+);
+create_exception!(
+    _core,
+    DeviceError,
+    PeftscaleError,
+    "The requested device is missing from this build or this machine."
 );
 create_exception!(
     _core,
@@ -81,6 +87,7 @@ fn to_py(err: Error) -> PyErr {
         Error::AdapterLoad { .. } => AdapterError::new_err(msg),
         Error::InvalidArgument(_) => InvalidArgument::new_err(msg),
         Error::ContextOverflow { .. } => ContextLengthError::new_err(msg),
+        Error::DeviceUnavailable { .. } => DeviceError::new_err(msg),
         Error::Tokenizer(_) => TokenizerError::new_err(msg),
         Error::ChatTemplate(_) => ChatTemplateError::new_err(msg),
         Error::NonFiniteLogits { .. } => NumericalError::new_err(msg),
@@ -194,18 +201,20 @@ fn output_dict<'py>(py: Python<'py>, out: &Output) -> PyResult<Bound<'py, PyDict
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (path, dtype = "auto", kv_dtype = "auto"))]
+    #[pyo3(signature = (path, dtype = "auto", kv_dtype = "auto", device = "cpu"))]
     fn load(
         py: Python<'_>,
         path: std::path::PathBuf,
         dtype: &str,
         kv_dtype: &str,
+        device: &str,
     ) -> PyResult<Self> {
         let dtype = WeightDType::parse(dtype).map_err(to_py)?;
         let kv_dtype = WeightDType::parse_kv(kv_dtype).map_err(to_py)?;
+        let device: DeviceSpec = device.parse().map_err(to_py)?;
         let inner = py
             .allow_threads(|| {
-                let mut engine = Engine::load(&path, dtype)?;
+                let mut engine = Engine::load_on(&path, dtype, device)?;
                 if let Some(kv) = kv_dtype {
                     engine.set_kv_dtype(kv)?;
                 }
@@ -496,6 +505,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
     m.add("ContextLengthError", py.get_type::<ContextLengthError>())?;
     m.add("TokenizerError", py.get_type::<TokenizerError>())?;
+    m.add("DeviceError", py.get_type::<DeviceError>())?;
     m.add("ChatTemplateError", py.get_type::<ChatTemplateError>())?;
     m.add("NumericalError", py.get_type::<NumericalError>())?;
     m.add("EngineError", py.get_type::<EngineError>())?;

@@ -1,4 +1,9 @@
 //! The bottom floor of the crate: the arithmetic every upper layer runs on. `cpu` holds the
-//! matrix kernels, vector math, the thread team and the RNG; device kernels will sit beside it.
+//! matrix kernels, vector math, the thread team and the RNG; `device` names the devices and says
+//! which this build and machine provide; `ascend` (feature `ascend`) holds the aclnn plans and the
+//! CANN runtime. The CUDA kernels are in the repository's `cuda/`.
 
+#[cfg(feature = "ascend")]
+pub mod ascend;
 pub mod cpu;
+pub mod device;
