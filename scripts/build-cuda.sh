@@ -24,12 +24,16 @@ done
 cudarc=$(cargo metadata --format-version 1 --features peftscale-core/cuda \
     | python -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc").rsplit("/", 1)[0])')
 python scripts/cuda_stub.py "$cudarc" >"$links/libcuda_stub.c"
-cc -shared -fPIC -o "$links/libcuda.so" "$links/libcuda_stub.c"
+# The driver's library is libcuda.so.1 on GPU machines: the stub carries that soname.
+cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$links/libcuda_stub.c"
 export PATH="$cu/bin:$PATH" CUDA_HOME="$cu" CUDA_PATH="$cu" CUDA_ROOT="$cu"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2}
 export LIBRARY_PATH="$links:$cu/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="-L native=$links -L native=$cu/lib"
 export CARGO_TARGET_DIR=$root/build/cuda-target
 cargo build -p peftscale-core --release --features cuda
-maturin build --release --features peftscale-core/cuda --auditwheel skip -o dist/cuda
+cargo clean -p peftscale-python --release  # relink the extension against the current stub
+# The rpath finds torch cu130's CUDA libraries beside an installed peftscale (site-packages/nvidia/cu13).
+maturin build --release --features peftscale-core/cuda --auditwheel skip -o dist/cuda \
+    -- -C 'link-arg=-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib'
 ls -la dist/cuda
