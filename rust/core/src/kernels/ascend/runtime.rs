@@ -350,18 +350,20 @@ impl<'r> Session<'r> {
 
     fn step(&mut self, step: &Step) -> Result<(), String> {
         let t = |id: TensorId| self.tensors[id];
+        let op = step.operator();
+        let prepare = format!("{op}GetWorkspaceSize");
         // SAFETY (every call below): the prototypes are the documented ones for each operator;
         // every tensor, scalar and array passed is live until the session drops.
         match *step {
             Step::LogSoftmax { input, out } => {
                 let f: unsafe extern "C" fn(Raw, i64, Raw, *mut u64, *mut Raw) -> i32 =
-                    self.symbol(2, "aclnnLogSoftmaxGetWorkspaceSize")?;
+                    self.symbol(2, &prepare)?;
                 let (a, o) = (t(input), t(out));
-                self.launch("aclnnLogSoftmax", |w, e| unsafe { f(a, -1, o, w, e) })
+                self.launch(op, |w, e| unsafe { f(a, -1, o, w, e) })
             }
             Step::AmaxLast { input, out } => {
                 let f: unsafe extern "C" fn(Raw, Raw, bool, Raw, *mut u64, *mut Raw) -> i32 =
-                    self.symbol(2, "aclnnAmaxGetWorkspaceSize")?;
+                    self.symbol(2, &prepare)?;
                 let create: unsafe extern "C" fn(*const i64, u64) -> Raw =
                     self.symbol(1, "aclCreateIntArray")?;
                 let last = [-1i64];
@@ -371,38 +373,28 @@ impl<'r> Session<'r> {
                 }
                 self.int_arrays.push(dims);
                 let (a, o) = (t(input), t(out));
-                self.launch("aclnnAmax", |w, e| unsafe { f(a, dims, true, o, w, e) })
+                self.launch(op, |w, e| unsafe { f(a, dims, true, o, w, e) })
             }
             Step::Adds { input, scalar, out } => {
-                let f: GetWorkspace4 = self.symbol(2, "aclnnAddsGetWorkspaceSize")?;
+                let f: GetWorkspace4 = self.symbol(2, &prepare)?;
                 let (a, o) = (t(input), t(out));
                 let (s, one) = (self.scalar(scalar)?, self.scalar(1.0)?);
-                self.launch("aclnnAdds", |w, e| unsafe { f(a, s, one, o, w, e) })
+                self.launch(op, |w, e| unsafe { f(a, s, one, o, w, e) })
             }
             Step::Muls { input, scalar, out } => {
-                let f: GetWorkspace3 = self.symbol(2, "aclnnMulsGetWorkspaceSize")?;
+                let f: GetWorkspace3 = self.symbol(2, &prepare)?;
                 let (a, o) = (t(input), t(out));
                 let s = self.scalar(scalar)?;
-                self.launch("aclnnMuls", |w, e| unsafe { f(a, s, o, w, e) })
+                self.launch(op, |w, e| unsafe { f(a, s, o, w, e) })
             }
             Step::Sub { a, b, out } | Step::Add { a, b, out } => {
-                let op = if matches!(step, Step::Sub { .. }) {
-                    "aclnnSub"
-                } else {
-                    "aclnnAdd"
-                };
-                let f: GetWorkspace4 = self.symbol(2, &format!("{op}GetWorkspaceSize"))?;
+                let f: GetWorkspace4 = self.symbol(2, &prepare)?;
                 let (x, y, o) = (t(a), t(b), t(out));
                 let one = self.scalar(1.0)?;
                 self.launch(op, |w, e| unsafe { f(x, y, one, o, w, e) })
             }
             Step::Mul { a, b, out } | Step::LtTensor { a, b, out } => {
-                let op = if matches!(step, Step::Mul { .. }) {
-                    "aclnnMul"
-                } else {
-                    "aclnnLtTensor"
-                };
-                let f: GetWorkspace3 = self.symbol(2, &format!("{op}GetWorkspaceSize"))?;
+                let f: GetWorkspace3 = self.symbol(2, &prepare)?;
                 let (x, y, o) = (t(a), t(b), t(out));
                 self.launch(op, |w, e| unsafe { f(x, y, o, w, e) })
             }
@@ -411,13 +403,10 @@ impl<'r> Session<'r> {
                 mask,
                 value,
             } => {
-                let f: GetWorkspace3 =
-                    self.symbol(2, "aclnnInplaceMaskedFillScalarGetWorkspaceSize")?;
+                let f: GetWorkspace3 = self.symbol(2, &prepare)?;
                 let (x, m) = (t(target), t(mask));
                 let v = self.scalar(value)?;
-                self.launch("aclnnInplaceMaskedFillScalar", |w, e| unsafe {
-                    f(x, m, v, w, e)
-                })
+                self.launch(op, |w, e| unsafe { f(x, m, v, w, e) })
             }
             Step::TopK {
                 input,
@@ -435,23 +424,23 @@ impl<'r> Session<'r> {
                     Raw,
                     *mut u64,
                     *mut Raw,
-                ) -> i32 = self.symbol(2, "aclnnTopkGetWorkspaceSize")?;
+                ) -> i32 = self.symbol(2, &prepare)?;
                 let (x, v, i) = (t(input), t(values), t(indices));
-                self.launch("aclnnTopk", |w, e| unsafe {
+                self.launch(op, |w, e| unsafe {
                     f(x, k as i64, -1, true, true, v, i, w, e)
                 })
             }
             Step::IndexSelect { input, index, out } => {
                 let f: unsafe extern "C" fn(Raw, i64, Raw, Raw, *mut u64, *mut Raw) -> i32 =
-                    self.symbol(2, "aclnnIndexSelectGetWorkspaceSize")?;
+                    self.symbol(2, &prepare)?;
                 let (x, i, o) = (t(input), t(index), t(out));
-                self.launch("aclnnIndexSelect", |w, e| unsafe { f(x, 0, i, o, w, e) })
+                self.launch(op, |w, e| unsafe { f(x, 0, i, o, w, e) })
             }
             Step::BatchMatMul { a, b, out } => {
                 let f: unsafe extern "C" fn(Raw, Raw, Raw, i8, *mut u64, *mut Raw) -> i32 =
-                    self.symbol(2, "aclnnBatchMatMulGetWorkspaceSize")?;
+                    self.symbol(2, &prepare)?;
                 let (x, y, o) = (t(a), t(b), t(out));
-                self.launch("aclnnBatchMatMul", |w, e| unsafe {
+                self.launch(op, |w, e| unsafe {
                     f(x, y, o, CUBE_MATH_ALLOW_DOWN_PRECISION, w, e)
                 })
             }
