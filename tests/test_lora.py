@@ -293,21 +293,47 @@ def test_merged_adapter_matches_peft_merge_and_unload(smollm2_path: Path, adapte
         assert _rel(e.logits(ids), ref) < 1e-4, name
 
 
-def test_half_precision_model_merges_an_adapter(smollm2_path: Path, adapters, hf_smollm2) -> None:
-    """Unmerged adapters need f32 activations; merging works on an f16 model too."""
+# (largest error against peft relative to the adapter-less model's, least top-1 agreement): bf16's
+# 8-bit mantissa alone costs the packaged model ~3% mean error and ~12% of its top-1 picks.
+HALF_PRECISION_BOUNDS = {"f16": (0.25, 0.95), "bf16": (0.8, 0.8)}
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_half_precision_model_runs_adapters_unmerged_and_merged(
+    smollm2_path: Path, adapters, hf_smollm2, dtype: str
+) -> None:
+    """The tensor forward pass (the GPU's) applies adapters unmerged, rows of one batch each
+    with its own adapter or none, and merging works there too."""
     _, tok = hf_smollm2
+    worst_ratio, least_top1 = HALF_PRECISION_BOUNDS[dtype]
+    e = ps.Engine.load(smollm2_path, dtype=dtype)
+    for name, (path, _) in adapters.items():
+        e.load_adapter(path, name=name)
+    seqs = [tok.encode(t) for t in TEXTS] + [tok.encode(TEXTS[1] + " " + TEXTS[0])]
+    names = ["full", None, "rslora", "full"]
+    refs = [
+        _peft_logits(adapters[n or "full"][1], ids, adapter=n is not None) for n, ids in zip(names, seqs, strict=True)
+    ]
+    bases = e.logits(seqs)
+    for name, ours, base, ref in zip(names, e.logits(seqs, adapter=names), bases, refs, strict=True):
+        # Half-precision rounding stays; an adapter's own effect must be there.
+        if name is not None:
+            assert _mean_err(ours, ref) < worst_ratio * _mean_err(base, ref), (dtype, name)
+        assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= least_top1, (dtype, name)
+
+    ids = seqs[3]
     path, model = adapters["full"]
-    e = ps.Engine.load(smollm2_path, dtype="f16")
-    with pytest.raises(ps.InvalidArgument, match="f32"):
-        e.load_adapter(path, name="full")
-    ids = tok.encode(TEXTS[1] + " " + TEXTS[0])
     ref = _peft_logits(model, ids)
     base = e.logits(ids)
     e.merge_adapter(path)
     ours = e.logits(ids)
-    # f16 rounding stays; the adapter's own effect (far larger here) must be gone.
-    assert _rel(ours, ref) < _rel(base, ref) / 3
-    assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= 0.95
+    assert _mean_err(ours, ref) < worst_ratio * _mean_err(base, ref)
+    assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= least_top1
+
+
+def _mean_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    """Mean absolute difference over the mean magnitude (half precision's rounding averages out)."""
+    return float(np.abs(ours - ref).mean() / np.abs(ref).mean())
 
 
 def test_merging_into_quantized_weights_keeps_their_format(smollm2_path: Path, adapters, tmp_path: Path) -> None:

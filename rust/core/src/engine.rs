@@ -106,9 +106,8 @@ impl Engine {
     /// Loads the model to run on `device`; a device this build or machine lacks is a
     /// [`Error::DeviceUnavailable`] that says what is missing, before any file is read.
     pub fn load_on(path: impl AsRef<Path>, dtype: WeightDType, device: DeviceSpec) -> Result<Self> {
-        device.check_available()?;
+        let device = device.open()?;
         let path = path.as_ref();
-        let device = Device::Cpu;
         let loaded = model::load(path, dtype, &device)?;
         crate::kernels::cpu::weight_memory::return_freed_memory();
         if let Some(tok) = &loaded.tokenizer.tokenizer {
@@ -240,9 +239,6 @@ impl Engine {
     /// Loads the peft LoRA adapter folder `path` under `name`, to be named by rows.
     pub fn load_adapter(&mut self, path: impl AsRef<Path>, name: &str) -> Result<()> {
         let path = path.as_ref();
-        if !self.model.supports_adapters() {
-            return Err(self.model.adapters_unsupported());
-        }
         if name.is_empty() {
             return Err(Error::invalid("an adapter needs a non-empty name"));
         }
@@ -504,13 +500,8 @@ impl Generation {
             self.model.forward(&mut self.store, &rows)?
         };
         self.stats.forward_seconds += forward_started.elapsed().as_secs_f64();
-        // Each row's logits copied out on the team (a wide batch holds megabytes of them).
-        let rows_logits: Vec<(SeqId, Tensor)> = work.iter().map(|a| a.seq).zip(logits).collect();
-        let per_seq: Vec<(SeqId, Vec<f32>)> = map_parallel(rows_logits, |(seq, l)| {
-            Ok((seq, l.squeeze(0)?.to_vec1::<f32>()?))
-        })
-        .into_iter()
-        .collect::<Result<_>>()?;
+        let per_seq: Vec<(SeqId, Vec<f32>)> =
+            work.iter().map(|a| a.seq).zip(host_rows(logits)?).collect();
         self.pending = self.strategy.consume(&mut self.store, per_seq)?;
         if !self.pending.is_empty() && self.deadline.is_some_and(|d| Instant::now() >= d) {
             self.strategy.finish_early();
@@ -553,5 +544,17 @@ impl Generation {
                 stats: self.stats,
             })
             .collect()
+    }
+}
+
+/// Each row's `[1, vocab]` logits as a host vector. On the CPU the rows are copied out on the
+/// team (a wide batch holds megabytes of them); from a device, in one transfer.
+fn host_rows(logits: Vec<Tensor>) -> Result<Vec<Vec<f32>>> {
+    match logits.first().map(|l| l.device()) {
+        None => Ok(Vec::new()),
+        Some(Device::Cpu) => map_parallel(logits, |l| Ok(l.squeeze(0)?.to_vec1::<f32>()?))
+            .into_iter()
+            .collect(),
+        Some(_) => Ok(Tensor::cat(&logits, 0)?.to_vec2::<f32>()?),
     }
 }

@@ -141,46 +141,72 @@ fn invalid_requests_are_errors_not_panics() {
     assert!(eng.logits(&[VOCAB as u32]).is_err());
 }
 
-/// With either cache dtype. The paths' keys differ by f32 rounding before they are stored, so a
-/// half-precision cache may round a few of them to neighbouring f16 values (2^-11 apart): its
-/// tolerance is ten times wider.
+/// With either cache dtype, and with rows through an adapter beside base rows (the tensor
+/// pass's unmerged LoRA against the host pass's). The paths' keys differ by f32 rounding before
+/// they are stored, so a half-precision cache may round a few of them to neighbouring f16 values
+/// (2^-11 apart): its tolerance is ten times wider.
 #[test]
 fn host_forward_matches_the_tensor_forward() {
-    let (_dir, mut eng) = engine();
+    let (dir, mut eng) = engine();
+    let adapter_dir = dir.path().join("adapter");
+    std::fs::create_dir(&adapter_dir).unwrap();
+    write_tiny_adapter(&adapter_dir);
+    eng.load_adapter(&adapter_dir, "a").unwrap();
+    let adapter = eng.adapter("a").unwrap();
     for (kv, tolerance) in [(DType::F32, 1e-4), (DType::F16, 1e-3)] {
         eng.set_kv_dtype(kv).unwrap();
-        host_and_tensor_paths_agree(&eng, tolerance);
+        // Base rows only; then the adapter on some rows (its tokens gathered), then on all.
+        for adapters in [
+            [None, None, None],
+            [Some(&*adapter), None, Some(&*adapter)],
+            [Some(&*adapter); 3],
+        ] {
+            host_and_tensor_paths_agree(&eng, adapters, tolerance);
+        }
     }
 }
 
-fn host_and_tensor_paths_agree(eng: &Engine, tolerance: f32) {
-    let a: Vec<u32> = vec![5, 6, 7, 8, 9];
-    let b: Vec<u32> = (100..123).collect();
-    // Prefill two rows of different lengths, then decode both for six steps on each path.
+fn host_and_tensor_paths_agree(
+    eng: &Engine,
+    adapters: [Option<&peftscale_core::lora::LoraAdapter>; 3],
+    tolerance: f32,
+) {
+    let prompts: [Vec<u32>; 3] = [vec![5, 6, 7, 8, 9], (100..123).collect(), vec![3, 1, 4]];
+    // Prefill rows of different lengths, then decode them for six steps on each path.
     let (mut host, mut tensors) = (eng.new_store(), eng.new_store());
-    let seqs = |s: &mut SeqStore| (s.create(), s.create());
-    let (ha, hb) = seqs(&mut host);
-    let (ta, tb) = seqs(&mut tensors);
-    let mut steps: Vec<(Vec<u32>, Vec<u32>)> = vec![(a, b)];
-    steps.extend((0..6).map(|i| (vec![20 + i], vec![40 + i])));
-    for (ta_tokens, tb_tokens) in &steps {
-        let make = |sa, sb| {
-            [
-                RowInput::new(sa, ta_tokens, LogitsFor::All),
-                RowInput::new(sb, tb_tokens, LogitsFor::Last),
-            ]
+    let host_seqs: Vec<u64> = (0..3).map(|_| host.create()).collect();
+    let tensor_seqs: Vec<u64> = (0..3).map(|_| tensors.create()).collect();
+    let mut steps: Vec<[Vec<u32>; 3]> = vec![prompts];
+    steps.extend((0..6).map(|i| [vec![20 + i], vec![40 + i], vec![60 + i]]));
+    for tokens in &steps {
+        let make = |seqs: &[u64]| -> Vec<RowInput<'_>> {
+            (0..3)
+                .map(|r| {
+                    let logits = if r == 0 {
+                        LogitsFor::All
+                    } else {
+                        LogitsFor::Last
+                    };
+                    RowInput::new(seqs[r], &tokens[r], logits).with_adapter(adapters[r])
+                })
+                .collect()
         };
-        let fast = eng.forward(&mut host, &make(ha, hb)).unwrap();
+        let fast = eng.forward(&mut host, &make(&host_seqs)).unwrap();
         let reference = eng
             .model()
-            .forward_with_tensors(&mut tensors, &make(ta, tb))
+            .forward_with_tensors(&mut tensors, &make(&tensor_seqs))
             .unwrap();
         for (f, r) in fast.iter().zip(&reference) {
             assert_eq!(f.dims(), r.dims());
             let f = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let r = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let diff = max_abs_diff(&f, &r);
-            assert!(diff < tolerance, "diff {diff} (tolerance {tolerance})");
+            // Relative to the row's scale: an adapter's rows carry larger logits.
+            let scale = r.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let diff = max_abs_diff(&f, &r) / scale;
+            assert!(
+                diff < tolerance,
+                "relative diff {diff} (tolerance {tolerance}, scale {scale})"
+            );
         }
     }
 }
@@ -244,20 +270,21 @@ fn merged_adapter_equals_the_unmerged_one() {
         max_abs_diff(&merged, &unmerged)
     );
 
-    // A half-precision model cannot run adapters unmerged, but can merge one.
+    // A half-precision model (the tensor pass) runs the adapter unmerged and merged alike.
     let mut half = Engine::load(dir.path(), WeightDType::F16).unwrap();
-    assert!(half.load_adapter(adapter.path(), "tiny").is_err());
+    half.load_adapter(adapter.path(), "tiny").unwrap();
+    let unmerged_half = all_logits(&half, &tokens, Some("tiny"));
     half.merge_adapter(adapter.path()).unwrap();
     let merged_half = all_logits(&half, &tokens, None);
     // f16 rounding stays; the adapter's change must be there: far closer than the base model.
-    let (got, base_gap) = (
-        max_abs_diff(&merged_half, &unmerged),
-        max_abs_diff(&base, &unmerged),
-    );
-    assert!(
-        got < 0.1 * base_gap,
-        "diff {got}, base model {base_gap} away"
-    );
+    let base_gap = max_abs_diff(&base, &unmerged);
+    for got in [&unmerged_half, &merged_half] {
+        let diff = max_abs_diff(got, &unmerged);
+        assert!(
+            diff < 0.1 * base_gap,
+            "diff {diff}, base model {base_gap} away"
+        );
+    }
 }
 
 #[test]

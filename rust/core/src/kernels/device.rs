@@ -51,60 +51,56 @@ impl fmt::Display for DeviceSpec {
 
 impl DeviceSpec {
     /// `Ok` when the engine can run here; otherwise what is missing: the build's feature, the
-    /// runtime library, the device itself, or (so far) the model's path on that device.
+    /// runtime library, the device itself, or (on Ascend, so far) the model's path on that device.
     pub fn check_available(self) -> Result<()> {
-        let missing = |reason: String| {
-            Err(Error::DeviceUnavailable {
-                device: self.to_string(),
-                reason,
-            })
+        self.open().map(|_| ())
+    }
+
+    /// The candle device the model's tensors live on, or what is missing (see
+    /// [`Self::check_available`]).
+    pub fn open(self) -> Result<candle_core::Device> {
+        let missing = |reason: String| Error::DeviceUnavailable {
+            device: self.to_string(),
+            reason,
         };
         match self {
-            DeviceSpec::Cpu => Ok(()),
+            DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
             DeviceSpec::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
-                    return missing(
+                    return Err(missing(
                         "this build has no CUDA support: build with the `cuda` feature \
                          (cuda/README.md)"
                             .into(),
-                    );
+                    ));
                 }
-                if let Err(e) = cuda_device(n) {
-                    return missing(format!("no CUDA device {n} could be opened: {e}"));
-                }
-                missing(
-                    "the engine's model runs on the CPU only so far; the CUDA kernels in cuda/ \
-                     are checked on their own (scripts/gpu-check.sh)"
-                        .into(),
-                )
+                cuda_device(n)
+                    .map_err(|e| missing(format!("no CUDA device {n} could be opened: {e}")))
             }
             DeviceSpec::Ascend(n) => {
                 if !cfg!(feature = "ascend") {
-                    return missing(
+                    return Err(missing(
                         "this build has no Ascend support: build with the `ascend` feature".into(),
-                    );
+                    ));
                 }
-                if let Err(reason) = ascend_device(n) {
-                    return missing(reason);
-                }
-                missing(
-                    "the engine's model runs on the CPU only so far; the Ascend plans \
+                ascend_device(n).map_err(missing)?;
+                Err(missing(
+                    "the engine's model runs on the CPU or a CUDA GPU so far; the Ascend plans \
                      (kernels/ascend) are checked on their own"
                         .into(),
-                )
+                ))
             }
         }
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_device(ordinal: usize) -> candle_core::Result<()> {
-    candle_core::Device::new_cuda(ordinal).map(|_| ())
+fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    candle_core::Device::new_cuda(ordinal)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device(_ordinal: usize) -> candle_core::Result<()> {
-    Ok(())
+fn cuda_device(_ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    candle_core::bail!("this build has no CUDA support")
 }
 
 #[cfg(feature = "ascend")]
@@ -169,7 +165,7 @@ mod tests {
                 "no Ascend runtime found",
                 "no Ascend device",
                 "ACL error",
-                "CPU only",
+                "CPU or a CUDA GPU",
             ];
             assert!(reasons.iter().any(|r| err.contains(r)), "{err}");
         } else {

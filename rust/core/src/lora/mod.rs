@@ -11,8 +11,9 @@ mod config;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
@@ -111,6 +112,28 @@ impl LoraPair {
     }
 }
 
+/// One projection's update as tensors on the model's device, laid out for `x · Aᵀ · Bᵀ`.
+#[derive(Debug, Clone)]
+pub struct DevicePair {
+    /// `Aᵀ`, `[in, rank]`.
+    pub a_t: Tensor,
+    /// `Bᵀ`, `[rank, out]`.
+    pub b_t: Tensor,
+    pub scale: f64,
+}
+
+/// An adapter's updates as tensors on one device, in one dtype (the tensor forward pass's form).
+#[derive(Debug)]
+pub struct DeviceLora {
+    layers: Vec<[Option<DevicePair>; 7]>,
+}
+
+impl DeviceLora {
+    pub fn pair(&self, layer: usize, proj: Proj) -> Option<&DevicePair> {
+        self.layers.get(layer)?[proj.index()].as_ref()
+    }
+}
+
 /// A loaded adapter: per layer, an optional update for each of the seven projections.
 #[derive(Debug)]
 pub struct LoraAdapter {
@@ -118,6 +141,8 @@ pub struct LoraAdapter {
     pub path: PathBuf,
     pub config: AdapterConfig,
     layers: Vec<[Option<LoraPair>; 7]>,
+    /// The tensor form per (device, dtype), made on first use and kept while the adapter lives.
+    on_devices: Mutex<Vec<(DeviceLocation, DType, Arc<DeviceLora>)>>,
 }
 
 impl LoraAdapter {
@@ -249,7 +274,44 @@ impl LoraAdapter {
             path: dir.to_path_buf(),
             config,
             layers,
+            on_devices: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The updates as `dtype` tensors on `device`, copied there once per (device, dtype).
+    pub fn on_device(&self, device: &Device, dtype: DType) -> Result<Arc<DeviceLora>> {
+        let location = device.location();
+        let mut cache = self
+            .on_devices
+            .lock()
+            .map_err(|_| Error::invalid("the adapter's device cache was poisoned by a panic"))?;
+        if let Some((_, _, lora)) = cache
+            .iter()
+            .find(|(loc, dt, _)| *loc == location && *dt == dtype)
+        {
+            return Ok(lora.clone());
+        }
+        let tensor = |data: &[f32], rows: usize, cols: usize| -> Result<Tensor> {
+            let t = Tensor::from_slice(data, (rows, cols), &Device::Cpu)?;
+            Ok(t.t()?.contiguous()?.to_dtype(dtype)?.to_device(device)?)
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for pairs in &self.layers {
+            let mut out: [Option<DevicePair>; 7] = Default::default();
+            for (slot, pair) in out.iter_mut().zip(pairs) {
+                if let Some(p) = pair {
+                    *slot = Some(DevicePair {
+                        a_t: tensor(&p.a, p.rank, p.in_features())?,
+                        b_t: tensor(&p.b, p.out_features(), p.rank)?,
+                        scale: f64::from(p.scale),
+                    });
+                }
+            }
+            layers.push(out);
+        }
+        let lora = Arc::new(DeviceLora { layers });
+        cache.push((location, dtype, lora.clone()));
+        Ok(lora)
     }
 
     /// The update of projection `proj` in layer `layer`, if the adapter has one.

@@ -5,6 +5,8 @@
 //! cache pieces, so rows of different lengths never need padding and give exactly what each
 //! would give alone.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::host_forward::{self, HostParams};
@@ -14,7 +16,7 @@ use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::Rng;
 use crate::kv::{KvPiece, KvShape, SeqId, SeqStore};
-use crate::lora::{LoraAdapter, Proj};
+use crate::lora::{group_by_adapter, DeviceLora, LoraAdapter, Proj};
 
 /// Which positions of a row need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,19 +290,6 @@ impl Model {
         Ok(())
     }
 
-    /// Whether LoRA adapters can run on this model (the host forward pass applies them).
-    pub fn supports_adapters(&self) -> bool {
-        self.host.is_some()
-    }
-
-    pub(crate) fn adapters_unsupported(&self) -> Error {
-        Error::invalid(format!(
-            "LoRA adapters run on the CPU with f32 activations; this model runs with {:?} on {:?} \
-             (load it with dtype=\"auto\" or \"f32\")",
-            self.dtype, self.device
-        ))
-    }
-
     /// Bytes of the matrices one decode step reads (the embedding table only when it is tied).
     pub fn weight_bytes(&self) -> usize {
         let per_layer = |l: &Layer| {
@@ -390,28 +379,26 @@ impl Model {
     }
 
     fn forward_tensors(&self, store: &mut SeqStore, plan: &RowPlan<'_>) -> Result<Vec<Tensor>> {
-        if plan.rows.iter().any(|r| r.adapter.is_some()) {
-            return Err(self.adapters_unsupported());
-        }
         let (rows, spans) = (plan.rows, &plan.spans);
         let n_total = plan.ids.len();
         let ids = Tensor::from_slice(&plan.ids, n_total, &self.device)?;
         let positions = Tensor::from_slice(&plan.positions, n_total, &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
+        let adapted = AdaptedTokens::new(plan, &self.device, self.dtype)?;
 
         let mut x = self.embed.forward(&ids, self.dtype)?;
         for (li, layer) in self.layers.iter().enumerate() {
+            let project =
+                |proj: Proj, linear: &Linear, h: &Tensor| adapted.project(li, proj, linear, h);
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
-            let attn = self.attention(li, layer, &h, &cos, &sin, store, rows, spans)?;
-            x = (x + layer.attn.o.forward(&attn)?)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, store, rows, spans, &project)?;
+            x = (x + project(Proj::O, &layer.attn.o, &attn)?)?;
             let h =
                 candle_nn::ops::rms_norm(&x, &layer.post_attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)?;
-            let mlp = layer
-                .mlp
-                .down
-                .forward(&(gate * layer.mlp.up.forward(&h)?)?)?;
+            let gate = candle_nn::ops::silu(&project(Proj::Gate, &layer.mlp.gate, &h)?)?;
+            let up = project(Proj::Up, &layer.mlp.up, &h)?;
+            let mlp = project(Proj::Down, &layer.mlp.down, &(gate * up)?)?;
             x = (x + mlp)?;
         }
         plan.commit(store)?;
@@ -442,6 +429,7 @@ impl Model {
         store: &mut SeqStore,
         rows: &[RowInput<'_>],
         spans: &[(usize, usize)],
+        project: &dyn Fn(Proj, &Linear, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (n_total, _) = h.dims2()?;
@@ -459,9 +447,15 @@ impl Model {
             };
             Ok(r.squeeze(0)?)
         };
-        let q = rotate(&to_heads(layer.attn.q.forward(h)?, cfg.num_heads)?)?;
-        let k = rotate(&to_heads(layer.attn.k.forward(h)?, cfg.num_kv_heads)?)?;
-        let v = to_heads(layer.attn.v.forward(h)?, cfg.num_kv_heads)?.squeeze(0)?;
+        let q = rotate(&to_heads(
+            project(Proj::Q, &layer.attn.q, h)?,
+            cfg.num_heads,
+        )?)?;
+        let k = rotate(&to_heads(
+            project(Proj::K, &layer.attn.k, h)?,
+            cfg.num_kv_heads,
+        )?)?;
+        let v = to_heads(project(Proj::V, &layer.attn.v, h)?, cfg.num_kv_heads)?.squeeze(0)?;
 
         let mut outs = Vec::with_capacity(rows.len());
         for (row, &(off, n)) in rows.iter().zip(spans) {
@@ -534,6 +528,65 @@ impl Model {
         }
         let out = out.ok_or_else(|| Error::invalid("attention over an empty cache"))?;
         Ok(out.reshape((heads, n, hd))?.to_dtype(self.dtype)?)
+    }
+}
+
+/// The tokens of a forward call grouped by the adapter their rows use, for the tensor pass's
+/// unmerged LoRA: the base projection runs once over all tokens, and each adapter's low-rank
+/// update `scale · (x·Aᵀ)·Bᵀ` is added to its own tokens only.
+struct AdaptedTokens {
+    groups: Vec<AdapterGroup>,
+}
+
+struct AdapterGroup {
+    lora: Arc<DeviceLora>,
+    /// The group's token indices among all tokens; `None` when the group holds every token.
+    tokens: Option<Tensor>,
+}
+
+impl AdaptedTokens {
+    fn new(plan: &RowPlan<'_>, device: &Device, dtype: DType) -> Result<Self> {
+        let n_total = plan.ids.len();
+        let mut groups = Vec::new();
+        for (adapter, members) in group_by_adapter(plan.rows.iter().map(|r| r.adapter)) {
+            let Some(adapter) = adapter else { continue };
+            let tokens: Vec<u32> = members
+                .iter()
+                .flat_map(|&i| {
+                    let (off, n) = plan.spans[i];
+                    (off as u32)..(off + n) as u32
+                })
+                .collect();
+            let tokens = if tokens.len() == n_total {
+                None
+            } else {
+                let n = tokens.len();
+                Some(Tensor::from_vec(tokens, n, device)?)
+            };
+            groups.push(AdapterGroup {
+                lora: adapter.on_device(device, dtype)?,
+                tokens,
+            });
+        }
+        Ok(Self { groups })
+    }
+
+    /// `linear` applied to `x` (`[tokens, in]`), plus each group's update to its tokens.
+    fn project(&self, layer: usize, proj: Proj, linear: &Linear, x: &Tensor) -> Result<Tensor> {
+        let mut y = linear.forward(x)?;
+        for group in &self.groups {
+            let Some(pair) = group.lora.pair(layer, proj) else {
+                continue;
+            };
+            let delta = |x: &Tensor| -> Result<Tensor> {
+                Ok((x.matmul(&pair.a_t)?.matmul(&pair.b_t)? * pair.scale)?)
+            };
+            y = match &group.tokens {
+                None => (y + delta(x)?)?,
+                Some(idx) => y.index_add(idx, &delta(&x.index_select(idx, 0)?)?, 0)?,
+            };
+        }
+        Ok(y)
     }
 }
 
