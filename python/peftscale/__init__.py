@@ -23,7 +23,7 @@ from peftscale.errors import (
     PeftscaleError,
     TokenizerError,
 )
-from peftscale.kernels import CpuKernels, cpu_kernels
+from peftscale.kernels import CpuKernels, cold_top_k, cpu_kernels
 from peftscale.strategies import (
     MCTS,
     Adaptive,
@@ -71,6 +71,7 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "__version__",
+    "cold_top_k",
     "cpu_kernels",
     "eval",
     "models",

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __version__: str
 
@@ -21,6 +22,16 @@ class EngineError(PeftscaleError): ...
 class CallbackError(PeftscaleError): ...
 
 def cpu_kernels(seconds: float = 0.3) -> dict[str, Any]: ...
+def cold_top_k(
+    expert: npt.NDArray[np.float32],
+    base: npt.NDArray[np.float32],
+    k: int = 1,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    base_temperature: float = 1.0,
+    device: str = "cpu",
+    dtype: str = "f32",
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
 
 class Generation:
     @property

@@ -1,14 +1,24 @@
-"""Which CPU kernels this machine runs, and the peak its 8-bit dot-product instruction reaches.
+"""Which CPU kernels this machine runs, the peak its 8-bit dot-product instruction reaches, and
+the engine's CoLD scorer on logit rows of your own (on the CPU, or a CUDA GPU's fused kernel).
 
 >>> import peftscale as ps
 >>> info = ps.cpu_kernels()
 >>> info["isa"] in ("avx512-vnni", "avx2", "portable")
 True
+>>> import numpy as np
+>>> expert = np.array([[2.0, 1.9, -5.0, 0.0]], dtype=np.float32)
+>>> base = np.array([[3.0, 0.0, -10.0, 0.0]], dtype=np.float32)
+>>> tokens, scores = ps.cold_top_k(expert, base, k=2)
+>>> tokens.tolist(), [round(float(s), 2) for s in scores[0]]
+([[1, 0]], [2.85, 1.5])
 """
 
 from __future__ import annotations
 
-from typing import TypedDict, cast
+from typing import Literal, TypedDict, cast
+
+import numpy as np
+import numpy.typing as npt
 
 from peftscale import _core
 
@@ -25,3 +35,34 @@ class CpuKernels(TypedDict):
 def cpu_kernels(seconds: float = 0.3) -> CpuKernels:
     """Detects the kernel family and measures the dot-product peak for about ``seconds``."""
     return cast(CpuKernels, _core.cpu_kernels(seconds))
+
+
+def cold_top_k(
+    expert: npt.ArrayLike,
+    base: npt.ArrayLike,
+    k: int = 1,
+    *,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    base_temperature: float = 1.0,
+    device: str = "cpu",
+    dtype: Literal["f32", "f16", "bf16"] = "f32",
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """The best ``k`` Contrastive LoRA Decoding candidates of each (expert, base) row pair.
+
+    ``expert`` and ``base`` are ``[pairs, vocab]`` logits (a 1-D row is one pair). Tokens below
+    ``alpha`` times the expert's best probability are dropped; the rest score
+    ``(1 + beta) * expert - beta * base / base_temperature``. Returns token ids ``[pairs, k]``,
+    best first (ties to the lower id; ``-1`` where fewer than ``k`` tokens are plausible), and
+    their scores (``-inf`` there). The rows are scored on ``device`` (``"cpu"``, or ``"cuda"`` /
+    ``"cuda:N"`` with a CUDA build, where the fused kernel of ``cuda/cold.cu`` runs for
+    ``k <= 16``) after rounding to ``dtype``.
+    """
+    e = np.ascontiguousarray(expert, dtype=np.float32)
+    b = np.ascontiguousarray(base, dtype=np.float32)
+    if e.ndim == 1 and b.ndim == 1:
+        e, b = e[None, :], b[None, :]
+    if e.ndim != 2 or b.ndim != 2:
+        shapes = f"{e.shape} and {b.shape}"
+        raise _core.InvalidArgument(f"invalid argument: expert and base must be 1-D or 2-D, got {shapes}")
+    return _core.cold_top_k(e, b, k, alpha, beta, base_temperature, device, dtype)

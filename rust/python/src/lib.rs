@@ -3,7 +3,8 @@
 mod search;
 
 use candle_core::{DType, Tensor};
-use numpy::{PyArray1, PyArrayMethods};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use peftscale_core::logits::ColdParams;
 use peftscale_core::search::{Candidate, TextDelta, TreeReport};
 use peftscale_core::text::ChatMessage;
 use peftscale_core::{DeviceSpec, Engine, Error, GenerateOptions, Generation, Output, WeightDType};
@@ -493,10 +494,84 @@ fn cpu_kernels(py: Python<'_>, seconds: f64) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// The best `k` CoLD candidates of each (expert, base) row pair, scored on `device` in `dtype`:
+/// token ids `[pairs, k]` (-1 where a row has fewer plausible tokens) and their scores (-inf
+/// there). On a CUDA device the fused kernel of `cuda/cold.cu` scores them.
+#[pyfunction]
+#[pyo3(signature = (expert, base, k = 1, alpha = 0.1, beta = 0.5, base_temperature = 1.0, device = "cpu", dtype = "f32"))]
+#[allow(clippy::too_many_arguments)]
+fn cold_top_k<'py>(
+    py: Python<'py>,
+    expert: PyReadonlyArray2<'py, f32>,
+    base: PyReadonlyArray2<'py, f32>,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+    base_temperature: f32,
+    device: &str,
+    dtype: &str,
+) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>)> {
+    let device: DeviceSpec = device.parse().map_err(to_py)?;
+    let dtype = match dtype {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => {
+            return Err(InvalidArgument::new_err(format!(
+                "dtype must be \"f32\", \"f16\" or \"bf16\", got {other:?}"
+            )))
+        }
+    };
+    let shape = |a: &PyReadonlyArray2<'py, f32>| {
+        let dims = a.shape();
+        (dims[0], dims[1])
+    };
+    let (pairs, vocab) = shape(&expert);
+    if shape(&base) != (pairs, vocab) {
+        return Err(InvalidArgument::new_err(format!(
+            "expert and base must have one shape, got {:?} and {:?}",
+            expert.shape(),
+            base.shape()
+        )));
+    }
+    let (e, b): (Vec<f32>, Vec<f32>) = (
+        expert.as_array().iter().copied().collect(),
+        base.as_array().iter().copied().collect(),
+    );
+    let params = ColdParams {
+        alpha,
+        beta,
+        base_temperature,
+        ..ColdParams::default()
+    };
+    let picks = py
+        .allow_threads(|| -> peftscale_core::Result<Vec<Vec<(u32, f32)>>> {
+            let device = device.open()?;
+            let tensor = |v: Vec<f32>| -> peftscale_core::Result<Tensor> {
+                Ok(Tensor::from_vec(v, (pairs, vocab), &device)?.to_dtype(dtype)?)
+            };
+            peftscale_core::logits::cold_top_k(&tensor(e)?, &tensor(b)?, &params, k)
+        })
+        .map_err(to_py)?;
+    let mut index = vec![-1i64; pairs * k];
+    let mut score = vec![f32::NEG_INFINITY; pairs * k];
+    for (r, row) in picks.iter().enumerate() {
+        for (j, &(i, s)) in row.iter().enumerate() {
+            index[r * k + j] = i64::from(i);
+            score[r * k + j] = s;
+        }
+    }
+    Ok((
+        PyArray1::from_vec(py, index).reshape([pairs, k])?,
+        PyArray1::from_vec(py, score).reshape([pairs, k])?,
+    ))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(cold_top_k, m)?)?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyGeneration>()?;
     m.add("PeftscaleError", py.get_type::<PeftscaleError>())?;

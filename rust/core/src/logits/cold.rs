@@ -5,8 +5,10 @@
 //! `(1 + beta)·s_e - beta·(s_b / base_temperature)` on `V` and `-inf` elsewhere, then take the
 //! argmax or sample `softmax(score / temperature)` over `V`.
 
-use super::{check_param, choose, Rng, SamplingParams};
-use crate::error::Result;
+use candle_core::{DType, Tensor};
+
+use super::{check_param, choose, top_k_indices, Rng, SamplingParams};
+use crate::error::{Error, Result};
 use crate::kernels::cpu::max_value;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,10 +109,96 @@ pub fn cold_choose(expert: &[f32], base: &[f32], p: &ColdParams, rng: &mut Rng) 
     choose(&scores, &params, rng)
 }
 
+/// The best `k` CoLD candidates of each (expert, base) row pair (`[pairs, vocab]` tensors, one
+/// shape and dtype), best first, as `(token, score)` with [`cold_scores`]' scores; rows with
+/// fewer than `k` plausible tokens get fewer. Rows on a CUDA device (k up to 16) run the fused
+/// kernel of `cuda/cold.cu` and only the candidates leave the GPU; otherwise the host scores them.
+pub fn cold_top_k(
+    expert: &Tensor,
+    base: &Tensor,
+    p: &ColdParams,
+    k: usize,
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    p.validate()?;
+    let (pairs, vocab) = expert.dims2()?;
+    if base.dims() != expert.dims() {
+        return Err(Error::invalid(format!(
+            "CoLD takes expert and base rows of one shape: {:?} and {:?}",
+            expert.dims(),
+            base.dims()
+        )));
+    }
+    if k == 0 || vocab == 0 {
+        return Err(Error::invalid(format!(
+            "CoLD top-k needs k >= 1 and a non-empty vocabulary (k = {k}, vocabulary {vocab})"
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    if expert.device().is_cuda() && k <= crate::kernels::cuda::COLD_MAX_K {
+        return cold_top_k_cuda(expert, base, p, k);
+    }
+    let expert = expert.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let base = base.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    debug_assert_eq!(expert.len(), pairs);
+    Ok(expert
+        .iter()
+        .zip(&base)
+        .map(|(e, b)| {
+            let scores = cold_scores(e, b, p);
+            top_k_indices(&scores, k)
+                .into_iter()
+                .filter(|&i| scores[i].is_finite())
+                .map(|i| (i as u32, scores[i]))
+                .collect()
+        })
+        .collect())
+}
+
+/// The kernel scores log-softmaxed rows; the host's score of the same token differs by the
+/// pair's constant `(1+beta)·lse_e - beta·lse_b/t`, added back here.
+#[cfg(feature = "cuda")]
+fn cold_top_k_cuda(
+    expert: &Tensor,
+    base: &Tensor,
+    p: &ColdParams,
+    k: usize,
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    let out =
+        crate::kernels::cuda::cold_top_k(expert, base, k, p.alpha, p.beta, p.base_temperature)?;
+    Ok((0..out.pairs)
+        .map(|r| {
+            let shift =
+                (1.0 + p.beta) * out.lse[2 * r] - p.beta * out.lse[2 * r + 1] / p.base_temperature;
+            (0..k)
+                .map(|j| (out.index[r * k + j], out.score[r * k + j]))
+                .take_while(|&(i, _)| i >= 0)
+                .map(|(i, s)| (i as u32, s + shift))
+                .collect()
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::logits::argmax;
+
+    #[test]
+    fn top_k_takes_the_best_plausible_scores() {
+        let expert = [2.0f32, 1.9, -5.0, 0.0, 1.9];
+        let base = [3.0f32, 0.0, -10.0, 0.0, 0.0];
+        let p = ColdParams::default();
+        let t = |v: &[f32]| Tensor::from_slice(v, (1, v.len()), &candle_core::Device::Cpu).unwrap();
+        let got = cold_top_k(&t(&expert), &t(&base), &p, 8).unwrap();
+        // Tokens 1 and 4 tie (2.85) and come in index order; 2 is below the cut.
+        assert_eq!(got.len(), 1);
+        let ids: Vec<u32> = got[0].iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, [1, 4, 0, 3]);
+        let scores = cold_scores(&expert, &base, &p);
+        assert!(got[0].iter().all(|&(i, s)| s == scores[i as usize]));
+        assert!(cold_top_k(&t(&expert), &t(&base[..4]), &p, 1).is_err());
+        assert!(cold_top_k(&t(&expert), &t(&base), &p, 0).is_err());
+    }
 
     #[test]
     fn greedy_pick_is_the_argmax_of_the_scores() {

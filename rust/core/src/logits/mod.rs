@@ -4,7 +4,7 @@
 mod cold;
 
 pub use crate::kernels::cpu::Rng;
-pub use cold::{cold_choose, cold_scores, ColdParams};
+pub use cold::{cold_choose, cold_scores, cold_top_k, ColdParams};
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::dense::exp_shifted_sum;

@@ -112,14 +112,16 @@ impl LoraPair {
     }
 }
 
-/// One projection's update as tensors on the model's device, laid out for `x · Aᵀ · Bᵀ`.
+/// One projection's update as tensors on the model's device, as peft stores it.
 #[derive(Debug, Clone)]
 pub struct DevicePair {
-    /// `Aᵀ`, `[in, rank]`.
-    pub a_t: Tensor,
-    /// `Bᵀ`, `[rank, out]`.
-    pub b_t: Tensor,
+    /// `A`, `[rank, in]`.
+    pub a: Tensor,
+    /// `B`, `[out, rank]`.
+    pub b: Tensor,
     pub scale: f64,
+    /// The scale as an f32 tensor `[1]` on the device (the CUDA kernel reads it there).
+    pub scales: Tensor,
 }
 
 /// An adapter's updates as tensors on one device, in one dtype (the tensor forward pass's form).
@@ -293,7 +295,7 @@ impl LoraAdapter {
         }
         let tensor = |data: &[f32], rows: usize, cols: usize| -> Result<Tensor> {
             let t = Tensor::from_slice(data, (rows, cols), &Device::Cpu)?;
-            Ok(t.t()?.contiguous()?.to_dtype(dtype)?.to_device(device)?)
+            Ok(t.to_dtype(dtype)?.to_device(device)?)
         };
         let mut layers = Vec::with_capacity(self.layers.len());
         for pairs in &self.layers {
@@ -301,9 +303,10 @@ impl LoraAdapter {
             for (slot, pair) in out.iter_mut().zip(pairs) {
                 if let Some(p) = pair {
                     *slot = Some(DevicePair {
-                        a_t: tensor(&p.a, p.rank, p.in_features())?,
-                        b_t: tensor(&p.b, p.out_features(), p.rank)?,
+                        a: tensor(&p.a, p.rank, p.in_features())?,
+                        b: tensor(&p.b, p.out_features(), p.rank)?,
                         scale: f64::from(p.scale),
+                        scales: Tensor::new(&[p.scale], device)?,
                     });
                 }
             }

@@ -16,7 +16,7 @@ use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::Rng;
 use crate::kv::{KvPiece, KvShape, SeqId, SeqStore};
-use crate::lora::{group_by_adapter, DeviceLora, LoraAdapter, Proj};
+use crate::lora::{group_by_adapter, DeviceLora, DevicePair, LoraAdapter, Proj};
 
 /// Which positions of a row need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -542,6 +542,9 @@ struct AdapterGroup {
     lora: Arc<DeviceLora>,
     /// The group's token indices among all tokens; `None` when the group holds every token.
     tokens: Option<Tensor>,
+    /// On a CUDA device: per token, 0 when it is the group's and -1 otherwise (the BGMV
+    /// kernel's slots).
+    slots: Option<Tensor>,
 }
 
 impl AdaptedTokens {
@@ -557,6 +560,15 @@ impl AdaptedTokens {
                     (off as u32)..(off + n) as u32
                 })
                 .collect();
+            let slots = if cfg!(feature = "cuda") && device.is_cuda() {
+                let mut slots = vec![-1i32; n_total];
+                for &t in &tokens {
+                    slots[t as usize] = 0;
+                }
+                Some(Tensor::from_vec(slots, n_total, device)?)
+            } else {
+                None
+            };
             let tokens = if tokens.len() == n_total {
                 None
             } else {
@@ -566,6 +578,7 @@ impl AdaptedTokens {
             groups.push(AdapterGroup {
                 lora: adapter.on_device(device, dtype)?,
                 tokens,
+                slots,
             });
         }
         Ok(Self { groups })
@@ -578,16 +591,38 @@ impl AdaptedTokens {
             let Some(pair) = group.lora.pair(layer, proj) else {
                 continue;
             };
-            let delta = |x: &Tensor| -> Result<Tensor> {
-                Ok((x.matmul(&pair.a_t)?.matmul(&pair.b_t)? * pair.scale)?)
-            };
-            y = match &group.tokens {
-                None => (y + delta(x)?)?,
-                Some(idx) => y.index_add(idx, &delta(&x.index_select(idx, 0)?)?, 0)?,
+            y = match (&group.slots, &group.tokens) {
+                (Some(slots), _) => (y + bgmv_delta(x, pair, slots)?)?,
+                (None, None) => (y + lora_delta(x, pair)?)?,
+                (None, Some(idx)) => {
+                    y.index_add(idx, &lora_delta(&x.index_select(idx, 0)?, pair)?, 0)?
+                }
             };
         }
         Ok(y)
     }
+}
+
+/// `scale · (x·Aᵀ)·Bᵀ` by candle's matmuls.
+fn lora_delta(x: &Tensor, pair: &DevicePair) -> Result<Tensor> {
+    Ok((x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pair.scale)?)
+}
+
+/// The same through the BGMV kernel (`cuda/bgmv.cu`), zero on the rows whose slot is -1.
+#[cfg(feature = "cuda")]
+fn bgmv_delta(x: &Tensor, pair: &DevicePair, slots: &Tensor) -> Result<Tensor> {
+    let op = crate::kernels::cuda::BgmvDelta {
+        slots: slots.clone(),
+        scales: pair.scales.clone(),
+    };
+    Ok(x.contiguous()?.apply_op3_no_bwd(&pair.a, &pair.b, &op)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bgmv_delta(_x: &Tensor, _pair: &DevicePair, _slots: &Tensor) -> Result<Tensor> {
+    Err(Error::invalid(
+        "the BGMV kernel needs a build with the `cuda` feature",
+    ))
 }
 
 fn rope_tables(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
