@@ -23,7 +23,7 @@ from peftscale.errors import (
     PeftscaleError,
     TokenizerError,
 )
-from peftscale.kernels import CpuKernels, cold_top_k, cpu_kernels
+from peftscale.kernels import CpuKernels, cold_top_k, cpu_kernels, sample_tokens
 from peftscale.strategies import (
     MCTS,
     Adaptive,
@@ -73,6 +73,7 @@ __all__ = [
     "__version__",
     "cold_top_k",
     "cpu_kernels",
+    "sample_tokens",
     "eval",
     "models",
     "train",

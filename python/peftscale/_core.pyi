@@ -32,6 +32,16 @@ def cold_top_k(
     device: str = "cpu",
     dtype: str = "f32",
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+def sample_tokens(
+    logits: npt.NDArray[np.float32],
+    uniforms: list[float],
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    device: str = "cpu",
+    dtype: str = "f32",
+) -> npt.NDArray[np.int64]: ...
 
 class Generation:
     @property

@@ -182,9 +182,12 @@ class Engine:
         otherwise, so that an f32 model matches its reference exactly. ``"f32"`` or ``"f16"``
         choose it (``"bf16"`` too for f16/bf16 weights).
 
-        ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"ascend"`` or ``"ascend:N"``. The model
-        runs on the CPU only so far: any other device raises :class:`DeviceError` naming what is
-        missing (the build's feature, the runtime, the device), and an unknown name raises
+        ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"ascend"`` or ``"ascend:N"``. A CUDA
+        build (``scripts/build-cuda.sh``) runs the model on an NVIDIA GPU through candle, adapters
+        unmerged through the BGMV kernel of ``cuda/``; the strategies run unchanged on the host,
+        each step's logits copied back in one transfer. A device the build or machine lacks (and,
+        so far, any Ascend NPU for the model) raises :class:`DeviceError` naming what is missing
+        (the build's feature, the runtime, the device); an unknown name raises
         :class:`InvalidArgument`.
 
         >>> eng = ps.Engine.load(ps.models.smollm2_135m_instruct())  # doctest: +SKIP

@@ -1,5 +1,6 @@
 """Which CPU kernels this machine runs, the peak its 8-bit dot-product instruction reaches, and
-the engine's CoLD scorer on logit rows of your own (on the CPU, or a CUDA GPU's fused kernel).
+the engine's per-step scoring on logit rows of your own: the CoLD scorer and the sampler (on the
+CPU, or with a CUDA build on the GPU's kernels).
 
 >>> import peftscale as ps
 >>> info = ps.cpu_kernels()
@@ -11,10 +12,13 @@ True
 >>> tokens, scores = ps.cold_top_k(expert, base, k=2)
 >>> tokens.tolist(), [round(float(s), 2) for s in scores[0]]
 ([[1, 0]], [2.85, 1.5])
+>>> ps.sample_tokens(expert, [0.99], temperature=1.0, top_k=2).tolist()  # the 2nd of 2, by u
+[1]
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, TypedDict, cast
 
 import numpy as np
@@ -66,3 +70,33 @@ def cold_top_k(
         shapes = f"{e.shape} and {b.shape}"
         raise _core.InvalidArgument(f"invalid argument: expert and base must be 1-D or 2-D, got {shapes}")
     return _core.cold_top_k(e, b, k, alpha, beta, base_temperature, device, dtype)
+
+
+def sample_tokens(
+    logits: npt.ArrayLike,
+    uniforms: Sequence[float] | npt.ArrayLike,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    device: str = "cpu",
+    dtype: Literal["f32", "f16", "bf16"] = "f32",
+) -> npt.NDArray[np.int64]:
+    """The token each row of ``logits`` (``[rows, vocab]``; a 1-D row is one) draws with its
+    number from ``uniforms`` (one per row, in [0, 1)), as the engine's sampler does.
+
+    Tokens are ranked by ``logits / temperature`` (the smaller id first on ties); ``top_k``
+    keeps the first k (0 keeps all), ``top_p`` the ranks up to and including the one whose
+    cumulative probability reaches it, ``min_p`` those at least ``min_p`` times as likely as
+    the best; the draw is the first kept rank whose cumulative probability exceeds ``u``.
+    ``temperature=0`` is the argmax. On ``"cuda"`` (a CUDA build) the kernel of
+    ``cuda/sample.cu`` draws them and only the ids leave the GPU.
+    """
+    x = np.ascontiguousarray(logits, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise _core.InvalidArgument(f"invalid argument: logits must be 1-D or 2-D, got shape {x.shape}")
+    u = [float(v) for v in np.asarray(uniforms, dtype=np.float64).reshape(-1)]
+    return _core.sample_tokens(x, u, temperature, top_k, top_p, min_p, device, dtype)

@@ -4,7 +4,7 @@ mod search;
 
 use candle_core::{DType, Tensor};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
-use peftscale_core::logits::ColdParams;
+use peftscale_core::logits::{ColdParams, SamplingParams};
 use peftscale_core::search::{Candidate, TextDelta, TreeReport};
 use peftscale_core::text::ChatMessage;
 use peftscale_core::{DeviceSpec, Engine, Error, GenerateOptions, Generation, Output, WeightDType};
@@ -494,6 +494,69 @@ fn cpu_kernels(py: Python<'_>, seconds: f64) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// The dtype rows are rounded to before a kernel scores them.
+fn activation_dtype(name: &str) -> PyResult<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(InvalidArgument::new_err(format!(
+            "dtype must be \"f32\", \"f16\" or \"bf16\", got {other:?}"
+        ))),
+    }
+}
+
+/// A `[rows, cols]` f32 array as a `dtype` tensor on `device`.
+fn array_tensor(
+    a: Vec<f32>,
+    shape: (usize, usize),
+    device: &candle_core::Device,
+    dtype: DType,
+) -> peftscale_core::Result<Tensor> {
+    Ok(Tensor::from_vec(a, shape, device)?.to_dtype(dtype)?)
+}
+
+/// The token each row of `logits` draws with its number from `uniforms` after temperature,
+/// top-k, top-p and min-p (the argmax at temperature 0), on `device` in `dtype`. On a CUDA
+/// device the kernel of `cuda/sample.cu` draws them and only the ids leave the GPU.
+#[pyfunction]
+#[pyo3(signature = (logits, uniforms, temperature = 1.0, top_k = 0, top_p = 1.0, min_p = 0.0, device = "cpu", dtype = "f32"))]
+#[allow(clippy::too_many_arguments)]
+fn sample_tokens<'py>(
+    py: Python<'py>,
+    logits: PyReadonlyArray2<'py, f32>,
+    uniforms: Vec<f32>,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    device: &str,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let device: DeviceSpec = device.parse().map_err(to_py)?;
+    let dtype = activation_dtype(dtype)?;
+    let shape = (logits.shape()[0], logits.shape()[1]);
+    let data: Vec<f32> = logits.as_array().iter().copied().collect();
+    let params = SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        ..SamplingParams::greedy()
+    };
+    let tokens = py
+        .allow_threads(|| -> peftscale_core::Result<Vec<u32>> {
+            let device = device.open()?;
+            let logits = array_tensor(data, shape, &device, dtype)?;
+            peftscale_core::logits::sample_rows(&logits, &params, &uniforms)
+        })
+        .map_err(to_py)?;
+    Ok(PyArray1::from_vec(
+        py,
+        tokens.into_iter().map(i64::from).collect(),
+    ))
+}
+
 /// The best `k` CoLD candidates of each (expert, base) row pair, scored on `device` in `dtype`:
 /// token ids `[pairs, k]` (-1 where a row has fewer plausible tokens) and their scores (-inf
 /// there). On a CUDA device the fused kernel of `cuda/cold.cu` scores them.
@@ -512,16 +575,7 @@ fn cold_top_k<'py>(
     dtype: &str,
 ) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>)> {
     let device: DeviceSpec = device.parse().map_err(to_py)?;
-    let dtype = match dtype {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => {
-            return Err(InvalidArgument::new_err(format!(
-                "dtype must be \"f32\", \"f16\" or \"bf16\", got {other:?}"
-            )))
-        }
-    };
+    let dtype = activation_dtype(dtype)?;
     let shape = |a: &PyReadonlyArray2<'py, f32>| {
         let dims = a.shape();
         (dims[0], dims[1])
@@ -547,10 +601,9 @@ fn cold_top_k<'py>(
     let picks = py
         .allow_threads(|| -> peftscale_core::Result<Vec<Vec<(u32, f32)>>> {
             let device = device.open()?;
-            let tensor = |v: Vec<f32>| -> peftscale_core::Result<Tensor> {
-                Ok(Tensor::from_vec(v, (pairs, vocab), &device)?.to_dtype(dtype)?)
-            };
-            peftscale_core::logits::cold_top_k(&tensor(e)?, &tensor(b)?, &params, k)
+            let expert = array_tensor(e, (pairs, vocab), &device, dtype)?;
+            let base = array_tensor(b, (pairs, vocab), &device, dtype)?;
+            peftscale_core::logits::cold_top_k(&expert, &base, &params, k)
         })
         .map_err(to_py)?;
     let mut index = vec![-1i64; pairs * k];
@@ -572,6 +625,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cold_top_k, m)?)?;
+    m.add_function(wrap_pyfunction!(sample_tokens, m)?)?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyGeneration>()?;
     m.add("PeftscaleError", py.get_type::<PeftscaleError>())?;

@@ -73,8 +73,12 @@ impl DeviceSpec {
                             .into(),
                     ));
                 }
-                cuda_device(n)
-                    .map_err(|e| missing(format!("no CUDA device {n} could be opened: {e}")))
+                cuda_device(n).map_err(|e| {
+                    // candle appends a backtrace when RUST_BACKTRACE is set: the first line says it.
+                    let reason = e.to_string();
+                    let reason = reason.lines().next().unwrap_or_default().to_string();
+                    missing(format!("no CUDA device {n} could be opened: {reason}"))
+                })
             }
             DeviceSpec::Ascend(n) => {
                 if !cfg!(feature = "ascend") {

@@ -477,6 +477,74 @@ pub fn all_finite(xs: &[f32]) -> bool {
     !crate::kernels::cpu::dense::any_nan_or_pos_inf(xs)
 }
 
+/// The token each row of `logits` (`[rows, vocab]`) draws with its number from `uniforms`
+/// (one per row, in [0, 1)) after temperature, top-k, top-p and min-p, as [`draw`] does (the
+/// argmax at temperature 0). Rows on a CUDA device run `cuda/sample.cu`, and only the token ids
+/// leave the GPU. The repetition penalty needs each row's history and is not taken here.
+pub fn sample_rows(
+    logits: &candle_core::Tensor,
+    p: &SamplingParams,
+    uniforms: &[f32],
+) -> Result<Vec<u32>> {
+    p.validate()?;
+    if p.repetition_penalty != 1.0 {
+        return Err(Error::invalid(
+            "sample_rows takes no repetition_penalty (it needs each row's history)",
+        ));
+    }
+    let (rows, vocab) = logits.dims2()?;
+    if uniforms.len() != rows || vocab == 0 {
+        return Err(Error::invalid(format!(
+            "{} uniform numbers for {rows} rows of {vocab} logits (one per row, and a non-empty \
+             vocabulary)",
+            uniforms.len()
+        )));
+    }
+    if let Some(u) = uniforms.iter().find(|u| !(0.0..1.0).contains(*u)) {
+        return Err(Error::invalid(format!(
+            "uniform numbers must be in [0, 1), got {u}"
+        )));
+    }
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    if !logits.device().is_cpu() {
+        // NaN or +inf anywhere makes the sum NaN or +inf (-inf, a masked token, is allowed).
+        let sum = logits.sum_all()?.to_scalar::<f32>()?;
+        if sum.is_nan() || sum == f32::INFINITY {
+            return Err(Error::NonFiniteLogits { row: 0, step: 0 });
+        }
+        if p.is_greedy() {
+            return Ok(logits.argmax(1)?.to_vec1::<u32>()?);
+        }
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            return Ok(crate::kernels::cuda::sample_tokens(
+                &logits,
+                p.temperature,
+                p.top_k,
+                p.top_p,
+                p.min_p,
+                uniforms,
+            )?);
+        }
+    }
+    let rows_f32 = logits.to_vec2::<f32>()?;
+    rows_f32
+        .iter()
+        .zip(uniforms)
+        .enumerate()
+        .map(|(row, (x, &u))| {
+            if !all_finite(x) {
+                return Err(Error::NonFiniteLogits { row, step: 0 });
+            }
+            Ok(if p.is_greedy() {
+                argmax(x) as u32
+            } else {
+                draw(x, p, u)
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

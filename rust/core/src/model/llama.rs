@@ -517,8 +517,10 @@ impl Model {
         let mut at = 0;
         for p in pieces {
             let len = p.v.dim(1)?;
+            // Contiguous: cuBLAS takes no row stride wider than the row for a left operand.
             let part = probs
                 .narrow(2, at, len)?
+                .contiguous()?
                 .matmul(&p.v.to_dtype(DType::F32)?)?;
             at += len;
             out = Some(match out {

@@ -4,7 +4,9 @@
 //! - [`BgmvDelta`], a candle custom op: the batched per-row LoRA delta (shrink `x·Aᵀ`, expand
 //!   `·Bᵀ·scale`), rows whose slot is negative left at zero;
 //! - [`cold_top_k`]: fused CoLD scoring of (expert, base) row pairs, only the best k per pair
-//!   (and both rows' log-sum-exp) copied back to the host.
+//!   (and both rows' log-sum-exp) copied back to the host;
+//! - [`sample_tokens`]: temperature, top-k, top-p, min-p and the draw, one token id per row
+//!   copied back.
 //!
 //! The CPU path (`logits::cold`, candle's matmuls) is the reference both are checked against
 //! (`scripts/gpu-check.sh`).
@@ -20,6 +22,7 @@ use half::{bf16, f16};
 
 const COLD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cold.ptx"));
 const BGMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bgmv.ptx"));
+const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample.ptx"));
 
 /// Threads per block of the CoLD kernel (a multiple of 32, at most 256: its launch bounds).
 const COLD_THREADS: u32 = 256;
@@ -357,4 +360,84 @@ fn launch_cold<T: CudaDType + DeviceRepr>(
         score: dev.clone_dtoh(&score)?,
         lse: dev.clone_dtoh(&lse)?,
     })
+}
+
+/// The token each row of `logits` (`[rows, vocab]`, finite) draws with its uniform number in
+/// `uniforms` after temperature (> 0), top-k (0 keeps all), top-p and min-p: the same
+/// distribution and walk as the host's `logits::draw`.
+pub fn sample_tokens(
+    logits: &Tensor,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    uniforms: &[f32],
+) -> candle_core::Result<Vec<u32>> {
+    let (rows, vocab) = logits.dims2()?;
+    if uniforms.len() != rows {
+        candle_core::bail!("{} uniform numbers for {rows} rows", uniforms.len());
+    }
+    let suffix = kernel_suffix(logits.dtype())?;
+    let logits = logits.contiguous()?;
+    let p = SampleLaunch {
+        suffix,
+        rows,
+        vocab,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+    };
+    with_cuda(&logits, "the logits", |storage, layout| {
+        match logits.dtype() {
+            DType::F32 => launch_sample::<f32>(storage, layout, p, uniforms),
+            DType::F16 => launch_sample::<f16>(storage, layout, p, uniforms),
+            _ => launch_sample::<bf16>(storage, layout, p, uniforms),
+        }
+    })
+}
+
+#[derive(Clone, Copy)]
+struct SampleLaunch<'a> {
+    suffix: &'a str,
+    rows: usize,
+    vocab: usize,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+}
+
+fn launch_sample<T: CudaDType + DeviceRepr>(
+    storage: &CudaStorage,
+    layout: &Layout,
+    p: SampleLaunch<'_>,
+    uniforms: &[f32],
+) -> candle_core::Result<Vec<u32>> {
+    let dev = storage.device();
+    let x = view::<T>(storage, layout, "the logits")?;
+    let uniforms = dev.clone_htod(uniforms)?;
+    // SAFETY: the kernel writes one token per row.
+    let tokens = unsafe { dev.alloc::<i32>(p.rows)? };
+    let func = dev.get_or_load_custom_func(
+        &format!("peftscale_sample_{}", p.suffix),
+        "peftscale_sample",
+        SAMPLE_PTX,
+    )?;
+    let (vocab, top_k) = (p.vocab as i32, p.top_k.min(i32::MAX as usize) as i32);
+    let mut args = func.builder();
+    args.arg(&x).arg(&vocab).arg(&p.temperature).arg(&top_k);
+    args.arg(&p.top_p).arg(&p.min_p).arg(&uniforms).arg(&tokens);
+    let cfg = LaunchConfig {
+        grid_dim: (p.rows as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature in cuda/sample.cu.
+    unsafe { args.launch(cfg) }.w()?;
+    Ok(dev
+        .clone_dtoh(&tokens)?
+        .into_iter()
+        .map(|t| t as u32)
+        .collect())
 }
