@@ -4,7 +4,9 @@
    LoRA adapter applied unmerged: the GPU's token ids must equal the CPU's.
 2. ``ps.cold_top_k`` (the fused kernel of ``cuda/cold.cu`` through candle) against the CPU scorer
    on fresh random rows: vocabularies of 32,000 to 151,936, 1 to 64 pairs; f32 within 1e-5
-   relative, bf16 within 1e-2, the same tokens.
+   relative, bf16 within 1e-2, the same tokens. ``ps.sample_tokens`` (``cuda/sample.cu``)
+   against the CPU sampler with the same uniform numbers: the same tokens, but for draws within
+   float32 rounding of a boundary (at most 1 in 200).
 3. Decode tokens/s on the GPU for 1, 16 and 64 rows (f32 and the GGUF's own Q4_1 weights; greedy,
    and CoLD pairs through the adapter).
 
@@ -138,6 +140,29 @@ def cold_matches(device: str, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+SAMPLING = [  # (temperature, top_k, top_p, min_p)
+    (1.0, 0, 1.0, 0.0),
+    (0.7, 50, 1.0, 0.0),
+    (1.0, 0, 0.9, 0.0),
+    (0.8, 200, 0.95, 0.05),
+]
+
+
+def sample_matches(device: str, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for vocab in VOCABS:
+        for n in PAIRS:
+            for t, k, p, m in SAMPLING:
+                logits = (rng.standard_normal((n, vocab)) * 3).astype(np.float32)
+                u = rng.random(n)
+                want = ps.sample_tokens(logits, u, temperature=t, top_k=k, top_p=p, min_p=m)
+                got = ps.sample_tokens(logits, u, temperature=t, top_k=k, top_p=p, min_p=m, device=device)
+                rows.append({"vocab": vocab, "rows": n, "params": f"t={t} k={k} p={p} min_p={m}",
+                             "differ": int((want != got).sum())})  # fmt: skip
+    return rows
+
+
 def tokens_per_second(model: Path, device: str, adapter: Path) -> list[dict[str, Any]]:
     rows = []
     for dtype in ("f32", "auto"):
@@ -174,6 +199,11 @@ def report(out: dict[str, Any]) -> str:
               "| vocab | pairs | dtype | max rel. error | ok |", "|---|---|---|---|---|"]  # fmt: skip
     for r in out["cold"]:
         lines.append(f"| {r['vocab']} | {r['pairs']} | {r['dtype']} | {r['max_rel_error']:.1e} | {r['ok']} |")
+    draws = sum(r["rows"] for r in out["sample"])
+    differ = sum(r["differ"] for r in out["sample"])
+    lines += ["", f"## `ps.sample_tokens` on the device against the CPU: {differ} of {draws} draws differ", ""]
+    lines += [f"- vocab {r['vocab']}, {r['rows']} rows, {r['params']}: {r['differ']} differ"
+              for r in out["sample"] if r["differ"]]  # fmt: skip
     if out.get("speed"):
         lines += ["", "## Decode speed on the device (64 new tokens per row)", "",
                   "| weights | strategy | rows | tokens/s |", "|---|---|---|---|"]  # fmt: skip
@@ -202,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decode checked ({time.perf_counter() - started:.0f} s)", flush=True)
         out["cold"] = cold_matches(args.device, args.seed)
         print(f"cold_top_k checked ({time.perf_counter() - started:.0f} s)", flush=True)
+        out["sample"] = sample_matches(args.device, args.seed)
+        print(f"sample_tokens checked ({time.perf_counter() - started:.0f} s)", flush=True)
         del cpu, gpu
         if not args.no_bench:
             out["speed"] = tokens_per_second(model, args.device, adapter)
@@ -213,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
     failed = [r for r in out["decode"] if r.get("equal") is False or r.get("effective") is False]
     failed += [r for r in out["cold"] if not r["ok"]]
+    draws = sum(r["rows"] for r in out["sample"])
+    if sum(r["differ"] for r in out["sample"]) * 200 > draws:
+        failed.append({"case": "sample_tokens", "draws": draws})
     print(f"{len(failed)} failed; {time.perf_counter() - started:.0f} s in all")
     return 1 if failed else 0
 

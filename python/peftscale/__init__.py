@@ -23,7 +23,7 @@ from peftscale.errors import (
     PeftscaleError,
     TokenizerError,
 )
-from peftscale.kernels import CpuKernels, cold_top_k, cpu_kernels, sample_tokens
+from peftscale.kernels import CpuKernels, cold_top_k, compiled_devices, cpu_kernels, sample_tokens
 from peftscale.strategies import (
     MCTS,
     Adaptive,
@@ -72,6 +72,7 @@ __all__ = [
     "TokenizerError",
     "__version__",
     "cold_top_k",
+    "compiled_devices",
     "cpu_kernels",
     "sample_tokens",
     "eval",

@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+compiled_devices: list[str]
 
 class PeftscaleError(Exception): ...
 class ModelLoadError(PeftscaleError): ...

@@ -14,6 +14,8 @@ True
 ([[1, 0]], [2.85, 1.5])
 >>> ps.sample_tokens(expert, [0.99], temperature=1.0, top_k=2).tolist()  # the 2nd of 2, by u
 [1]
+>>> "cpu" in ps.compiled_devices()
+True
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ class CpuKernels(TypedDict):
     """Threads the kernels run on (``PEFTSCALE_NUM_THREADS``, or one per core)."""
     int8_peak_gops: float
     """Measured 8-bit multiply-add rate of all threads, in GOP/s (a multiply-add is two)."""
+
+
+def compiled_devices() -> list[str]:
+    """The kinds of device this build of peftscale can run on: ``"cpu"``, and ``"cuda"`` or
+    ``"ascend"`` when it was built with those features (``scripts/build-cuda.sh``). Whether this
+    machine has such a device is for ``Engine.load(..., device=...)`` to say."""
+    return list(_core.compiled_devices)
 
 
 def cpu_kernels(seconds: float = 0.3) -> CpuKernels:

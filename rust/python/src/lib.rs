@@ -626,6 +626,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cold_top_k, m)?)?;
     m.add_function(wrap_pyfunction!(sample_tokens, m)?)?;
+    m.add("compiled_devices", DeviceSpec::compiled_kinds())?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyGeneration>()?;
     m.add("PeftscaleError", py.get_type::<PeftscaleError>())?;

@@ -50,6 +50,19 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// The kinds of device this build can run on (`"cpu"`, and `"cuda"` / `"ascend"` when built
+    /// with those features); whether the machine has one is [`Self::check_available`]'s to say.
+    pub fn compiled_kinds() -> Vec<&'static str> {
+        let mut kinds = vec!["cpu"];
+        if cfg!(feature = "cuda") {
+            kinds.push("cuda");
+        }
+        if cfg!(feature = "ascend") {
+            kinds.push("ascend");
+        }
+        kinds
+    }
+
     /// `Ok` when the engine can run here; otherwise what is missing: the build's feature, the
     /// runtime library, the device itself, or (on Ascend, so far) the model's path on that device.
     pub fn check_available(self) -> Result<()> {
