@@ -588,6 +588,11 @@ fn cold_top_k<'py>(
             base.shape()
         )));
     }
+    if k == 0 || k > vocab {
+        return Err(InvalidArgument::new_err(format!(
+            "CoLD top-k needs 1 <= k <= the vocabulary size (k = {k}, vocabulary {vocab})"
+        )));
+    }
     let (e, b): (Vec<f32>, Vec<f32>) = (
         expert.as_array().iter().copied().collect(),
         base.as_array().iter().copied().collect(),

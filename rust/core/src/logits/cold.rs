@@ -128,9 +128,9 @@ pub fn cold_top_k(
             base.dims()
         )));
     }
-    if k == 0 || vocab == 0 {
+    if k == 0 || k > vocab {
         return Err(Error::invalid(format!(
-            "CoLD top-k needs k >= 1 and a non-empty vocabulary (k = {k}, vocabulary {vocab})"
+            "CoLD top-k needs 1 <= k <= the vocabulary size (k = {k}, vocabulary {vocab})"
         )));
     }
     #[cfg(feature = "cuda")]
@@ -189,7 +189,7 @@ mod tests {
         let base = [3.0f32, 0.0, -10.0, 0.0, 0.0];
         let p = ColdParams::default();
         let t = |v: &[f32]| Tensor::from_slice(v, (1, v.len()), &candle_core::Device::Cpu).unwrap();
-        let got = cold_top_k(&t(&expert), &t(&base), &p, 8).unwrap();
+        let got = cold_top_k(&t(&expert), &t(&base), &p, 5).unwrap();
         // Tokens 1 and 4 tie (2.85) and come in index order; 2 is below the cut.
         assert_eq!(got.len(), 1);
         let ids: Vec<u32> = got[0].iter().map(|&(i, _)| i).collect();
@@ -198,6 +198,7 @@ mod tests {
         assert!(got[0].iter().all(|&(i, s)| s == scores[i as usize]));
         assert!(cold_top_k(&t(&expert), &t(&base[..4]), &p, 1).is_err());
         assert!(cold_top_k(&t(&expert), &t(&base), &p, 0).is_err());
+        assert!(cold_top_k(&t(&expert), &t(&base), &p, 6).is_err());
     }
 
     #[test]

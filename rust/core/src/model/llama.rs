@@ -542,7 +542,8 @@ struct AdaptedTokens {
 
 struct AdapterGroup {
     lora: Arc<DeviceLora>,
-    /// The group's token indices among all tokens; `None` when the group holds every token.
+    /// The group's token indices among all tokens; `None` when the group holds every token
+    /// (or the BGMV kernel runs).
     tokens: Option<Tensor>,
     /// On a CUDA device: per token, 0 when it is the group's and -1 otherwise (the BGMV
     /// kernel's slots).
@@ -571,7 +572,8 @@ impl AdaptedTokens {
             } else {
                 None
             };
-            let tokens = if tokens.len() == n_total {
+            // Only the candle path gathers the tokens (the BGMV kernel takes the slots).
+            let tokens = if slots.is_some() || tokens.len() == n_total {
                 None
             } else {
                 let n = tokens.len();

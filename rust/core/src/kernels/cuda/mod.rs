@@ -8,8 +8,8 @@
 //! - [`sample_tokens`]: temperature, top-k, top-p, min-p and the draw, one token id per row
 //!   copied back.
 //!
-//! The CPU path (`logits::cold`, candle's matmuls) is the reference both are checked against
-//! (`scripts/gpu-check.sh`).
+//! The CPU path (`logits::cold_top_k`, `logits::draw`, candle's matmuls) is the reference they
+//! are checked against (`scripts/gpu-check.sh`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -26,7 +26,7 @@ const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample.ptx"));
 
 /// Threads per block of the CoLD kernel (a multiple of 32, at most 256: its launch bounds).
 const COLD_THREADS: u32 = 256;
-/// Plausible entries a CoLD block holds per chunk (`CHUNK_HELD` in `cuda/cold.cu`).
+/// Plausible entries a CoLD block leaves per chunk (`kChunkHeld` in `cuda/cold.cu`).
 const COLD_CHUNK_HELD: usize = 64;
 /// The CoLD kernel's largest k.
 pub const COLD_MAX_K: usize = 16;
