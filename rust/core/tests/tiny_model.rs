@@ -211,6 +211,59 @@ fn host_and_tensor_paths_agree(
     }
 }
 
+/// The tensor pass (the GPU's) over forks and adapters: a parent prefilled past the fork-copy
+/// limit, so that its children read a shared frozen block and their own tails (attention over
+/// several pieces), a grandchild forked mid-decode (three pieces), every row through the adapter
+/// or none, each step against a fresh host-pass recompute of the row's whole sequence.
+#[test]
+fn tensor_forward_over_forks_and_adapters_equals_a_recompute() {
+    let (dir, mut eng) = engine();
+    let adapter_dir = dir.path().join("adapter");
+    std::fs::create_dir(&adapter_dir).unwrap();
+    write_tiny_adapter(&adapter_dir);
+    eng.load_adapter(&adapter_dir, "a").unwrap();
+    let lora = eng.adapter("a").unwrap();
+    let prefix: Vec<u32> = (0..40).map(|i| 10 + (i * 7) % 200).collect();
+    for name in [None, Some("a")] {
+        let adapter = name.map(|_| &*lora);
+        let mut store = eng.new_store();
+        let parent = store.create();
+        let rows = [RowInput::new(parent, &prefix, LogitsFor::Last).with_adapter(adapter)];
+        eng.model().forward_with_tensors(&mut store, &rows).unwrap();
+        let mut seqs: Vec<(u64, Vec<u32>)> = vec![(parent, prefix.clone())];
+        for _ in 0..2 {
+            seqs.push((store.fork(parent).unwrap(), prefix.clone()));
+        }
+        for step in 0..6u32 {
+            if step == 3 {
+                let (child, tokens) = seqs[1].clone();
+                seqs.push((store.fork(child).unwrap(), tokens));
+            }
+            let fed: Vec<Vec<u32>> = (0..seqs.len() as u32)
+                .map(|r| vec![50 + r * 11 + step * 3])
+                .collect();
+            let rows: Vec<RowInput<'_>> = seqs
+                .iter()
+                .zip(&fed)
+                .map(|((seq, _), f)| RowInput::new(*seq, f, LogitsFor::Last).with_adapter(adapter))
+                .collect();
+            let out = eng.model().forward_with_tensors(&mut store, &rows).unwrap();
+            for (((_, tokens), f), got) in seqs.iter_mut().zip(&fed).zip(&out) {
+                tokens.extend(f);
+                let alone = all_logits(&eng, tokens, name);
+                let want = &alone[(tokens.len() - 1) * VOCAB..];
+                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let err = max_abs_diff(&got, want) / scale;
+                assert!(
+                    err < 1e-4,
+                    "adapter {name:?}, step {step}: relative error {err}"
+                );
+            }
+        }
+    }
+}
+
 /// A half-precision cache changes the logits by its rounding only: prefill, a fork and decode
 /// steps against the same calls on an f32 cache.
 #[test]
