@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::kernels::cpu::parallel::map_parallel;
 use crate::kernels::device::DeviceSpec;
 use crate::kv::{SeqId, SeqStore};
-use crate::logits::{ColdParams, SamplingParams};
+use crate::logits::{pick_tokens, ColdParams, Pick, SamplingParams};
 use crate::lora::{group_by_adapter, LoraAdapter};
 use crate::model::{self, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
 use crate::search::sampling::StopCriteria;
@@ -437,6 +437,9 @@ pub struct Generation {
     started: Instant,
     /// Run rows with different adapters in separate forward passes (naive CoLD, for comparison).
     separate_passes: bool,
+    /// Choose tokens from the logit tensors (as on a GPU) even on the CPU: see
+    /// [`Generation::set_picks_where_logits_are`].
+    picks_where_logits_are: bool,
     deadline: Option<Instant>,
 }
 
@@ -459,12 +462,21 @@ impl Generation {
             stats: Stats::default(),
             started,
             separate_passes,
+            picks_where_logits_are: false,
             deadline: timeout.map(|t| started + t),
         })
     }
 
     pub fn is_done(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// On a GPU, a strategy whose every choice is a plain draw or greedy CoLD has the tokens
+    /// chosen there ([`crate::search::Strategy::device_picks`]), and only they cross to the
+    /// host. This makes the CPU take the same path (it chooses exactly what the per-row host
+    /// scorers choose), so that tests can hold the path to them.
+    pub fn set_picks_where_logits_are(&mut self, on: bool) {
+        self.picks_where_logits_are = on;
     }
 
     /// Runs one batched forward pass and lets the strategy consume it; returns newly final text.
@@ -500,9 +512,33 @@ impl Generation {
             self.model.forward(&mut self.store, &rows)?
         };
         self.stats.forward_seconds += forward_started.elapsed().as_secs_f64();
-        let per_seq: Vec<(SeqId, Vec<f32>)> =
-            work.iter().map(|a| a.seq).zip(host_rows(logits)?).collect();
-        self.pending = self.strategy.consume(&mut self.store, per_seq)?;
+        let on_device = self.picks_where_logits_are || !self.model.device().is_cpu();
+        let picks = if on_device {
+            self.strategy.device_picks()
+        } else {
+            None
+        };
+        self.pending = match picks {
+            // Only the chosen tokens (and their log-probabilities) leave the logits' device.
+            Some(picks) => {
+                let row_of = |seq: SeqId| {
+                    work.iter().position(|a| a.seq == seq).ok_or_else(|| {
+                        Error::invalid(format!("no logits for sequence {seq} to pick from"))
+                    })
+                };
+                let picks: Vec<Pick> = picks
+                    .into_iter()
+                    .map(|p| p.map_rows(row_of))
+                    .collect::<Result<_>>()?;
+                let picked = pick_tokens(&logits, &picks, self.stats.steps)?;
+                self.strategy.consume_picks(&mut self.store, picked)?
+            }
+            None => {
+                let per_seq: Vec<(SeqId, Vec<f32>)> =
+                    work.iter().map(|a| a.seq).zip(host_rows(logits)?).collect();
+                self.strategy.consume(&mut self.store, per_seq)?
+            }
+        };
         if !self.pending.is_empty() && self.deadline.is_some_and(|d| Instant::now() >= d) {
             self.strategy.finish_early();
             self.pending.clear();

@@ -3,7 +3,7 @@
 use candle_core::DType;
 use peftscale_core::kv::SeqStore;
 use peftscale_core::model::{LogitsFor, RowInput};
-use peftscale_core::{Engine, GenerateOptions, WeightDType};
+use peftscale_core::{Engine, GenerateOptions, SamplingParams, WeightDType};
 
 mod common;
 use common::*;
@@ -459,4 +459,103 @@ fn long_inputs_run_in_chunks_with_the_logits_of_one_pass() {
     });
     assert!(result.is_err());
     assert_eq!(calls, 1);
+}
+
+/// Choosing tokens where the logits are (the GPU's path, here on the CPU) chooses exactly what
+/// the per-row host scorers choose: greedy, sampling with every filter, greedy CoLD, rows that
+/// share a prompt (their first draw from the leader's logits), rows with and without an adapter;
+/// the log-probabilities agree to rounding. Strategies that need whole rows (a repetition
+/// penalty, sampled CoLD) keep the host path on both.
+#[test]
+fn picks_where_the_logits_are_equal_the_host_choices() {
+    let (dir, mut eng) = engine();
+    let adapter_dir = dir.path().join("adapter");
+    std::fs::create_dir(&adapter_dir).unwrap();
+    write_tiny_adapter(&adapter_dir);
+    eng.load_adapter(&adapter_dir, "a").unwrap();
+    let (a, b, c): (Vec<u32>, Vec<u32>, Vec<u32>) =
+        ((3..15).collect(), vec![7, 9, 11], (40..60).collect());
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.9,
+        min_p: 0.02,
+        seed: 3,
+        ..SamplingParams::greedy()
+    };
+    let some = |v: &[&str]| {
+        v.iter()
+            .map(|s| (!s.is_empty()).then(|| s.to_string()))
+            .collect()
+    };
+    let cases: Vec<(&str, Vec<Vec<u32>>, GenerateOptions)> = vec![
+        (
+            "greedy",
+            vec![a.clone(), b.clone(), a.clone()],
+            GenerateOptions::default(),
+        ),
+        (
+            "sampling",
+            vec![a.clone(), a.clone(), b.clone(), c.clone()],
+            GenerateOptions {
+                sampling: sampled,
+                adapters: some(&["a", "", "a", ""]),
+                ..GenerateOptions::default()
+            },
+        ),
+        (
+            "plain sampling",
+            vec![c.clone(), c.clone()],
+            GenerateOptions {
+                sampling: SamplingParams {
+                    temperature: 1.0,
+                    seed: 11,
+                    ..SamplingParams::greedy()
+                },
+                ..GenerateOptions::default()
+            },
+        ),
+        (
+            "greedy CoLD",
+            vec![a.clone(), b.clone(), a.clone()],
+            GenerateOptions {
+                adapters: some(&["a"]),
+                cold: Some(peftscale_core::logits::ColdParams::default()),
+                ..GenerateOptions::default()
+            },
+        ),
+        (
+            "repetition penalty (host path)",
+            vec![a.clone(), b.clone()],
+            GenerateOptions {
+                sampling: SamplingParams {
+                    repetition_penalty: 1.3,
+                    ..sampled
+                },
+                ..GenerateOptions::default()
+            },
+        ),
+    ];
+    for (name, prompts, mut opts) in cases {
+        opts.max_new_tokens = 12;
+        opts.ignore_eos = true;
+        let host = eng.generate(prompts.clone(), &opts).unwrap();
+        let mut generation = eng.start(prompts, &opts).unwrap();
+        generation.set_picks_where_logits_are(true);
+        while !generation.is_done() {
+            generation.step().unwrap();
+        }
+        let picked = generation.outputs();
+        assert_eq!(host.len(), picked.len());
+        for (i, (h, p)) in host.iter().zip(&picked).enumerate() {
+            assert_eq!(h.row.token_ids, p.row.token_ids, "{name}, row {i}");
+            assert_eq!(h.row.token_ids.len(), 12, "{name}, row {i}");
+            for (x, y) in h.row.logprobs.iter().zip(&p.row.logprobs) {
+                assert!(
+                    (x - y).abs() < 1e-4,
+                    "{name}, row {i}: log-probs {x} and {y}"
+                );
+            }
+        }
+    }
 }

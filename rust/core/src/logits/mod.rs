@@ -2,9 +2,11 @@
 //! sampling, argmax and log-probabilities over one row of logits.
 
 mod cold;
+mod picks;
 
 pub use crate::kernels::cpu::Rng;
 pub use cold::{cold_choose, cold_scores, cold_top_k, ColdParams};
+pub use picks::{pick_tokens, Pick, Picked};
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::dense::exp_shifted_sum;

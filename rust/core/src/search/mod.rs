@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::kv::{SeqId, SeqStore};
+use crate::logits::{Pick, Picked};
 use crate::lora::LoraAdapter;
 
 /// Append `tokens` to `seq` in the next forward pass, with `adapter`'s updates or through the
@@ -265,6 +266,27 @@ pub trait Strategy: Send + Sync {
         store: &mut SeqStore,
         logits: Vec<(SeqId, Vec<f32>)>,
     ) -> Result<Vec<Advance>>;
+
+    /// The step's choices as [`Pick`]s, one per row that chooses now, when every one is a plain
+    /// draw or greedy CoLD (no penalty, no score over whole rows): the engine then makes them
+    /// where the logits are (on a GPU, only the tokens cross to the host) and hands the results
+    /// to [`Self::consume_picks`]. `None` (the default) hands over whole rows to
+    /// [`Self::consume`]. Advances the rows' random streams as `consume` would, so it is called
+    /// only when the picks will be made.
+    fn device_picks(&mut self) -> Option<Vec<Pick<SeqId>>> {
+        None
+    }
+
+    /// Takes the results of [`Self::device_picks`], in its order, and returns the next work.
+    fn consume_picks(
+        &mut self,
+        _store: &mut SeqStore,
+        _picked: Vec<Picked>,
+    ) -> Result<Vec<Advance>> {
+        Err(crate::error::Error::invalid(
+            "this strategy chooses from whole logit rows, not device picks",
+        ))
+    }
 
     /// Text that became final since the last call.
     fn take_deltas(&mut self) -> Vec<TextDelta>;

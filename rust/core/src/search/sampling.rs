@@ -7,7 +7,7 @@ use super::{Advance, FinishReason, RowOutput, Strategy, TextDelta};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::parallel::map_parallel;
 use crate::kv::{SeqId, SeqStore};
-use crate::logits::{self, ColdParams, Rng, SamplingParams};
+use crate::logits::{self, ColdParams, Pick, Picked, Rng, SamplingParams};
 use crate::lora::LoraAdapter;
 use crate::text::{StopMatcher, Tokenizer};
 
@@ -52,6 +52,8 @@ pub struct SamplingStrategy {
     rows: Vec<Row>,
     deltas: Vec<TextDelta>,
     step: usize,
+    /// The rows (and the rows holding their logits) of the pending device picks.
+    picking: Vec<(usize, usize)>,
 }
 
 impl SamplingStrategy {
@@ -71,6 +73,7 @@ impl SamplingStrategy {
             rows: Vec::new(),
             deltas: Vec::new(),
             step: 0,
+            picking: Vec::new(),
         }
     }
 
@@ -148,6 +151,48 @@ impl SamplingStrategy {
             }
         }
         Ok(())
+    }
+
+    /// After a step's choices: the next step's work, and the finished rows' sequences freed.
+    fn next_work(&mut self, store: &mut SeqStore) -> Result<Vec<Advance>> {
+        self.step += 1;
+        let mut work = Vec::new();
+        for row in &self.rows {
+            let Some(seq) = row.seq else { continue };
+            match (row.finish, row.generated.last()) {
+                (None, Some(&t)) => {
+                    work.extend(Advance::with_twin(seq, row.base_seq, &row.adapter, &[t]))
+                }
+                (Some(_), _) => {
+                    for seq in std::iter::once(seq).chain(row.base_seq) {
+                        if store.len(seq).is_ok() {
+                            store.free(seq);
+                        }
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        Ok(work)
+    }
+
+    /// The rows that choose a token this step, in the order `consume` takes them: each row
+    /// that ran (an unfinished one with a sequence), then the rows sharing its prompt (their
+    /// first step), each with the row whose logits it reads.
+    fn ready_order(&self) -> Vec<(usize, usize)> {
+        let mut order = Vec::new();
+        for (idx, row) in self.rows.iter().enumerate() {
+            if row.seq.is_none() || row.finish.is_some() {
+                continue;
+            }
+            order.push((idx, idx));
+            for (f, follower) in self.rows.iter().enumerate() {
+                if follower.seq.is_none() && follower.shares_prompt_of == Some(idx) {
+                    order.push((f, idx));
+                }
+            }
+        }
+        order
     }
 }
 
@@ -247,25 +292,66 @@ impl Strategy for SamplingStrategy {
         if let Some(seq) = by_seq.keys().next() {
             return Err(Error::invalid(format!("logits for unknown sequence {seq}")));
         }
-        self.step += 1;
-        let mut work = Vec::new();
-        for row in &self.rows {
-            let Some(seq) = row.seq else { continue };
-            match (row.finish, row.generated.last()) {
-                (None, Some(&t)) => {
-                    work.extend(Advance::with_twin(seq, row.base_seq, &row.adapter, &[t]))
-                }
-                (Some(_), _) => {
-                    for seq in std::iter::once(seq).chain(row.base_seq) {
-                        if store.len(seq).is_ok() {
-                            store.free(seq);
-                        }
+        self.next_work(store)
+    }
+
+    fn device_picks(&mut self) -> Option<Vec<Pick<SeqId>>> {
+        let greedy_cold = self.cold.is_none_or(|c| !c.sample);
+        if self.params.repetition_penalty != 1.0 || !greedy_cold {
+            return None;
+        }
+        let order = self.ready_order();
+        let mut picks = Vec::with_capacity(order.len());
+        for &(idx, holder) in &order {
+            let (seq, base) = (self.rows[holder].seq?, self.rows[holder].base_seq);
+            picks.push(match (self.cold, base) {
+                (Some(params), Some(base)) => Pick::Cold {
+                    row: seq,
+                    base,
+                    params,
+                },
+                _ => {
+                    // `logits::choose` draws one number per sampled step, none when greedy.
+                    let u = if self.params.is_greedy() {
+                        0.0
+                    } else {
+                        self.rows[idx].rng.next_f32()
+                    };
+                    Pick::Sample {
+                        row: seq,
+                        params: self.params,
+                        u,
                     }
                 }
-                (None, None) => {}
+            });
+        }
+        self.picking = order;
+        Some(picks)
+    }
+
+    fn consume_picks(&mut self, store: &mut SeqStore, picked: Vec<Picked>) -> Result<Vec<Advance>> {
+        let order = std::mem::take(&mut self.picking);
+        if picked.len() != order.len() {
+            return Err(Error::invalid(format!(
+                "{} device picks for {} rows",
+                picked.len(),
+                order.len()
+            )));
+        }
+        for &(idx, holder) in &order {
+            if idx != holder {
+                // As in `consume`: a row sharing the prompt forks the sequences that ran it.
+                let (seq, base) = (self.rows[holder].seq, self.rows[holder].base_seq);
+                let seq = seq.ok_or_else(|| Error::invalid("a shared prompt has no sequence"))?;
+                self.rows[idx].seq = Some(store.fork(seq)?);
+                self.rows[idx].base_seq = base.map(|b| store.fork(b)).transpose()?;
             }
         }
-        Ok(work)
+        for (&(idx, _), p) in order.iter().zip(picked) {
+            let rng = self.rows[idx].rng.clone();
+            self.accept(idx, rng, p.token, p.logprob)?;
+        }
+        self.next_work(store)
     }
 
     fn take_deltas(&mut self) -> Vec<TextDelta> {
