@@ -97,10 +97,13 @@ def prompts(eng: ps.Engine, n: int) -> list[list[int]]:
 def decode_matches(cpu: ps.Engine, gpu: ps.Engine) -> list[dict[str, Any]]:
     rows = []
     ids = prompts(cpu, len(PROMPTS))
+    # Greedy and CoLD choose their tokens on the GPU (the sampler and CoLD kernels); beam search
+    # reads whole rows on the host and forks sequences on the device (informational).
     cases: list[tuple[str, ps.Strategy | None, str | None]] = [
         ("greedy, base model", None, None),
         ("greedy, adapter unmerged", None, "lora"),
         ("CoLD (alpha 0.1, beta 0.5)", ps.CoLD(), "lora"),
+        ("beam search (3 beams), informational", ps.BeamSearch(num_beams=3), "lora"),
     ]
     on_cpu: list[list[list[int]]] = []
     for name, strategy, adapter in cases:
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    failed = [r for r in out["decode"] if r.get("equal") is False or r.get("effective") is False]
+    failed = [r for r in out["decode"] if r.get("effective") is False]
+    failed += [r for r in out["decode"] if r.get("equal") is False and "informational" not in r["case"]]
     failed += [r for r in out["cold"] if not r["ok"]]
     draws = sum(r["rows"] for r in out["sample"])
     if sum(r["differ"] for r in out["sample"]) * 200 > draws:

@@ -184,8 +184,9 @@ class Engine:
 
         ``device`` is ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"ascend"`` or ``"ascend:N"``. A CUDA
         build (``scripts/build-cuda.sh``) runs the model on an NVIDIA GPU through candle, adapters
-        unmerged through the BGMV kernel of ``cuda/``; the strategies run unchanged on the host,
-        each step's logits copied back in one transfer. A device the build or machine lacks (and,
+        unmerged through the BGMV kernel of ``cuda/``; greedy decoding, sampling and greedy CoLD
+        choose their tokens on the GPU, and the search strategies run unchanged on the host, each
+        step's logits copied back in one transfer. A device the build or machine lacks (and,
         so far, any Ascend NPU for the model) raises :class:`DeviceError` naming what is missing
         (the build's feature, the runtime, the device); an unknown name raises
         :class:`InvalidArgument`.
