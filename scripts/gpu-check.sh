@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU half of the CUDA work, in one go on a machine with an NVIDIA GPU (sm_90 by default),
-# in about 3-5 minutes:
+# in about 3-5 minutes (at most 7: each step has a time limit):
 #   1. the kernels of cuda/ on their own, loaded with CuPy: correctness against float64
 #      references on random inputs, timings against torch ops and the memory-bandwidth floor
 #      (benches/cuda_kernels.py);
@@ -36,7 +36,7 @@ for src in cuda/*.cu; do
     nvcc -arch="sm_${arch}" -cubin -O3 -std=c++17 -Xptxas -v -o "build/cuda/$(basename "$src" .cu).cubin" "$src" \
         2>&1 | grep -E "error|warning|spill" || true
 done
-PYTHONUNBUFFERED=1 timeout 240 python3 benches/cuda_kernels.py --cubin-dir build/cuda \
+PYTHONUNBUFFERED=1 timeout 180 python3 benches/cuda_kernels.py --cubin-dir build/cuda \
     --out "$report_dir/cuda_kernels.md" || status=1
 
 echo "== 2. the engine on the GPU"
@@ -59,6 +59,6 @@ nvidia_lib=$(python3 -c 'import os, nvidia; print(os.path.join(list(nvidia.__pat
 model_arg=()
 [ -n "$model" ] && model_arg=(--model "$model")
 PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$nvidia_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    PYTHONUNBUFFERED=1 timeout 300 python3 benches/gpu_engine.py "${model_arg[@]}" \
+    PYTHONUNBUFFERED=1 timeout 240 python3 benches/gpu_engine.py "${model_arg[@]}" \
     --out "$report_dir/engine.md" || status=1
 exit $status
