@@ -77,7 +77,8 @@ pub fn pick_tokens(rows: &[Tensor], picks: &[Pick], step: usize) -> Result<Vec<P
         )));
     }
     let own: Vec<usize> = picks.iter().map(Pick::row).collect();
-    check_finite(&stack(&own)?, step)?;
+    let all = stack(&own)?;
+    check_finite(&all, step)?;
     let bases: Vec<usize> = picks
         .iter()
         .filter_map(|p| match *p {
@@ -102,9 +103,15 @@ pub fn pick_tokens(rows: &[Tensor], picks: &[Pick], step: usize) -> Result<Vec<P
                 Pick::Cold { .. } => 0.0,
             })
             .collect();
+        // Usually one group holds every pick, in order: its rows are `all`.
+        let rows_of_group = if members.len() == picks.len() {
+            all.clone()
+        } else {
+            stack(&idx)?
+        };
         for (&m, t) in members
             .iter()
-            .zip(sample_rows(&stack(&idx)?, &params, &us)?)
+            .zip(sample_rows(&rows_of_group, &params, &us)?)
         {
             tokens[m] = t;
         }
@@ -130,7 +137,6 @@ pub fn pick_tokens(rows: &[Tensor], picks: &[Pick], step: usize) -> Result<Vec<P
         }
     }
 
-    let all = stack(&own)?;
     let chosen = Tensor::from_vec(tokens.clone(), (tokens.len(), 1), all.device())?;
     let logprobs = candle_nn::ops::log_softmax(&all, 1)?
         .gather(&chosen, 1)?
