@@ -25,3 +25,18 @@ def test_bad_model_path_is_a_clean_error(tmp_path) -> None:
     assert r.returncode == 1
     assert "error: cannot load model" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_device_this_build_lacks_is_a_clean_error(smollm2_path, tmp_path) -> None:
+    import peftscale as ps
+
+    if "cuda" in ps.compiled_devices():
+        pytest.skip("a CUDA build: --device cuda may work here")
+    for args in (
+        ("generate", "--device", "cuda:1", "hi"),
+        ("eval", "--dataset", "game24", "--slice", "0:1", "--device", "cuda:1", "--out", str(tmp_path / "e")),
+    ):
+        r = _run(*args)
+        assert r.returncode == 1, args
+        assert "error: device `cuda:1` is not available" in r.stderr and "`cuda` feature" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

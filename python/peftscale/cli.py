@@ -15,10 +15,13 @@ from peftscale.engine import Engine
 from peftscale.errors import InvalidArgument, PeftscaleError
 from peftscale.strategies import Greedy, Sampling, Strategy
 
+_DEVICE_HELP = "cpu, cuda or cuda:N (a CUDA build: scripts/build-cuda.sh)"
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
     p.add_argument("--dtype", default="auto", choices=["auto", "f32", "f16", "bf16"])
+    p.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -30,7 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _engine(args: argparse.Namespace) -> Engine:
     path = args.model or models.smollm2_135m_instruct()
-    return Engine.load(path, dtype=args.dtype)
+    return Engine.load(path, dtype=args.dtype, device=args.device)
 
 
 def _strategy(args: argparse.Namespace) -> Strategy:
@@ -174,6 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         strategies=args.strategies,
         model=args.model,
+        device=args.device,
         adapter=args.adapter,
         slice=args.slice,
         data_dir=args.data_dir,
@@ -226,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="accuracy against compute of decoding strategies on a data set")
     e.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
+    e.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     e.add_argument("--adapter", default=None, help="a peft LoRA adapter folder (needed by cold and +cold)")
     e.add_argument("--dataset", required=True, help="gsm8k | math500 | game24 | PATH.jsonl")
     e.add_argument("--slice", default=None, help="rows a:b of the data set (default: all)")

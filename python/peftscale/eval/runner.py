@@ -37,6 +37,8 @@ class EvalConfig:
     dataset: str
     strategies: str
     model: str | None = None
+    #: Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+    device: str = "cpu"
     adapter: str | None = None
     slice: str | None = None
     data_dir: str | None = None
@@ -63,6 +65,8 @@ class EvalConfig:
         d = asdict(self)
         for k in ("strategies", "slice", "batch_size", "group_size", "data_dir"):
             d.pop(k)
+        if d["device"] == "cpu":  # runs from before devices existed stay comparable
+            d.pop("device")
         d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
         return d
 
@@ -324,7 +328,7 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run_file(out_dir, config)
     if engine is None:
-        engine = Engine.load(config.model or models.smollm2_135m_instruct())
+        engine = Engine.load(config.model or models.smollm2_135m_instruct(), device=config.device)
     if config.adapter is not None and _ADAPTER not in engine.adapters:
         engine.load_adapter(config.adapter, name=_ADAPTER)
     specs = parse_specs(
