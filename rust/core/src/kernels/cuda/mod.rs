@@ -31,13 +31,42 @@ const COLD_CHUNK_HELD: usize = 64;
 /// The CoLD kernel's largest k.
 pub const COLD_MAX_K: usize = 16;
 
-fn kernel_suffix(dtype: DType) -> candle_core::Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::F16 => Ok("f16"),
-        DType::BF16 => Ok("bf16"),
-        other => candle_core::bail!("the CUDA kernels take f32, f16 or bf16, not {other:?}"),
-    }
+/// An element type the kernels are built for, with the suffix of its kernels' names.
+trait KernelFloat: CudaDType + DeviceRepr + ValidAsZeroBits {
+    const SUFFIX: &'static str;
+}
+
+impl KernelFloat for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+impl KernelFloat for f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
+impl KernelFloat for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// `$body` with `$t` the [`KernelFloat`] of `$dtype`; any other dtype is an error.
+macro_rules! with_kernel_float {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            other => candle_core::bail!("the CUDA kernels take f32, f16 or bf16, not {other:?}"),
+        }
+    };
 }
 
 /// The contiguous elements of a CUDA storage under `layout`.
@@ -114,29 +143,17 @@ impl CustomOp3 for BgmvDelta {
         if x.dtype() != a.dtype() || x.dtype() != b.dtype() {
             candle_core::bail!("BGMV takes x, A and B in one dtype");
         }
-        let shape = Shape::from((rows, d_out));
         let dims = BgmvDims {
             rows,
             d_in,
             rank,
             d_out,
         };
-        let y = match x.dtype() {
-            DType::F32 => CudaStorage::wrap_cuda_slice(
-                self.launch::<f32>(x, lx, a, la, b, lb, dims)?,
-                x.device().clone(),
-            ),
-            DType::F16 => CudaStorage::wrap_cuda_slice(
-                self.launch::<f16>(x, lx, a, la, b, lb, dims)?,
-                x.device().clone(),
-            ),
-            DType::BF16 => CudaStorage::wrap_cuda_slice(
-                self.launch::<bf16>(x, lx, a, la, b, lb, dims)?,
-                x.device().clone(),
-            ),
-            other => candle_core::bail!("the BGMV kernel takes f32, f16 or bf16, not {other:?}"),
-        };
-        Ok((y, shape))
+        let y = with_kernel_float!(x.dtype(), T => CudaStorage::wrap_cuda_slice(
+            self.launch::<T>(x, lx, a, la, b, lb, dims)?,
+            x.device().clone(),
+        ));
+        Ok((y, Shape::from((rows, d_out))))
     }
 }
 
@@ -150,7 +167,7 @@ struct BgmvDims {
 
 impl BgmvDelta {
     #[allow(clippy::too_many_arguments)]
-    fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    fn launch<T: KernelFloat>(
         &self,
         x: &CudaStorage,
         lx: &Layout,
@@ -161,7 +178,6 @@ impl BgmvDelta {
         d: BgmvDims,
     ) -> candle_core::Result<CudaSlice<T>> {
         let dev: &CudaDevice = x.device();
-        let suffix = kernel_suffix(x.dtype())?;
         let (x, a, b) = (
             view::<T>(x, lx, "x")?,
             view::<T>(a, la, "A")?,
@@ -174,16 +190,15 @@ impl BgmvDelta {
                     candle_core::bail!("BGMV has {} slots for {} rows", slots.len(), d.rows);
                 }
                 let scales = view::<f32>(cs, cl, "the BGMV scales")?;
-                bgmv_launch(dev, suffix, &x, &a, &b, &slots, &scales, d)
+                bgmv_launch(dev, &x, &a, &b, &slots, &scales, d)
             })
         })
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bgmv_launch<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+fn bgmv_launch<T: KernelFloat>(
     dev: &CudaDevice,
-    suffix: &str,
     x: &CudaView<'_, T>,
     a: &CudaView<'_, T>,
     b: &CudaView<'_, T>,
@@ -197,7 +212,7 @@ fn bgmv_launch<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let (d_in, rank, d_out) = (d.d_in as i32, d.rank as i32, d.d_out as i32);
 
     let shrink = dev.get_or_load_custom_func(
-        &format!("peftscale_bgmv_shrink_{suffix}"),
+        &format!("peftscale_bgmv_shrink_{}", T::SUFFIX),
         "peftscale_bgmv",
         BGMV_PTX,
     )?;
@@ -212,7 +227,7 @@ fn bgmv_launch<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     unsafe { args.launch(cfg) }.w()?;
 
     let expand = dev.get_or_load_custom_func(
-        &format!("peftscale_bgmv_expand_{suffix}"),
+        &format!("peftscale_bgmv_expand_{}", T::SUFFIX),
         "peftscale_bgmv",
         BGMV_PTX,
     )?;
@@ -266,10 +281,8 @@ pub fn cold_top_k(
     if !(1..=COLD_MAX_K).contains(&k) {
         candle_core::bail!("the CoLD kernel takes 1 <= k <= {COLD_MAX_K}, not {k}");
     }
-    let suffix = kernel_suffix(expert.dtype())?;
     let (expert, base) = (expert.contiguous()?, base.contiguous()?);
     let p = ColdLaunch {
-        suffix,
         pairs,
         vocab,
         k,
@@ -277,18 +290,18 @@ pub fn cold_top_k(
         beta,
         base_temperature,
     };
+    let dtype = expert.dtype();
     with_cuda(&expert, "the expert logits", |es, el| {
-        with_cuda(&base, "the base logits", |bs, bl| match expert.dtype() {
-            DType::F32 => launch_cold::<f32>(es, el, bs, bl, p),
-            DType::F16 => launch_cold::<f16>(es, el, bs, bl, p),
-            _ => launch_cold::<bf16>(es, el, bs, bl, p),
-        })
+        with_cuda(
+            &base,
+            "the base logits",
+            |bs, bl| with_kernel_float!(dtype, T => launch_cold::<T>(es, el, bs, bl, p)),
+        )
     })
 }
 
 #[derive(Clone, Copy)]
-struct ColdLaunch<'a> {
-    suffix: &'a str,
+struct ColdLaunch {
     pairs: usize,
     vocab: usize,
     k: usize,
@@ -297,15 +310,14 @@ struct ColdLaunch<'a> {
     base_temperature: f32,
 }
 
-fn launch_cold<T: CudaDType + DeviceRepr>(
+fn launch_cold<T: KernelFloat>(
     es: &CudaStorage,
     el: &Layout,
     bs: &CudaStorage,
     bl: &Layout,
-    p: ColdLaunch<'_>,
+    p: ColdLaunch,
 ) -> candle_core::Result<ColdTopK> {
     let ColdLaunch {
-        suffix,
         pairs,
         vocab,
         k,
@@ -331,7 +343,7 @@ fn launch_cold<T: CudaDType + DeviceRepr>(
     let ws_f = dev.alloc_zeros::<f32>(pairs * splits * (4 + 2 * COLD_CHUNK_HELD))?;
     let ws_i = dev.alloc_zeros::<i32>(pairs * (1 + splits * (1 + COLD_CHUNK_HELD)))?;
     let func = dev.get_or_load_custom_func(
-        &format!("peftscale_cold_score_{suffix}"),
+        &format!("peftscale_cold_score_{}", T::SUFFIX),
         "peftscale_cold",
         COLD_PTX,
     )?;
@@ -377,10 +389,8 @@ pub fn sample_tokens(
     if uniforms.len() != rows {
         candle_core::bail!("{} uniform numbers for {rows} rows", uniforms.len());
     }
-    let suffix = kernel_suffix(logits.dtype())?;
     let logits = logits.contiguous()?;
     let p = SampleLaunch {
-        suffix,
         rows,
         vocab,
         temperature,
@@ -388,18 +398,16 @@ pub fn sample_tokens(
         top_p,
         min_p,
     };
-    with_cuda(&logits, "the logits", |storage, layout| {
-        match logits.dtype() {
-            DType::F32 => launch_sample::<f32>(storage, layout, p, uniforms),
-            DType::F16 => launch_sample::<f16>(storage, layout, p, uniforms),
-            _ => launch_sample::<bf16>(storage, layout, p, uniforms),
-        }
-    })
+    let dtype = logits.dtype();
+    with_cuda(
+        &logits,
+        "the logits",
+        |s, l| with_kernel_float!(dtype, T => launch_sample::<T>(s, l, p, uniforms)),
+    )
 }
 
 #[derive(Clone, Copy)]
-struct SampleLaunch<'a> {
-    suffix: &'a str,
+struct SampleLaunch {
     rows: usize,
     vocab: usize,
     temperature: f32,
@@ -408,10 +416,10 @@ struct SampleLaunch<'a> {
     min_p: f32,
 }
 
-fn launch_sample<T: CudaDType + DeviceRepr>(
+fn launch_sample<T: KernelFloat>(
     storage: &CudaStorage,
     layout: &Layout,
-    p: SampleLaunch<'_>,
+    p: SampleLaunch,
     uniforms: &[f32],
 ) -> candle_core::Result<Vec<u32>> {
     let dev = storage.device();
@@ -420,7 +428,7 @@ fn launch_sample<T: CudaDType + DeviceRepr>(
     // SAFETY: the kernel writes one token per row.
     let tokens = unsafe { dev.alloc::<i32>(p.rows)? };
     let func = dev.get_or_load_custom_func(
-        &format!("peftscale_sample_{}", p.suffix),
+        &format!("peftscale_sample_{}", T::SUFFIX),
         "peftscale_sample",
         SAMPLE_PTX,
     )?;
