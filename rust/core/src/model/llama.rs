@@ -542,12 +542,18 @@ struct AdaptedTokens {
 
 struct AdapterGroup {
     lora: Arc<DeviceLora>,
-    /// The group's token indices among all tokens; `None` when the group holds every token
-    /// (or the BGMV kernel runs).
-    tokens: Option<Tensor>,
-    /// On a CUDA device: per token, 0 when it is the group's and -1 otherwise (the BGMV
-    /// kernel's slots).
-    slots: Option<Tensor>,
+    tokens: GroupTokens,
+}
+
+/// Which tokens an adapter group's update goes to, in the form its path reads them.
+enum GroupTokens {
+    /// Every token of the call (candle's matmuls over all of them).
+    All,
+    /// These token indices among all tokens (gathered, then added back by candle).
+    Gathered(Tensor),
+    /// On a CUDA device, per token: 0 when it is the group's, -1 otherwise (the BGMV kernel's
+    /// slots).
+    Slots(Tensor),
 }
 
 impl AdaptedTokens {
@@ -556,33 +562,28 @@ impl AdaptedTokens {
         let mut groups = Vec::new();
         for (adapter, members) in group_by_adapter(plan.rows.iter().map(|r| r.adapter)) {
             let Some(adapter) = adapter else { continue };
-            let tokens: Vec<u32> = members
+            let indices: Vec<u32> = members
                 .iter()
                 .flat_map(|&i| {
                     let (off, n) = plan.spans[i];
                     (off as u32)..(off + n) as u32
                 })
                 .collect();
-            let slots = if cfg!(feature = "cuda") && device.is_cuda() {
+            let tokens = if cfg!(feature = "cuda") && device.is_cuda() {
                 let mut slots = vec![-1i32; n_total];
-                for &t in &tokens {
+                for &t in &indices {
                     slots[t as usize] = 0;
                 }
-                Some(Tensor::from_vec(slots, n_total, device)?)
+                GroupTokens::Slots(Tensor::from_vec(slots, n_total, device)?)
+            } else if indices.len() == n_total {
+                GroupTokens::All
             } else {
-                None
-            };
-            // Only the candle path gathers the tokens (the BGMV kernel takes the slots).
-            let tokens = if slots.is_some() || tokens.len() == n_total {
-                None
-            } else {
-                let n = tokens.len();
-                Some(Tensor::from_vec(tokens, n, device)?)
+                let n = indices.len();
+                GroupTokens::Gathered(Tensor::from_vec(indices, n, device)?)
             };
             groups.push(AdapterGroup {
                 lora: adapter.on_device(device, dtype)?,
                 tokens,
-                slots,
             });
         }
         Ok(Self { groups })
@@ -595,10 +596,10 @@ impl AdaptedTokens {
             let Some(pair) = group.lora.pair(layer, proj) else {
                 continue;
             };
-            y = match (&group.slots, &group.tokens) {
-                (Some(slots), _) => (y + bgmv_delta(x, pair, slots)?)?,
-                (None, None) => (y + lora_delta(x, pair)?)?,
-                (None, Some(idx)) => {
+            y = match &group.tokens {
+                GroupTokens::Slots(slots) => (y + bgmv_delta(x, pair, slots)?)?,
+                GroupTokens::All => (y + lora_delta(x, pair)?)?,
+                GroupTokens::Gathered(idx) => {
                     y.index_add(idx, &lora_delta(&x.index_select(idx, 0)?, pair)?, 0)?
                 }
             };
