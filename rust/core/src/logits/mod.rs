@@ -479,6 +479,17 @@ pub fn all_finite(xs: &[f32]) -> bool {
     !crate::kernels::cpu::dense::any_nan_or_pos_inf(xs)
 }
 
+/// `Ok` unless a row of `rows` (`[n, vocab]`, f32, on any device) holds NaN or +inf (-inf, a
+/// masked token, is allowed): either makes the row's sum NaN or +inf, so only `n` sums leave
+/// the device.
+fn check_rows_finite(rows: &candle_core::Tensor, step: usize) -> Result<()> {
+    let sums = rows.sum(1)?.to_vec1::<f32>()?;
+    match sums.iter().position(|s| s.is_nan() || *s == f32::INFINITY) {
+        Some(row) => Err(Error::NonFiniteLogits { row, step }),
+        None => Ok(()),
+    }
+}
+
 /// The token each row of `logits` (`[rows, vocab]`) draws with its number from `uniforms`
 /// (one per row, in [0, 1)) after temperature, top-k, top-p and min-p, as [`draw`] does (the
 /// argmax at temperature 0). Rows on a CUDA device run `cuda/sample.cu`, and only the token ids
@@ -509,11 +520,7 @@ pub fn sample_rows(
     }
     let logits = logits.to_dtype(candle_core::DType::F32)?;
     if !logits.device().is_cpu() {
-        // NaN or +inf anywhere makes the sum NaN or +inf (-inf, a masked token, is allowed).
-        let sum = logits.sum_all()?.to_scalar::<f32>()?;
-        if sum.is_nan() || sum == f32::INFINITY {
-            return Err(Error::NonFiniteLogits { row: 0, step: 0 });
-        }
+        check_rows_finite(&logits, 0)?;
         if p.is_greedy() {
             return Ok(logits.argmax(1)?.to_vec1::<u32>()?);
         }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{cold_top_k, sample_rows, ColdParams, SamplingParams};
+use super::{check_rows_finite, cold_top_k, sample_rows, ColdParams, SamplingParams};
 use crate::error::{Error, Result};
 
 /// How one row's next token is chosen; `R` names the logit rows (indices, or sequence ids).
@@ -78,7 +78,7 @@ pub fn pick_tokens(rows: &[Tensor], picks: &[Pick], step: usize) -> Result<Vec<P
     }
     let own: Vec<usize> = picks.iter().map(Pick::row).collect();
     let all = stack(&own)?;
-    check_finite(&all, step)?;
+    check_rows_finite(&all, step)?;
     let bases: Vec<usize> = picks
         .iter()
         .filter_map(|p| match *p {
@@ -87,7 +87,7 @@ pub fn pick_tokens(rows: &[Tensor], picks: &[Pick], step: usize) -> Result<Vec<P
         })
         .collect();
     if !bases.is_empty() {
-        check_finite(&stack(&bases)?, step)?;
+        check_rows_finite(&stack(&bases)?, step)?;
     }
 
     let mut tokens = vec![0u32; picks.len()];
@@ -164,13 +164,4 @@ fn group_by<K: PartialEq>(
         }
     }
     groups
-}
-
-/// NaN or +inf anywhere in a row makes its sum NaN or +inf (-inf, a masked token, is allowed).
-fn check_finite(rows: &Tensor, step: usize) -> Result<()> {
-    let sums = rows.sum(1)?.to_vec1::<f32>()?;
-    match sums.iter().position(|s| s.is_nan() || *s == f32::INFINITY) {
-        Some(row) => Err(Error::NonFiniteLogits { row, step }),
-        None => Ok(()),
-    }
 }
