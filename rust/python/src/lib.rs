@@ -506,14 +506,25 @@ fn activation_dtype(name: &str) -> PyResult<DType> {
     }
 }
 
-/// A `[rows, cols]` f32 array as a `dtype` tensor on `device`.
-fn array_tensor(
-    a: Vec<f32>,
+/// A `[rows, cols]` f32 array copied out of NumPy, to be used with the GIL released.
+struct HostRows {
+    data: Vec<f32>,
     shape: (usize, usize),
-    device: &candle_core::Device,
-    dtype: DType,
-) -> peftscale_core::Result<Tensor> {
-    Ok(Tensor::from_vec(a, shape, device)?.to_dtype(dtype)?)
+}
+
+impl HostRows {
+    fn new(a: &PyReadonlyArray2<'_, f32>) -> Self {
+        let dims = a.shape();
+        Self {
+            data: a.as_array().iter().copied().collect(),
+            shape: (dims[0], dims[1]),
+        }
+    }
+
+    /// The rows as a `dtype` tensor on `device`.
+    fn tensor(self, device: &candle_core::Device, dtype: DType) -> peftscale_core::Result<Tensor> {
+        Ok(Tensor::from_vec(self.data, self.shape, device)?.to_dtype(dtype)?)
+    }
 }
 
 /// The token each row of `logits` draws with its number from `uniforms` after temperature,
@@ -535,8 +546,7 @@ fn sample_tokens<'py>(
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     let device: DeviceSpec = device.parse().map_err(to_py)?;
     let dtype = activation_dtype(dtype)?;
-    let shape = (logits.shape()[0], logits.shape()[1]);
-    let data: Vec<f32> = logits.as_array().iter().copied().collect();
+    let logits = HostRows::new(&logits);
     let params = SamplingParams {
         temperature,
         top_k,
@@ -547,7 +557,7 @@ fn sample_tokens<'py>(
     let tokens = py
         .allow_threads(|| -> peftscale_core::Result<Vec<u32>> {
             let device = device.open()?;
-            let logits = array_tensor(data, shape, &device, dtype)?;
+            let logits = logits.tensor(&device, dtype)?;
             peftscale_core::logits::sample_rows(&logits, &params, &uniforms)
         })
         .map_err(to_py)?;
@@ -576,16 +586,13 @@ fn cold_top_k<'py>(
 ) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>)> {
     let device: DeviceSpec = device.parse().map_err(to_py)?;
     let dtype = activation_dtype(dtype)?;
-    let shape = |a: &PyReadonlyArray2<'py, f32>| {
-        let dims = a.shape();
-        (dims[0], dims[1])
-    };
-    let (pairs, vocab) = shape(&expert);
-    if shape(&base) != (pairs, vocab) {
+    let (expert, base) = (HostRows::new(&expert), HostRows::new(&base));
+    let (pairs, vocab) = expert.shape;
+    if base.shape != expert.shape {
         return Err(InvalidArgument::new_err(format!(
             "expert and base must have one shape, got {:?} and {:?}",
-            expert.shape(),
-            base.shape()
+            [pairs, vocab],
+            [base.shape.0, base.shape.1]
         )));
     }
     if k == 0 || k > vocab {
@@ -593,10 +600,6 @@ fn cold_top_k<'py>(
             "CoLD top-k needs 1 <= k <= the vocabulary size (k = {k}, vocabulary {vocab})"
         )));
     }
-    let (e, b): (Vec<f32>, Vec<f32>) = (
-        expert.as_array().iter().copied().collect(),
-        base.as_array().iter().copied().collect(),
-    );
     let params = ColdParams {
         alpha,
         beta,
@@ -606,8 +609,7 @@ fn cold_top_k<'py>(
     let picks = py
         .allow_threads(|| -> peftscale_core::Result<Vec<Vec<(u32, f32)>>> {
             let device = device.open()?;
-            let expert = array_tensor(e, (pairs, vocab), &device, dtype)?;
-            let base = array_tensor(b, (pairs, vocab), &device, dtype)?;
+            let (expert, base) = (expert.tensor(&device, dtype)?, base.tensor(&device, dtype)?);
             peftscale_core::logits::cold_top_k(&expert, &base, &params, k)
         })
         .map_err(to_py)?;
