@@ -79,23 +79,20 @@ pub fn pick_tokens(rows: &[Tensor], picks: &[Pick], step: usize) -> Result<Vec<P
     let own: Vec<usize> = picks.iter().map(Pick::row).collect();
     let all = stack(&own)?;
     check_rows_finite(&all, step)?;
-    let bases: Vec<usize> = picks
-        .iter()
-        .filter_map(|p| match *p {
-            Pick::Cold { base, .. } => Some(base),
-            Pick::Sample { .. } => None,
-        })
-        .collect();
-    if !bases.is_empty() {
-        check_rows_finite(&stack(&bases)?, step)?;
-    }
+    // Usually one group holds every pick, in order: its own rows are then `all`.
+    let own_rows = |members: &[usize]| -> Result<Tensor> {
+        if members.len() == picks.len() {
+            Ok(all.clone())
+        } else {
+            stack(&members.iter().map(|&m| picks[m].row()).collect::<Vec<_>>())
+        }
+    };
 
     let mut tokens = vec![0u32; picks.len()];
     for (params, members) in group_by(picks, |p| match *p {
         Pick::Sample { params, .. } => Some(params),
         Pick::Cold { .. } => None,
     }) {
-        let idx: Vec<usize> = members.iter().map(|&m| picks[m].row()).collect();
         let us: Vec<f32> = members
             .iter()
             .map(|&m| match picks[m] {
@@ -103,15 +100,9 @@ pub fn pick_tokens(rows: &[Tensor], picks: &[Pick], step: usize) -> Result<Vec<P
                 Pick::Cold { .. } => 0.0,
             })
             .collect();
-        // Usually one group holds every pick, in order: its rows are `all`.
-        let rows_of_group = if members.len() == picks.len() {
-            all.clone()
-        } else {
-            stack(&idx)?
-        };
         for (&m, t) in members
             .iter()
-            .zip(sample_rows(&rows_of_group, &params, &us)?)
+            .zip(sample_rows(&own_rows(&members)?, &params, &us)?)
         {
             tokens[m] = t;
         }
@@ -120,14 +111,16 @@ pub fn pick_tokens(rows: &[Tensor], picks: &[Pick], step: usize) -> Result<Vec<P
         Pick::Cold { params, .. } => Some(params),
         Pick::Sample { .. } => None,
     }) {
-        let (experts, bases): (Vec<usize>, Vec<usize>) = members
+        let bases: Vec<usize> = members
             .iter()
             .map(|&m| match picks[m] {
-                Pick::Cold { row, base, .. } => (row, base),
-                Pick::Sample { row, .. } => (row, row),
+                Pick::Cold { base, .. } => base,
+                Pick::Sample { row, .. } => row,
             })
-            .unzip();
-        let best = cold_top_k(&stack(&experts)?, &stack(&bases)?, &params, 1)?;
+            .collect();
+        let base_rows = stack(&bases)?;
+        check_rows_finite(&base_rows, step)?;
+        let best = cold_top_k(&own_rows(&members)?, &base_rows, &params, 1)?;
         for (&m, cands) in members.iter().zip(best) {
             // The expert's best token always passes its own plausibility cut.
             tokens[m] = cands
