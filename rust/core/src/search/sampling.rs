@@ -180,19 +180,28 @@ impl SamplingStrategy {
     /// that ran (an unfinished one with a sequence), then the rows sharing its prompt (their
     /// first step), each with the row whose logits it reads.
     fn ready_order(&self) -> Vec<(usize, usize)> {
+        let mut waiting = self.waiting_for_prompts();
         let mut order = Vec::new();
         for (idx, row) in self.rows.iter().enumerate() {
             if row.seq.is_none() || row.finish.is_some() {
                 continue;
             }
             order.push((idx, idx));
-            for (f, follower) in self.rows.iter().enumerate() {
-                if follower.seq.is_none() && follower.shares_prompt_of == Some(idx) {
-                    order.push((f, idx));
-                }
-            }
+            let followers = waiting.remove(&idx).unwrap_or_default();
+            order.extend(followers.into_iter().map(|f| (f, idx)));
         }
         order
+    }
+
+    /// The rows still waiting for another row to run their prompt, by that row, in row order.
+    fn waiting_for_prompts(&self) -> HashMap<usize, Vec<usize>> {
+        let mut waiting: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (f, row) in self.rows.iter().enumerate() {
+            if let (None, Some(leader)) = (row.seq, row.shares_prompt_of) {
+                waiting.entry(leader).or_default().push(f);
+            }
+        }
+        waiting
     }
 }
 
@@ -245,12 +254,7 @@ impl Strategy for SamplingStrategy {
         // (row, its logits, its CoLD base logits), the rows that share a prompt reading the
         // logits of the row that ran it.
         let mut ready: Vec<(usize, SharedLogits, Option<SharedLogits>)> = Vec::new();
-        let mut waiting: HashMap<usize, Vec<usize>> = HashMap::new();
-        for (f, row) in self.rows.iter().enumerate() {
-            if let (None, Some(leader)) = (row.seq, row.shares_prompt_of) {
-                waiting.entry(leader).or_default().push(f);
-            }
-        }
+        let mut waiting = self.waiting_for_prompts();
         for idx in 0..self.rows.len() {
             let (Some(seq), base_seq) = (self.rows[idx].seq, self.rows[idx].base_seq) else {
                 continue;
