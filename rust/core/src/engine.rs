@@ -521,8 +521,10 @@ impl Generation {
         self.pending = match picks {
             // Only the chosen tokens (and their log-probabilities) leave the logits' device.
             Some(picks) => {
+                let rows: HashMap<SeqId, usize> =
+                    work.iter().enumerate().map(|(i, a)| (a.seq, i)).collect();
                 let row_of = |seq: SeqId| {
-                    work.iter().position(|a| a.seq == seq).ok_or_else(|| {
+                    rows.get(&seq).copied().ok_or_else(|| {
                         Error::invalid(format!("no logits for sequence {seq} to pick from"))
                     })
                 };
