@@ -15,6 +15,16 @@ fn engine() -> (tempfile::TempDir, Engine) {
     (dir, eng)
 }
 
+/// [`engine`] with the tiny adapter loaded as `"a"`.
+fn engine_with_adapter() -> (tempfile::TempDir, Engine) {
+    let (dir, mut eng) = engine();
+    let adapter_dir = dir.path().join("adapter");
+    std::fs::create_dir(&adapter_dir).unwrap();
+    write_tiny_adapter(&adapter_dir);
+    eng.load_adapter(&adapter_dir, "a").unwrap();
+    (dir, eng)
+}
+
 fn last_logits(eng: &Engine, store: &mut SeqStore, seq: u64, tokens: &[u32]) -> Vec<f32> {
     let rows = [RowInput::new(seq, tokens, LogitsFor::Last)];
     let out = eng.forward(store, &rows).unwrap();
@@ -147,11 +157,7 @@ fn invalid_requests_are_errors_not_panics() {
 /// (2^-11 apart): its tolerance is ten times wider.
 #[test]
 fn host_forward_matches_the_tensor_forward() {
-    let (dir, mut eng) = engine();
-    let adapter_dir = dir.path().join("adapter");
-    std::fs::create_dir(&adapter_dir).unwrap();
-    write_tiny_adapter(&adapter_dir);
-    eng.load_adapter(&adapter_dir, "a").unwrap();
+    let (_dir, mut eng) = engine_with_adapter();
     let adapter = eng.adapter("a").unwrap();
     for (kv, tolerance) in [(DType::F32, 1e-4), (DType::F16, 1e-3)] {
         eng.set_kv_dtype(kv).unwrap();
@@ -217,11 +223,7 @@ fn host_and_tensor_paths_agree(
 /// or none, each step against a fresh host-pass recompute of the row's whole sequence.
 #[test]
 fn tensor_forward_over_forks_and_adapters_equals_a_recompute() {
-    let (dir, mut eng) = engine();
-    let adapter_dir = dir.path().join("adapter");
-    std::fs::create_dir(&adapter_dir).unwrap();
-    write_tiny_adapter(&adapter_dir);
-    eng.load_adapter(&adapter_dir, "a").unwrap();
+    let (_dir, eng) = engine_with_adapter();
     let lora = eng.adapter("a").unwrap();
     let prefix: Vec<u32> = (0..40).map(|i| 10 + (i * 7) % 200).collect();
     for name in [None, Some("a")] {
@@ -468,11 +470,7 @@ fn long_inputs_run_in_chunks_with_the_logits_of_one_pass() {
 /// penalty, sampled CoLD) keep the host path on both.
 #[test]
 fn picks_where_the_logits_are_equal_the_host_choices() {
-    let (dir, mut eng) = engine();
-    let adapter_dir = dir.path().join("adapter");
-    std::fs::create_dir(&adapter_dir).unwrap();
-    write_tiny_adapter(&adapter_dir);
-    eng.load_adapter(&adapter_dir, "a").unwrap();
+    let (_dir, eng) = engine_with_adapter();
     let (a, b, c): (Vec<u32>, Vec<u32>, Vec<u32>) =
         ((3..15).collect(), vec![7, 9, 11], (40..60).collect());
     let sampled = SamplingParams {
