@@ -106,6 +106,7 @@ impl Engine {
     /// Loads the model to run on `device`; a device this build or machine lacks is a
     /// [`Error::DeviceUnavailable`] that says what is missing, before any file is read.
     pub fn load_on(path: impl AsRef<Path>, dtype: WeightDType, device: DeviceSpec) -> Result<Self> {
+        crate::kernels::cpu::isa::check_env()?;
         let device = device.open()?;
         let path = path.as_ref();
         let loaded = model::load(path, dtype, &device)?;

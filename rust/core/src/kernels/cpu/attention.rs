@@ -12,7 +12,8 @@
 //! lanes or on how many keys the tile reads for them: a query's result does not depend on the
 //! batch it ran in.
 
-use super::dense::{exp_in_place, max_value, scaled_matvec, weighted_row_sum};
+use super::dense::exp_in_place;
+use super::isa::Isa;
 
 /// Query vectors per tile.
 pub(crate) const LANES: usize = 16;
@@ -42,51 +43,42 @@ pub(crate) fn attend(tile: &Tile<'_>, scratch: &mut Vec<f32>, partials: &mut [&m
     assert_eq!(tile.queries.len(), tile.head_dim * LANES);
     let len = tile.visible[..tile.used].iter().copied().max().unwrap_or(0);
     assert!(tile.keys.len() >= len * tile.head_dim && tile.values.len() >= len * tile.head_dim);
-    if tile.used <= SMALL_TILE {
-        return attend_each(tile, scratch, partials);
-    }
+    attend_on(tile_isa(), tile, len, scratch, partials)
+}
+
+/// The instruction set the transposed tile runs on: AVX-512F, else AVX2 with FMA, else portable.
+pub(crate) fn tile_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if super::qmatmul::avx512f_available() {
-            // SAFETY: the CPU has AVX-512F; the slices were checked above.
-            return unsafe { attend_avx512(tile, len, scratch, partials) };
+            return Isa::Avx512;
         }
         if super::qmatmul::avx2_available() {
-            // SAFETY: the CPU has AVX2 and FMA; the slices were checked above.
-            return unsafe { attend_avx2(tile, len, scratch, partials) };
+            return Isa::Avx2;
         }
     }
-    // SAFETY: the slices were checked above.
-    unsafe { attend_with::<Portable>(tile, len, scratch, partials) }
+    Isa::Portable
 }
 
-/// Up to this many queries, a tile runs query by query with dot products along the head
-/// dimension: the transposed form pays one instruction per key element whatever the number of
-/// lanes in use, which is a loss below about a third of them (a single row's own positions in
-/// decode: the query heads of one KV head). Where the CPU has AVX-512 the host forward pass sends
-/// such tasks to [`super::attention_few`] instead, which gives the transposed form's bits.
-const SMALL_TILE: usize = 4;
-
-/// The tile query by query (same partials as the transposed form, up to rounding).
-fn attend_each(t: &Tile<'_>, scores: &mut Vec<f32>, partials: &mut [&mut [f32]]) {
-    let hd = t.head_dim;
-    let mut query = vec![0f32; hd];
-    for (lane, partial) in partials.iter_mut().enumerate().take(t.used) {
-        let visible = t.visible[lane];
-        for (d, q) in query.iter_mut().enumerate() {
-            *q = t.queries[d * LANES + lane];
-        }
-        scores.clear();
-        scores.resize(visible, 0.0);
-        scaled_matvec(&t.keys[..visible * hd], &query, t.scale, scores);
-        let max = max_value(scores);
-        scores.iter_mut().for_each(|v| *v -= max);
-        exp_in_place(scores);
-        let (head, out) = partial.split_at_mut(PARTIAL_HEADER);
-        head[0] = max;
-        head[1] = scores.iter().sum();
-        out[..hd].iter_mut().for_each(|o| *o = 0.0);
-        weighted_row_sum(&t.values[..visible * hd], scores, &mut out[..hd]);
+/// The tile on `isa`'s path (the CPU must have it: see [`tile_isa`]). Every query runs through
+/// the transposed form, even alone: a query's bits must not depend on how many others share its
+/// tile (a row decoded alone or beside its forks). A decode step's few queries go to
+/// [`super::attention_few`], which gives these bits faster.
+pub(crate) fn attend_on(
+    isa: Isa,
+    tile: &Tile<'_>,
+    len: usize,
+    scratch: &mut Vec<f32>,
+    partials: &mut [&mut [f32]],
+) {
+    match isa {
+        // SAFETY: `tile_isa` checked the CPU's features; `attend` checked the slices.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { attend_avx512(tile, len, scratch, partials) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { attend_avx2(tile, len, scratch, partials) },
+        // SAFETY: as above.
+        _ => unsafe { attend_with::<Portable>(tile, len, scratch, partials) },
     }
 }
 
@@ -513,11 +505,7 @@ mod tests {
             scale: 0.125,
         };
         type Path = unsafe fn(&Tile<'_>, usize, &mut Vec<f32>, &mut [&mut [f32]]);
-        let each: Path = |t, _, s, p| attend_each(t, s, p);
-        let mut paths: Vec<(&str, Path)> = vec![
-            ("portable", attend_with::<Portable>),
-            ("query by query", each),
-        ];
+        let mut paths: Vec<(&str, Path)> = vec![("portable", attend_with::<Portable>)];
         #[cfg(target_arch = "x86_64")]
         {
             if crate::kernels::cpu::qmatmul::avx2_available() {

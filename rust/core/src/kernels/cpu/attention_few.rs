@@ -12,6 +12,7 @@
 
 use super::attention::PARTIAL_HEADER;
 use super::dense::{exp_in_place, max_value};
+use super::isa::Isa;
 
 /// The most queries one call takes.
 pub(crate) const FEW: usize = 4;
@@ -55,19 +56,10 @@ impl KvHead<'_> {
     }
 }
 
-/// Whether [`attend_few`] runs for this head size on this CPU.
+/// Whether [`attend_few`] runs for this head size (a multiple of sixteen, as the transposed
+/// tile's vector columns are; on every CPU: AVX-512, AVX2 and portable paths).
 pub(crate) fn available(head_dim: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        head_dim.is_multiple_of(16)
-            && super::qmatmul::avx512f_available()
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = head_dim;
-        false
-    }
+    head_dim.is_multiple_of(16)
 }
 
 /// Writes each query's partial softmax (`[max, sum, out[..head_dim]]`, as
@@ -78,6 +70,23 @@ pub(crate) fn available(head_dim: usize) -> bool {
 /// # Panics
 /// If [`available`] is false for `head_dim`, or the shapes disagree.
 pub(crate) fn attend_few(
+    queries: &[&[f32]],
+    visible: &[usize],
+    kv: KvHead<'_>,
+    head_dim: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    // The transposed tile's instruction set, so that both give the same bits.
+    let isa = super::attention::tile_isa();
+    attend_few_on(isa, queries, visible, kv, head_dim, scale, scores, out)
+}
+
+/// [`attend_few`] on `path` (one the CPU has).
+#[allow(clippy::too_many_arguments)]
+fn attend_few_on(
+    path: Isa,
     queries: &[&[f32]],
     visible: &[usize],
     kv: KvHead<'_>,
@@ -99,18 +108,9 @@ pub(crate) fn attend_few(
         scores.resize(n * padded, 0.0);
     }
     let scores = &mut scores[..n * padded];
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `available` checked the CPU's features and the head size; the slices were checked
-    // above.
-    unsafe {
-        match kv {
-            KvHead::F32 { keys, .. } => {
-                x86::score(queries, keys.as_ptr(), len, head_dim, scale, scores)
-            }
-            KvHead::F16 { keys, .. } => {
-                x86::score(queries, keys.as_ptr(), len, head_dim, scale, scores)
-            }
-        }
+    match kv {
+        KvHead::F32 { keys, .. } => score(path, queries, keys, len, head_dim, scale, scores),
+        KvHead::F16 { keys, .. } => score(path, queries, keys, len, head_dim, scale, scores),
     }
     let stride = PARTIAL_HEADER + head_dim;
     for (j, &seen) in visible.iter().enumerate() {
@@ -123,45 +123,137 @@ pub(crate) fn attend_few(
         out[j * stride] = max;
         out[j * stride + 1] = s[..seen].iter().sum();
     }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as above.
-    unsafe {
-        match kv {
-            KvHead::F32 { values, .. } => {
-                x86::weigh(scores, padded, n, values.as_ptr(), len, head_dim, out)
-            }
-            KvHead::F16 { values, .. } => {
-                x86::weigh(scores, padded, n, values.as_ptr(), len, head_dim, out)
+    match kv {
+        KvHead::F32 { values, .. } => weigh(path, scores, padded, n, values, len, head_dim, out),
+        KvHead::F16 { values, .. } => weigh(path, scores, padded, n, values, len, head_dim, out),
+    }
+}
+
+/// Scaled scores of positions `0..len` against every query, `len.next_multiple_of(16)` apart
+/// in `scores`: each a sum of products in the order of the head's elements, as the transposed
+/// tile sums them (fused multiply-adds on the x86 paths, a product then a sum on the portable
+/// one), so a score is the same bits whichever kernel computed it.
+fn score<E: Element>(
+    path: Isa,
+    queries: &[&[f32]],
+    keys: &[E],
+    len: usize,
+    hd: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let padded = len.next_multiple_of(16);
+    assert!(keys.len() >= len * hd && scores.len() >= queries.len() * padded);
+    match path {
+        // SAFETY: the CPU has the path's features (see `path`); the slices were checked above
+        // and by `attend_few`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::score(queries, keys.as_ptr(), len, hd, scale, scores) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::score8(queries, keys.as_ptr(), len, hd, scale, scores) },
+        Isa::Portable => {
+            for p in 0..len {
+                let key = &keys[p * hd..(p + 1) * hd];
+                for (j, q) in queries.iter().enumerate() {
+                    let acc = key
+                        .iter()
+                        .zip(q.iter())
+                        .fold(0f32, |acc, (k, &q)| k.to_f32() * q + acc);
+                    scores[j * padded + p] = acc * scale;
+                }
             }
         }
     }
 }
 
+/// `out[j]`'s values part = `Σ_p probs[j][p] · values[p]` for each query `j < n` (`probs`
+/// `padded` apart), summed in the order of the positions as the transposed tile does.
+#[allow(clippy::too_many_arguments)]
+fn weigh<E: Element>(
+    path: Isa,
+    probs: &[f32],
+    padded: usize,
+    n: usize,
+    values: &[E],
+    len: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    let stride = PARTIAL_HEADER + hd;
+    assert!(values.len() >= len * hd && out.len() >= n * stride);
+    assert!(n == 0 || probs.len() >= (n - 1) * padded + len);
+    match path {
+        // SAFETY: as in `score`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::weigh(probs, padded, n, values.as_ptr(), len, hd, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::weigh8(probs, padded, n, values.as_ptr(), len, hd, out) },
+        Isa::Portable => {
+            for j in 0..n {
+                let o = &mut out[j * stride + PARTIAL_HEADER..(j + 1) * stride];
+                o.iter_mut().for_each(|o| *o = 0.0);
+                for p in 0..len {
+                    let w = probs[j * padded + p];
+                    for (o, v) in o.iter_mut().zip(&values[p * hd..(p + 1) * hd]) {
+                        *o = w * v.to_f32() + *o;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A cache element type: f32, or f16 widened as it is read.
+pub(crate) trait Element: Copy {
+    fn to_f32(self) -> f32;
+    /// # Safety
+    /// Sixteen elements are readable at `p`; the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// # Safety
+    /// Eight elements are readable at `p`; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Element for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Element for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{FEW, PARTIAL_HEADER};
+    use super::{Element, FEW, PARTIAL_HEADER};
     use std::arch::x86_64::*;
-
-    /// A cache element type, sixteen of which load as sixteen f32.
-    pub trait Element {
-        /// # Safety
-        /// Sixteen elements are readable at `p`; the CPU has AVX-512F.
-        unsafe fn load16(p: *const Self) -> __m512;
-    }
-
-    impl Element for f32 {
-        #[inline(always)]
-        unsafe fn load16(p: *const Self) -> __m512 {
-            _mm512_loadu_ps(p)
-        }
-    }
-
-    impl Element for half::f16 {
-        #[inline(always)]
-        unsafe fn load16(p: *const Self) -> __m512 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-        }
-    }
 
     /// The 16 × 16 block `rows` transposed: `out[d]` holds element `d` of every row.
     #[inline(always)]
@@ -288,12 +380,121 @@ mod x86 {
             }
         }
     }
+
+    /// The 8 × 8 block `r` transposed: `out[d]` holds element `d` of every row.
+    #[inline(always)]
+    unsafe fn transpose8(r: &[__m256; 8]) -> [__m256; 8] {
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + e]: in each 128-bit lane L, element 4L + e of rows 4g..4g + 4.
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (g, e) = (i / 4, i % 4);
+            let (a, b) = (t[4 * g + e / 2], t[4 * g + e / 2 + 2]);
+            if e % 2 == 0 {
+                _mm256_shuffle_ps::<0b01_00_01_00>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0b11_10_11_10>(a, b)
+            }
+        });
+        std::array::from_fn(|d| {
+            let e = d % 4;
+            if d < 4 {
+                _mm256_permute2f128_ps::<0x20>(u[e], u[4 + e])
+            } else {
+                _mm256_permute2f128_ps::<0x31>(u[e], u[4 + e])
+            }
+        })
+    }
+
+    /// [`score`] eight positions at a time in 256-bit vectors: the same products summed in the
+    /// same order, so the same bits.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; otherwise as [`score`].
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn score8<E: Element>(
+        queries: &[&[f32]],
+        keys: *const E,
+        len: usize,
+        hd: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let padded = len.next_multiple_of(16);
+        let scale = _mm256_set1_ps(scale);
+        for block in (0..len).step_by(8) {
+            let rows = (len - block).min(8);
+            let mut acc = [_mm256_setzero_ps(); FEW];
+            for col in (0..hd).step_by(8) {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, r) in r.iter_mut().enumerate().take(rows) {
+                    *r = E::load8(keys.add((block + i) * hd + col));
+                }
+                let t = transpose8(&r);
+                for (acc, q) in acc.iter_mut().zip(queries) {
+                    let q = q.as_ptr().add(col);
+                    for (d, t) in t.iter().enumerate() {
+                        *acc = _mm256_fmadd_ps(*t, _mm256_set1_ps(*q.add(d)), *acc);
+                    }
+                }
+            }
+            for (j, acc) in acc.iter().enumerate().take(queries.len()) {
+                let dst = scores.as_mut_ptr().add(j * padded + block);
+                _mm256_storeu_ps(dst, _mm256_mul_ps(*acc, scale));
+            }
+        }
+    }
+
+    /// [`weigh`] in 256-bit vectors, the same sums in the same order.
+    ///
+    /// # Safety
+    /// As [`score8`]; `values` holds `len` rows of `hd`; `out` holds `n` partials.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn weigh8<E: Element>(
+        probs: &[f32],
+        padded: usize,
+        n: usize,
+        values: *const E,
+        len: usize,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        // Two vectors (16 columns) per pass: four queries' sums and the values in registers.
+        const RUN: usize = 2;
+        let stride = PARTIAL_HEADER + hd;
+        for col in (0..hd).step_by(RUN * 8) {
+            let mut acc = [[_mm256_setzero_ps(); RUN]; FEW];
+            for p in 0..len {
+                let v: [__m256; RUN] =
+                    std::array::from_fn(|c| E::load8(values.add(p * hd + col + c * 8)));
+                for (j, acc) in acc.iter_mut().enumerate().take(n) {
+                    let w = _mm256_set1_ps(*probs.get_unchecked(j * padded + p));
+                    for (a, v) in acc.iter_mut().zip(&v) {
+                        *a = _mm256_fmadd_ps(w, *v, *a);
+                    }
+                }
+            }
+            for (j, acc) in acc.iter().enumerate().take(n) {
+                let dst = out.as_mut_ptr().add(j * stride + PARTIAL_HEADER + col);
+                for (c, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add(c * 8), *a);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu::attention::{attend, Tile, LANES};
+    use crate::kernels::cpu::attention::{attend_on, Tile, LANES};
+    use crate::kernels::cpu::isa::cpu_levels;
 
     fn pseudo(n: usize, seed: usize, magnitude: f32) -> Vec<f32> {
         (0..n)
@@ -304,87 +505,97 @@ mod tests {
     /// The same partials, bit for bit, as the transposed tile gives the same queries (run there
     /// with other queries beside them, as in a wide batch), for f32 and f16 rows, every query
     /// count, lengths around the blocks of sixteen, queries seeing different prefixes, and
-    /// magnitudes where a different order of summation would show.
+    /// magnitudes where a different order of summation would show; on every instruction set
+    /// this CPU has.
     #[test]
     fn few_queries_give_the_tiles_bits() {
         for hd in [16, 64, 128] {
-            if !available(hd) {
-                eprintln!("attend_few does not run on this CPU: not tested");
-                return;
-            }
-            for (len, magnitude) in [
-                (1, 1.5),
-                (5, 1.5),
-                (16, 40.0),
-                (17, 1.5),
-                (40, 40.0),
-                (70, 1.5),
-            ] {
-                let keys = pseudo(len * hd, 1, magnitude);
-                let values = pseudo(len * hd, 2, magnitude);
-                let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
-                    keys.iter().map(|&x| half::f16::from_f32(x)).collect(),
-                    values.iter().map(|&x| half::f16::from_f32(x)).collect(),
-                );
-                for n in 1..=FEW {
-                    // Five more queries make the tile take its transposed form.
-                    let extra = 5;
-                    let qs: Vec<Vec<f32>> = (0..n + extra)
-                        .map(|j| pseudo(hd, 10 + j, magnitude))
-                        .collect();
-                    let visible: Vec<usize> = (0..n + extra).map(|j| len - j % len).collect();
-                    let stride = PARTIAL_HEADER + hd;
-                    let mut transposed = vec![0f32; hd * LANES];
-                    let mut vis = [0usize; LANES];
-                    for (j, q) in qs.iter().enumerate() {
-                        for (d, &x) in q.iter().enumerate() {
-                            transposed[d * LANES + j] = x;
+            for isa in cpu_levels() {
+                for (len, magnitude) in [
+                    (1, 1.5),
+                    (5, 1.5),
+                    (16, 40.0),
+                    (17, 1.5),
+                    (40, 40.0),
+                    (70, 1.5),
+                ] {
+                    let keys = pseudo(len * hd, 1, magnitude);
+                    let values = pseudo(len * hd, 2, magnitude);
+                    let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
+                        keys.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                        values.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                    );
+                    for n in 1..=FEW {
+                        // Five more queries make the tile take its transposed form.
+                        let extra = 5;
+                        let qs: Vec<Vec<f32>> = (0..n + extra)
+                            .map(|j| pseudo(hd, 10 + j, magnitude))
+                            .collect();
+                        let visible: Vec<usize> = (0..n + extra).map(|j| len - j % len).collect();
+                        let stride = PARTIAL_HEADER + hd;
+                        let mut transposed = vec![0f32; hd * LANES];
+                        let mut vis = [0usize; LANES];
+                        for (j, q) in qs.iter().enumerate() {
+                            for (d, &x) in q.iter().enumerate() {
+                                transposed[d * LANES + j] = x;
+                            }
+                            vis[j] = visible[j];
                         }
-                        vis[j] = visible[j];
-                    }
-                    for half_precision in [false, true] {
-                        let widen =
-                            |x: &[half::f16]| x.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-                        let (kf, vf) = if half_precision {
-                            (widen(&k16), widen(&v16))
-                        } else {
-                            (keys.clone(), values.clone())
-                        };
-                        let tile = Tile {
-                            queries: &transposed,
-                            used: n + extra,
-                            visible: vis,
-                            keys: &kf,
-                            values: &vf,
-                            head_dim: hd,
-                            scale: 0.125,
-                        };
-                        let mut want = vec![0f32; (n + extra) * stride];
-                        let mut refs: Vec<&mut [f32]> = want.chunks_exact_mut(stride).collect();
-                        attend(&tile, &mut Vec::new(), &mut refs);
-                        let kv = if half_precision {
-                            KvHead::F16 {
-                                keys: &k16,
-                                values: &v16,
-                            }
-                        } else {
-                            KvHead::F32 {
-                                keys: &keys,
-                                values: &values,
-                            }
-                        };
-                        let q_refs: Vec<&[f32]> = qs[..n].iter().map(|q| &q[..]).collect();
-                        let mut got = vec![f32::NAN; n * stride];
-                        let mut scores = vec![f32::NAN; 3];
-                        attend_few(&q_refs, &visible[..n], kv, hd, 0.125, &mut scores, &mut got);
-                        assert_eq!(
-                            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                            want[..n * stride]
-                                .iter()
-                                .map(|x| x.to_bits())
-                                .collect::<Vec<_>>(),
-                            "hd {hd} len {len} n {n} f16 {half_precision}"
-                        );
+                        for half_precision in [false, true] {
+                            let widen = |x: &[half::f16]| {
+                                x.iter().map(|x| x.to_f32()).collect::<Vec<f32>>()
+                            };
+                            let (kf, vf) = if half_precision {
+                                (widen(&k16), widen(&v16))
+                            } else {
+                                (keys.clone(), values.clone())
+                            };
+                            let tile = Tile {
+                                queries: &transposed,
+                                used: n + extra,
+                                visible: vis,
+                                keys: &kf,
+                                values: &vf,
+                                head_dim: hd,
+                                scale: 0.125,
+                            };
+                            let mut want = vec![0f32; (n + extra) * stride];
+                            let mut refs: Vec<&mut [f32]> = want.chunks_exact_mut(stride).collect();
+                            let len = vis.iter().copied().max().unwrap_or(0);
+                            attend_on(isa, &tile, len, &mut Vec::new(), &mut refs);
+                            let kv = if half_precision {
+                                KvHead::F16 {
+                                    keys: &k16,
+                                    values: &v16,
+                                }
+                            } else {
+                                KvHead::F32 {
+                                    keys: &keys,
+                                    values: &values,
+                                }
+                            };
+                            let q_refs: Vec<&[f32]> = qs[..n].iter().map(|q| &q[..]).collect();
+                            let mut got = vec![f32::NAN; n * stride];
+                            let mut scores = vec![f32::NAN; 3];
+                            attend_few_on(
+                                isa,
+                                &q_refs,
+                                &visible[..n],
+                                kv,
+                                hd,
+                                0.125,
+                                &mut scores,
+                                &mut got,
+                            );
+                            assert_eq!(
+                                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                                want[..n * stride]
+                                    .iter()
+                                    .map(|x| x.to_bits())
+                                    .collect::<Vec<_>>(),
+                                "{isa:?} hd {hd} len {len} n {n} f16 {half_precision}"
+                            );
+                        }
                     }
                 }
             }

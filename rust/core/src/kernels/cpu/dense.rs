@@ -62,22 +62,6 @@ pub(crate) fn scaled_matvec(rows: &[f32], x: &[f32], scale: f32, out: &mut [f32]
     }
 }
 
-/// `acc += Σ_r weights[r] · (row r of `rows`)` (attention weights against cached values).
-pub(crate) fn weighted_row_sum(rows: &[f32], weights: &[f32], acc: &mut [f32]) {
-    debug_assert_eq!(rows.len(), weights.len() * acc.len());
-    #[cfg(target_arch = "x86_64")]
-    if super::qmatmul::avx2_available() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::weighted_row_sum(rows, weights, acc) };
-    }
-    let cols = acc.len();
-    for (row, &w) in rows.chunks_exact(cols).zip(weights) {
-        for (a, v) in acc.iter_mut().zip(row) {
-            *a += w * v;
-        }
-    }
-}
-
 /// `dst[i] = src[i]` widened to f32 (a half-precision cache read by the f32 kernels).
 pub(crate) fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len());
@@ -354,34 +338,6 @@ mod avx2 {
                 silu(_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr())),
             );
             out[n..].copy_from_slice(&o[..t]);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_row_sum(rows: &[f32], weights: &[f32], acc: &mut [f32]) {
-        let cols = acc.len();
-        assert!(rows.len() >= weights.len() * cols);
-        let mut c = 0;
-        // Four vectors of the accumulator stay in registers across all rows.
-        while c + 32 <= cols {
-            let p = acc.as_mut_ptr().add(c);
-            let mut a = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
-            for (r, &w) in weights.iter().enumerate() {
-                let wv = _mm256_set1_ps(w);
-                let row = rows.as_ptr().add(r * cols + c);
-                for (i, a) in a.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * i)), *a);
-                }
-            }
-            for (i, a) in a.iter().enumerate() {
-                _mm256_storeu_ps(p.add(8 * i), *a);
-            }
-            c += 32;
-        }
-        for c in c..cols {
-            for (r, &w) in weights.iter().enumerate() {
-                acc[c] += w * rows[r * cols + c];
-            }
         }
     }
 
@@ -809,18 +765,9 @@ mod tests {
         }
         let mut scores = vec![0f32; rows];
         scaled_matvec(&w, &x[..cols], 0.5, &mut scores);
-        let mut acc = vec![1f32; cols];
-        weighted_row_sum(&w, &scores, &mut acc);
         for r in 0..rows {
             let naive: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum::<f32>() * 0.5;
             assert!((scores[r] - naive).abs() < 1e-3);
-        }
-        for (c, a) in acc.iter().enumerate() {
-            let naive: f32 = 1.0 + (0..rows).map(|r| scores[r] * w[r * cols + c]).sum::<f32>();
-            assert!(
-                (a - naive).abs() < 1e-2 * naive.abs().max(1.0),
-                "{a} vs {naive}"
-            );
         }
     }
 }

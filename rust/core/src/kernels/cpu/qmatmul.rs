@@ -537,7 +537,7 @@ pub(crate) fn tiles_available() -> bool {
 /// Whether the CPU has AVX-512F (the 16-lane f32 kernels).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx512f_available() -> bool {
-    is_x86_feature_detected!("avx512f")
+    super::isa::allows(super::isa::Isa::Avx512) && is_x86_feature_detected!("avx512f")
 }
 
 /// Whether the AVX2 kernels run on this CPU.
@@ -591,7 +591,8 @@ mod avx2 {
 
     /// Whether this CPU runs the kernels below.
     pub fn available() -> bool {
-        is_x86_feature_detected!("avx2")
+        super::super::isa::allows(super::super::isa::Isa::Avx2)
+            && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
     }
@@ -797,6 +798,7 @@ mod avx2 {
 
     pub fn vnni_available() -> bool {
         available()
+            && super::super::isa::allows(super::super::isa::Isa::Avx512)
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("avx512vl")
     }
