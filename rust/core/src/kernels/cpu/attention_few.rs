@@ -195,7 +195,7 @@ fn weigh<E: Element>(
                 for p in 0..len {
                     let w = probs[j * padded + p];
                     for (o, v) in o.iter_mut().zip(&values[p * hd..(p + 1) * hd]) {
-                        *o = w * v.to_f32() + *o;
+                        *o += w * v.to_f32();
                     }
                 }
             }
