@@ -293,42 +293,65 @@ def test_merged_adapter_matches_peft_merge_and_unload(smollm2_path: Path, adapte
         assert _rel(e.logits(ids), ref) < 1e-4, name
 
 
-# (largest error against peft relative to the adapter-less model's, least top-1 agreement): bf16's
-# 8-bit mantissa alone costs the packaged model ~3% mean error and ~12% of its top-1 picks.
-HALF_PRECISION_BOUNDS = {"f16": (0.25, 0.95), "bf16": (0.8, 0.8)}
+# Least top-1 agreement with peft: bf16's 8-bit mantissa alone costs the packaged model ~3% mean
+# error and some of its top-1 picks.
+HALF_PRECISION_TOP1 = {"f16": 0.95, "bf16": 0.8}
+# An adapter may add at most this factor to the error the dtype's rounding gives the same text
+# without it (measured in the same run, so the bound holds on whichever kernels this CPU runs).
+ROUNDING_GROWTH = 2.5
+
+
+@pytest.fixture(scope="module")
+def strong_adapters(adapters, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, PeftModel]]:
+    """The two adapters with B four times larger: at the fixture's scale, an adapter's effect is
+    no larger than bf16's rounding noise, so whether it was applied could not be told apart."""
+    root = tmp_path_factory.mktemp("strong")
+    out = {}
+    for name, (_, model) in adapters.items():
+        strong = copy.deepcopy(model)
+        _scaled_init(strong, 4.0)
+        strong.save_pretrained(root / name)
+        out[name] = (root / name, strong.eval())
+    return out
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_half_precision_model_runs_adapters_unmerged_and_merged(
-    smollm2_path: Path, adapters, hf_smollm2, dtype: str
+    smollm2_path: Path, strong_adapters, hf_smollm2, dtype: str
 ) -> None:
     """The tensor forward pass (the GPU's) applies adapters unmerged, rows of one batch each
-    with its own adapter or none, and merging works there too."""
+    with its own adapter or none, and merging works there too: against peft in f32, an adapted
+    row's error stays within what the dtype's rounding gives the base model on the same text,
+    and is well under the adapter's own effect."""
     _, tok = hf_smollm2
-    worst_ratio, least_top1 = HALF_PRECISION_BOUNDS[dtype]
+    adapters = strong_adapters
     e = ps.Engine.load(smollm2_path, dtype=dtype)
     for name, (path, _) in adapters.items():
         e.load_adapter(path, name=name)
     seqs = [tok.encode(t) for t in TEXTS] + [tok.encode(TEXTS[1] + " " + TEXTS[0])]
     names = ["full", None, "rslora", "full"]
-    refs = [
-        _peft_logits(adapters[n or "full"][1], ids, adapter=n is not None) for n, ids in zip(names, seqs, strict=True)
-    ]
+
+    def check(ours: np.ndarray, base: np.ndarray, model: PeftModel, ids: list[int], label: str) -> None:
+        ref, ref_base = _peft_logits(model, ids), _peft_logits(model, ids, adapter=False)
+        rounding = _mean_err(base, ref_base)
+        err = _mean_err(ours, ref)
+        assert err <= ROUNDING_GROWTH * rounding, (dtype, label, err, rounding)
+        assert err < 0.5 * _mean_err(ref_base, ref), (dtype, label, err)
+        assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= HALF_PRECISION_TOP1[dtype], (dtype, label)
+
     bases = e.logits(seqs)
-    for name, ours, base, ref in zip(names, e.logits(seqs, adapter=names), bases, refs, strict=True):
-        # Half-precision rounding stays; an adapter's own effect must be there.
-        if name is not None:
-            assert _mean_err(ours, ref) < worst_ratio * _mean_err(base, ref), (dtype, name)
-        assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= least_top1, (dtype, name)
+    for i, (name, ours) in enumerate(zip(names, e.logits(seqs, adapter=names), strict=True)):
+        if name is None:
+            ref = _peft_logits(adapters["full"][1], seqs[i], adapter=False)
+            assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= HALF_PRECISION_TOP1[dtype]
+        else:
+            check(ours, bases[i], adapters[name][1], seqs[i], f"row {i} {name}")
 
     ids = seqs[3]
     path, model = adapters["full"]
-    ref = _peft_logits(model, ids)
     base = e.logits(ids)
     e.merge_adapter(path)
-    ours = e.logits(ids)
-    assert _mean_err(ours, ref) < worst_ratio * _mean_err(base, ref)
-    assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= least_top1
+    check(e.logits(ids), base, model, ids, "merged")
 
 
 def _mean_err(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -1,8 +1,9 @@
-//! CPU matrix-vector kernels for the GGML block formats of the packaged models (Q4_0, Q4_1, Q8_0).
+//! CPU matrix-vector kernels for the GGML formats in blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
 //!
 //! Activations are quantized to 8-bit blocks of 32 (as llama.cpp does) and dotted with the weight
 //! blocks in integer arithmetic: AVX2 where the CPU has it (detected at run time), portable Rust
-//! elsewhere. Other formats go through candle's QMatMul.
+//! elsewhere. The K-quant super-blocks have their own module ([`super::kquants`]); other formats
+//! go through candle's QMatMul.
 //!
 //! At load time the weight blocks are repacked, without changing a bit of them, so that eight
 //! rows are interleaved: for each block column, the eight rows' scales sit side by side (one f16
@@ -30,6 +31,8 @@ pub(crate) const GROUP: usize = 8;
 enum Kind {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
 }
 
@@ -39,6 +42,8 @@ impl Kind {
         match self {
             Kind::Q4_0 => 18,
             Kind::Q4_1 => 20,
+            Kind::Q5_0 => 22,
+            Kind::Q5_1 => 24,
             Kind::Q8_0 => 34,
         }
     }
@@ -46,18 +51,30 @@ impl Kind {
     /// Bytes of the f16 fields before the quants in a GGML block (`d`, or `d` and `m`).
     fn header_bytes(self) -> usize {
         match self {
-            Kind::Q4_1 => 4,
-            Kind::Q4_0 | Kind::Q8_0 => 2,
+            Kind::Q4_1 | Kind::Q5_1 => 4,
+            Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0 => 2,
         }
     }
+
+    /// Whether the block carries a fifth bit per weight (`qh`, four bytes after the header).
+    fn high_bits(self) -> bool {
+        matches!(self, Kind::Q5_0 | Kind::Q5_1)
+    }
 }
+
+/// Bytes of the high-bit plane of a Q5 group block (see [`repack`]).
+const HIGH_PLANE: usize = 32;
 
 /// A quantized `[rows, cols]` weight matrix, repacked in groups of [`GROUP`] rows.
 ///
 /// Group `g`, block column `b` starts at `(g * blocks_per_row + b) * GROUP * block_bytes` and
 /// holds: the eight rows' `d` (8 × f16), for Q4_1 their `m` (8 × f16), then the quants in
 /// chunks of `GROUP * 4` bytes, chunk `c` holding bytes `4c..4c+4` of each row's quants in row
-/// order. Rows past `rows` (padding to a whole group) are zero.
+/// order. Rows past `rows` (padding to a whole group) are zero. Q5_0/Q5_1 blocks put a
+/// 32-byte plane of the fifth bits between the header and the quants: byte `4r + t` holds, in
+/// bit `c`, the high bit of row `r`'s weight `4c + t` (the low nibble of chunk `c`) and in bit
+/// `4 + c` that of weight `16 + 4c + t` (the high nibble), so that each chunk's bits move into
+/// place with one shift of the whole plane.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     kind: Kind,
@@ -85,6 +102,8 @@ impl QuantMatrix {
         let kind = match t.dtype() {
             GgmlDType::Q4_0 => Kind::Q4_0,
             GgmlDType::Q4_1 => Kind::Q4_1,
+            GgmlDType::Q5_0 => Kind::Q5_0,
+            GgmlDType::Q5_1 => Kind::Q5_1,
             GgmlDType::Q8_0 => Kind::Q8_0,
             _ => return Ok(None),
         };
@@ -115,6 +134,8 @@ impl QuantMatrix {
         match self.kind {
             Kind::Q4_0 => GgmlDType::Q4_0,
             Kind::Q4_1 => GgmlDType::Q4_1,
+            Kind::Q5_0 => GgmlDType::Q5_0,
+            Kind::Q5_1 => GgmlDType::Q5_1,
             Kind::Q8_0 => GgmlDType::Q8_0,
         }
     }
@@ -327,9 +348,22 @@ fn repack(kind: Kind, raw: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
                     dst[f * GROUP * 2 + r * 2..f * GROUP * 2 + r * 2 + 2]
                         .copy_from_slice(&src[f * 2..f * 2 + 2]);
                 }
-                let quants = &src[hb..];
+                let mut quants_at = GROUP * hb;
+                let mut quants = &src[hb..];
+                if kind.high_bits() {
+                    let qh = u32::from_le_bytes([src[hb], src[hb + 1], src[hb + 2], src[hb + 3]]);
+                    for t in 0..4 {
+                        dst[quants_at + 4 * r + t] = (0..4).fold(0u8, |byte, c| {
+                            let lo = (qh >> (4 * c + t)) & 1;
+                            let hi = (qh >> (16 + 4 * c + t)) & 1;
+                            byte | (lo << c) as u8 | (hi << (4 + c)) as u8
+                        });
+                    }
+                    quants_at += HIGH_PLANE;
+                    quants = &src[hb + 4..];
+                }
                 for (c, word) in quants.chunks_exact(4).enumerate() {
-                    let at = GROUP * hb + c * GROUP * 4 + r * 4;
+                    let at = quants_at + c * GROUP * 4 + r * 4;
                     dst[at..at + 4].copy_from_slice(word);
                 }
             }
@@ -351,8 +385,23 @@ fn unpack(kind: Kind, packed: &[u8], rows: usize, cols: usize) -> Vec<u8> {
                 dst[f * 2..f * 2 + 2]
                     .copy_from_slice(&src[f * GROUP * 2 + r * 2..f * GROUP * 2 + r * 2 + 2]);
             }
-            for (c, word) in dst[hb..].chunks_exact_mut(4).enumerate() {
-                let at = GROUP * hb + c * GROUP * 4 + r * 4;
+            let mut quants_at = GROUP * hb;
+            let mut quants = &mut dst[hb..];
+            if kind.high_bits() {
+                let plane = &src[quants_at + 4 * r..quants_at + 4 * r + 4];
+                let mut qh = 0u32;
+                for (t, &byte) in plane.iter().enumerate() {
+                    for c in 0..4 {
+                        qh |= u32::from((byte >> c) & 1) << (4 * c + t);
+                        qh |= u32::from((byte >> (4 + c)) & 1) << (16 + 4 * c + t);
+                    }
+                }
+                quants[..4].copy_from_slice(&qh.to_le_bytes());
+                quants = &mut quants[4..];
+                quants_at += HIGH_PLANE;
+            }
+            for (c, word) in quants.chunks_exact_mut(4).enumerate() {
+                let at = quants_at + c * GROUP * 4 + r * 4;
                 word.copy_from_slice(&src[at..at + 4]);
             }
         }
@@ -462,6 +511,8 @@ fn select_kernels(kind: Kind) -> Kernels {
             return match kind {
                 Kind::Q4_0 => kernels!(|w, a| unsafe { avx2::group_q4_vnni(w, a, false) }),
                 Kind::Q4_1 => kernels!(|w, a| unsafe { avx2::group_q4_vnni(w, a, true) }),
+                Kind::Q5_0 => kernels!(|w, a| unsafe { avx2::group_q5_vnni(w, a, false) }),
+                Kind::Q5_1 => kernels!(|w, a| unsafe { avx2::group_q5_vnni(w, a, true) }),
                 Kind::Q8_0 => kernels!(|w, a| unsafe { avx2::group_q8_0_vnni(w, a) }),
             };
         }
@@ -469,6 +520,8 @@ fn select_kernels(kind: Kind) -> Kernels {
             return match kind {
                 Kind::Q4_0 => kernels!(|w, a| unsafe { avx2::group_q4(w, a, false) }),
                 Kind::Q4_1 => kernels!(|w, a| unsafe { avx2::group_q4(w, a, true) }),
+                Kind::Q5_0 => kernels!(|w, a| unsafe { avx2::group_q5(w, a, false) }),
+                Kind::Q5_1 => kernels!(|w, a| unsafe { avx2::group_q5(w, a, true) }),
                 Kind::Q8_0 => kernels!(|w, a| unsafe { avx2::group_q8_0(w, a) }),
             };
         }
@@ -476,6 +529,8 @@ fn select_kernels(kind: Kind) -> Kernels {
     match kind {
         Kind::Q4_0 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q4_0, w, a))),
         Kind::Q4_1 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q4_1, w, a))),
+        Kind::Q5_0 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q5_0, w, a))),
+        Kind::Q5_1 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q5_1, w, a))),
         Kind::Q8_0 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q8_0, w, a))),
     }
 }
@@ -525,6 +580,8 @@ fn select_tiles(kind: Kind) -> Option<Tiles> {
         Kind::Q4_0 => tiles!(tile_q4, false),
         Kind::Q4_1 => tiles!(tile_q4, true),
         Kind::Q8_0 => tiles!(tile_q8_0),
+        // The 256-bit kernels serve the five-bit formats on every x86 CPU.
+        Kind::Q5_0 | Kind::Q5_1 => return None,
     })
 }
 
@@ -551,32 +608,44 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// Portable kernel over the grouped layout, also the reference the SIMD kernels are tested against.
-/// Q4_0 values are `d·(q-8)`, Q4_1 `d·q+m` (low nibbles elements 0..16, high 16..32), Q8_0 `d·q`.
+/// Q4_0 values are `d·(q-8)`, Q4_1 `d·q+m` (low nibbles elements 0..16, high 16..32), Q5_0
+/// `d·(q-16)` and Q5_1 `d·q+m` (the same nibbles with a fifth bit), Q8_0 `d·q`.
 fn group_scalar(kind: Kind, w: &[u8], acts: &[Q8Block]) -> [f32; GROUP] {
     let bb = kind.block_bytes();
     let hb = kind.header_bytes();
+    let plane = if kind.high_bits() { HIGH_PLANE } else { 0 };
+    let quants_at = GROUP * hb + plane;
     let mut out = [0f32; GROUP];
     for (b, a) in acts.iter().enumerate() {
         let blk = &w[b * GROUP * bb..(b + 1) * GROUP * bb];
         for (r, o) in out.iter_mut().enumerate() {
             let d = f16_at(blk, r * 2);
             let mut isum = 0i32;
-            for c in 0..(bb - hb) / 4 {
+            for c in 0..(GROUP * bb - quants_at) / (4 * GROUP) {
                 for t in 0..4 {
-                    let q = blk[GROUP * hb + c * GROUP * 4 + r * 4 + t];
+                    let q = blk[quants_at + c * GROUP * 4 + r * 4 + t];
                     let j = 4 * c + t;
+                    // The fifth bits of weights j and j + 16 (Q5 only).
+                    let (h_lo, h_hi) = if kind.high_bits() {
+                        let h = blk[GROUP * hb + 4 * r + t];
+                        (((h >> c) & 1) << 4, ((h >> (4 + c)) & 1) << 4)
+                    } else {
+                        (0, 0)
+                    };
                     isum += match kind {
                         Kind::Q8_0 => (q as i8) as i32 * a.qs[j] as i32,
                         _ => {
-                            (q & 0x0F) as i32 * a.qs[j] as i32
-                                + (q >> 4) as i32 * a.qs[j + 16] as i32
+                            ((q & 0x0F) | h_lo) as i32 * a.qs[j] as i32
+                                + ((q >> 4) | h_hi) as i32 * a.qs[j + 16] as i32
                         }
                     };
                 }
             }
+            let min = || f16_at(blk, GROUP * 2 + r * 2);
             *o += match kind {
                 Kind::Q4_0 => d * (a.d * isum as f32 - 8.0 * a.s),
-                Kind::Q4_1 => d * a.d * isum as f32 + f16_at(blk, GROUP * 2 + r * 2) * a.s,
+                Kind::Q5_0 => d * (a.d * isum as f32 - 16.0 * a.s),
+                Kind::Q4_1 | Kind::Q5_1 => d * a.d * isum as f32 + min() * a.s,
                 Kind::Q8_0 => d * a.d * isum as f32,
             };
         }
@@ -768,6 +837,88 @@ mod avx2 {
             }
         };
     }
+
+    /// Defines a Q5_0/Q5_1 group kernel. `$dot(sum, lo, a_lo, hi, a_hi)` adds to the eight i32
+    /// in `sum` the products of two sets of 32 unsigned five-bit weights with their activations.
+    macro_rules! q5_kernel {
+        ($name:ident, $features:literal, |$sum:ident, $lo:ident, $alo:ident, $hi:ident, $ahi:ident| $dot:expr) => {
+            /// # Safety
+            /// The CPU must support the kernel's target features; `w` holds `acts[i].len()`
+            /// grouped Q5_0/Q5_1 blocks, the same count for every `i`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const R: usize>(
+                w: &[u8],
+                acts: [&[Q8Block]; R],
+                with_min: bool,
+            ) -> [[f32; GROUP]; R] {
+                let header = if with_min { 32 } else { 16 };
+                let bb = if with_min { 24 } else { 22 } * GROUP;
+                let qs_at = header + super::HIGH_PLANE;
+                let blocks = acts[0].len();
+                assert!(w.len() >= blocks * bb && acts.iter().all(|a| a.len() == blocks));
+                let mask = _mm256_set1_epi8(0x0F);
+                let fifth = _mm256_set1_epi8(0x10);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut off = [_mm256_setzero_ps(); R];
+                for b in 0..blocks {
+                    let blk = w.as_ptr().add(b * bb);
+                    let d = f16x8(blk);
+                    let m = if with_min { f16x8(blk.add(16)) } else { d };
+                    for (off, a) in off.iter_mut().zip(&acts) {
+                        let s = if with_min { a[b].s } else { -16.0 * a[b].s };
+                        *off = _mm256_fmadd_ps(m, _mm256_set1_ps(s), *off);
+                    }
+                    let plane = _mm256_loadu_si256(blk.add(header) as *const __m256i);
+                    let mut sums = [_mm256_setzero_si256(); R];
+                    for c in 0..4 {
+                        let q = _mm256_loadu_si256(blk.add(qs_at + c * 32) as *const __m256i);
+                        // Bit c of the plane to bit 4 of each byte for the low nibbles, bit
+                        // 4 + c for the high ones (16-bit shifts: no bit crosses into bit 4 of
+                        // the other byte for these counts).
+                        let up = _mm256_sll_epi16(plane, _mm_cvtsi32_si128(4 - c as i32));
+                        let down = _mm256_srl_epi16(plane, _mm_cvtsi32_si128(c as i32));
+                        let lo =
+                            _mm256_or_si256(_mm256_and_si256(q, mask), _mm256_and_si256(up, fifth));
+                        let hi = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
+                            _mm256_and_si256(down, fifth),
+                        );
+                        for ($sum, a) in sums.iter_mut().zip(&acts) {
+                            let a = &a[b];
+                            let ($lo, $alo, $hi, $ahi) =
+                                (lo, act_word(a, 4 * c), hi, act_word(a, 16 + 4 * c));
+                            *$sum = $dot;
+                        }
+                    }
+                    for ((acc, sum), a) in acc.iter_mut().zip(sums).zip(&acts) {
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(a[b].d));
+                        *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), *acc);
+                    }
+                }
+                let mut out = [[0f32; GROUP]; R];
+                for ((out, acc), off) in out.iter_mut().zip(acc).zip(off) {
+                    *out = to_array(_mm256_add_ps(acc, off));
+                }
+                out
+            }
+        };
+    }
+
+    // Two u8·s8 pair sums reach 2·2·31·127 < 2^15 in i16, then go to i32.
+    q5_kernel!(group_q5, "avx2,fma,f16c", |sum, lo, alo, hi, ahi| {
+        _mm256_add_epi32(
+            *sum,
+            _mm256_madd_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi)),
+                _mm256_set1_epi16(1),
+            ),
+        )
+    });
+    q5_kernel!(
+        group_q5_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        |sum, lo, alo, hi, ahi| _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(*sum, lo, alo), hi, ahi)
+    );
 
     // AVX2: u8·s8 pair sums in i16 (|w·a| <= 2·15·127 per pair, so eight pair sums still fit),
     // widened to i32 once per block.
@@ -1057,6 +1208,8 @@ mod avx512 {
                         _mm512_storeu_si512(word(4 + c), hi);
                     }
                 }
+                // `select_tiles` gives no tiles for the five-bit formats.
+                Kind::Q5_0 | Kind::Q5_1 => unreachable!("no tile kernels for {kind:?}"),
                 Kind::Q8_0 => {
                     for c in 0..8 {
                         let q = halves(p0.add(16 + c * 32), p1.add(16 + c * 32));
@@ -1310,6 +1463,13 @@ mod tests {
                             Kind::Q8_0 => {
                                 (avx2::group_q8_0(group, a), avx2::group_q8_0_vnni(group, a))
                             }
+                            Kind::Q5_0 | Kind::Q5_1 => {
+                                let min = qm.kind == Kind::Q5_1;
+                                (
+                                    avx2::group_q5(group, a, min),
+                                    avx2::group_q5_vnni(group, a, min),
+                                )
+                            }
                             k => {
                                 let min = k == Kind::Q4_1;
                                 (
@@ -1459,6 +1619,8 @@ mod tests {
     fn kernels_match_dequantized_matmul() {
         check(GgmlDType::Q4_0);
         check(GgmlDType::Q4_1);
+        check(GgmlDType::Q5_0);
+        check(GgmlDType::Q5_1);
         check(GgmlDType::Q8_0);
     }
 }
