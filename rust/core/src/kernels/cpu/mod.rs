@@ -8,6 +8,7 @@ pub(crate) mod attention;
 pub(crate) mod attention_few;
 pub(crate) mod dense;
 pub mod isa;
+pub(crate) mod kquants;
 pub(crate) mod parallel;
 pub mod peak;
 pub(crate) mod qmatmul;

@@ -19,6 +19,7 @@ use half::f16;
 use std::borrow::Cow;
 use std::ops::Range;
 
+use super::kquants::{self, KFormat, QK_K};
 use super::parallel::DisjointOut;
 use super::weight_memory::WeightBytes;
 use crate::error::{Error, Result};
@@ -34,6 +35,8 @@ enum Kind {
     Q5_0,
     Q5_1,
     Q8_0,
+    /// A K-quant super-block format ([`kquants`]).
+    K(KFormat),
 }
 
 impl Kind {
@@ -45,6 +48,23 @@ impl Kind {
             Kind::Q5_0 => 22,
             Kind::Q5_1 => 24,
             Kind::Q8_0 => 34,
+            Kind::K(f) => f.raw_bytes(),
+        }
+    }
+
+    /// Weights of one row in one GGML block.
+    fn block_weights(self) -> usize {
+        match self {
+            Kind::K(_) => QK_K,
+            _ => QK,
+        }
+    }
+
+    /// Bytes of one block column of a group (eight rows) in the grouped layout.
+    fn group_block_bytes(self) -> usize {
+        match self {
+            Kind::K(f) => f.group_block_bytes(),
+            _ => GROUP * self.block_bytes(),
         }
     }
 
@@ -53,6 +73,7 @@ impl Kind {
         match self {
             Kind::Q4_1 | Kind::Q5_1 => 4,
             Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0 => 2,
+            Kind::K(_) => unreachable!("K-quant headers are laid out by kquants"),
         }
     }
 
@@ -87,13 +108,21 @@ pub struct QuantMatrix {
 }
 
 /// One activation block: `x ≈ d · qs`, with `sum = Σ qs` and `s = d · sum` for the formats with
-/// an offset.
+/// an offset, and `sum_lo` the sum of the first sixteen quants (Q6_K's scales cover 16).
 #[derive(Clone, Copy)]
-struct Q8Block {
-    d: f32,
-    s: f32,
+pub(crate) struct Q8Block {
+    pub(crate) d: f32,
+    pub(crate) s: f32,
     sum: i32,
-    qs: [i8; QK],
+    pub(crate) sum_lo: i32,
+    pub(crate) qs: [i8; QK],
+}
+
+impl Q8Block {
+    /// The sum of the last sixteen quants.
+    pub(crate) fn sum_hi(&self) -> i32 {
+        self.sum - self.sum_lo
+    }
 }
 
 impl QuantMatrix {
@@ -105,17 +134,20 @@ impl QuantMatrix {
             GgmlDType::Q5_0 => Kind::Q5_0,
             GgmlDType::Q5_1 => Kind::Q5_1,
             GgmlDType::Q8_0 => Kind::Q8_0,
+            GgmlDType::Q4K => Kind::K(KFormat::Q4K),
+            GgmlDType::Q5K => Kind::K(KFormat::Q5K),
+            GgmlDType::Q6K => Kind::K(KFormat::Q6K),
             _ => return Ok(None),
         };
         if !matches!(t.device(), Device::Cpu) {
             return Ok(None);
         }
         let (rows, cols) = t.shape().dims2()?;
-        if cols % QK != 0 {
+        if cols % kind.block_weights() != 0 {
             return Ok(None);
         }
         let raw = t.data()?;
-        if raw.len() != rows * (cols / QK) * kind.block_bytes() {
+        if raw.len() != rows * (cols / kind.block_weights()) * kind.block_bytes() {
             return Err(Error::invalid(
                 "quantized tensor data has an unexpected size",
             ));
@@ -137,6 +169,9 @@ impl QuantMatrix {
             Kind::Q5_0 => GgmlDType::Q5_0,
             Kind::Q5_1 => GgmlDType::Q5_1,
             Kind::Q8_0 => GgmlDType::Q8_0,
+            Kind::K(KFormat::Q4K) => GgmlDType::Q4K,
+            Kind::K(KFormat::Q5K) => GgmlDType::Q5K,
+            Kind::K(KFormat::Q6K) => GgmlDType::Q6K,
         }
     }
 
@@ -148,7 +183,7 @@ impl QuantMatrix {
     }
 
     fn group_bytes(&self) -> usize {
-        (self.cols / QK) * GROUP * self.kind.block_bytes()
+        (self.cols / self.kind.block_weights()) * self.kind.group_block_bytes()
     }
 
     /// Rows `rows` of `x · Wᵀ` for every row of `acts`, written into `out` (`[m, self.rows]`).
@@ -326,12 +361,15 @@ thread_local! {
 
 /// Bytes of a `[rows, cols]` matrix of `kind` in the grouped layout (rows padded to a group).
 fn repacked_len(kind: Kind, rows: usize, cols: usize) -> usize {
-    rows.div_ceil(GROUP) * (cols / QK) * GROUP * kind.block_bytes()
+    rows.div_ceil(GROUP) * (cols / kind.block_weights()) * kind.group_block_bytes()
 }
 
 /// Reorders GGML blocks (`rows` rows of `cols / 32` blocks) into the grouped layout, in `out`
 /// ([`repacked_len`] zeroed bytes: the padding rows stay zero).
 fn repack(kind: Kind, raw: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
+    if let Kind::K(f) = kind {
+        return kquants::repack(f, raw, rows, cols, out);
+    }
     let bb = kind.block_bytes();
     let hb = kind.header_bytes();
     let nb = cols / QK;
@@ -373,6 +411,9 @@ fn repack(kind: Kind, raw: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
 
 /// The inverse of [`repack`]: GGML's row-major block order.
 fn unpack(kind: Kind, packed: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    if let Kind::K(f) = kind {
+        return kquants::unpack(f, packed, rows, cols);
+    }
     let bb = kind.block_bytes();
     let hb = kind.header_bytes();
     let nb = cols / QK;
@@ -423,6 +464,7 @@ impl QuantizedActs {
             d: 0.0,
             s: 0.0,
             sum: 0,
+            sum_lo: 0,
             qs: [0; QK],
         };
         let mut blocks = vec![empty; x.len() / QK];
@@ -454,11 +496,16 @@ impl QuantizedActs {
 
 fn quantize_block(x: &[f32]) -> Q8Block {
     #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
+    let mut b = if avx2::available() {
         // SAFETY: the CPU has AVX2; `x` holds a whole block.
-        return unsafe { avx2::quantize_block(x) };
-    }
-    quantize_block_portable(x)
+        unsafe { avx2::quantize_block(x) }
+    } else {
+        quantize_block_portable(x)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let mut b = quantize_block_portable(x);
+    b.sum_lo = b.qs[..QK / 2].iter().map(|&q| i32::from(q)).sum();
+    b
 }
 
 fn quantize_block_portable(x: &[f32]) -> Q8Block {
@@ -480,6 +527,7 @@ fn quantize_block_portable(x: &[f32]) -> Q8Block {
         d,
         s: d * sum as f32,
         sum,
+        sum_lo: 0,
         qs,
     }
 }
@@ -514,6 +562,7 @@ fn select_kernels(kind: Kind) -> Kernels {
                 Kind::Q5_0 => kernels!(|w, a| unsafe { avx2::group_q5_vnni(w, a, false) }),
                 Kind::Q5_1 => kernels!(|w, a| unsafe { avx2::group_q5_vnni(w, a, true) }),
                 Kind::Q8_0 => kernels!(|w, a| unsafe { avx2::group_q8_0_vnni(w, a) }),
+                Kind::K(f) => select_k_kernels(f),
             };
         }
         if avx2::available() {
@@ -523,6 +572,7 @@ fn select_kernels(kind: Kind) -> Kernels {
                 Kind::Q5_0 => kernels!(|w, a| unsafe { avx2::group_q5(w, a, false) }),
                 Kind::Q5_1 => kernels!(|w, a| unsafe { avx2::group_q5(w, a, true) }),
                 Kind::Q8_0 => kernels!(|w, a| unsafe { avx2::group_q8_0(w, a) }),
+                Kind::K(f) => select_k_kernels(f),
             };
         }
     }
@@ -532,7 +582,43 @@ fn select_kernels(kind: Kind) -> Kernels {
         Kind::Q5_0 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q5_0, w, a))),
         Kind::Q5_1 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q5_1, w, a))),
         Kind::Q8_0 => kernels!(|w, a| a.map(|a| group_scalar(Kind::Q8_0, w, a))),
+        Kind::K(f) => select_k_kernels(f),
     }
+}
+
+/// [`kernels!`] for a K-quant format known only at run time: one instance per format, with the
+/// format a constant inside (a closure capturing it would not be a function pointer).
+macro_rules! per_format {
+    ($f:expr, |$w:ident, $a:ident, $ff:ident| $body:expr) => {
+        match $f {
+            KFormat::Q4K => kernels!(|$w, $a| {
+                let $ff = KFormat::Q4K;
+                $body
+            }),
+            KFormat::Q5K => kernels!(|$w, $a| {
+                let $ff = KFormat::Q5K;
+                $body
+            }),
+            KFormat::Q6K => kernels!(|$w, $a| {
+                let $ff = KFormat::Q6K;
+                $body
+            }),
+        }
+    };
+}
+
+/// The K-quant kernels.
+fn select_k_kernels(f: KFormat) -> Kernels {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::vnni_available() {
+            return per_format!(f, |w, a, f| unsafe { kquants::avx2::group_k_vnni(f, w, a) });
+        }
+        if avx2::available() {
+            return per_format!(f, |w, a, f| unsafe { kquants::avx2::group_k(f, w, a) });
+        }
+    }
+    per_format!(f, |w, a, f| a.map(|a| kquants::group_scalar(f, w, a)))
 }
 
 /// Sixteen weight rows (two consecutive groups) dotted with each of `R` activation rows; the
@@ -580,8 +666,8 @@ fn select_tiles(kind: Kind) -> Option<Tiles> {
         Kind::Q4_0 => tiles!(tile_q4, false),
         Kind::Q4_1 => tiles!(tile_q4, true),
         Kind::Q8_0 => tiles!(tile_q8_0),
-        // The 256-bit kernels serve the five-bit formats on every x86 CPU.
-        Kind::Q5_0 | Kind::Q5_1 => return None,
+        // The 256-bit kernels serve the five-bit and K-quant formats on every x86 CPU.
+        Kind::Q5_0 | Kind::Q5_1 | Kind::K(_) => return None,
     })
 }
 
@@ -611,6 +697,9 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 /// Q4_0 values are `d·(q-8)`, Q4_1 `d·q+m` (low nibbles elements 0..16, high 16..32), Q5_0
 /// `d·(q-16)` and Q5_1 `d·q+m` (the same nibbles with a fifth bit), Q8_0 `d·q`.
 fn group_scalar(kind: Kind, w: &[u8], acts: &[Q8Block]) -> [f32; GROUP] {
+    if let Kind::K(f) = kind {
+        return kquants::group_scalar(f, w, acts);
+    }
     let bb = kind.block_bytes();
     let hb = kind.header_bytes();
     let plane = if kind.high_bits() { HIGH_PLANE } else { 0 };
@@ -647,6 +736,7 @@ fn group_scalar(kind: Kind, w: &[u8], acts: &[Q8Block]) -> [f32; GROUP] {
                 Kind::Q5_0 => d * (a.d * isum as f32 - 16.0 * a.s),
                 Kind::Q4_1 | Kind::Q5_1 => d * a.d * isum as f32 + min() * a.s,
                 Kind::Q8_0 => d * a.d * isum as f32,
+                Kind::K(_) => unreachable!("K-quant groups go through kquants::group_scalar"),
             };
         }
     }
@@ -716,6 +806,7 @@ mod avx2 {
             d,
             s: d * sum as f32,
             sum,
+            sum_lo: 0,
             qs,
         }
     }
@@ -1209,7 +1300,9 @@ mod avx512 {
                     }
                 }
                 // `select_tiles` gives no tiles for the five-bit formats.
-                Kind::Q5_0 | Kind::Q5_1 => unreachable!("no tile kernels for {kind:?}"),
+                Kind::Q5_0 | Kind::Q5_1 | Kind::K(_) => {
+                    unreachable!("no tile kernels for {kind:?}")
+                }
                 Kind::Q8_0 => {
                     for c in 0..8 {
                         let q = halves(p0.add(16 + c * 32), p1.add(16 + c * 32));
@@ -1612,6 +1705,121 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             check_tiles(dtype);
+        }
+    }
+
+    /// The K-quant kernels against a float64 reference of dequantize-then-multiply (candle's
+    /// dequantization of the GGML blocks; the activations as their 8-bit blocks stand for them),
+    /// for 1, 2, 3, 8, 17 and 64 activation rows and an odd number of weight rows, on every path
+    /// this CPU has; the repacking round-trips bit for bit, and a row's result does not depend on
+    /// the rows beside it.
+    #[test]
+    fn k_quant_kernels_match_a_float64_reference() {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let (rows, cols) = (43, 768);
+            let mut w = weights(rows, cols);
+            // Rows at the integer limits: every weight at the top of its range, or spread wide.
+            for c in 0..cols {
+                w[2 * cols + c] = 1.0;
+                w[3 * cols + c] = if c % 7 == 0 { -3.0 } else { 3.0 };
+            }
+            let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let deq: Vec<f64> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let qm = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            assert_eq!(qm.ggml_dtype(), dtype);
+            let back = qm.to_qtensor().unwrap();
+            let same = back.data().unwrap() == q.data().unwrap();
+            assert!(same, "{dtype:?}: unpack(repack(raw)) != raw");
+            let m = 64;
+            let mut x: Vec<f32> = (0..(m - 1) * cols)
+                .map(|i| (((i * 7919) % 251) as f32 / 125.0 - 1.0) * (1 + i % 5) as f32)
+                .collect();
+            // Every activation quant at +-127.
+            x.extend((0..cols).map(|i| if i % 3 == 0 { -2.0 } else { 2.0 }));
+            let Kind::K(f) = qm.kind else {
+                panic!("{dtype:?} is not a K-quant kind")
+            };
+            for n in [1, 2, 3, 8, 17, 64] {
+                let rows_x = &x[(m - n) * cols..];
+                let acts = QuantizedActs::new(rows_x, cols);
+                let mut ours = vec![0f32; n * rows];
+                // SAFETY: the two ranges are disjoint and run one after the other.
+                unsafe {
+                    let out = DisjointOut::new(&mut ours);
+                    qm.compute_rows(&acts, 0..16, &out);
+                    qm.compute_rows(&acts, 16..rows, &out);
+                }
+                for j in 0..n {
+                    let a: Vec<f64> = acts
+                        .row(j)
+                        .iter()
+                        .flat_map(|b| b.qs.map(|q| f64::from(b.d) * f64::from(q)))
+                        .collect();
+                    for r in 0..rows {
+                        let wr = &deq[r * cols..(r + 1) * cols];
+                        let exact: f64 = wr.iter().zip(&a).map(|(w, a)| w * a).sum();
+                        let scale: f64 = wr.iter().zip(&a).map(|(w, a)| (w * a).abs()).sum();
+                        let got = f64::from(ours[j * rows + r]);
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * scale + 1e-6,
+                            "{dtype:?} {n} rows: row {r} input {j}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+            // Every path against the portable one; the same row alone, in a pair, or last of four.
+            let acts = QuantizedActs::new(&x, cols);
+            let mut paths: Vec<(&str, Kernels)> = vec![(
+                "portable",
+                per_format!(f, |w, a, f| a.map(|a| kquants::group_scalar(f, w, a))),
+            )];
+            #[cfg(target_arch = "x86_64")]
+            if avx2::available() {
+                paths.push((
+                    "avx2",
+                    per_format!(f, |w, a, f| unsafe { kquants::avx2::group_k(f, w, a) }),
+                ));
+                if avx2::vnni_available() {
+                    paths.push((
+                        "vnni",
+                        per_format!(f, |w, a, f| unsafe { kquants::avx2::group_k_vnni(f, w, a) }),
+                    ));
+                }
+            }
+            let gb = qm.group_bytes();
+            for g in 0..rows.div_ceil(GROUP) {
+                let group = &qm.data[g * gb..(g + 1) * gb];
+                for j in [0, 5, m - 1] {
+                    let other = acts.row((j + 1) % m);
+                    let portable = kquants::group_scalar(f, group, acts.row(j));
+                    let mut first: Option<[f32; GROUP]> = None;
+                    for (name, k) in &paths {
+                        let one = (k.one)(group, [acts.row(j)])[0];
+                        assert_eq!((k.pair)(group, [other, acts.row(j)])[1], one, "{name}");
+                        assert_eq!((k.quad)(group, [other, other, other, acts.row(j)])[3], one);
+                        for (a, b) in one.iter().zip(&portable) {
+                            assert!(
+                                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                                "{name}: {a} vs {b}"
+                            );
+                        }
+                        // The x86 paths' integer sums are exact: AVX2 and VNNI agree bit for bit.
+                        if *name != "portable" {
+                            assert_eq!(*first.get_or_insert(one), one, "{dtype:?} {name}");
+                        }
+                    }
+                }
+            }
         }
     }
 
