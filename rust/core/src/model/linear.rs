@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::dense;
+use crate::kernels::cpu::half::{HalfKind, HalfMatrix};
 use crate::kernels::cpu::parallel::{row_chunks, team, DisjointOut, StealingRuns};
 use crate::kernels::cpu::qmatmul::{QuantMatrix, QuantizedActs};
 use crate::kernels::cpu::{host_f32, requantize, Rng};
@@ -33,6 +34,8 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum LinearWeight {
     Blocks(QuantMatrix),
+    /// F16/BF16 weights for the host pass (f32 activations), widened in registers.
+    Half(HalfMatrix),
     Quantized(QMatMul),
     Dense(Tensor),
 }
@@ -44,6 +47,43 @@ impl Linear {
         Ok(Self {
             bytes,
             weight: LinearWeight::Dense(weight),
+            bias_host: host_bias(bias.as_ref())?,
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// A dense weight for a forward pass computing in `compute`: an F16/BF16 weight on the CPU
+    /// under f32 activations (the host pass) stays in two bytes per weight ([`HalfMatrix`]);
+    /// anything else is a candle tensor used as it is.
+    pub fn dense_for(weight: Tensor, bias: Option<Tensor>, compute: DType) -> Result<Self> {
+        let kind = match weight.dtype() {
+            DType::F16 => HalfKind::F16,
+            DType::BF16 => HalfKind::Bf16,
+            _ => return Self::dense(weight, bias),
+        };
+        if compute != DType::F32 || !matches!(weight.device(), Device::Cpu) {
+            return Self::dense(weight.to_dtype(compute)?, bias);
+        }
+        let (out_features, in_features) = weight.dims2()?;
+        let flat = weight.flatten_all()?;
+        let bits: Vec<u16> = match kind {
+            HalfKind::F16 => flat
+                .to_vec1::<half::f16>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+            HalfKind::Bf16 => flat
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+        };
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(Self {
+            bytes: bits.len() * 2,
+            weight: LinearWeight::Half(HalfMatrix::new(kind, &bits, out_features, in_features)?),
             bias_host: host_bias(bias.as_ref())?,
             bias,
             out_features,
@@ -89,7 +129,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Blocks(_) => {
+            LinearWeight::Blocks(_) | LinearWeight::Half(_) => {
                 // The CPU kernels, which add the bias themselves.
                 let (m, _) = x.dims2()?;
                 let [y] = project_many(&host_f32(x)?, m, [self], &[])?;
@@ -131,6 +171,11 @@ impl Linear {
         };
         match &self.weight {
             LinearWeight::Blocks(q) => quantized(&q.to_qtensor()?, rng),
+            LinearWeight::Half(h) => {
+                let w = half_weights(h)?;
+                let sum = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+                Linear::dense_for(sum, self.bias.clone(), DType::F32)
+            }
             LinearWeight::Quantized(QMatMul::QTensor(q)) => quantized(q, rng),
             LinearWeight::Dense(w) => Ok(float(LinearWeight::Dense(float_sum(w, &delta)?))),
             LinearWeight::Quantized(QMatMul::Tensor(w)) => Ok(float(LinearWeight::Quantized(
@@ -141,6 +186,22 @@ impl Linear {
             ))),
         }
     }
+}
+
+/// A [`HalfMatrix`] back as a `[rows, cols]` F16/BF16 tensor on the CPU.
+fn half_weights(h: &HalfMatrix) -> Result<Tensor> {
+    let bits = h.to_bits();
+    let shape = (h.rows(), h.cols());
+    Ok(match h.kind() {
+        HalfKind::F16 => {
+            let v: Vec<half::f16> = bits.into_iter().map(half::f16::from_bits).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)?
+        }
+        HalfKind::Bf16 => {
+            let v: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)?
+        }
+    })
 }
 
 /// `w + delta` computed in f32 and stored back in `w`'s dtype and device.
@@ -188,6 +249,7 @@ const TASK_MACS: usize = 4 << 20;
 /// A weight the CPU kernels read directly during one parallel region.
 enum RowSource<'a> {
     Blocks(&'a QuantMatrix),
+    Half(&'a HalfMatrix),
     Dense { w: &'a [f32], cols: usize },
 }
 
@@ -301,6 +363,7 @@ pub(crate) fn project_many_into<const N: usize>(
     for ((lin, guard), out) in linears.iter().zip(&guards).zip(outs.iter_mut()) {
         let source = match (&lin.weight, guard) {
             (LinearWeight::Blocks(q), _) => Some(RowSource::Blocks(q)),
+            (LinearWeight::Half(h), _) => Some(RowSource::Half(h)),
             (_, Some((storage, layout))) => match &**storage {
                 Storage::Cpu(cpu) => {
                     let all = cpu.as_slice::<f32>()?;
@@ -383,6 +446,7 @@ pub(crate) fn project_many_into<const N: usize>(
                         q.compute_rows(acts, rows.clone(), &writers[i])
                     }
                 },
+                Some(RowSource::Half(h)) => unsafe { h.compute_rows(x, rows.clone(), &writers[i]) },
                 Some(RowSource::Dense { w, cols }) => unsafe {
                     dense::compute_rows(w, *cols, x, rows.clone(), &writers[i])
                 },
@@ -466,11 +530,12 @@ impl Embedding {
         Ok(rows.to_dtype(dtype)?)
     }
 
-    /// The same table as an output projection (tied embeddings).
-    pub fn as_linear(&self) -> Result<Linear> {
+    /// The same table as an output projection (tied embeddings) for a pass computing in
+    /// `compute` (see [`Linear::dense_for`]).
+    pub fn as_linear(&self, compute: DType) -> Result<Linear> {
         match self {
             Embedding::Quantized(t) => Linear::quantized(t.clone(), None),
-            Embedding::Dense(t) => Linear::dense(t.clone(), None),
+            Embedding::Dense(t) => Linear::dense_for(t.clone(), None, compute),
         }
     }
 }

@@ -235,7 +235,7 @@ impl Model {
         let lm_head = if src.contains("lm_head.weight") {
             src.linear("lm_head.weight", cfg.vocab_size, h, false)?
         } else if cfg.tie_word_embeddings {
-            embed.as_linear()?
+            embed.as_linear(dtype)?
         } else {
             return Err(Error::load(src.path(), "missing tensor lm_head.weight"));
         };

@@ -204,6 +204,18 @@ impl GgufSource {
         Ok(t.dequantize(&self.device)?.to_dtype(dtype)?)
     }
 
+    /// A matrix as the model will hold it: F16/BF16 stay half precision under `auto` (the host
+    /// pass widens them in registers), anything else in the compute dtype.
+    fn dense_matrix(&self, t: &QTensor) -> Result<Tensor> {
+        match (self.dtype, t.dtype()) {
+            (WeightDType::Auto, GgmlDType::F16) => Ok(t.dequantize_f16(&self.device)?),
+            (WeightDType::Auto, GgmlDType::BF16) => {
+                Ok(t.dequantize(&self.device)?.to_dtype(DType::BF16)?)
+            }
+            _ => self.dense(t),
+        }
+    }
+
     fn keep_quantized(&self, t: &QTensor) -> bool {
         self.dtype == WeightDType::Auto
             && !matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
@@ -232,7 +244,7 @@ impl TensorSource for GgufSource {
         if self.keep_quantized(&w) {
             Linear::quantized(Arc::new(w), b)
         } else {
-            Linear::dense(self.dense(&w)?, b)
+            Linear::dense_for(self.dense_matrix(&w)?, b, self.dtype.compute_dtype())
         }
     }
 
@@ -247,7 +259,7 @@ impl TensorSource for GgufSource {
         if self.keep_quantized(&t) {
             Ok(Embedding::Quantized(Arc::new(t)))
         } else {
-            Ok(Embedding::Dense(self.dense(&t)?))
+            Ok(Embedding::Dense(self.dense_matrix(&t)?))
         }
     }
 }
@@ -257,6 +269,8 @@ pub(crate) struct SafetensorsSource {
     path: PathBuf,
     tensors: HashMap<String, Tensor>,
     dtype: DType,
+    /// `dtype="auto"`: F16/BF16 matrices stay half precision.
+    keep_half: bool,
 }
 
 impl SafetensorsSource {
@@ -280,6 +294,7 @@ impl SafetensorsSource {
             path: dir.to_path_buf(),
             tensors,
             dtype: dtype.compute_dtype(),
+            keep_half: dtype == WeightDType::Auto,
         })
     }
 
@@ -293,6 +308,20 @@ impl SafetensorsSource {
         }
         Ok(t.to_dtype(self.dtype)?)
     }
+
+    /// A matrix: as [`Self::take`], but F16/BF16 stay half precision under `auto`.
+    fn take_matrix(&mut self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        match self.tensors.get(name).map(|t| t.dtype()) {
+            Some(DType::F16 | DType::BF16) if self.keep_half => {
+                let t = &self.tensors[name];
+                if t.dims() != expected {
+                    return Err(shape_error(&self.path, name, expected, t.dims()));
+                }
+                Ok(t.clone())
+            }
+            _ => self.take(name, expected),
+        }
+    }
 }
 
 impl TensorSource for SafetensorsSource {
@@ -305,13 +334,13 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn linear(&mut self, hf_name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let w = self.take(hf_name, &[out, inp])?;
+        let w = self.take_matrix(hf_name, &[out, inp])?;
         let b = if bias {
             Some(self.take(&hf_name.replace(".weight", ".bias"), &[out])?)
         } else {
             None
         };
-        Linear::dense(w, b)
+        Linear::dense_for(w, b, self.dtype)
     }
 
     fn vector(&mut self, hf_name: &str, len: usize) -> Result<Tensor> {
@@ -319,6 +348,8 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn embedding(&mut self, hf_name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
-        Ok(Embedding::Dense(self.take(hf_name, &[vocab, hidden])?))
+        Ok(Embedding::Dense(
+            self.take_matrix(hf_name, &[vocab, hidden])?,
+        ))
     }
 }
