@@ -96,9 +96,12 @@ def make_bf16_folder(src: Path) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.bfloat16)
-        model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(out)
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_half_weights import write_half_folder
+
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        write_half_folder(model, tok, out, torch.bfloat16)
     return out
 
 
