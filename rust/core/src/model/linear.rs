@@ -3,21 +3,17 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::dense;
-use crate::kernels::cpu::half::{HalfKind, HalfMatrix};
+use crate::kernels::cpu::float::FloatMatrix;
 use crate::kernels::cpu::parallel::{row_chunks, team, DisjointOut, StealingRuns};
 use crate::kernels::cpu::qmatmul::{QuantMatrix, QuantizedActs};
 use crate::kernels::cpu::{host_f32, requantize, Rng};
 use crate::lora::LoraPair;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// Below this many input rows a dense f32 projection runs the matrix-vector kernels; above it,
-/// candle's blocked matmul.
-const DENSE_GEMM_MIN_ROWS: usize = 8;
 
 /// A weight matrix `[out, in]`, applied as `x · Wᵀ (+ b)` to a `[rows, in]` input.
 #[derive(Debug, Clone)]
@@ -34,8 +30,8 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum LinearWeight {
     Blocks(QuantMatrix),
-    /// F16/BF16 weights for the host pass (f32 activations), widened in registers.
-    Half(HalfMatrix),
+    /// Float weights (F16, BF16 or F32) for the host pass (f32 activations on the CPU).
+    Float(FloatMatrix),
     Quantized(QMatMul),
     Dense(Tensor),
 }
@@ -54,36 +50,22 @@ impl Linear {
         })
     }
 
-    /// A dense weight for a forward pass computing in `compute`: an F16/BF16 weight on the CPU
-    /// under f32 activations (the host pass) stays in two bytes per weight ([`HalfMatrix`]);
-    /// anything else is a candle tensor used as it is.
+    /// A dense weight for a forward pass computing in `compute`. On the CPU under f32
+    /// activations (the host pass) an F16, BF16 or F32 weight goes to the float kernels in its
+    /// own precision ([`FloatMatrix`]: half-precision weights stay two bytes each); anything else
+    /// is a candle tensor in the compute dtype.
     pub fn dense_for(weight: Tensor, bias: Option<Tensor>, compute: DType) -> Result<Self> {
-        let kind = match weight.dtype() {
-            DType::F16 => HalfKind::F16,
-            DType::BF16 => HalfKind::Bf16,
-            _ => return Self::dense(weight, bias),
-        };
         if compute != DType::F32 || !matches!(weight.device(), Device::Cpu) {
             return Self::dense(weight.to_dtype(compute)?, bias);
         }
-        let (out_features, in_features) = weight.dims2()?;
-        let flat = weight.flatten_all()?;
-        let bits: Vec<u16> = match kind {
-            HalfKind::F16 => flat
-                .to_vec1::<half::f16>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect(),
-            HalfKind::Bf16 => flat
-                .to_vec1::<half::bf16>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect(),
+        let Some(matrix) = FloatMatrix::from_tensor(&weight)? else {
+            return Self::dense(weight.to_dtype(compute)?, bias);
         };
+        let (out_features, in_features) = weight.dims2()?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         Ok(Self {
-            bytes: bits.len() * 2,
-            weight: LinearWeight::Half(HalfMatrix::new(kind, &bits, out_features, in_features)?),
+            bytes: matrix.bytes(),
+            weight: LinearWeight::Float(matrix),
             bias_host: host_bias(bias.as_ref())?,
             bias,
             out_features,
@@ -129,7 +111,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Blocks(_) | LinearWeight::Half(_) => {
+            LinearWeight::Blocks(_) | LinearWeight::Float(_) => {
                 // The CPU kernels, which add the bias themselves.
                 let (m, _) = x.dims2()?;
                 let [y] = project_many(&host_f32(x)?, m, [self], &[])?;
@@ -171,9 +153,8 @@ impl Linear {
         };
         match &self.weight {
             LinearWeight::Blocks(q) => quantized(&q.to_qtensor()?, rng),
-            LinearWeight::Half(h) => {
-                let w = half_weights(h)?;
-                let sum = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+            LinearWeight::Float(f) => {
+                let sum = float_sum(&f.to_tensor()?, &delta)?;
                 Linear::dense_for(sum, self.bias.clone(), DType::F32)
             }
             LinearWeight::Quantized(QMatMul::QTensor(q)) => quantized(q, rng),
@@ -186,22 +167,6 @@ impl Linear {
             ))),
         }
     }
-}
-
-/// A [`HalfMatrix`] back as a `[rows, cols]` F16/BF16 tensor on the CPU.
-fn half_weights(h: &HalfMatrix) -> Result<Tensor> {
-    let bits = h.to_bits();
-    let shape = (h.rows(), h.cols());
-    Ok(match h.kind() {
-        HalfKind::F16 => {
-            let v: Vec<half::f16> = bits.into_iter().map(half::f16::from_bits).collect();
-            Tensor::from_vec(v, shape, &Device::Cpu)?
-        }
-        HalfKind::Bf16 => {
-            let v: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
-            Tensor::from_vec(v, shape, &Device::Cpu)?
-        }
-    })
 }
 
 /// `w + delta` computed in f32 and stored back in `w`'s dtype and device.
@@ -249,8 +214,7 @@ const TASK_MACS: usize = 4 << 20;
 /// A weight the CPU kernels read directly during one parallel region.
 enum RowSource<'a> {
     Blocks(&'a QuantMatrix),
-    Half(&'a HalfMatrix),
-    Dense { w: &'a [f32], cols: usize },
+    Float(&'a FloatMatrix),
 }
 
 /// A LoRA update to add to one projection's output, for some of the input rows.
@@ -318,8 +282,6 @@ pub(crate) fn project_many_into<const N: usize>(
     outs: &mut [&mut [f32]; N],
 ) -> Result<()> {
     let mut acts: Option<QuantizedActs> = None;
-    // Guards keep dense weights' storage readable while the region runs.
-    let mut guards = Vec::new();
     for (lin, out) in linears.iter().zip(outs.iter()) {
         if x.len() != m * lin.in_features {
             return Err(Error::invalid(format!(
@@ -338,15 +300,6 @@ pub(crate) fn project_many_into<const N: usize>(
         if let (LinearWeight::Blocks(_), None) = (&lin.weight, &acts) {
             acts = Some(QuantizedActs::new(x, lin.in_features));
         }
-        if let LinearWeight::Dense(w) = &lin.weight {
-            if m < DENSE_GEMM_MIN_ROWS && w.dtype() == DType::F32 && w.is_contiguous() {
-                if let Device::Cpu = w.device() {
-                    guards.push(Some(w.storage_and_layout()));
-                    continue;
-                }
-            }
-        }
-        guards.push(None);
     }
     for l in loras {
         let lin = linears
@@ -360,22 +313,10 @@ pub(crate) fn project_many_into<const N: usize>(
         }
     }
     let mut sources: Vec<Option<RowSource<'_>>> = Vec::with_capacity(N);
-    for ((lin, guard), out) in linears.iter().zip(&guards).zip(outs.iter_mut()) {
-        let source = match (&lin.weight, guard) {
-            (LinearWeight::Blocks(q), _) => Some(RowSource::Blocks(q)),
-            (LinearWeight::Half(h), _) => Some(RowSource::Half(h)),
-            (_, Some((storage, layout))) => match &**storage {
-                Storage::Cpu(cpu) => {
-                    let all = cpu.as_slice::<f32>()?;
-                    let start = layout.start_offset();
-                    let len = lin.out_features * lin.in_features;
-                    Some(RowSource::Dense {
-                        w: &all[start..start + len],
-                        cols: lin.in_features,
-                    })
-                }
-                _ => None,
-            },
+    for (lin, out) in linears.iter().zip(outs.iter_mut()) {
+        let source = match &lin.weight {
+            LinearWeight::Blocks(q) => Some(RowSource::Blocks(q)),
+            LinearWeight::Float(f) => Some(RowSource::Float(f)),
             _ => None,
         };
         if source.is_none() {
@@ -446,9 +387,8 @@ pub(crate) fn project_many_into<const N: usize>(
                         q.compute_rows(acts, rows.clone(), &writers[i])
                     }
                 },
-                Some(RowSource::Half(h)) => unsafe { h.compute_rows(x, rows.clone(), &writers[i]) },
-                Some(RowSource::Dense { w, cols }) => unsafe {
-                    dense::compute_rows(w, *cols, x, rows.clone(), &writers[i])
+                Some(RowSource::Float(f)) => unsafe {
+                    f.compute_rows(x, rows.clone(), &writers[i])
                 },
                 None => {}
             }

@@ -7,7 +7,7 @@
 pub(crate) mod attention;
 pub(crate) mod attention_few;
 pub(crate) mod dense;
-pub(crate) mod half;
+pub(crate) mod float;
 pub mod isa;
 pub(crate) mod kquants;
 pub(crate) mod parallel;

@@ -1,9 +1,10 @@
-//! Half-precision weights (F16, BF16) for the CPU forward pass, kept in two bytes per weight and
-//! widened in registers: no f32 copy of the matrix, half the bytes a decode step streams.
+//! Float weights (F16, BF16, F32) for the CPU forward pass. Half-precision weights stay in two
+//! bytes per weight and are widened in registers: no f32 copy of the matrix, half the bytes a
+//! decode step streams. F32 weights take the same layout and tiles.
 //!
 //! At load the rows are interleaved in groups of eight, column by column: the eight rows'
-//! weights of column `k` sit side by side (16 bytes), so one load widens to a vector of eight
-//! rows' weights, and a broadcast activation times it adds to eight outputs at once. A tile takes
+//! weights of column `k` sit side by side (16 or 32 bytes), so one load (widened) is a vector of
+//! eight rows' weights, and a broadcast activation times it adds to eight outputs at once. A tile takes
 //! `G` groups against `R` activation rows (`G · R` accumulators in registers): one row of a
 //! decode step streams the weights at memory speed, a prefill's rows reuse each widened vector
 //! `R` times. Every output is one chain of fused multiply-adds over the columns in order, the same
@@ -11,6 +12,7 @@
 
 use std::ops::Range;
 
+use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 use super::parallel::DisjointOut;
@@ -20,86 +22,158 @@ use crate::error::{Error, Result};
 /// Rows interleaved in one group (one 256-bit vector of f32).
 const GROUP: usize = 8;
 
-/// The two half-precision formats.
+/// The element types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum HalfKind {
+pub(crate) enum FloatKind {
     F16,
     Bf16,
+    F32,
 }
 
-impl HalfKind {
-    fn widen(self, bits: u16) -> f32 {
+impl FloatKind {
+    fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F16 => Some(FloatKind::F16),
+            DType::BF16 => Some(FloatKind::Bf16),
+            DType::F32 => Some(FloatKind::F32),
+            _ => None,
+        }
+    }
+
+    fn dtype(self) -> DType {
         match self {
-            HalfKind::F16 => f16::from_bits(bits).to_f32(),
-            HalfKind::Bf16 => bf16::from_bits(bits).to_f32(),
+            FloatKind::F16 => DType::F16,
+            FloatKind::Bf16 => DType::BF16,
+            FloatKind::F32 => DType::F32,
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            FloatKind::F32 => 4,
+            _ => 2,
+        }
+    }
+
+    /// The element stored little-endian at the start of `b`, as f32.
+    fn widen(self, b: &[u8]) -> f32 {
+        match self {
+            FloatKind::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            FloatKind::Bf16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            FloatKind::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         }
     }
 }
 
-/// A `[rows, cols]` half-precision matrix in groups of eight interleaved rows (rows past `rows`,
-/// padding the last group, are zero).
+/// A `[rows, cols]` float matrix in groups of eight interleaved rows (rows past `rows`, padding
+/// the last group, are zero).
 #[derive(Debug, Clone)]
-pub struct HalfMatrix {
-    kind: HalfKind,
+pub struct FloatMatrix {
+    kind: FloatKind,
     data: WeightBytes,
     rows: usize,
     cols: usize,
 }
 
-impl HalfMatrix {
-    /// Interleaves a row-major `[rows, cols]` matrix of half-precision bit patterns.
-    pub(crate) fn new(kind: HalfKind, bits: &[u16], rows: usize, cols: usize) -> Result<Self> {
-        if bits.len() != rows * cols || cols == 0 {
-            return Err(Error::invalid(format!(
-                "half-precision weight holds {} values, expected {rows} x {cols}",
-                bits.len()
-            )));
+impl FloatMatrix {
+    /// The interleaved copy of a `[rows, cols]` F16, BF16 or F32 tensor; `None` for other dtypes.
+    pub(crate) fn from_tensor(t: &Tensor) -> Result<Option<Self>> {
+        let Some(kind) = FloatKind::of(t.dtype()) else {
+            return Ok(None);
+        };
+        let (rows, cols) = t.dims2()?;
+        if cols == 0 {
+            return Err(Error::invalid("a weight matrix with no columns"));
         }
-        let group_bytes = cols * GROUP * 2;
+        let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
+        // Row-major little-endian bytes of the values as stored.
+        let bytes: Vec<u8> = match kind {
+            FloatKind::F16 => flat
+                .to_vec1::<f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            FloatKind::Bf16 => flat
+                .to_vec1::<bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            FloatKind::F32 => flat
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        };
+        let size = kind.size();
+        let group_bytes = cols * GROUP * size;
         let data = WeightBytes::filled_by(rows.div_ceil(GROUP) * group_bytes, |out| {
-            for (r, row) in bits.chunks_exact(cols).enumerate() {
+            for (r, row) in bytes.chunks_exact(cols * size).enumerate() {
                 let g = &mut out[r / GROUP * group_bytes..(r / GROUP + 1) * group_bytes];
-                for (k, &b) in row.iter().enumerate() {
-                    let at = (k * GROUP + r % GROUP) * 2;
-                    g[at..at + 2].copy_from_slice(&b.to_le_bytes());
+                for (k, v) in row.chunks_exact(size).enumerate() {
+                    let at = (k * GROUP + r % GROUP) * size;
+                    g[at..at + size].copy_from_slice(v);
                 }
             }
         });
-        Ok(Self {
+        Ok(Some(Self {
             kind,
             data,
             rows,
             cols,
-        })
+        }))
     }
 
-    pub(crate) fn kind(&self) -> HalfKind {
-        self.kind
-    }
-
-    pub(crate) fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub(crate) fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// The weights back in row-major order, as bit patterns.
-    pub(crate) fn to_bits(&self) -> Vec<u16> {
-        let mut out = vec![0u16; self.rows * self.cols];
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+    /// The matrix back as a row-major tensor of its own dtype, bit for bit.
+    pub(crate) fn to_tensor(&self) -> Result<Tensor> {
+        let size = self.kind.size();
+        let mut bytes = vec![0u8; self.rows * self.cols * size];
+        for (r, row) in bytes.chunks_exact_mut(self.cols * size).enumerate() {
             let g = self.group(r / GROUP);
-            for (k, v) in row.iter_mut().enumerate() {
-                let at = (k * GROUP + r % GROUP) * 2;
-                *v = u16::from_le_bytes([g[at], g[at + 1]]);
+            for (k, v) in row.chunks_exact_mut(size).enumerate() {
+                let at = (k * GROUP + r % GROUP) * size;
+                v.copy_from_slice(&g[at..at + size]);
             }
         }
-        out
+        let shape = (self.rows, self.cols);
+        let cpu = &Device::Cpu;
+        let t = match self.kind {
+            FloatKind::F16 => {
+                let v: Vec<f16> = bytes
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                Tensor::from_vec(v, shape, cpu)?
+            }
+            FloatKind::Bf16 => {
+                let v: Vec<bf16> = bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                Tensor::from_vec(v, shape, cpu)?
+            }
+            FloatKind::F32 => {
+                let v: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                Tensor::from_vec(v, shape, cpu)?
+            }
+        };
+        debug_assert_eq!(t.dtype(), self.kind.dtype());
+        Ok(t)
+    }
+
+    /// Bytes the matrix holds (without the padding rows).
+    pub(crate) fn bytes(&self) -> usize {
+        self.rows * self.cols * self.kind.size()
+    }
+
+    fn group_bytes(&self) -> usize {
+        self.cols * GROUP * self.kind.size()
     }
 
     fn group(&self, g: usize) -> &[u8] {
-        let gb = self.cols * GROUP * 2;
+        let gb = self.group_bytes();
         &self.data[g * gb..(g + 1) * gb]
     }
 
@@ -137,7 +211,7 @@ impl HalfMatrix {
                 // The groups after these, pulled towards the core while these are read (one
                 // row of decode is bound by memory; the hardware prefetcher alone falls
                 // behind four streams).
-                let gb = self.cols * GROUP * 2;
+                let gb = self.group_bytes();
                 let next = (gs[gs.len() - 1] + 1) * gb;
                 let ahead = self.data.get(next..next + gs.len() * gb).unwrap_or(&[]);
                 let mut j = chunk;
@@ -167,13 +241,13 @@ fn tile_rows(left: usize, groups: usize) -> usize {
 /// The instruction set the tiles run on (widening F16 needs F16C; BF16 is a shift).
 #[derive(Clone, Copy)]
 enum Path {
-    Portable(HalfKind),
+    Portable(FloatKind),
     #[cfg(target_arch = "x86_64")]
-    Avx2(HalfKind),
+    Avx2(FloatKind),
 }
 
 impl Path {
-    fn select(kind: HalfKind) -> Self {
+    fn select(kind: FloatKind) -> Self {
         #[cfg(target_arch = "x86_64")]
         if super::qmatmul::avx2_available() {
             return Path::Avx2(kind);
@@ -185,11 +259,11 @@ impl Path {
     /// rows below `end`.
     ///
     /// # Safety
-    /// As [`HalfMatrix::compute_rows`].
+    /// As [`FloatMatrix::compute_rows`].
     #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         self,
-        w: &HalfMatrix,
+        w: &FloatMatrix,
         gs: &[usize],
         x: &[f32],
         j: usize,
@@ -256,7 +330,7 @@ impl Path {
 /// into `sums[g][i]`.
 fn dispatch<const G: usize, const R: usize>(
     sums: &mut [[[f32; GROUP]; 6]; 4],
-    w: &HalfMatrix,
+    w: &FloatMatrix,
     gs: &[usize],
     x: &[f32],
     j: usize,
@@ -277,17 +351,15 @@ fn tile_portable<const G: usize, const R: usize>(
     groups: [&[u8]; G],
     xs: [&[f32]; R],
     cols: usize,
-    kind: HalfKind,
+    kind: FloatKind,
     _ahead: &[u8],
     out: &mut [[[f32; GROUP]; R]; G],
 ) {
     for (g, group) in groups.iter().enumerate() {
         let mut acc = [[0f32; GROUP]; R];
         for k in 0..cols {
-            let w: [f32; GROUP] = std::array::from_fn(|l| {
-                let at = (k * GROUP + l) * 2;
-                kind.widen(u16::from_le_bytes([group[at], group[at + 1]]))
-            });
+            let w: [f32; GROUP] =
+                std::array::from_fn(|l| kind.widen(&group[(k * GROUP + l) * kind.size()..]));
             for (acc, x) in acc.iter_mut().zip(&xs) {
                 for (a, w) in acc.iter_mut().zip(&w) {
                     *a += x[k] * w;
@@ -300,16 +372,19 @@ fn tile_portable<const G: usize, const R: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{HalfKind, GROUP};
+    use super::{FloatKind, GROUP};
     use std::arch::x86_64::*;
 
-    /// Eight half-precision weights at `p` as eight f32.
+    /// Eight weights at `p` as eight f32.
     #[inline(always)]
-    unsafe fn widen8(p: *const u8, kind: HalfKind) -> __m256 {
-        let v = _mm_loadu_si128(p as *const __m128i);
+    unsafe fn widen8(p: *const u8, kind: FloatKind) -> __m256 {
         match kind {
-            HalfKind::F16 => _mm256_cvtph_ps(v),
-            HalfKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)),
+            FloatKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            FloatKind::Bf16 => {
+                let v = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+            }
+            FloatKind::F32 => _mm256_loadu_ps(p as *const f32),
         }
     }
 
@@ -323,25 +398,26 @@ mod avx2 {
         groups: [&[u8]; G],
         xs: [&[f32]; R],
         cols: usize,
-        kind: HalfKind,
+        kind: FloatKind,
         ahead: &[u8],
         out: &mut [[[f32; GROUP]; R]; G],
     ) {
-        assert!(groups.iter().all(|g| g.len() >= cols * GROUP * 2));
+        let step = GROUP * kind.size();
+        assert!(groups.iter().all(|g| g.len() >= cols * step));
         assert!(xs.iter().all(|x| x.len() >= cols));
         let mut acc = [[_mm256_setzero_ps(); R]; G];
         let gp: [*const u8; G] = std::array::from_fn(|g| groups[g].as_ptr());
         let xp: [*const f32; R] = std::array::from_fn(|i| xs[i].as_ptr());
         // `ahead` is as long as the groups read here: one cache line of it per 64 bytes read.
-        let pull_every = (64 / (G * GROUP * 2)).max(1);
+        let pull_every = (64 / (G * step)).max(1);
         for k in 0..cols {
             if k % pull_every == 0 {
-                let at = k * G * GROUP * 2;
+                let at = k * G * step;
                 if at < ahead.len() {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(at) as *const i8);
                 }
             }
-            let w: [__m256; G] = std::array::from_fn(|g| widen8(gp[g].add(k * GROUP * 2), kind));
+            let w: [__m256; G] = std::array::from_fn(|g| widen8(gp[g].add(k * step), kind));
             for i in 0..R {
                 let x = _mm256_broadcast_ss(&*xp[i].add(k));
                 for g in 0..G {
@@ -368,24 +444,26 @@ mod tests {
             .collect()
     }
 
-    /// Each path against a float64 product of the same half-precision weights, for 1, 2, 3, 8,
-    /// 17 and 64 activation rows and an odd number of weight rows and columns; a row's output
-    /// is the same bits whatever batch it runs in; unpacking gives the weights back.
+    /// Each path against a float64 product of the same weights, for 1, 2, 3, 8, 17 and 64
+    /// activation rows and an odd number of weight rows and columns; a row's output is the same
+    /// bits whatever batch it runs in; the matrix comes back bit for bit.
     #[test]
-    fn half_kernels_match_a_float64_reference_and_ignore_the_batch() {
+    fn float_kernels_match_a_float64_reference_and_ignore_the_batch() {
         let (rows, cols) = (45, 200);
-        let wf = matrix(rows, cols, 1);
         let x = matrix(64, cols, 2);
-        for kind in [HalfKind::F16, HalfKind::Bf16] {
-            let bits: Vec<u16> = wf
-                .iter()
-                .map(|&v| match kind {
-                    HalfKind::F16 => f16::from_f32(v).to_bits(),
-                    HalfKind::Bf16 => bf16::from_f32(v).to_bits(),
-                })
-                .collect();
-            let w = HalfMatrix::new(kind, &bits, rows, cols).unwrap();
-            assert_eq!(w.to_bits(), bits);
+        let wf = Tensor::from_vec(matrix(rows, cols, 1), (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            let t = wf.to_dtype(dtype).unwrap();
+            let w = FloatMatrix::from_tensor(&t).unwrap().unwrap();
+            let back = w.to_tensor().unwrap();
+            assert_eq!(back.dtype(), dtype);
+            let (a, b) = (
+                back.to_dtype(DType::F64).unwrap().flatten_all().unwrap(),
+                t.to_dtype(DType::F64).unwrap().flatten_all().unwrap(),
+            );
+            let exact_w = b.to_vec1::<f64>().unwrap();
+            assert_eq!(a.to_vec1::<f64>().unwrap(), exact_w, "{dtype:?}");
+            let kind = w.kind;
             for isa in cpu_levels().into_iter().filter(|&l| l <= Isa::Avx2) {
                 let path = match isa {
                     #[cfg(target_arch = "x86_64")]
@@ -413,8 +491,8 @@ mod tests {
                         for (r, &v) in row.iter().enumerate() {
                             let (mut exact, mut scale) = (0f64, 0f64);
                             for k in 0..cols {
-                                let p = f64::from(kind.widen(bits[r * cols + k]))
-                                    * f64::from(x[(first + j) * cols + k]);
+                                let p =
+                                    exact_w[r * cols + k] * f64::from(x[(first + j) * cols + k]);
                                 exact += p;
                                 scale += p.abs();
                             }
