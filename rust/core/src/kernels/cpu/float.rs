@@ -4,8 +4,8 @@
 //!
 //! At load the rows are interleaved in groups of eight, column by column: the eight rows'
 //! weights of column `k` sit side by side (16 or 32 bytes), so one load (widened) is a vector of
-//! eight rows' weights, and a broadcast activation times it adds to eight outputs at once. A tile takes
-//! `G` groups against `R` activation rows (`G · R` accumulators in registers): one row of a
+//! eight rows' weights, and a broadcast activation times it adds to eight outputs at once. A tile
+//! takes `G` groups against `R` activation rows (`G · R` accumulators in registers): one row of a
 //! decode step streams the weights at memory speed, a prefill's rows reuse each widened vector
 //! `R` times. Every output is one chain of fused multiply-adds over the columns in order, the same
 //! whatever the tile: a row's result does not depend on the batch it runs in.
