@@ -173,8 +173,11 @@ class Engine:
     ) -> Engine:
         """Load a model.
 
-        ``dtype="auto"`` keeps GGUF weights quantized as stored (dense checkpoints load as f32);
-        ``"f32"``, ``"f16"`` and ``"bf16"`` dequantize or convert every weight to that type.
+        ``dtype="auto"`` keeps weights as stored: GGUF blocks quantized, F16/BF16 (GGUF tensors or
+        safetensors) in two bytes per weight, widened in the CPU kernels' registers, with f32
+        activations; ``"f32"``, ``"f16"`` and ``"bf16"`` dequantize or convert every weight to that
+        type (``"f16"``/``"bf16"`` also compute in it, through candle). ``PEFTSCALE_MAX_CPU_ISA``
+        (``avx512``, ``avx2``, ``portable``) caps the instruction set of the CPU kernels.
 
         ``kv_dtype`` is the key/value cache's type. ``"auto"`` keeps it in f16 for quantized
         weights (as llama.cpp does: half the cache memory, and wide batches read half the bytes
