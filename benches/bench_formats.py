@@ -26,12 +26,10 @@ import re
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import peftscale as ps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,22 +101,6 @@ def make_bf16_folder(src: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         write_half_folder(model, tok, out, torch.bfloat16)
     return out
-
-
-def read_bandwidth(nbytes: int, threads: int) -> float:
-    """All-core read bandwidth (bytes/s): numpy sums over one buffer split across threads."""
-    a = np.ones(nbytes // 4, dtype=np.float32)
-    parts = np.array_split(a, threads)
-    best = 0.0
-    for _ in range(5):
-        workers = [threading.Thread(target=p.sum) for p in parts]
-        t = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = max(best, a.nbytes / (time.perf_counter() - t))
-    return best
 
 
 def llama_bench(tools: Path, model: Path, threads: int, repeats: int) -> tuple[float, float]:
@@ -203,6 +185,9 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in sh(["lscpu"]).splitlines() if ln.startswith("Model name")), "?")
     kernels = ps.cpu_kernels()
     print(f"CPU: {cpu}; {args.threads} threads each; peftscale kernels: {kernels['isa']}")
+    sys.path.insert(0, str(ROOT / "benches"))
+    from bench_greedy import read_bandwidth
+
     bandwidth = read_bandwidth(256 << 20, args.threads)
     print(f"all-core read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     header = ["format", "llama.cpp decode / prefill", "peftscale decode / prefill", "ratio decode / prefill"]

@@ -19,26 +19,13 @@ from pathlib import Path
 import peftscale as ps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_smollm2 import TEXTS  # noqa: E402
-
-TAIL = (
-    " Photosynthesis converts light energy into chemical energy stored in glucose. The mitochondria"
-    " is the powerhouse of the cell. Janet's ducks lay 16 eggs per day. She eats three for breakfast"
-    " every morning and bakes muffins for her friends every day with four. She sells the remainder"
-    " at the farmers' market daily for $2 per fresh duck egg. How much in dollars does she make every"
-    " day at the farmers' market? Let's think step by step. 16 - 3 - 4 = 9 eggs, and 9 * 2 = 18 dollars."
-    " import numpy as np\nx = np.arange(10)\nprint(x.sum())\n The Treaty of Westphalia (1648) ended the"
-    " Thirty Years' War and established the principle of state sovereignty in Europe. Water boils at"
-    " 100 degrees Celsius at sea level, but at lower temperatures at high altitudes because pressure"
-    " is lower. The quick brown fox jumps over the lazy dog again and again, while the programmer"
-    " debugs a recursive function that computes Fibonacci numbers inefficiently."
-)
+from test_smollm2 import AGREEMENT_TEXT  # noqa: E402
 
 
 def agreement(path: str, fast_dtype: str = "auto") -> float:
     fast = ps.Engine.load(path, dtype=fast_dtype)
     exact = ps.Engine.load(path, dtype="f32")
-    ids = (exact.tokenizer.encode(" ".join(TEXTS[:4]) + TAIL) * 3)[:520]
+    ids = (exact.tokenizer.encode(AGREEMENT_TEXT) * 3)[:520]
     a = fast.logits(ids).argmax(axis=1)
     b = exact.logits(ids).argmax(axis=1)
     return float((a == b).mean())

@@ -17,6 +17,20 @@ TEXTS = [
     "<|im_start|>user\nHi there<|im_end|>\n",
 ]
 
+# 500+ positions of mixed text for teacher-forced top-1 agreement between two paths.
+AGREEMENT_TEXT = " ".join(TEXTS[:4]) + (
+    " Photosynthesis converts light energy into chemical energy stored in glucose. The mitochondria"
+    " is the powerhouse of the cell. Janet's ducks lay 16 eggs per day. She eats three for breakfast"
+    " every morning and bakes muffins for her friends every day with four. She sells the remainder"
+    " at the farmers' market daily for $2 per fresh duck egg. How much in dollars does she make every"
+    " day at the farmers' market? Let's think step by step. 16 - 3 - 4 = 9 eggs, and 9 * 2 = 18 dollars."
+    " import numpy as np\nx = np.arange(10)\nprint(x.sum())\n The Treaty of Westphalia (1648) ended the"
+    " Thirty Years' War and established the principle of state sovereignty in Europe. Water boils at"
+    " 100 degrees Celsius at sea level, but at lower temperatures at high altitudes because pressure"
+    " is lower. The quick brown fox jumps over the lazy dog again and again, while the programmer"
+    " debugs a recursive function that computes Fibonacci numbers inefficiently."
+)
+
 PROMPTS = [
     ("chat", "What is 12 times 7?"),
     ("chat", "Write a haiku about the sea."),
@@ -89,19 +103,7 @@ def test_greedy_matches_transformers(smollm2_f32: ps.Engine, hf_smollm2) -> None
 
 def test_quantized_top1_agrees_with_f32(smollm2_q: ps.Engine, smollm2_f32: ps.Engine) -> None:
     """Teacher-forced top-1 agreement of the Q4_1 path with the f32 path over 500+ positions."""
-    text = " ".join(TEXTS[:4]) + (
-        " Photosynthesis converts light energy into chemical energy stored in glucose. The mitochondria"
-        " is the powerhouse of the cell. Janet's ducks lay 16 eggs per day. She eats three for breakfast"
-        " every morning and bakes muffins for her friends every day with four. She sells the remainder"
-        " at the farmers' market daily for $2 per fresh duck egg. How much in dollars does she make every"
-        " day at the farmers' market? Let's think step by step. 16 - 3 - 4 = 9 eggs, and 9 * 2 = 18 dollars."
-        " import numpy as np\nx = np.arange(10)\nprint(x.sum())\n The Treaty of Westphalia (1648) ended the"
-        " Thirty Years' War and established the principle of state sovereignty in Europe. Water boils at"
-        " 100 degrees Celsius at sea level, but at lower temperatures at high altitudes because pressure"
-        " is lower. The quick brown fox jumps over the lazy dog again and again, while the programmer"
-        " debugs a recursive function that computes Fibonacci numbers inefficiently."
-    )
-    ids = smollm2_f32.tokenizer.encode(text)
+    ids = smollm2_f32.tokenizer.encode(AGREEMENT_TEXT)
     ids = (ids * 3)[:520]
     a = smollm2_q.logits(ids).argmax(axis=1)
     b = smollm2_f32.logits(ids).argmax(axis=1)

@@ -43,24 +43,10 @@ pub(crate) fn attend(tile: &Tile<'_>, scratch: &mut Vec<f32>, partials: &mut [&m
     assert_eq!(tile.queries.len(), tile.head_dim * LANES);
     let len = tile.visible[..tile.used].iter().copied().max().unwrap_or(0);
     assert!(tile.keys.len() >= len * tile.head_dim && tile.values.len() >= len * tile.head_dim);
-    attend_on(tile_isa(), tile, len, scratch, partials)
+    attend_on(super::isa::active(), tile, len, scratch, partials)
 }
 
-/// The instruction set the transposed tile runs on: AVX-512F, else AVX2 with FMA, else portable.
-pub(crate) fn tile_isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if super::qmatmul::avx512f_available() {
-            return Isa::Avx512;
-        }
-        if super::qmatmul::avx2_available() {
-            return Isa::Avx2;
-        }
-    }
-    Isa::Portable
-}
-
-/// The tile on `isa`'s path (the CPU must have it: see [`tile_isa`]). Every query runs through
+/// The tile on `isa`'s path (one the CPU has: [`super::isa::active`] or below). Every query runs through
 /// the transposed form, even alone: a query's bits must not depend on how many others share its
 /// tile (a row decoded alone or beside its forks). A decode step's few queries go to
 /// [`super::attention_few`], which gives these bits faster.
@@ -72,7 +58,7 @@ pub(crate) fn attend_on(
     partials: &mut [&mut [f32]],
 ) {
     match isa {
-        // SAFETY: `tile_isa` checked the CPU's features; `attend` checked the slices.
+        // SAFETY: the caller passes a level the CPU has; `attend` checked the slices.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { attend_avx512(tile, len, scratch, partials) },
         #[cfg(target_arch = "x86_64")]

@@ -79,7 +79,7 @@ pub(crate) fn attend_few(
     out: &mut [f32],
 ) {
     // The transposed tile's instruction set, so that both give the same bits.
-    let isa = super::attention::tile_isa();
+    let isa = super::isa::active();
     attend_few_on(isa, queries, visible, kv, head_dim, scale, scores, out)
 }
 

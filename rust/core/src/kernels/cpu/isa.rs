@@ -77,7 +77,8 @@ pub fn allows(level: Isa) -> bool {
     level <= cap()
 }
 
-/// The highest level this CPU has and the cap allows.
+/// The highest level this CPU has and the cap allows: the one the attention tiles (AVX-512F,
+/// else AVX2 with FMA, else portable) run on.
 pub fn active() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {

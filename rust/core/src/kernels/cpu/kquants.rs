@@ -353,13 +353,8 @@ pub(crate) fn group_scalar(f: KFormat, w: &[u8], acts: &[Q8Block]) -> [f32; GROU
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use super::{KFormat, Q8Block, GROUP, SUBS};
+    use crate::kernels::cpu::qmatmul::avx2::{act_word, f16x8};
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16x8(p: *const u8) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
 
     /// Eight bytes at `p` (one per row) as eight f32, unsigned or signed.
     #[inline]
@@ -371,17 +366,6 @@ pub(crate) mod avx2 {
         } else {
             _mm256_cvtepu8_epi32(v)
         })
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn act_word(a: &Q8Block, at: usize) -> __m256i {
-        _mm256_set1_epi32(i32::from_le_bytes([
-            a.qs[at] as u8,
-            a.qs[at + 1] as u8,
-            a.qs[at + 2] as u8,
-            a.qs[at + 3] as u8,
-        ]))
     }
 
     /// Shifts each 16-bit lane of `v` left by `left`, then right by `right`.

@@ -744,7 +744,7 @@ fn group_scalar(kind: Kind, w: &[u8], acts: &[Q8Block]) -> [f32; GROUP] {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{Q8Block, GROUP};
     use std::arch::x86_64::*;
 
@@ -758,7 +758,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16x8(p: *const u8) -> __m256 {
+    pub(crate) unsafe fn f16x8(p: *const u8) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
@@ -814,7 +814,7 @@ mod avx2 {
     /// Four activation quants starting at `at`, broadcast to all eight lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn act_word(a: &Q8Block, at: usize) -> __m256i {
+    pub(crate) unsafe fn act_word(a: &Q8Block, at: usize) -> __m256i {
         _mm256_set1_epi32(i32::from_le_bytes([
             a.qs[at] as u8,
             a.qs[at + 1] as u8,
