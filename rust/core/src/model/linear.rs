@@ -55,10 +55,13 @@ impl Linear {
     /// own precision ([`FloatMatrix`]: half-precision weights stay two bytes each); anything else
     /// is a candle tensor in the compute dtype.
     pub fn dense_for(weight: Tensor, bias: Option<Tensor>, compute: DType) -> Result<Self> {
-        if compute != DType::F32 || !matches!(weight.device(), Device::Cpu) {
-            return Self::dense(weight.to_dtype(compute)?, bias);
-        }
-        let Some(matrix) = FloatMatrix::from_tensor(&weight)? else {
+        let host = compute == DType::F32 && matches!(weight.device(), Device::Cpu);
+        let matrix = if host {
+            FloatMatrix::from_tensor(&weight)?
+        } else {
+            None
+        };
+        let Some(matrix) = matrix else {
             return Self::dense(weight.to_dtype(compute)?, bias);
         };
         let (out_features, in_features) = weight.dims2()?;

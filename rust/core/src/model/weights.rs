@@ -299,6 +299,15 @@ impl SafetensorsSource {
     }
 
     fn take(&mut self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        self.take_as(name, expected, false)
+    }
+
+    /// A matrix: as [`Self::take`], but F16/BF16 stay half precision under `auto`.
+    fn take_matrix(&mut self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        self.take_as(name, expected, self.keep_half)
+    }
+
+    fn take_as(&self, name: &str, expected: &[usize], keep_half: bool) -> Result<Tensor> {
         let t = self
             .tensors
             .get(name)
@@ -306,21 +315,10 @@ impl SafetensorsSource {
         if t.dims() != expected {
             return Err(shape_error(&self.path, name, expected, t.dims()));
         }
-        Ok(t.to_dtype(self.dtype)?)
-    }
-
-    /// A matrix: as [`Self::take`], but F16/BF16 stay half precision under `auto`.
-    fn take_matrix(&mut self, name: &str, expected: &[usize]) -> Result<Tensor> {
-        match self.tensors.get(name).map(|t| t.dtype()) {
-            Some(DType::F16 | DType::BF16) if self.keep_half => {
-                let t = &self.tensors[name];
-                if t.dims() != expected {
-                    return Err(shape_error(&self.path, name, expected, t.dims()));
-                }
-                Ok(t.clone())
-            }
-            _ => self.take(name, expected),
+        if keep_half && matches!(t.dtype(), DType::F16 | DType::BF16) {
+            return Ok(t.clone());
         }
+        Ok(t.to_dtype(self.dtype)?)
     }
 }
 

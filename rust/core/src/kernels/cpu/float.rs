@@ -134,33 +134,13 @@ impl FloatMatrix {
                 v.copy_from_slice(&g[at..at + size]);
             }
         }
-        let shape = (self.rows, self.cols);
-        let cpu = &Device::Cpu;
-        let t = match self.kind {
-            FloatKind::F16 => {
-                let v: Vec<f16> = bytes
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                    .collect();
-                Tensor::from_vec(v, shape, cpu)?
-            }
-            FloatKind::Bf16 => {
-                let v: Vec<bf16> = bytes
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                    .collect();
-                Tensor::from_vec(v, shape, cpu)?
-            }
-            FloatKind::F32 => {
-                let v: Vec<f32> = bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                Tensor::from_vec(v, shape, cpu)?
-            }
-        };
-        debug_assert_eq!(t.dtype(), self.kind.dtype());
-        Ok(t)
+        let shape = [self.rows, self.cols];
+        Ok(Tensor::from_raw_buffer(
+            &bytes,
+            self.kind.dtype(),
+            &shape,
+            &Device::Cpu,
+        )?)
     }
 
     /// Bytes the matrix holds (without the padding rows).

@@ -24,14 +24,6 @@ pub enum Isa {
 }
 
 impl Isa {
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Portable => "portable",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512 => "avx512",
-        }
-    }
-
     fn parse(value: &str) -> Result<Self> {
         match value.trim().to_ascii_lowercase().as_str() {
             "portable" | "none" | "scalar" => Ok(Isa::Portable),
