@@ -82,6 +82,10 @@ unsafe fn attend_avx2(t: &Tile<'_>, len: usize, s: &mut Vec<f32>, p: &mut [&mut 
 
 /// Sixteen f32 lanes.
 trait Lanes: Copy {
+    /// Keys scored (and lanes weighed) per pass: as many accumulators as the registers hold
+    /// beside the loaded vector (an AVX2 value spans two of its sixteen registers). The
+    /// grouping never changes a lane's arithmetic, only how many run side by side.
+    const PER_PASS: usize = 8;
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
@@ -178,6 +182,7 @@ mod x86 {
     pub struct Avx2([__m256; 2]);
 
     impl Lanes for Avx2 {
+        const PER_PASS: usize = 4;
         #[inline(always)]
         unsafe fn zero() -> Self {
             Self([_mm256_setzero_ps(); 2])
@@ -283,9 +288,13 @@ unsafe fn attend_with<V: Lanes>(
     let scale = V::splat(t.scale);
     let (q, k) = (t.queries.as_ptr(), t.keys.as_ptr());
     let mut j = 0;
-    while j + 8 <= len {
+    while V::PER_PASS == 8 && j + 8 <= len {
         score_keys::<V, 8>(q, k.add(j * hd), hd, scale, s.add(j * LANES));
         j += 8;
+    }
+    while j + 4 <= len {
+        score_keys::<V, 4>(q, k.add(j * hd), hd, scale, s.add(j * LANES));
+        j += 4;
     }
     while j < len {
         score_keys::<V, 1>(q, k.add(j * hd), hd, scale, s.add(j * LANES));
@@ -326,7 +335,7 @@ unsafe fn attend_with<V: Lanes>(
         // Lanes in groups of 8, 4, 2, 1: each group passes over the values once per column run.
         let n = [8, 4, 2, 1]
             .into_iter()
-            .find(|&n| first + n <= t.used)
+            .find(|&n| n <= V::PER_PASS && first + n <= t.used)
             .unwrap_or(1);
         let mut outs = [std::ptr::null_mut(); 8];
         for (i, out) in outs.iter_mut().enumerate().take(n) {

@@ -378,10 +378,12 @@ pub(crate) mod avx2 {
         )
     }
 
-    /// Defines a K-quant group kernel. `$dot(sum, w, a)` adds to the eight i32 of `sum` the
-    /// products of 32 unsigned weights (at most 63) with 32 signed activations.
+    /// Defines a K-quant group kernel. `$dot(sum, w, a)` adds to `sum` the products of 32
+    /// unsigned weights (at most 63) with 32 signed activations; `$widen(sum)` turns that sum
+    /// into eight i32, which happens every `$run(f)` chunks (the most whose sums the
+    /// accumulator holds exactly).
     macro_rules! k_kernel {
-        ($name:ident, $features:literal, |$sum:ident, $w:ident, $a:ident| $dot:expr) => {
+        ($name:ident, $features:literal, |$sum:ident, $w:ident, $a:ident| $dot:expr, |$s:ident| $widen:expr, |$ff:ident| $run:expr) => {
             /// # Safety
             /// The CPU must support the kernel's target features; `w` holds
             /// `acts[i].len() / 8` grouped super-blocks of `f`, the same count for every `i`.
@@ -415,6 +417,12 @@ pub(crate) mod avx2 {
                         ];
                         let mut lo_sums = [_mm256_setzero_si256(); R];
                         let mut hi_sums = [_mm256_setzero_si256(); R];
+                        let mut lo_run = [_mm256_setzero_si256(); R];
+                        let mut hi_run = [_mm256_setzero_si256(); R];
+                        let run = {
+                            let $ff = f;
+                            $run
+                        };
                         for c in 0..4i32 {
                             let q =
                                 _mm256_loadu_si256(quants.add(c as usize * 32) as *const __m256i);
@@ -436,16 +444,24 @@ pub(crate) mod avx2 {
                                     hi = _mm256_or_si256(hi, _mm256_and_si256(p_hi, plane_mask));
                                 }
                             }
-                            for ((lo_sum, hi_sum), a) in
-                                lo_sums.iter_mut().zip(hi_sums.iter_mut()).zip(&acts)
-                            {
-                                let a = &a[sb * SUBS + s];
+                            super::super::qmatmul::unrolled!(R, |i| {
+                                let a = &acts[i][sb * SUBS + s];
                                 let ($sum, $w, $a) =
-                                    (&mut *lo_sum, lo, act_word(a, 4 * c as usize));
+                                    (&mut lo_run[i], lo, act_word(a, 4 * c as usize));
                                 *$sum = $dot;
                                 let ($sum, $w, $a) =
-                                    (&mut *hi_sum, hi, act_word(a, 16 + 4 * c as usize));
+                                    (&mut hi_run[i], hi, act_word(a, 16 + 4 * c as usize));
                                 *$sum = $dot;
+                            });
+                            if (c as usize + 1) % run == 0 {
+                                super::super::qmatmul::unrolled!(R, |i| {
+                                    let $s = lo_run[i];
+                                    lo_sums[i] = _mm256_add_epi32(lo_sums[i], $widen);
+                                    let $s = hi_run[i];
+                                    hi_sums[i] = _mm256_add_epi32(hi_sums[i], $widen);
+                                    lo_run[i] = _mm256_setzero_si256();
+                                    hi_run[i] = _mm256_setzero_si256();
+                                });
                             }
                         }
                         if six {
@@ -503,14 +519,20 @@ pub(crate) mod avx2 {
         };
     }
 
-    // Each u8·s8 pair sum (at most 2·63·127) goes to i32 at once.
-    k_kernel!(group_k, "avx2,fma,f16c", |sum, w, a| _mm256_add_epi32(
-        *sum,
-        _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
-    ));
+    // u8·s8 pair sums in i16, widened to i32 once the next would overflow: a pair reaches
+    // 2·15·127 (Q4_K), 2·31·127 (Q5_K), 2·63·127 (Q6_K), so four, four and two chunks fit.
+    k_kernel!(
+        group_k,
+        "avx2,fma,f16c",
+        |sum, w, a| _mm256_add_epi16(*sum, _mm256_maddubs_epi16(w, a)),
+        |s| _mm256_madd_epi16(s, _mm256_set1_epi16(1)),
+        |f| if f == KFormat::Q6K { 2 } else { 4 }
+    );
     k_kernel!(
         group_k_vnni,
         "avx2,fma,f16c,avx512vnni,avx512vl",
-        |sum, w, a| _mm256_dpbusd_epi32(*sum, w, a)
+        |sum, w, a| _mm256_dpbusd_epi32(*sum, w, a),
+        |s| s,
+        |_f| 4
     );
 }

@@ -1051,7 +1051,7 @@ pub(crate) mod avx2 {
 /// block's quant words carries no counter or branch on the ports the products run on.
 macro_rules! unrolled {
     ($r:expr, |$i:ident| $body:block) => {{
-        unrolled!(@ $r, $i, $body, 0, 1, 2, 3, 4, 5, 6, 7);
+        $crate::kernels::cpu::qmatmul::unrolled!(@ $r, $i, $body, 0, 1, 2, 3, 4, 5, 6, 7);
     }};
     (@ $r:expr, $i:ident, $body:block, $($n:literal),*) => {
         $(
@@ -1062,6 +1062,7 @@ macro_rules! unrolled {
         )*
     };
 }
+pub(crate) use unrolled;
 
 /// The Q4 offset term of block column `b` for each row of a tile: `off[i] += m · s_i`, with `m`
 /// the sixteen weight rows' minimum (Q4_1, `s_i` the activation block's `d · Σ q`) or their scale
