@@ -1,5 +1,5 @@
 """Many rows at once on the packaged SmolLM2-135M-Instruct (Q4_1): batched decode, prefill, shared
-prompts, against single-row greedy (and llama.cpp, when installed) in the same run.
+prompts, against single-row greedy and against llama.cpp's own tools in the same run.
 
 Run:  python benches/bench_batch.py [--new-tokens 128] [--repeats 3] [--rows 1,4,16,64]
 
@@ -10,8 +10,10 @@ Run:  python benches/bench_batch.py [--new-tokens 128] [--repeats 3] [--rows 1,4
   dot-product instruction (``ps.cpu_kernels()``);
 - prefill of a 1,000-token prompt, tokens/s;
 - time to first token of 16 samples of one prompt against one prompt;
-- llama.cpp single-row greedy decode on the same GGUF when ``llama-cpp-python`` is installed
-  (``pip install llama-cpp-python``, about ten minutes of compiling; not a test dependency).
+- llama.cpp on the same GGUF through its own tools (``llama-bench`` decode and prefill,
+  ``llama-batched-bench`` for the same row counts), built natively from the ``llama-cpp-python``
+  sdist into ``build/llama.cpp`` on first use as ``bench_formats.py`` builds them (a few minutes;
+  ``--no-llama`` skips it).
 Each figure is the best of ``--repeats`` runs. On a shared VM whose speed swings within minutes, the
 best-of ratio compares runs minutes apart; the table also gives each batch against the greedy runs
 alternated with it (greedy, batch, greedy, batch, ...: the median of the per-pair ratios). Run it
@@ -33,7 +35,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", default="1,4,16,64")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp (its tools are built on first use)")
     args = ap.parse_args()
+    rows_list = [int(r) for r in args.rows.split(",")]
     n = args.new_tokens
     path = ps.models.smollm2_135m_instruct()
     eng = ps.Engine.load(path)
@@ -69,7 +73,7 @@ def main() -> None:
     greedy_s, _ = best(greedy_run)
     sampling = ps.Sampling(temperature=0.8, top_k=50, seed=0)
     table = []
-    for rows in [int(r) for r in args.rows.split(",")]:
+    for rows in rows_list:
         fastest, outs, ratios = float("inf"), None, []
         for _ in range(args.repeats):
             g = time.perf_counter()
@@ -118,22 +122,27 @@ def main() -> None:
         f"(prompt {len(ids)})"
     )
 
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("llama.cpp: not installed (pip install llama-cpp-python) - skipped")
+    if args.no_llama:
         return
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
-    llm(prompt, max_tokens=8)
-    llama_s = float("inf")
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        # EOS masked out, as ignore_eos does for peftscale.
-        out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, logit_bias={llm.token_eos(): -1e9})
-        llama_s = min(llama_s, time.perf_counter() - t)
-        generated = out["usage"]["completion_tokens"]  # type: ignore[index]
-    llama_tps = generated / llama_s
-    print(f"llama.cpp single-row greedy: {llama_tps:.1f} tokens/s; peftscale {greedy_tps / llama_tps:.2f}x")
+    # llama.cpp through its own tools (built natively from the llama-cpp-python sdist, as
+    # bench_formats.py builds them), never its Python wrapper's slower per-token path.
+    from bench_formats import llama_batched, llama_bench, llama_tools
+
+    tools = llama_tools()
+    threads = kernels["threads"]
+    l_tg, l_pp = llama_bench(tools, path, threads, args.repeats)
+    batched = llama_batched(tools, path, threads, [r for r in rows_list if r > 1])
+    print()
+    print(f"llama.cpp ({tools}, {threads} threads), same file, same run:")
+    print(f"- single-row decode (llama-bench tg128): {l_tg:.1f} tokens/s; peftscale {greedy_tps / l_tg:.2f}x")
+    print(f"- prefill (llama-bench pp1000): {l_pp:.0f} tokens/s; peftscale {len(long_ids) / prefill_s / l_pp:.2f}x")
+    for rows, tokens, secs, _, _ in table:
+        if rows in batched:
+            ours_tps = tokens / secs
+            print(
+                f"- {rows} rows of one prompt (llama-batched-bench -pps): {batched[rows]:.1f} tokens/s; "
+                f"peftscale {ours_tps:.1f} ({ours_tps / batched[rows]:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,15 @@ empty_dev_null
 bash scripts/cuda-ptx.sh
 empty_dev_null
 python -m pytest -q
+# A fresh clone anywhere works: the data sets ship with the project. The clone sits in a folder
+# with no shared/ beside it and runs with its own Python files (the built extension copied in).
+empty_dev_null
+clone_root="$(mktemp -d)"
+git clone --quiet . "$clone_root/peftscale"
+cp python/peftscale/_core*.so "$clone_root/peftscale/python/peftscale/"
+(cd "$clone_root/peftscale" && env -u PEFTSCALE_DATA PYTHONPATH="$clone_root/peftscale/python" \
+  python -m peftscale eval --dataset gsm8k --slice 0:2 --strategies greedy --out "$clone_root/eval")
+rm -rf "$clone_root"
 # Every CPU path on every machine: the kernel, batching and determinism tests again with the
 # kernels capped to AVX2 and to portable Rust (PEFTSCALE_MAX_CPU_ISA), whichever CPU runs CI.
 # The portable path is slow, so it skips the two tests that decode the most.

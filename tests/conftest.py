@@ -9,6 +9,7 @@ import peftscale as ps
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+"""The development machines' copy of the data sets (absent in a user's clone)."""
 
 
 def _packaged_path() -> Path | None:

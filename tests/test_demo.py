@@ -7,19 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
 from peftscale.cli import main
+from peftscale.eval.datasets import PACKAGED_DATA as DATA
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="../shared/data/gsm8k is absent")
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="training stack missing: pip install -e '.[dev]'")
 def test_quick_demo_trains_evaluates_and_resumes(
     smollm2_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(SHARED_DATA)]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(DATA)]) == 0
     printed = capsys.readouterr().out
     strategies = ["base:greedy", "greedy", "cold", "sc@4", "adaptive@640"]
     for s in strategies:
@@ -38,6 +37,6 @@ def test_quick_demo_trains_evaluates_and_resumes(
     lines = (out / "eval" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 16 * len(strategies)
     # A second run reuses the adapter and every answered question.
-    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(SHARED_DATA)]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--data-dir", str(DATA)]) == 0
     assert "reusing the adapter" in capsys.readouterr().out
     assert (out / "eval" / "results.jsonl").read_text().splitlines() == lines

@@ -9,8 +9,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
 from peftscale.eval import game24
+from peftscale.eval.datasets import PACKAGED_DATA as DATA
 from peftscale.eval.grading import check_game24
 
 
@@ -215,10 +215,9 @@ def test_judgements_include_the_searchs_failures() -> None:
     assert any(all(not line.startswith("Answer:") and not miscalculated(line) for line in s) for s in impossible)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "game24").is_dir(), reason="../shared/data/game24 is absent")
 def test_the_data_command_never_trains_on_test_puzzles(tmp_path: Path) -> None:
-    assert game24.main(["data", "--out", str(tmp_path), "--data-dir", str(SHARED_DATA)]) == 0
-    puzzles = (SHARED_DATA / "game24" / "24.csv").read_text().splitlines()[1:]
+    assert game24.main(["data", "--out", str(tmp_path), "--data-dir", str(DATA)]) == 0
+    puzzles = (DATA / "game24" / "24.csv").read_text().splitlines()[1:]
     test = {line.split(",")[1] for line in puzzles[900:1000]}
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     prompts = [r["messages"][0]["content"] for r in rows if "Use the numbers" in r["messages"][0]["content"]]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import peftscale as ps
 import pytest
-from conftest import SHARED_DATA
 from peftscale.cli import main
+from peftscale.eval.datasets import PACKAGED_DATA as DATA
 from peftscale.eval.datasets import load_task
 from peftscale.eval.prompts import build_prompt
 from peftscale.eval.runner import _batchable, _check_adaptive_budgets
@@ -144,7 +144,6 @@ def test_the_command_line(smollm2_path: Path, data: Path, tmp_path: Path, capsys
     assert "needs an adapter" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "game24").is_dir(), reason="../shared/data/game24 is absent")
 def test_game24_searches_use_the_models_own_judgement(smollm2_q: ps.Engine, tmp_path: Path) -> None:
     """Tree-of-Thought values states and MCTS rewards rollouts with the model's answers to the
     value question; the judge's own generations count in the question's compute."""
@@ -153,8 +152,19 @@ def test_game24_searches_use_the_models_own_judgement(smollm2_q: ps.Engine, tmp_
     settings = game24.search_settings(smollm2_q, None)
     assert "{state}" in settings["tot"]["value_template"] and "<|im_start|>" in settings["tot"]["value_template"]
     judge = settings["mcts"]["reward"]
-    value = judge("", "4 + 8 = 12 (left: 2 12)\n12 * 2 = 24 (left: 24)\nAnswer: (4 + 8) * 2 = 24")
-    assert value in (0.0, 0.5, 1.0) or 0.0 <= value <= 1.0
+    state = "4 + 8 = 12 (left: 2 12)\n12 * 2 = 24 (left: 24)\nAnswer: (4 + 8) * 2 = 24"
+    value = judge("", state)
+    # The judge's reward is the mean score of the verdicts the engine gives to its question.
+    question = game24.VALUE_QUESTION.replace("{state}", state)
+    chat = smollm2_q.apply_chat_template([{"role": "user", "content": question}])
+    asked = smollm2_q.generate(
+        [chat] * 3,
+        max_new_tokens=game24.VALUE_MAX_TOKENS,
+        strategy=ps.Sampling(temperature=0.7, seed=0),
+        stop=["\n"],
+    )
+    score = {"sure": 1.0, "likely": 0.5, "impossible": 0.0, None: 0.0}
+    assert value == sum(score[game24.verdict(o.text or "")] for o in asked) / 3
     tokens, flops = judge.take_spent()
     assert tokens > 0 and flops > 0 and judge.take_spent() == (0, 0.0)
     # A judge that calls the engine is counted per call: such a search takes one question per call.
@@ -163,7 +173,7 @@ def test_game24_searches_use_the_models_own_judgement(smollm2_q: ps.Engine, tmp_
 
     out = ps.eval.run(
         dataset="game24",
-        data_dir=str(SHARED_DATA),
+        data_dir=str(DATA),
         slice="900:901",
         strategies="mcts@2",
         out=tmp_path / "g24",
@@ -171,7 +181,7 @@ def test_game24_searches_use_the_models_own_judgement(smollm2_q: ps.Engine, tmp_
         progress=False,
     )
     (record,) = _records(out)
-    prompt = build_prompt(smollm2_q, load_task("game24", SHARED_DATA), load_task("game24", SHARED_DATA).questions[900])
+    prompt = build_prompt(smollm2_q, load_task("game24", DATA), load_task("game24", DATA).questions[900])
     own = smollm2_q.generate(
         prompt,
         max_new_tokens=192,
@@ -185,9 +195,8 @@ def test_game24_searches_use_the_models_own_judgement(smollm2_q: ps.Engine, tmp_
     assert record["correct"] == ps.eval.grade_game24(own.text or "", "4 5 6 10").correct
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="../shared/data/gsm8k is absent")
 def test_k_shot_prompts_put_worked_train_examples_first(smollm2_q: ps.Engine) -> None:
-    task = load_task("gsm8k", SHARED_DATA, shots=2)
+    task = load_task("gsm8k", DATA, shots=2)
     assert [s.id for s in task.shots] == ["gsm8k/train:0", "gsm8k/train:1"]
     q = task.questions[200]
     prompt = build_prompt(smollm2_q, task, q)

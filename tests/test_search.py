@@ -5,6 +5,7 @@ bad parameters and failing callbacks."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import peftscale as ps
@@ -206,10 +207,13 @@ def test_mcts_prefers_the_rewarded_branch_and_counts_add_up(tiny: ps.Engine) -> 
     rewarded = [c for c in root_children if nodes[c].value > 0]
     assert nodes[root_children[0]].value > 0
     assert nodes[root_children[visits.index(max(visits))]].value > 0 and rewarded
-    # A node's visits are its own evaluations plus its children's.
+    # A node's visits are its own back-ups plus its children's: the root has none of its own, an
+    # expanded node exactly one (its evaluation; only leaves that cannot be expanded are counted
+    # again), a leaf at least one.
     for i, n in enumerate(nodes):
-        below = sum(nodes[c].visits for c in out.tree.children(i))
-        assert n.visits >= below
+        kids = out.tree.children(i)
+        own = n.visits - sum(nodes[c].visits for c in kids)
+        assert own == (0 if i == 0 else 1) if kids else own >= 1, (i, own)
     assert nodes[0].visits == sum(visits)
     # The prompt once, each step's tokens (a terminal step's last one is never fed), each
     # rollout's tokens but its last.
@@ -365,9 +369,98 @@ def test_cold_as_the_token_scorer(tiny_with_adapter: ps.Engine) -> None:
     ids=lambda s: type(s).__name__,
 )
 def test_every_search_cut_short_by_a_timeout_returns_one_row_per_prompt(tiny: ps.Engine, strategy) -> None:
+    # A deadline already passed ends the call after its first pass (the prompts' prefill and each
+    # path's first token), before any path finished: nothing is voted or chosen; beam search
+    # returns its running beams, one token each, the best first.
     outs = tiny.generate([PROMPT, PROMPT[:5]], max_new_tokens=12, strategy=strategy, ignore_eos=True, timeout_s=0)
     assert len(outs) == 2
-    assert all(o.finish_reason == "timeout" for o in outs)
+    for o in outs:
+        assert o.finish_reason == "timeout"
+        if isinstance(strategy, ps.BeamSearch):
+            assert [len(c.token_ids) for c in o.candidates] == [1]
+            assert o.token_ids == o.candidates[0].token_ids
+        else:
+            assert (o.token_ids, o.candidates, o.answer, o.votes) == ([], [], None, {})
     # Without the timeout the same search finishes on its own.
     full = tiny.generate([PROMPT, PROMPT[:5]], max_new_tokens=12, strategy=strategy, ignore_eos=True)
-    assert all(o.finish_reason != "timeout" for o in full)
+    assert all(o.finish_reason != "timeout" and o.token_ids for o in full)
+
+
+def test_self_consistency_cut_short_votes_over_the_finished_round(tiny: ps.Engine) -> None:
+    """Rounds of two samples of four tokens: after six passes the first round has finished and
+    the second has not. Ended there, the search votes over the first round's two samples."""
+    strategy = ps.SelfConsistency(
+        n=6, round_size=2, stop_when_confident=0.99, extract=_scripted(["3", "4", "3", "5", "6", "7"])
+    )
+    gen = tiny._core.start([PROMPT], adapters=[None], **tiny._kwargs(4, strategy, None, True, None))
+    for _ in range(6):
+        gen.step()
+    assert not gen.done
+    gen.finish_early("timeout")
+    out = ps.GenerationOutput._from_core(gen.outputs()[0])
+    assert out.finish_reason == "timeout"
+    assert [c.answer for c in out.candidates] == ["3", "4"]
+    assert out.votes == {"3": 1.0, "4": 1.0} and out.answer == "3"
+    assert out.token_ids == out.candidates[0].token_ids
+
+
+@pytest.mark.parametrize(
+    ("strategy", "name"),
+    [
+        (ps.BestOfN(n=2, scorer=ps.CoLD(sample=True)), "CoLD.sample"),
+        (ps.SelfConsistency(n=2, scorer=ps.CoLD(temperature=0.5)), "CoLD.temperature"),
+        (ps.BeamSearch(num_beams=2, scorer=ps.CoLD(seed=3)), "CoLD.seed"),
+        (ps.MCTS(iterations=1, scorer=ps.CoLD(paired=False)), "CoLD.paired"),
+        (ps.SelfConsistency(n=2, scorer=lambda p, c: 1.0), "vote='weighted'"),
+        (ps.SelfConsistency(n=2, round_size=3), "round_size"),
+        (ps.TreeOfThought(propose_template="{problem}"), "propose_template"),
+        (ps.TreeOfThought(evaluator=lambda p, s: 1.0, value_samples=5), "value_samples"),
+        (ps.TreeOfThought(evaluator=lambda p, s: 1.0, value_template="{state}"), "value_template"),
+        (ps.TreeOfThought(value_threshold=0.5), "value_threshold"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else type(x).__name__,
+)
+def test_parameters_without_effect_are_refused(tiny_with_adapter: ps.Engine, strategy: ps.Strategy, name: str) -> None:
+    with pytest.raises(ps.InvalidArgument, match=re.escape(name)):
+        tiny_with_adapter.generate(PROMPT, max_new_tokens=3, strategy=strategy, adapter="a")
+
+
+def test_cold_in_a_search_honours_the_search_sampling(tiny_with_adapter: ps.Engine) -> None:
+    """top_k=1 leaves one token to draw from the contrastive scores: every sample is CoLD's greedy
+    decode (before, a search's top-k/top-p/min-p/repetition penalty were ignored under CoLD)."""
+    eng = tiny_with_adapter
+    cold = ps.CoLD(alpha=0.05, beta=1.0)
+    greedy = eng.generate(PROMPT, max_new_tokens=6, strategy=cold, adapter="a", ignore_eos=True)
+    bon = eng.generate(
+        PROMPT,
+        max_new_tokens=6,
+        strategy=ps.BestOfN(n=3, sampling=ps.Sampling(temperature=1.5, top_k=1, seed=4), scorer=cold),
+        adapter="a",
+        ignore_eos=True,
+    )
+    assert [c.token_ids for c in bon.candidates] == [greedy.token_ids] * 3
+    # Without the cap the draws differ.
+    free = eng.generate(
+        PROMPT,
+        max_new_tokens=6,
+        strategy=ps.BestOfN(n=3, sampling=ps.Sampling(temperature=1.5, seed=4), scorer=cold),
+        adapter="a",
+        ignore_eos=True,
+    )
+    assert len({tuple(c.token_ids) for c in free.candidates}) > 1
+
+
+def test_beam_search_ends_a_beam_at_a_stop_string(tiny: ps.Engine) -> None:
+    free = tiny.generate(PROMPT, max_new_tokens=10, strategy=ps.BeamSearch(num_beams=3), ignore_eos=True)
+    text = free.text or ""
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), "the random model's text must hold a stop string to test"
+    out = tiny.generate(PROMPT, max_new_tokens=10, strategy=ps.BeamSearch(num_beams=3), stop=[stop], ignore_eos=True)
+    stopped = [c for c in out.candidates if c.finish_reason == "stop"]
+    assert stopped, "the stop string must end a beam"
+    for c in stopped:
+        full = tiny.tokenizer.decode(c.token_ids)
+        assert stop in full and stop not in (c.text or "")
+        assert full.startswith(c.text or "")
+        # It ends the beam as soon as it appears: the text before the last token lacks it.
+        assert stop not in tiny.tokenizer.decode(c.token_ids[:-1])

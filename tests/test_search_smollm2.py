@@ -83,22 +83,58 @@ def test_every_strategy_runs_on_the_packaged_model(smollm2_q: ps.Engine) -> None
     sampling = ps.Sampling(temperature=0.7, seed=1)
     bon = eng.generate(q, max_new_tokens=24, strategy=ps.BestOfN(n=4, sampling=sampling))
     assert len(bon.candidates) == 4 and bon.score == max(c.score for c in bon.candidates)
+    # Self-consistency draws the same paths as best-of-N with the same sampling, and its answer
+    # and votes are the shared vote over them.
     sc = eng.generate(q, max_new_tokens=24, strategy=ps.SelfConsistency(n=4, sampling=sampling))
-    assert sum(sc.votes.values()) == sum(c.answer is not None for c in sc.candidates)
-    assert sc.answer is None or sc.answer == max(sc.votes, key=sc.votes.get)
+    assert [c.token_ids for c in sc.candidates] == [c.token_ids for c in bon.candidates]
+    tally = ps.vote([c.text or "" for c in sc.candidates])
+    assert sc.votes == dict(tally) and sc.answer == (tally[0][0] if tally else None)
+    # Tree-of-Thought: 2 proposals from the root, 2 from each of the 2 kept, unless a step ended
+    # its path; the returned text is the chosen path's steps.
     tot = eng.generate(
         q,
         max_new_tokens=48,
         strategy=ps.TreeOfThought(proposals=2, breadth=2, depth=2, value_samples=1, max_step_tokens=16),
     )
-    assert tot.tree is not None and 1 <= tot.tree.max_depth <= 2 and tot.text is not None
+    nodes = tot.tree.nodes
+    level1 = tot.tree.children(0)
+    assert len(level1) == 2
+    open_states = [c for c in level1 if not nodes[c].terminal]
+    assert sum(len(tot.tree.children(c)) for c in level1) == 2 * len(open_states)
+
+    # The answer: the best complete state kept (at the full depth or ended), by value, the first
+    # on ties; its ancestors are on the returned path.
+    def key(i: int) -> tuple[bool, int, float, int]:
+        complete = nodes[i].terminal or nodes[i].depth >= 2
+        return (complete, 0 if complete else nodes[i].depth, nodes[i].value, -i)
+
+    leaf = max((i for i, n in enumerate(nodes) if i and n.selected), key=key)
+    assert tot.score == nodes[leaf].value
+    at = leaf
+    while at:
+        assert nodes[at].selected
+        at = nodes[at].parent
+    # MCTS: every back-propagation passes through the root, and the returned path follows the
+    # most visited child at each level.
     mcts = eng.generate(
         q, max_new_tokens=32, strategy=ps.MCTS(iterations=3, expansions=2, max_depth=3, max_step_tokens=12)
     )
-    assert mcts.tree is not None and mcts.tree.nodes[0].visits >= 3 and mcts.text
+    nodes = mcts.tree.nodes
+    assert nodes[0].visits == sum(nodes[c].visits for c in mcts.tree.children(0))
+    expected, at = [0], 0
+    while mcts.tree.children(at):
+        kids = mcts.tree.children(at)
+        at = max(kids, key=lambda c: (nodes[c].visits, nodes[c].value, -c))
+        expected.append(at)
+    assert [i for i, n in enumerate(nodes) if n.selected] == expected
+    # Adaptive: each question's answer is the vote over its paths, and the spends add up.
     adaptive = eng.generate(
         [q, eng.apply_chat_template([{"role": "user", "content": "What is 10 - 2?"}])],
         max_new_tokens=16,
         strategy=ps.Adaptive(budget_tokens=256, probe=2, max_n=6, bins=2),
     )
-    assert len(adaptive) == 2 and all(len(o.candidates) >= 2 for o in adaptive)
+    assert len(adaptive) == 2
+    for out in adaptive:
+        tally = ps.vote([c.text or "" for c in out.candidates])
+        assert out.answer == (tally[0][0] if tally else None)
+    assert sum(o.tokens_spent for o in adaptive) == adaptive[0].stats.tokens_forwarded

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from peftscale import models
 from peftscale._core import __version__
+from peftscale.answers import extract_answer, normalize_answer, vote
 from peftscale.engine import Candidate, Engine, GenerationOutput, SearchTree, Stats, Tokenizer, TreeNode
 from peftscale.errors import (
     AdapterError,
@@ -17,6 +18,7 @@ from peftscale.errors import (
     ContextLengthError,
     DeviceError,
     EngineError,
+    Interrupted,
     InvalidArgument,
     ModelLoadError,
     NumericalError,
@@ -61,6 +63,7 @@ __all__ = [
     "EngineError",
     "GenerationOutput",
     "Greedy",
+    "Interrupted",
     "InvalidArgument",
     "ModelLoadError",
     "NumericalError",
@@ -74,6 +77,9 @@ __all__ = [
     "cold_top_k",
     "compiled_devices",
     "cpu_kernels",
+    "extract_answer",
+    "normalize_answer",
+    "vote",
     "sample_tokens",
     "eval",
     "models",

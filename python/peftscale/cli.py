@@ -187,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         group_size=args.group_size,
+        seeds=args.seeds,
         cold_alpha=args.cold_alpha,
         cold_beta=args.cold_beta,
         overrides=_overrides(args.set),
@@ -217,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     d.add_argument("--quick", action="store_true", help="a smaller run of about 3 minutes")
     d.add_argument("--out", default="runs/demo", help="output folder (rerun into it to continue)")
-    d.add_argument("--data-dir", default=None, help="where gsm8k/ lies (default ../shared/data)")
+    d.add_argument("--data-dir", default=None, help="where gsm8k/ lies (default: the copies shipped with peftscale)")
     d.set_defaults(func=cmd_demo)
     for name, what in (
         ("train", "train from a YAML config (lora, qlora, full, prune, distill; see examples/)"),
@@ -241,13 +242,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(every integer), mcts@16, adaptive@512; '+cold' to score with CoLD; 'base:' to run without the adapter",
     )
     e.add_argument("--out", required=True, help="output folder (rerun into it to continue an interrupted run)")
-    e.add_argument("--data-dir", default=None, help="where gsm8k/, math500/, game24/ lie (default ../shared/data)")
+    e.add_argument(
+        "--data-dir",
+        default=None,
+        help="where gsm8k/, math500/, game24/ lie (default: the copies shipped with peftscale)",
+    )
     e.add_argument("--fields", default=None, help="JSONL field names: question=q,answer=a")
     e.add_argument("--shots", type=int, default=0, help="worked examples from the train split before each question")
     e.add_argument("--template", default=None, help="user turn: 'plain', 'cot' or a text with {question}")
     e.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default per data set)")
     e.add_argument("--batch-size", type=int, default=8, help="questions decoded together per call (searches included)")
-    e.add_argument("--group-size", type=int, default=16, help="questions per call for adaptive allocation")
+    e.add_argument(
+        "--group-size", type=int, default=16, help="adaptive allocation's window: consecutive questions per call"
+    )
+    e.add_argument(
+        "--seeds", default=None, help="run strategies that sample once per seed (0,1,2); the table shows the spread"
+    )
     e.add_argument("--cold-alpha", type=float, default=0.1)
     e.add_argument("--cold-beta", type=float, default=0.5)
     e.add_argument(

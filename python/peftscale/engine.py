@@ -15,7 +15,7 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from peftscale import _core, provenance
-from peftscale.errors import InvalidArgument
+from peftscale.errors import Interrupted, InvalidArgument
 from peftscale.strategies import Greedy, Strategy
 
 DType = Literal["auto", "f32", "f16", "bf16"]
@@ -45,7 +45,7 @@ class Stats:
         return (self.seconds - self.first_token_seconds) / later if later > 0 else 0.0
 
 
-FinishReason = Literal["eos", "stop", "length", "context", "timeout"]
+FinishReason = Literal["eos", "stop", "length", "context", "timeout", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -349,13 +349,20 @@ class Engine:
 
         ``timeout_s`` bounds the call's wall time: when it passes, decoding ends at the next step
         and every unfinished row keeps what it produced, with ``finish_reason == "timeout"`` (a
-        search cut short returns the best of what it finished). Ctrl-C raises
-        ``KeyboardInterrupt`` within one step; the engine stays usable.
+        search cut short returns the best of what it finished: self-consistency votes over the
+        samples that finished). Ctrl-C raises :class:`peftscale.Interrupted` (a
+        ``KeyboardInterrupt``) within one step, carrying the same partial results in ``.outputs``
+        (``finish_reason == "interrupted"``); the engine stays usable.
         """
         ids, single = self._encode_prompts(prompts)
         kwargs = self._kwargs(max_new_tokens, strategy, stop, ignore_eos, timeout_s)
         gen = self._core.start(ids, adapters=_per_row(adapter, len(ids), "prompts"), **kwargs)
-        gen.run()
+        try:
+            gen.run()
+        except KeyboardInterrupt:
+            gen.finish_early("interrupted")
+            outs = [GenerationOutput._from_core(d) for d in gen.outputs()]
+            raise Interrupted(outs[0] if single else outs) from None
         outs = [GenerationOutput._from_core(d) for d in gen.outputs()]
         return outs[0] if single else outs
 

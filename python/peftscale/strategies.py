@@ -6,6 +6,7 @@ raises :class:`peftscale.InvalidArgument` naming the bad parameter.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,6 +111,18 @@ def _cold_tuple(scorer: object) -> tuple[float, float, float, bool, float, int, 
     return CoLD._core_kwargs(scorer)["cold"] if isinstance(scorer, CoLD) else None
 
 
+def _no_effect(strategy: object, field: str, when: str) -> None:
+    """Refuses a non-default ``field`` of ``strategy`` that has no effect ``when`` (a parameter is
+    honoured or refused, never silently ignored)."""
+    default = next(f.default for f in dataclasses.fields(strategy) if f.name == field)  # type: ignore[arg-type]
+    value = getattr(strategy, field)
+    if value != default:
+        raise InvalidArgument(
+            f"invalid argument: {type(strategy).__name__}.{field}={value!r} has no effect {when}; "
+            "leave it at its default"
+        )
+
+
 def _search(kind: str, token_scorer: object = None, **fields: Any) -> dict[str, Any]:
     return {**Greedy()._core_kwargs(), "search": {"kind": kind, "cold": _cold_tuple(token_scorer), **fields}}
 
@@ -206,6 +219,13 @@ class SelfConsistency:
 
     def _core_kwargs(self) -> dict[str, Any]:
         weight = self.scorer if callable(self.scorer) and not isinstance(self.scorer, CoLD) else None
+        if weight is not None and self.vote != "weighted":
+            raise InvalidArgument(
+                "invalid argument: SelfConsistency.scorer weighs the votes only with vote='weighted' "
+                f"(vote={self.vote!r} counts each answer once)"
+            )
+        if self.stop_when_confident is None:
+            _no_effect(self, "round_size", "without stop_when_confident (all n samples run as one round)")
         return _search(
             "self_consistency",
             self.scorer,
@@ -242,7 +262,9 @@ class TreeOfThought:
     replaces it.
     ``search="bfs"`` keeps the best ``breadth`` states per level for ``depth`` levels;
     ``"dfs"`` follows the best child first and backtracks below ``value_threshold``.
-    ``out.tree`` holds every state with its value.
+    ``out.tree`` holds every state with its value. ``max_new_tokens`` bounds the whole path; a
+    step that ends at EOS or at one of ``generate``'s stop strings ends its path. With
+    ``extract`` (as in :class:`SelfConsistency`), ``out.answer`` is the chosen path's answer.
     """
 
     step_delimiter: str = "\n"
@@ -260,8 +282,16 @@ class TreeOfThought:
     propose_template: str = PROPOSE_TEMPLATE
     value_template: str = VALUE_TEMPLATE
     scorer: CoLD | None = None
+    extract: Extract | None = None
 
     def _core_kwargs(self) -> dict[str, Any]:
+        if self.generate != "propose":
+            _no_effect(self, "propose_template", "with generate='sample'")
+        if self.evaluator != "self":
+            for field in ("value_samples", "value_max_tokens", "value_template"):
+                _no_effect(self, field, "with a callable evaluator")
+        if self.search != "dfs":
+            _no_effect(self, "value_threshold", "with search='bfs' (only depth-first search backtracks)")
         return _search(
             "tot",
             self.scorer,
@@ -279,6 +309,7 @@ class TreeOfThought:
             sampling=_sampling_tuple(self.sampling),
             propose_template=self.propose_template,
             value_template=self.value_template,
+            extract=self.extract,
         )
 
 
@@ -328,14 +359,19 @@ class Adaptive:
     """Difficulty-adaptive compute over a list of prompts (after Snell et al. 2024).
 
     Spends ``probe`` samples on every question, estimates its difficulty from how much their
-    extracted answers disagree, bins the questions by difficulty quantile (``bins``), and splits
-    the rest of ``budget_tokens`` (generated tokens, probes included) over the unsettled ones,
-    harder bins getting more samples (at most ``max_n`` per question); questions whose probes
-    all agree get none. Then each question votes. ``out.tokens_spent`` is its spend.
+    extracted answers disagree, bins the questions by difficulty quantile (``bins``; by value:
+    questions whose probes agree equally share a bin and get equal shares, whatever their order),
+    and splits the rest of ``budget_tokens`` (generated tokens, probes included) over the
+    unsettled ones, harder bins getting more samples (at most ``max_n`` per question). Questions
+    whose probes all agree get no more samples than ``min_n`` (probes included; 0: none beyond
+    the probes): their answer is taken as settled. Then each question votes.
+    ``out.tokens_spent`` is its spend. The allocation is over the prompts of one ``generate``
+    call: ``peftscale eval`` passes fixed windows of ``group_size`` consecutive questions.
     """
 
     budget_tokens: int = 4096
     probe: int = 4
+    min_n: int = 0
     max_n: int = 32
     bins: int = 5
     sampling: Sampling = _SEARCH_SAMPLING
@@ -348,6 +384,7 @@ class Adaptive:
             self.scorer,
             budget_tokens=_non_negative("budget_tokens", self.budget_tokens),
             probe=_non_negative("probe", self.probe),
+            min_n=_non_negative("min_n", self.min_n),
             max_n=_non_negative("max_n", self.max_n),
             bins=_non_negative("bins", self.bins),
             sampling=_sampling_tuple(self.sampling),

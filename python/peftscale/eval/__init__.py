@@ -18,10 +18,12 @@ every integer; ``+cold`` scores tokens with CoLD; ``base:`` runs without the ada
 The output folder holds ``results.jsonl`` (one line per strategy and question: prediction,
 correctness, tokens, FLOPs, seconds), ``run.json`` (what produced them), ``summary.json``,
 ``table.md`` and the plots ``accuracy_flops.png`` / ``accuracy_seconds.png``. Rerunning into the
-same folder skips the questions already answered, so an interrupted run continues.
+same folder skips the questions already answered, so an interrupted run continues; it refuses
+when what produced them changed (the settings, the adapter's files, or a scorer's
+``peftscale_fingerprint()``; see :func:`fingerprint`).
 """
 
-from peftscale.eval.datasets import Question, Task, load_task
+from peftscale.eval.datasets import Question, Task, load_task, user_task
 from peftscale.eval.grading import (
     Grade,
     check_game24,
@@ -34,7 +36,7 @@ from peftscale.eval.grading import (
     normalize_math,
 )
 from peftscale.eval.report import summarize
-from peftscale.eval.runner import EvalConfig, Record, read_records, run
+from peftscale.eval.runner import EvalConfig, Record, fingerprint, read_records, run
 from peftscale.eval.specs import Spec, parse_specs
 from peftscale.eval.stats import paired_difference, wilson_interval
 
@@ -49,6 +51,7 @@ __all__ = [
     "extract_boxed",
     "extract_game24",
     "extract_last_number",
+    "fingerprint",
     "grade_game24",
     "grade_gsm8k",
     "grade_math",
@@ -59,5 +62,6 @@ __all__ = [
     "read_records",
     "run",
     "summarize",
+    "user_task",
     "wilson_interval",
 ]

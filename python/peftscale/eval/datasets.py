@@ -1,14 +1,14 @@
 """Evaluation data: GSM8K, MATH-500, Game of 24 and user JSONL, as :class:`Question` lists.
 
-The data sets are read where they lie (``../shared/data/`` relative to the project root by
-default, or ``data_dir``); the project never copies them.
+GSM8K, MATH-500 and Game of 24 ship with peftscale (``peftscale/data``, with their licences);
+``data_dir`` or ``$PEFTSCALE_DATA`` reads another copy with the same layout.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,12 +26,12 @@ from peftscale.eval.grading import (
     judge_number,
 )
 from peftscale.strategies import Extract
-from peftscale.train.data import read_jsonl
+from peftscale.train.data import data_file, read_jsonl
 
 if TYPE_CHECKING:
     from peftscale.engine import Engine
 
-__all__ = ["Question", "Task", "default_data_dir", "load_task", "parse_fields", "parse_slice"]
+__all__ = ["Question", "Task", "default_data_dir", "load_task", "parse_fields", "parse_slice", "user_task"]
 
 
 @dataclass(frozen=True)
@@ -67,21 +67,88 @@ class Task:
     #: Per-family keyword arguments the task's searches need, given the loaded engine and the
     #: adapter's name (``{"tot": {"depth": 4}}``).
     search: Callable[[Engine, str | None], dict[str, dict[str, Any]]] | None = None
+    #: A user task's prompt builder: the question's whole user turn (replaces ``template``).
+    prompt: Callable[[str], str] | None = None
+
+
+def user_task(
+    name: str,
+    questions: Sequence[tuple[str, str]] | Sequence[Mapping[str, str]] | Sequence[Question],
+    grader: Callable[[str, str], bool],
+    *,
+    prompt: Callable[[str], str] | None = None,
+    extract: Extract = "last_number",
+) -> Task:
+    """A task of your own for :func:`peftscale.eval.run` (``dataset=user_task(...)``), no file needed.
+
+    ``questions``: ``(question, gold)`` pairs, ``{"question", "answer"}`` mappings or
+    :class:`Question` objects. ``grader(text, gold) -> bool`` decides whether a reply (or, for the
+    voting strategies, the answer they voted for) is right. ``prompt(question) -> str`` builds the
+    user turn (default: the bare question). ``extract`` reads the answer the voting strategies vote
+    on and the one shown as the prediction (the rules of :func:`peftscale.extract_answer`, or a
+    callable).
+
+    >>> task = user_task("sums", [("What is 2 + 3?", "5")], lambda text, gold: gold in text)
+    >>> task.grade("It is 5.", "5")
+    Grade(prediction='5', correct=True)
+    """
+    from peftscale.answers import extract_answer
+
+    items: list[Question] = []
+    for i, q in enumerate(questions):
+        if isinstance(q, Question):
+            items.append(q)
+        elif isinstance(q, Mapping):
+            items.append(Question(id=f"{name}:{i}", question=str(q["question"]), gold=str(q["answer"])))
+        else:
+            text, gold = q
+            items.append(Question(id=f"{name}:{i}", question=str(text), gold=str(gold)))
+    if not items:
+        raise InvalidArgument(f"invalid argument: task {name!r} has no questions")
+
+    def read(text: str) -> str | None:
+        return extract_answer(text, extract) if isinstance(extract, str) else extract(text)  # type: ignore[arg-type]
+
+    def grade(text: str, gold: str) -> Grade:
+        return Grade(read(text), bool(grader(text, gold)))
+
+    def judge(answer: str | None, gold: str) -> bool:
+        return answer is not None and bool(grader(answer, gold))
+
+    grade.peftscale_fingerprint = lambda: _callable_fingerprint(grader)  # type: ignore[attr-defined]
+    judge.peftscale_fingerprint = grade.peftscale_fingerprint  # type: ignore[attr-defined]
+    return Task(name, items, grade, judge, extract=extract, prompt=prompt)
+
+
+def _callable_fingerprint(f: Callable[..., object]) -> str | None:
+    """What identifies a user's callable across runs: its ``peftscale_fingerprint()``, else for a
+    plain function its code (bytecode, constants and the values it closes over), else ``None``."""
+    import hashlib
+    import types
+
+    own = getattr(f, "peftscale_fingerprint", None)
+    if callable(own):
+        return str(own())
+    if isinstance(f, types.FunctionType):
+        code = f.__code__
+        # Settings it closes over count by value; objects (state a grader keeps) by their type.
+        plain = (str, int, float, bool, bytes, type(None), tuple, frozenset)
+        cells = tuple(
+            c.cell_contents if isinstance(c.cell_contents, plain) else type(c.cell_contents).__qualname__
+            for c in f.__closure__ or ()
+        )
+        return hashlib.sha256(code.co_code + repr((code.co_consts, code.co_names, cells)).encode()).hexdigest()
+    return None
+
+
+PACKAGED_DATA = Path(__file__).resolve().parent.parent / "data"
+"""The data sets shipped with peftscale (GSM8K, MATH-500, Game of 24; see its README)."""
 
 
 def default_data_dir() -> Path:
-    """``$PEFTSCALE_DATA`` if set, else ``../shared/data`` next to the project (the working tree's
-    parent), else ``./data``."""
+    """``$PEFTSCALE_DATA`` if set, else the data sets shipped with peftscale."""
     env = os.environ.get("PEFTSCALE_DATA")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent.parent / "shared" / "data"
-        if (parent / "pyproject.toml").is_file() and candidate.is_dir():
-            return candidate
-    cwd_candidate = Path.cwd().parent / "shared" / "data"
-    return cwd_candidate if cwd_candidate.is_dir() else Path("data")
+    return Path(env) if env else PACKAGED_DATA
 
 
 def parse_slice(spec: str | None, total: int) -> range:
@@ -119,7 +186,7 @@ def parse_fields(spec: str | Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+    if not data_file(path).is_file():
         raise InvalidArgument(f"invalid argument: no data file at {path} (set --data-dir or PEFTSCALE_DATA)")
     return read_jsonl(path, lambda message: InvalidArgument(f"invalid argument: {message}"))
 

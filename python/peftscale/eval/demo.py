@@ -20,6 +20,7 @@ from peftscale.engine import Engine
 from peftscale.errors import InvalidArgument
 from peftscale.eval.datasets import default_data_dir
 from peftscale.provenance import RECORD
+from peftscale.train.data import data_file
 
 __all__ = ["DemoPlan", "plan", "run"]
 
@@ -89,7 +90,7 @@ def run(out: str | os.PathLike[str] = "runs/demo", quick: bool = False, data_dir
 
     p = plan(quick)
     data = (Path(data_dir) if data_dir else default_data_dir()).resolve()
-    if not (data / "gsm8k" / "train.jsonl").is_file():
+    if not data_file(data / "gsm8k" / "train.jsonl").is_file():
         raise InvalidArgument(f"invalid argument: the demo reads GSM8K from {data}/gsm8k (set --data-dir)")
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -402,6 +402,13 @@ class ModelJudge:
         score = {"sure": 1.0, "likely": 0.5, "impossible": 0.0, None: 0.0}
         return sum(score[verdict(o.text or "")] for o in outs) / len(outs)
 
+    def peftscale_fingerprint(self) -> str:
+        """What its rewards depend on (for resuming an evaluation): the model's weights, the
+        adapter's name, the samples and seed, and the question asked."""
+        from peftscale.eval.runner import fingerprint
+
+        return fingerprint(self.engine.path, self.adapter, self.samples, self.seed, VALUE_QUESTION, VALUE_MAX_TOKENS)
+
     def take_spent(self) -> tuple[int, float]:
         """Tokens and FLOPs spent since the last call, and resets them."""
         spent = (self._tokens, self._flops)
@@ -446,7 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("data", help="write LoRA training rows from the puzzles outside rows 900-999")
     d.add_argument("--out", required=True, help="folder for train.jsonl")
-    d.add_argument("--data-dir", default=None, help="where game24/24.csv lies (default ../shared/data)")
+    d.add_argument(
+        "--data-dir", default=None, help="where game24/24.csv lies (default: the copies shipped with peftscale)"
+    )
     d.add_argument("--traces-per-puzzle", type=int, default=2)
     d.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+from peftscale.answers import extract_answer, normalize_answer
+
 __all__ = [
     "Grade",
     "check_game24",
@@ -32,7 +34,6 @@ __all__ = [
     "judge_math",
     "judge_number",
     "normalize_math",
-    "parse_number",
 ]
 
 
@@ -45,33 +46,15 @@ class Grade:
 
 
 # ---------------------------------------------------------------- numbers (GSM8K and friends)
-
-# A number as people write it: optional sign, thousands separators, decimals, or a simple fraction.
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|(?<![\w.])-?\.\d+")
-
-
-def parse_number(text: str) -> Fraction | None:
-    """``text`` as an exact number (``"1,234.5"``, ``"-3"``, ``"$12"``, ``"3/4"``, ``"50%"`` -> 50),
-    or ``None`` when it is not one."""
-    s = text.strip().replace("$", "").replace("\\$", "").replace(",", "").rstrip(".").strip()
-    s = s.removesuffix("\\%").removesuffix("%").strip()
-    if not s:
-        return None
-    try:
-        if "/" in s:
-            num, den = s.split("/", 1)
-            return Fraction(Fraction(num), Fraction(den))
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
+#
+# The rules live in the Rust core (peftscale.answers), where self-consistency, MCTS and adaptive
+# compute vote with them: a reply is graded by the rule its strategy voted with.
 
 
 def extract_last_number(text: str) -> str | None:
-    """The last number in ``text``, thousands separators removed (``"... $1,200."`` -> ``"1200"``)."""
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    return found[-1].replace(",", "")
+    """The last number in ``text``, canonically spelled (``"... $1,200.50."`` -> ``"1200.5"``,
+    ``"3/4"`` -> ``"0.75"``): :func:`peftscale.extract_answer` with ``"last_number"``."""
+    return extract_answer(text, "last_number")
 
 
 def gsm8k_gold(answer: str) -> str:
@@ -83,15 +66,15 @@ def gsm8k_gold(answer: str) -> str:
 
 
 def judge_number(prediction: str | None, gold: str) -> bool:
-    """Whether an extracted answer is the gold number (``"18.00"`` and ``"18"`` agree)."""
+    """Whether an extracted answer is the gold number (``"18.00"`` and ``"18"`` agree, as do
+    ``"0.75"`` and ``"3/4"``): both in the canonical number spelling, compared."""
     if prediction is None:
         return False
-    x, y = parse_number(prediction), parse_number(gold)
-    return x is not None and y is not None and x == y
+    return normalize_answer(prediction, "last_number") == normalize_answer(gold, "last_number")
 
 
 def grade_gsm8k(reply: str, gold: str) -> Grade:
-    """Correct when the last number in the reply equals the gold number exactly (``"18.00"`` and
+    """Correct when the last number in the reply equals the gold number (``"18.00"`` and
     ``"18"`` agree; ``"1,250"`` reads as 1250)."""
     pred = extract_last_number(reply)
     return Grade(pred, judge_number(pred, gold))
@@ -101,106 +84,29 @@ def grade_gsm8k(reply: str, gold: str) -> Grade:
 
 
 def extract_boxed(text: str) -> str | None:
-    """The contents of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        # "\boxed 5": the argument is the next token.
-        rest = text[start + len("\\boxed") :].strip().split()
-        return rest[0].rstrip("$.") if rest else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
-
-
-_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
-_FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")
-_FRAC_HALF = re.compile(r"\\frac(\d)\{")
-_FRAC = re.compile(r"\\frac\{([^{}]*)\}\{([^{}]*)\}")
-_SQRT_SHORT = re.compile(r"\\sqrt(\w)")
-# Unit words after an answer ("12 \text{ cm}", "5 dollars"); no single letters, which are variables.
-_UNITS = re.compile(
-    r"\\?(?:text\{)?\s*(?:units?|cm|km|inches|inch|feet|foot|ft|degrees?|cents?|dollars?|hours?|minutes?|"
-    r"seconds?|meters?|miles?|mph|square units)\b\}?\s*$"
-)
+    """The MATH answer of ``text``, normalised: the last ``\\boxed{...}`` (or ``\\fbox{...}``),
+    else what follows "answer is", else the last number (:func:`peftscale.extract_answer` with
+    ``"boxed"``)."""
+    return extract_answer(text, "boxed")
 
 
 def normalize_math(answer: str) -> str:
-    """A canonical spelling of a MATH answer, so that ``\\dfrac{1}{2}``, ``\\frac12`` and ``1/2``
-    compare equal, as do ``90^\\circ`` and ``90``, ``\\left( 3, \\pi \\right)`` and ``(3,\\pi)``,
-    ``x = 5`` and ``5``, ``\\$12`` and ``12``, ``50\\%`` and ``50``."""
-    s = answer.strip().strip("$").strip()
-    s = s.replace("\n", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
-    s = s.replace("dfrac", "frac").replace("tfrac", "frac")
-    s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\circ", "")
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    s = _UNITS.sub("", s).strip()
-    s = _TEXT.sub(r"\1", s)
-    # "x = 5" -> "5" (a short left side naming the variable), not "x + y = 5".
-    if s.count("=") == 1:
-        left, right = s.split("=")
-        if len(left.strip()) <= 2:
-            s = right
-    s = s.replace(" ", "")
-    s = _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s)
-    s = _FRAC_HALF.sub(r"\\frac{\1}{", s)
-    s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
-    # A simple fraction written inline: "3/4" -> "\frac{3}{4}".
-    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
-    if m:
-        s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
-    s = s.rstrip(".")
-    if s.startswith("."):
-        s = "0" + s
-    s = s.replace("{.", "{0.")
-    # Trailing zeros of a decimal ("2.50" -> "2.5", "3.0" -> "3").
-    if re.fullmatch(r"-?\d+\.\d+", s):
-        s = s.rstrip("0").rstrip(".")
-    return s
-
-
-def _math_value(s: str) -> Fraction | None:
-    m = _FRAC.fullmatch(s.lstrip("-"))
-    if m:
-        num, den = parse_number(m.group(1)), parse_number(m.group(2))
-        if num is None or den is None or den == 0:
-            return None
-        v = num / den
-        return -v if s.startswith("-") else v
-    if re.fullmatch(r"-?\d+(?:\.\d+)?", s):
-        return Fraction(s)
-    return None
+    """A canonical spelling of a MATH answer, so that ``\\dfrac{1}{2}``, ``\\frac12``, ``1/2`` and
+    ``0.5`` compare equal, as do ``90^\\circ`` and ``90``, ``\\left( 3, \\pi \\right)`` and
+    ``(3,\\pi)``, ``x = 5`` and ``5``, ``\\$12`` and ``12``, ``50\\%`` and ``50``."""
+    return normalize_answer(answer, "boxed")
 
 
 def grade_math(reply: str, gold: str) -> Grade:
-    """Correct when the reply's last ``\\boxed{}`` (else the text after "answer is", else its last
-    number) equals the gold answer after :func:`normalize_math`, or both are the same number."""
+    """Correct when the reply's MATH answer (:func:`extract_boxed`) equals the gold answer after
+    :func:`normalize_math`."""
     pred = extract_boxed(reply)
-    if pred is None:
-        m = re.search(r"answer is[:\s]*\$?([^$\n]+?)\$?\s*(?:\.\s*)?$", reply.strip(), re.IGNORECASE)
-        pred = m.group(1) if m else extract_last_number(reply)
     return Grade(pred, judge_math(pred, gold))
 
 
 def judge_math(prediction: str | None, gold: str) -> bool:
-    """Whether an extracted MATH answer equals the gold one after :func:`normalize_math`, or both
-    are the same number."""
-    if prediction is None:
-        return False
-    a, b = normalize_math(prediction), normalize_math(gold)
-    if a == b:
-        return True
-    x, y = _math_value(a), _math_value(b)
-    return x is not None and y is not None and x == y
+    """Whether an extracted MATH answer equals the gold one after :func:`normalize_math`."""
+    return prediction is not None and normalize_math(prediction) == normalize_math(gold)
 
 
 # ---------------------------------------------------------------- Game of 24

@@ -41,6 +41,9 @@ def _worked(shot: Question) -> str:
 def build_prompt(engine: Engine, task: Task, question: Question, template: str | None = None) -> str:
     """The question as the model's chat template renders it, after the task's k-shot examples
     (each a user turn and the worked answer as the assistant's turn)."""
+    if task.prompt is not None and template is None:
+        # A user task's own prompt builder: the whole user turn.
+        return engine.apply_chat_template([{"role": "user", "content": task.prompt(question.question)}])
     template = template or task.template
     messages: list[dict[str, str]] = []
     for shot in task.shots:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from peftscale.eval.stats import paired_difference, wilson_interval
+from peftscale.eval.stats import paired_difference, pass_at_k, wilson_interval
 
 __all__ = ["StrategySummary", "summarize", "write"]
 
@@ -34,6 +34,10 @@ class StrategySummary:
     tokens_per_question: float
     flops_per_question: float
     seconds_per_question: float
+    #: Sampled strategies: the mean unbiased pass@1 and pass@n (coverage: some of the ``n``
+    #: paths is right) over the questions; ``None`` for the others.
+    pass_at_1: float | None = None
+    pass_at_n: float | None = None
 
 
 def _reference(labels: Sequence[str]) -> str | None:
@@ -59,6 +63,14 @@ def summarize(records: Sequence[dict[str, Any]], ids: Sequence[str], labels: Seq
             continue
         n, right = len(got), sum(bool(r["correct"]) for r in got)
         low, high = wilson_interval(right, n)
+        sampled = [r for r in got if r.get("samples", 0) > 0]
+        coverage = [
+            (
+                pass_at_k(r["samples"], r["samples_correct"], 1),
+                pass_at_k(r["samples"], r["samples_correct"], r["samples"]),
+            )
+            for r in sampled
+        ]
         rows.append(
             StrategySummary(
                 strategy=label,
@@ -72,6 +84,8 @@ def summarize(records: Sequence[dict[str, Any]], ids: Sequence[str], labels: Seq
                 tokens_per_question=sum(r["tokens"] for r in got) / n,
                 flops_per_question=sum(r["flops"] for r in got) / n,
                 seconds_per_question=sum(r["seconds"] for r in got) / n,
+                pass_at_1=sum(c[0] for c in coverage) / len(coverage) if coverage else None,
+                pass_at_n=sum(c[1] for c in coverage) / len(coverage) if coverage else None,
             )
         )
     ref = _reference([r.strategy for r in rows])
@@ -92,7 +106,30 @@ def summarize(records: Sequence[dict[str, Any]], ids: Sequence[str], labels: Seq
         "reference": ref,
         "comparisons": comparisons,
         "equal_accuracy": _equal_accuracy(rows),
+        "seeds": _across_seeds(rows),
     }
+
+
+def _across_seeds(rows: Sequence[StrategySummary]) -> list[dict[str, Any]]:
+    """For each strategy run under several seeds (``sc@8``, ``sc@8#seed1``, ...): its accuracy's
+    mean, sample standard deviation, lowest and highest across the seeds."""
+    import statistics
+
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r.strategy.split("#seed")[0], []).append(r.accuracy)
+    return [
+        {
+            "strategy": name,
+            "seeds": len(accs),
+            "mean": statistics.fmean(accs),
+            "sd": statistics.stdev(accs),
+            "min": min(accs),
+            "max": max(accs),
+        }
+        for name, accs in groups.items()
+        if len(accs) > 1
+    ]
 
 
 def _equal_accuracy(rows: Sequence[StrategySummary]) -> list[dict[str, Any]]:
@@ -140,13 +177,15 @@ def _equal_accuracy(rows: Sequence[StrategySummary]) -> list[dict[str, Any]]:
 
 def _table(summary: dict[str, Any]) -> str:
     lines = [
-        "| strategy | questions | accuracy | 95% CI | tokens / q | GFLOPs / q | seconds / q |",
-        "|---|---|---|---|---|---|---|",
+        "| strategy | questions | accuracy | 95% CI | pass@1 / pass@n | tokens / q | GFLOPs / q | seconds / q |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["strategies"]:
+        cover = "-" if r.get("pass_at_1") is None else f"{r['pass_at_1']:.1%} / {r['pass_at_n']:.1%}"
         lines.append(
             f"| {r['strategy']} | {r['questions']} | {r['accuracy']:.1%} | {r['ci_low']:.1%}-{r['ci_high']:.1%} | "
-            f"{r['tokens_per_question']:.0f} | {r['flops_per_question'] / 1e9:.1f} | {r['seconds_per_question']:.2f} |"
+            f"{cover} | {r['tokens_per_question']:.0f} | {r['flops_per_question'] / 1e9:.1f} | "
+            f"{r['seconds_per_question']:.2f} |"
         )
     if summary["comparisons"]:
         lines += [
@@ -160,6 +199,19 @@ def _table(summary: dict[str, Any]) -> str:
             lines.append(
                 f"| {c['strategy']} | {c['difference']:+.1%} | {c['low']:+.1%} to {c['high']:+.1%} | "
                 f"{c['only_a']} | {c['only_b']} | {c['p_value']:.3g} |"
+            )
+    if summary.get("seeds"):
+        lines += [
+            "",
+            "Across seeds (strategies that sample, run once per seed):",
+            "",
+            "| strategy | seeds | mean accuracy | sd | lowest | highest |",
+            "|---|---|---|---|---|---|",
+        ]
+        for g in summary["seeds"]:
+            lines.append(
+                f"| {g['strategy']} | {g['seeds']} | {g['mean']:.1%} | {g['sd']:.1%} | "
+                f"{g['min']:.1%} | {g['max']:.1%} |"
             )
     if summary.get("equal_accuracy"):
         lines += [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -12,11 +13,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from peftscale import models
-from peftscale.engine import Engine, GenerationOutput
+from peftscale.engine import Candidate, Engine, GenerationOutput
 from peftscale.errors import InvalidArgument
-from peftscale.eval.datasets import Question, Task, load_task, parse_slice
+from peftscale.eval.datasets import Question, Task, _callable_fingerprint, load_task, parse_slice
 from peftscale.eval.prompts import build_prompt
-from peftscale.eval.specs import Spec, parse_specs
+from peftscale.eval.specs import Spec, parse_seeds, parse_specs
 from peftscale.strategies import Adaptive, CoLD
 
 __all__ = ["EvalConfig", "Record", "run", "RESULTS", "RUN"]
@@ -34,7 +35,9 @@ _ADAPTER = "eval"
 class EvalConfig:
     """Everything that decides an evaluation's results (``run.json`` holds it)."""
 
-    dataset: str
+    #: ``"gsm8k"``, ``"math500"``, ``"game24"``, a ``.jsonl`` path, or a task of your own
+    #: (:func:`peftscale.eval.user_task`).
+    dataset: str | Task
     strategies: str
     model: str | None = None
     #: Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
@@ -51,20 +54,39 @@ class EvalConfig:
     #: Questions per call (their rows share each forward pass); searches whose judge calls the
     #: engine itself take one question per call.
     batch_size: int = 8
-    #: Questions per call for adaptive allocation (its budget is spread over them).
+    #: Adaptive allocation spreads its budget over fixed windows of this many consecutive
+    #: questions of the slice (the same windows when a run resumes; another size changes the
+    #: allocation, so compare adaptive results at one size).
     group_size: int = 16
     #: CoLD settings for ``cold`` and ``+cold``.
     cold_alpha: float = 0.1
     cold_beta: float = 0.5
     #: Per-family keyword arguments for the strategy dataclasses (``{"tot": {"depth": 4}}``).
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Strategies that sample run once per seed (``"0,1,2"``; seed 0 keeps the plain label, the
+    #: others are labelled ``sc@8#seed1``); the table gives each one's spread across seeds.
+    seeds: str | None = None
 
     def identity(self) -> dict[str, Any]:
-        """The fields whose change makes earlier results incomparable: not the strategies or the
-        slice (results are kept per strategy and question, so either may grow), nor batching."""
-        d = asdict(self)
-        for k in ("strategies", "slice", "batch_size", "group_size", "data_dir"):
+        """The fields whose change makes earlier results incomparable: not the strategies, the
+        seeds or the slice (results are kept per strategy and question, so each may grow), nor
+        batching."""
+        d = asdict(dataclasses.replace(self, dataset=""))
+        for k in ("strategies", "slice", "batch_size", "group_size", "data_dir", "seeds"):
             d.pop(k)
+        task = self.dataset
+        if isinstance(task, Task):
+            # A user task by its questions' content and its callables' fingerprints.
+            questions = [(q.id, q.question, q.gold) for q in task.questions]
+            d["dataset"] = {
+                "task": task.name,
+                "questions": fingerprint(questions),
+                "grade": _identify(task.grade),
+                "prompt": _identify(task.prompt) if task.prompt is not None else None,
+                "extract": _identify(task.extract),
+            }
+        else:
+            d["dataset"] = task
         if d["device"] == "cpu":  # runs from before devices existed stay comparable
             d.pop("device")
         d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
@@ -96,6 +118,10 @@ class Record:
     #: :attr:`peftscale.eval.Spec.shares_samples_of`); its compute is that run's, scaled by the
     #: tokens of the samples it used.
     shares_samples_of: str | None = None
+    #: Sampled strategies (self-consistency, best-of-N, adaptive): the paths drawn and how many
+    #: of them the grader accepts, for pass@k (coverage); 0 for the others.
+    samples: int = 0
+    samples_correct: int = 0
 
 
 @dataclass
@@ -169,9 +195,12 @@ class _Results:
 
 def _check_run_file(out: Path, config: EvalConfig) -> None:
     path = out / RUN
-    # As JSON reads it back (tuples become lists; a callable in an override by its name, not
-    # its address, which changes from run to run).
-    identity = json.loads(json.dumps(config.identity(), default=_name_of))
+    # As JSON reads it back (tuples become lists). A callable in an override is recorded by its
+    # name and the fingerprint of what it depends on (its address changes from run to run).
+    identity = json.loads(json.dumps(config.identity(), default=_identify))
+    if config.adapter is not None and Path(config.adapter).exists():
+        # The adapter's files, not only its path: retrained in place, it is another evaluation.
+        identity["adapter_sha256"] = fingerprint(config.adapter)
     if path.is_file():
         try:
             earlier = json.loads(path.read_text())
@@ -183,12 +212,63 @@ def _check_run_file(out: Path, config: EvalConfig) -> None:
                 f"invalid argument: {out} holds results of a different evaluation (changed: {', '.join(changed)}); "
                 "use another output folder"
             )
+        unknown = _unidentified(identity)
+        if unknown:
+            raise InvalidArgument(
+                f"invalid argument: {out} holds earlier results, and whether {', '.join(unknown)} changed since "
+                "cannot be told: give each callable a peftscale_fingerprint() method returning what it depends on "
+                "(for example peftscale.eval.fingerprint(adapter_dir, settings)), or use another output folder"
+            )
     else:
         path.write_text(json.dumps(identity, indent=2) + "\n")
 
 
-def _name_of(value: object) -> str:
-    return getattr(value, "__qualname__", None) or type(value).__qualname__
+def fingerprint(*parts: object) -> str:
+    """A content hash of what a scorer, judge or grader depends on, for its
+    ``peftscale_fingerprint()``: files and folders (``Path`` or ``str`` naming one) by their bytes
+    (every file below a folder, by relative path), anything else by its ``repr``.
+
+    >>> class Verifier:
+    ...     def __init__(self, adapter: str) -> None:
+    ...         self.adapter = adapter
+    ...     def __call__(self, prompt: str, completion: str) -> float: ...
+    ...     def peftscale_fingerprint(self) -> str:
+    ...         return fingerprint(self.adapter, {"threshold": 0.5})
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        target = Path(part) if isinstance(part, (str, os.PathLike)) else None
+        if target is not None and target.exists():
+            files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+            for f in files:
+                h.update(str(f.relative_to(target) if target.is_dir() else f.name).encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+def _identify(value: object) -> object:
+    """How run.json records a value JSON cannot hold: a callable by its name and fingerprint (its
+    ``peftscale_fingerprint()``, a plain function's code, else ``None``: not identifiable),
+    anything else by its type's name; strings as they are."""
+    if isinstance(value, str):
+        return value
+    name = getattr(value, "__qualname__", None) or type(value).__qualname__
+    if not callable(value):
+        return name
+    return {"callable": name, "fingerprint": _callable_fingerprint(value)}
+
+
+def _unidentified(identity: object) -> list[str]:
+    """The callables recorded in ``identity`` without a fingerprint."""
+    if isinstance(identity, dict):
+        if set(identity) == {"callable", "fingerprint"} and identity["fingerprint"] is None:
+            return [str(identity["callable"])]
+        return [name for v in identity.values() for name in _unidentified(v)]
+    if isinstance(identity, list):
+        return [name for v in identity for name in _unidentified(v)]
+    return []
 
 
 def _chunks(items: Sequence[Question], size: int) -> Iterator[list[Question]]:
@@ -239,6 +319,7 @@ def _record(
         grade = task.grade(text, q.gold)
         prediction, correct = grade.prediction, grade.correct
     tokens = out.tokens_spent or round(out.stats.tokens_forwarded * share)
+    samples, samples_correct = _coverage(task, spec, q, out.candidates)
     return Record(
         id=q.id,
         strategy=spec.label,
@@ -254,7 +335,20 @@ def _record(
         generated_tokens=len(out.token_ids),
         flops=float(out.stats.flops * share) + nested[1],
         seconds=float(out.stats.seconds * share),
+        samples=samples,
+        samples_correct=samples_correct,
     )
+
+
+#: Families whose candidates are independent samples of the model (what pass@k counts).
+_SAMPLED = ("sc", "bon", "adaptive")
+
+
+def _coverage(task: Task, spec: Spec, q: Question, candidates: Sequence[Candidate]) -> tuple[int, int]:
+    """How many sampled paths ``candidates`` holds and how many of them the grader accepts."""
+    if spec.family.removeprefix("base:").split("+")[0] not in _SAMPLED or not candidates:
+        return 0, 0
+    return len(candidates), sum(task.grade(c.text or "", q.gold).correct for c in candidates)
 
 
 def _first_samples(task: Task, spec: Spec, q: Question, out: GenerationOutput, parent: Record) -> Record:
@@ -289,6 +383,8 @@ def _first_samples(task: Task, spec: Spec, q: Question, out: GenerationOutput, p
         flops=parent.flops * part,
         seconds=parent.seconds * part,
         shares_samples_of=parent.strategy,
+        samples=len(used),
+        samples_correct=_coverage(task, spec, q, used)[1],
     )
 
 
@@ -315,13 +411,18 @@ def run(
         raise InvalidArgument(f"invalid argument: give either a config or keywords, not both ({sorted(kwargs)})")
     if config.batch_size < 1 or config.group_size < 1:
         raise InvalidArgument("invalid argument: batch_size and group_size must be >= 1")
-    task = load_task(config.dataset, config.data_dir, config.fields, config.shots)
+    if isinstance(config.dataset, Task):
+        task = config.dataset
+    else:
+        task = load_task(config.dataset, config.data_dir, config.fields, config.shots)
     rows = parse_slice(config.slice, len(task.questions))
     questions = [task.questions[i] for i in rows]
     # The strategies are checked before the model loads (it takes seconds), then built with the
     # task's engine-dependent settings.
     has_adapter = config.adapter is not None
-    checked = parse_specs(config.strategies, overrides=config.overrides, has_adapter=has_adapter)
+    checked = parse_specs(
+        config.strategies, overrides=config.overrides, has_adapter=has_adapter, seeds=parse_seeds(config.seeds)
+    )
     max_new_tokens = config.max_new_tokens or _MAX_NEW_TOKENS.get(task.name, 256)
     _check_adaptive_budgets(checked, max_new_tokens)
     out_dir = Path(out)
@@ -337,6 +438,7 @@ def run(
         cold=CoLD(alpha=config.cold_alpha, beta=config.cold_beta),
         overrides=_task_overrides(task, config, engine),
         has_adapter=has_adapter,
+        seeds=parse_seeds(config.seeds),
     )
     prompts = {q.id: build_prompt(engine, task, q, config.template) for q in questions}
     results = _Results(out_dir / RESULTS)
@@ -353,8 +455,15 @@ def run(
             bar = _progress(len(questions), title, progress)
             if bar is not None:
                 bar.update(len(questions) - len(todo))
-            size = config.group_size if spec.per_group else (config.batch_size if _batchable(spec) else 1)
-            for chunk in _chunks(todo, size):
+            if spec.per_group:
+                # Adaptive allocation spreads its budget over fixed windows of group_size
+                # consecutive questions of the slice, the same windows on a resumed run: a
+                # window with a question left runs whole again (records already written stay).
+                pending = {q.id for q in todo}
+                chunks = [w for w in _chunks(questions, config.group_size) if any(q.id in pending for q in w)]
+            else:
+                chunks = list(_chunks(todo, config.batch_size if _batchable(spec) else 1))
+            for chunk in chunks:
                 budget = spec.budget * len(chunk) if spec.per_group and spec.budget else None
                 call = _run_call(engine, spec, [prompts[q.id] for q in chunk], max_new_tokens, budget)
                 for q, o, share in zip(chunk, call.outputs, call.shares, strict=True):
@@ -368,7 +477,7 @@ def run(
                         if on_record is not None:
                             on_record(r)
                 if bar is not None:
-                    bar.update(len(chunk))
+                    bar.update(sum(q.id in {t.id for t in todo} for q in chunk))
                     bar.set_postfix(acc=f"{right / max(seen, 1):.1%}")
             if bar is not None:
                 bar.close()

@@ -15,7 +15,7 @@ Grammar of one spec: ``[base:]NAME[@BUDGETS][+cold]``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from peftscale.strategies import (
     TreeOfThought,
 )
 
-__all__ = ["FAMILIES", "Spec", "parse_specs"]
+__all__ = ["FAMILIES", "Spec", "parse_seeds", "parse_specs"]
 
 FAMILIES = ("greedy", "sample", "cold", "sc", "bon", "beam", "tot", "mcts", "adaptive")
 _NO_BUDGET = ("greedy", "sample", "cold")
@@ -126,6 +126,37 @@ def _build(
     raise AssertionError(name)
 
 
+def _samples(strategy: Strategy) -> bool:
+    """Whether the strategy draws at random (its results change with the seed)."""
+    if isinstance(strategy, Sampling):
+        return strategy.temperature > 0
+    sampling = getattr(strategy, "sampling", None)
+    return isinstance(sampling, Sampling) and sampling.temperature > 0
+
+
+def _reseeded(strategy: Strategy, seed: int) -> Strategy:
+    """``strategy`` drawing from ``seed`` instead of its own seed (0 keeps it as it is)."""
+    if not seed:
+        return strategy
+    if isinstance(strategy, Sampling):
+        return dataclasses.replace(strategy, seed=seed)
+    return dataclasses.replace(strategy, sampling=dataclasses.replace(strategy.sampling, seed=seed))  # type: ignore[arg-type, attr-defined]
+
+
+def parse_seeds(text: str | Sequence[int] | None) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (``None``: just seed 0); each seed a whole number >= 0, once."""
+    if text is None:
+        return [0]
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        seeds = [int(x) for x in items if str(x).strip()]
+    except ValueError:
+        raise InvalidArgument(f"invalid argument: seeds must look like '0,1,2', got '{text}'") from None
+    if not seeds or any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise InvalidArgument(f"invalid argument: seeds must be distinct whole numbers >= 0, got '{text}'")
+    return seeds
+
+
 def _nests(name: str, strategy: Strategy) -> bool:
     """Whether smaller budgets can be read from the largest one's samples: self-consistency
     without early stopping (its votes then depend only on the samples) and best-of-N ranked by
@@ -150,8 +181,10 @@ def parse_specs(
     cold: CoLD | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     has_adapter: bool = False,
+    seeds: Sequence[int] = (0,),
 ) -> list[Spec]:
-    """Every strategy and budget ``text`` names, in order, duplicates removed.
+    """Every strategy and budget ``text`` names, in order, duplicates removed; strategies that
+    sample run once per seed of ``seeds`` (a seed other than 0 labelled ``sc@8#seed1``).
 
     ``extract`` is the task's answer extractor (for votes and MCTS rewards); ``cold`` the CoLD
     settings that ``cold`` and ``+cold`` use (default ``CoLD()``); ``overrides`` per-family
@@ -200,17 +233,19 @@ def parse_specs(
             except TypeError as e:
                 msg = f"invalid argument: a setting for {name!r} is not one of its fields ({e})"
                 raise InvalidArgument(msg) from None
-            specs.append(
-                Spec(
-                    label=label,
-                    family=family,
-                    budget=b,
-                    strategy=strategy,
-                    uses_adapter=has_adapter and not base,
-                    per_group=name == "adaptive",
-                    shares_samples_of=largest if _nests(name, strategy) and label != largest else None,
+            for seed in seeds if _samples(strategy) else (0,):
+                suffix = f"#seed{seed}" if seed else ""
+                specs.append(
+                    Spec(
+                        label=label + suffix,
+                        family=family,
+                        budget=b,
+                        strategy=_reseeded(strategy, seed),
+                        uses_adapter=has_adapter and not base,
+                        per_group=name == "adaptive",
+                        shares_samples_of=largest + suffix if _nests(name, strategy) and label != largest else None,
+                    )
                 )
-            )
     if not specs:
         raise InvalidArgument("invalid argument: no strategies given (e.g. 'greedy,sc@8')")
     return specs

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PairedDifference", "mcnemar_p", "paired_difference", "wilson_interval"]
+__all__ = ["PairedDifference", "mcnemar_p", "paired_difference", "pass_at_k", "wilson_interval"]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -21,6 +21,21 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k (Chen et al. 2021) from ``n`` samples of which ``c`` are
+    correct: the chance that at least one of ``k`` samples drawn without replacement is,
+    ``1 - C(n - c, k) / C(n, k)``, computed as a product so that it stays exact for large ``n``.
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), round(pass_at_k(5, 2, 2), 4)
+    (0.25, 1.0, 0.7)
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def mcnemar_p(a: Sequence[bool], b: Sequence[bool]) -> float:

@@ -3,7 +3,7 @@
 ```yaml
 method: lora                  # lora | qlora | full | prune | distill
 model: packaged               # the packaged model, a GGUF file or a Hugging Face folder
-data: {path: ../shared/data/gsm8k/train.jsonl, format: gsm8k, limit: 2000}
+data: {path: data/gsm8k/train.jsonl, format: gsm8k, limit: 2000}
 lora: {r: 16, alpha: 32, target_modules: all-linear}
 train: {max_steps: 300, batch_size: 8, lr: 2.0e-4, max_length: 384, optimizer: adamw}
 output: runs/gsm8k-lora

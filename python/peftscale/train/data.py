@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -40,11 +41,22 @@ class Splits:
     dropped: int
 
 
+def data_file(path: str | Path) -> Path:
+    """``path``, or its gzip-compressed copy ``path.gz`` when only that exists (the data sets
+    shipped with peftscale are compressed)."""
+    path = Path(path)
+    packed = path.with_name(path.name + ".gz")
+    return packed if not path.exists() and packed.is_file() else path
+
+
 def read_jsonl(path: str | Path, error: Callable[[str], Exception], limit: int = 0) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file, blank lines skipped, at most ``limit`` (0: all). A line
-    that is not a JSON object raises ``error(message)``, the message naming the file and line."""
+    """The JSON objects of a JSONL file (plain, or gzip-compressed as ``*.gz``; ``x.jsonl`` is also
+    found as ``x.jsonl.gz``), blank lines skipped, at most ``limit`` (0: all). A line that is not
+    a JSON object raises ``error(message)``, the message naming the file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    path = data_file(path)
+    opened = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    with opened as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -17,7 +17,8 @@ use crate::lora::{group_by_adapter, LoraAdapter};
 use crate::model::{self, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
 use crate::search::sampling::StopCriteria;
 use crate::search::{
-    build_search, Advance, RowOutput, SamplingStrategy, SearchSpec, Strategy, TextDelta,
+    build_search, Advance, FinishReason, RowOutput, SamplingStrategy, SearchSpec, Strategy,
+    TextDelta,
 };
 use crate::text::{ChatMessage, ChatTemplate, StopMatcher, Tokenizer};
 
@@ -480,6 +481,16 @@ impl Generation {
         self.picks_where_logits_are = on;
     }
 
+    /// Ends the generation now, as its timeout does: every unfinished row keeps what it
+    /// produced and reports `reason`; a search reports the best of what it finished.
+    pub fn finish_early(&mut self, reason: FinishReason) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.pending.clear();
+        self.strategy.finish_early(&mut self.store, reason)
+    }
+
     /// Runs one batched forward pass and lets the strategy consume it; returns newly final text.
     pub fn step(&mut self) -> Result<Vec<TextDelta>> {
         if self.pending.is_empty() {
@@ -543,8 +554,7 @@ impl Generation {
             }
         };
         if !self.pending.is_empty() && self.deadline.is_some_and(|d| Instant::now() >= d) {
-            self.strategy.finish_early();
-            self.pending.clear();
+            self.finish_early(FinishReason::Timeout)?;
         }
         self.stats.steps += 1;
         self.stats.seconds = self.started.elapsed().as_secs_f64();

@@ -1,11 +1,12 @@
 //! PyO3 bindings for peftscale-core: conversions and error mapping only, no logic.
 
+mod answers;
 mod search;
 
 use candle_core::{DType, Tensor};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use peftscale_core::logits::{ColdParams, SamplingParams};
-use peftscale_core::search::{Candidate, TextDelta, TreeReport};
+use peftscale_core::search::{Candidate, FinishReason, TextDelta, TreeReport};
 use peftscale_core::text::ChatMessage;
 use peftscale_core::{DeviceSpec, Engine, Error, GenerateOptions, Generation, Output, WeightDType};
 use pyo3::create_exception;
@@ -461,6 +462,24 @@ impl PyGeneration {
         Ok(())
     }
 
+    /// Ends the generation now, as its timeout does (`reason`: "timeout" or "interrupted"):
+    /// unfinished rows keep what they produced; a search reports the best of what finished
+    /// (self-consistency: the vote over the samples that finished).
+    fn finish_early(&mut self, reason: &str) -> PyResult<()> {
+        let reason = match reason {
+            "timeout" => FinishReason::Timeout,
+            "interrupted" => FinishReason::Interrupted,
+            other => {
+                return Err(InvalidArgument::new_err(format!(
+                    "invalid argument: finish_early takes 'timeout' or 'interrupted', got '{other}'"
+                )))
+            }
+        };
+        self.inner
+            .finish_early(reason)
+            .map_err(|e| to_py_with(e, &self.callbacks))
+    }
+
     #[getter]
     fn done(&self) -> bool {
         self.inner.is_done()
@@ -633,6 +652,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cold_top_k, m)?)?;
     m.add_function(wrap_pyfunction!(sample_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(answers::extract_answer, m)?)?;
+    m.add_function(wrap_pyfunction!(answers::normalize_answer, m)?)?;
+    m.add_function(wrap_pyfunction!(answers::vote, m)?)?;
     m.add("compiled_devices", DeviceSpec::compiled_kinds())?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyGeneration>()?;

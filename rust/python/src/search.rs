@@ -119,15 +119,7 @@ fn extractor(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Extracto
         .get_item("extract")?
         .ok_or_else(|| InvalidArgument::new_err("invalid argument: `extract` is missing"))?;
     if let Ok(name) = v.extract::<String>() {
-        return match name.as_str() {
-            "last_number" => Ok(Extractor::LastNumber),
-            "boxed" => Ok(Extractor::Boxed),
-            "choice_letter" => Ok(Extractor::ChoiceLetter),
-            other => Err(InvalidArgument::new_err(format!(
-                "invalid argument: extract must be 'last_number', 'boxed', 'choice_letter' or a \
-                 callable, got '{other}'"
-            ))),
-        };
+        return crate::answers::named_extractor(&name);
     }
     if !v.is_callable() {
         return Err(InvalidArgument::new_err(format!(
@@ -279,6 +271,10 @@ pub(crate) fn spec(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Se
                 max_step_tokens: item(d, "max_step_tokens")?,
                 sampling: sampling(d)?,
                 cold: cold_params,
+                extract: match d.get_item("extract")? {
+                    Some(v) if !v.is_none() => Some(extractor(d, errors)?),
+                    _ => None,
+                },
             })
         }
         "mcts" => {
@@ -310,6 +306,7 @@ pub(crate) fn spec(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Se
         "adaptive" => SearchSpec::Adaptive(AdaptiveParams {
             budget_tokens: item(d, "budget_tokens")?,
             probe: item(d, "probe")?,
+            min_n: item(d, "min_n")?,
             max_n: item(d, "max_n")?,
             bins: item(d, "bins")?,
             sampling: sampling(d)?,

@@ -1,7 +1,8 @@
 //! Difficulty-adaptive compute over a list of questions (after Snell et al. 2024): `probe`
 //! samples per question, difficulty from how much their answers disagree, questions binned by
-//! difficulty quantile, and the rest of the token budget spent on the unsettled questions,
-//! harder bins getting more samples; then every question votes.
+//! difficulty quantile (by value: equally hard questions share a bin, whatever their order), and
+//! the rest of the token budget spent on the unsettled questions, harder bins getting more
+//! samples; questions whose probes all agree get none beyond `min_n`; then every question votes.
 
 use std::collections::HashMap;
 
@@ -31,17 +32,14 @@ pub(crate) struct Adaptive {
 
 impl Adaptive {
     pub fn new(jobs: Vec<PromptJob>, params: AdaptiveParams) -> Result<Self> {
-        let most = jobs
-            .iter()
-            .map(|j| params.probe * j.max_new_tokens)
-            .sum::<usize>();
+        let first = params.probe.max(params.min_n);
+        let most = jobs.iter().map(|j| first * j.max_new_tokens).sum::<usize>();
         if params.budget_tokens < most {
             return Err(Error::invalid(format!(
-                "budget_tokens ({}) must cover the probes: {} questions x probe {} x \
-                 max_new_tokens = {most}",
+                "budget_tokens ({}) must cover every question's first samples: {} questions x \
+                 max(probe, min_n) {first} x max_new_tokens = {most}",
                 params.budget_tokens,
                 jobs.len(),
-                params.probe
             )));
         }
         let n = jobs.len();
@@ -78,7 +76,8 @@ impl Adaptive {
         Ok(())
     }
 
-    /// Splits what is left of the budget over the unsettled questions.
+    /// Splits what is left of the budget: first `min_n` samples for every question, then the
+    /// rest over the unsettled ones by difficulty bin.
     fn allocate(&mut self) -> Vec<usize> {
         let n = self.jobs.len();
         let probe = self.params.probe;
@@ -90,34 +89,47 @@ impl Adaptive {
                 votes.first().map_or(0.0, |v| v.1 / probe as f64)
             })
             .collect();
-        // Rank by difficulty (1 - agreement), easiest first; equal ones keep question order.
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| self.agreement[b].total_cmp(&self.agreement[a]));
-        let bins = self.params.bins.min(n).max(1);
-        let mut weight = vec![0.0f64; n];
-        for (rank, &q) in order.iter().enumerate() {
-            let settled = self.agreement[q] >= 1.0;
-            if !settled {
-                weight[q] = (rank * bins / n + 1) as f64;
-            }
-        }
+        let weight = bin_weights(&self.agreement, self.params.bins);
         let mean_len = |q: usize| {
             let c = &self.candidates[q];
             let total: usize = c.iter().map(|c| c.token_ids.len().max(1)).sum();
             total as f64 / c.len().max(1) as f64
         };
-        let left = self.params.budget_tokens.saturating_sub(self.generated) as f64;
+        let floor = self.params.min_n.saturating_sub(probe);
+        let reserved: f64 = (0..n).map(|q| floor as f64 * mean_len(q)).sum();
+        let left =
+            (self.params.budget_tokens.saturating_sub(self.generated) as f64 - reserved).max(0.0);
         let cost: f64 = (0..n).map(|q| weight[q] * mean_len(q)).sum();
         (0..n)
             .map(|q| {
-                if cost <= 0.0 || weight[q] == 0.0 {
-                    return 0;
-                }
-                let extra = (left * weight[q] / cost).floor() as usize;
-                extra.min(self.params.max_n - probe)
+                let extra = if cost <= 0.0 || weight[q] == 0.0 {
+                    0
+                } else {
+                    (left * weight[q] / cost).floor() as usize
+                };
+                (floor + extra).min(self.params.max_n - probe)
             })
             .collect()
     }
+}
+
+/// Each question's share of the extra samples from its probes' agreement with their leading
+/// answer: 0 when they all agree, else `1 + bin`, its bin among `bins` difficulty quantiles
+/// counted by value (the questions strictly easier than it), so that questions of equal
+/// agreement get equal shares whatever their order.
+fn bin_weights(agreement: &[f64], bins: usize) -> Vec<f64> {
+    let n = agreement.len();
+    let bins = bins.min(n).max(1);
+    agreement
+        .iter()
+        .map(|&a| {
+            if a >= 1.0 {
+                return 0.0;
+            }
+            let easier = agreement.iter().filter(|&&b| b > a).count();
+            (easier * bins / n + 1) as f64
+        })
+        .collect()
 }
 
 impl Search for Adaptive {
@@ -192,5 +204,28 @@ impl Search for Adaptive {
                 out
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bin_weights;
+
+    #[test]
+    fn equal_agreement_gets_an_equal_share_whatever_the_order() {
+        // Unanimous questions get nothing; the rest by the number of questions easier than them.
+        let w = bin_weights(&[0.5, 1.0, 0.5, 0.25, 0.5, 0.75], 3);
+        assert_eq!(w, vec![2.0, 0.0, 2.0, 3.0, 2.0, 1.0]);
+        let mut shuffled = vec![0.25, 0.5, 0.75, 1.0, 0.5, 0.5];
+        let ws = bin_weights(&shuffled, 3);
+        for (a, w) in shuffled.drain(..).zip(ws) {
+            // 1 + (questions easier) * 3 / 6: one is easier than 0.75, two than 0.5, five than 0.25.
+            let expected = [(1.0, 0.0), (0.75, 1.0), (0.5, 2.0), (0.25, 3.0)]
+                .iter()
+                .find(|(agreement, _)| *agreement == a)
+                .map(|(_, w)| *w);
+            let expected = expected.unwrap_or(f64::NAN);
+            assert_eq!(w, expected, "agreement {a}");
+        }
     }
 }

@@ -2,14 +2,17 @@
 //! votes with a documented tie-break, and Adaptive-Consistency's Beta stopping rule.
 
 use super::callbacks::ExtractFn;
+use super::extract as rules;
 use crate::error::Result;
 
 /// How the final answer is read from a completion.
 #[derive(Debug, Clone)]
 pub enum Extractor {
-    /// The last number in the text (`1,234.50` -> `1234.5`, `-3` -> `-3`).
+    /// The last number in the text, in one spelling (`1,234.50` -> `1234.5`, `3/4` -> `0.75`):
+    /// see [`extract`](super::extract).
     LastNumber,
-    /// The contents of the last `\boxed{...}` (braces balanced), trimmed.
+    /// A MATH answer: the last `\boxed{...}` (braces balanced), else what follows "answer is",
+    /// else the last number, normalised so that equivalent spellings are one answer.
     Boxed,
     /// A multiple-choice letter A-J: the last `(X)`, else the letter after the last "answer is"
     /// or "answer:", else the whole trimmed text when it is one letter.
@@ -28,100 +31,11 @@ pub enum Vote {
 
 pub fn extract(extractor: &Extractor, text: &str) -> Result<Option<String>> {
     Ok(match extractor {
-        Extractor::LastNumber => last_number(text),
-        Extractor::Boxed => last_boxed(text),
-        Extractor::ChoiceLetter => choice_letter(text),
+        Extractor::LastNumber => rules::last_number(text),
+        Extractor::Boxed => rules::math_answer(text),
+        Extractor::ChoiceLetter => rules::choice_letter(text),
         Extractor::Callback(f) => (f.0)(text)?,
     })
-}
-
-fn last_number(text: &str) -> Option<String> {
-    let b = text.as_bytes();
-    let mut end = b.len();
-    // Scan backwards for the last digit, then take the number it ends.
-    while end > 0 && !b[end - 1].is_ascii_digit() {
-        end -= 1;
-    }
-    if end == 0 {
-        return None;
-    }
-    let mut start = end;
-    while start > 0 {
-        let c = b[start - 1];
-        let digit_before = start >= 2 && b[start - 2].is_ascii_digit();
-        if c.is_ascii_digit() || ((c == b',' || c == b'.') && digit_before) {
-            start -= 1;
-        } else {
-            break;
-        }
-    }
-    let negative = start > 0 && b[start - 1] == b'-';
-    let raw: String = text[start..end].chars().filter(|&c| c != ',').collect();
-    Some(normalise_number(&raw, negative))
-}
-
-/// `"12.50"` -> `"12.5"`, `"7.0"` -> `"7"`, `"007"` -> `"7"`, with the sign kept (but no `-0`).
-fn normalise_number(raw: &str, negative: bool) -> String {
-    let (int, frac) = match raw.split_once('.') {
-        Some((i, f)) => (i, f.trim_end_matches('0')),
-        None => (raw, ""),
-    };
-    let int = int.trim_start_matches('0');
-    let int = if int.is_empty() { "0" } else { int };
-    let body = if frac.is_empty() {
-        int.to_string()
-    } else {
-        format!("{int}.{frac}")
-    };
-    if negative && body != "0" {
-        format!("-{body}")
-    } else {
-        body
-    }
-}
-
-fn last_boxed(text: &str) -> Option<String> {
-    let at = text.rfind("\\boxed{")?;
-    let inner = &text[at + "\\boxed{".len()..];
-    let mut depth = 1;
-    for (i, c) in inner.char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(inner[..i].trim().to_string());
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-fn choice_letter(text: &str) -> Option<String> {
-    let is_choice = |c: u8| (b'A'..=b'J').contains(&c);
-    let b = text.as_bytes();
-    for i in (0..b.len().saturating_sub(2)).rev() {
-        if b[i] == b'(' && is_choice(b[i + 1]) && b[i + 2] == b')' {
-            return Some((b[i + 1] as char).to_string());
-        }
-    }
-    let lower = text.to_ascii_lowercase();
-    for key in ["answer is", "answer:"] {
-        if let Some(at) = lower.rfind(key) {
-            let rest = text[at + key.len()..].trim_start();
-            let mut chars = rest.chars();
-            if let Some(c) = chars.next() {
-                let next_is_word = chars.next().is_some_and(|n| n.is_ascii_alphanumeric());
-                if c.is_ascii() && is_choice(c as u8) && !next_is_word {
-                    return Some(c.to_string());
-                }
-            }
-        }
-    }
-    let t = text.trim();
-    (t.len() == 1 && is_choice(t.as_bytes()[0])).then(|| t.to_string())
 }
 
 /// Votes per answer, largest first; ties keep the order in which answers first appeared, so
@@ -164,27 +78,6 @@ pub fn beta_confidence(top: usize, second: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn extractors() {
-        let n = |t: &str| last_number(t);
-        assert_eq!(n("so 3 + 4 = 7.").as_deref(), Some("7"));
-        assert_eq!(n("#### 1,234.50").as_deref(), Some("1234.5"));
-        assert_eq!(n("it is -12 degrees").as_deref(), Some("-12"));
-        assert_eq!(n("x-5").as_deref(), Some("-5"));
-        assert_eq!(n("7.0 apples").as_deref(), Some("7"));
-        assert_eq!(n("no digits"), None);
-        assert_eq!(
-            last_boxed(r"so \boxed{1} or \boxed{\frac{1}{2}} ").as_deref(),
-            Some(r"\frac{1}{2}")
-        );
-        assert_eq!(last_boxed(r"\boxed{open"), None);
-        assert_eq!(choice_letter("I pick (B), no (C).").as_deref(), Some("C"));
-        assert_eq!(choice_letter("The answer is D.").as_deref(), Some("D"));
-        assert_eq!(choice_letter("The answer is Dog"), None);
-        assert_eq!(choice_letter(" E ").as_deref(), Some("E"));
-        assert_eq!(choice_letter("A cat sat"), None);
-    }
 
     #[test]
     fn ties_go_to_the_first_seen_answer() {

@@ -11,13 +11,14 @@
 use std::sync::Arc;
 
 use super::branch::Head;
+use super::sampling::StopCriteria;
 use super::{Advance, Candidate, FinishReason, RowOutput, Strategy, TextDelta};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::parallel::map_parallel;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{self, ColdParams};
 use crate::lora::LoraAdapter;
-use crate::text::Tokenizer;
+use crate::text::{StopMatcher, Tokenizer};
 
 /// When beam search stops (transformers' `early_stopping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,11 +71,15 @@ impl BeamParams {
                 self.length_penalty
             )));
         }
-        self.cold.as_ref().map_or(Ok(()), ColdParams::validate)
+        super::spec::check_token_scorer(&self.cold)
     }
 }
 
 const MASK: f32 = -1.0e9;
+
+/// Tokens decoded before a stop string's length in tokens' worth: a token holds at least one
+/// byte of text, so `longest + slack` tokens cover any stop string plus a partial character.
+const STOP_TAIL_SLACK: usize = 4;
 
 #[derive(Debug, Clone)]
 struct Beam {
@@ -100,8 +105,8 @@ struct Group {
     finished: Vec<(f32, Option<Hypothesis>)>,
     heuristic_unsatisfied: bool,
     done: bool,
-    /// The generation's timeout ended the search before it finished.
-    timed_out: bool,
+    /// Why the generation ended the search before it finished (a timeout, the caller).
+    cut_short: Option<FinishReason>,
 }
 
 pub(crate) struct BeamSearch {
@@ -109,6 +114,9 @@ pub(crate) struct BeamSearch {
     max_new_tokens: usize,
     eos: Vec<u32>,
     context: usize,
+    /// Stop strings: a continuation whose text completes one finishes its beam, as an
+    /// end-of-sequence token does (transformers' `StopStringCriteria`).
+    stop: StopMatcher,
     tokenizer: Option<Arc<Tokenizer>>,
     adapters: Vec<Option<Arc<LoraAdapter>>>,
     groups: Vec<Group>,
@@ -126,22 +134,49 @@ struct Cand {
 impl BeamSearch {
     pub fn new(
         params: BeamParams,
-        max_new_tokens: usize,
-        eos: Vec<u32>,
-        context: usize,
+        criteria: StopCriteria,
         tokenizer: Option<Arc<Tokenizer>>,
         adapters: Vec<Option<Arc<LoraAdapter>>>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        if !criteria.stop.strings().is_empty() && tokenizer.is_none() {
+            return Err(Error::Tokenizer(
+                "beam search with stop strings reads text and this model has no tokenizer".into(),
+            ));
+        }
+        Ok(Self {
             params,
-            max_new_tokens,
-            eos,
-            context,
+            max_new_tokens: criteria.max_new_tokens,
+            eos: criteria.eos_token_ids,
+            context: criteria.context,
+            stop: criteria.stop,
             tokenizer,
             adapters,
             groups: Vec::new(),
             step: 0,
+        })
+    }
+
+    /// Whether appending `token` to `tokens` completes a stop string. Only the tail is decoded:
+    /// enough tokens for any stop string to fit.
+    fn completes_stop(&self, tokens: &[u32], token: u32) -> Result<bool> {
+        let Some(tok) = &self.tokenizer else {
+            return Ok(false);
+        };
+        if self.stop.strings().is_empty() {
+            return Ok(false);
         }
+        let longest = self
+            .stop
+            .strings()
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0);
+        let tail = &tokens[tokens.len().saturating_sub(longest + STOP_TAIL_SLACK)..];
+        let mut with = tail.to_vec();
+        with.push(token);
+        let (before, after) = (tok.decode(tail, true)?, tok.decode(&with, true)?);
+        Ok(self.stop.find(&after).is_some() && self.stop.find(&before).is_none())
     }
 
     /// The log-softmax of one beam's token scores (its logits, or under CoLD the contrastive
@@ -199,6 +234,8 @@ impl BeamSearch {
             for (t, lp_t, logprob) in tokens? {
                 let hit = if self.eos.contains(&(t as u32)) {
                     Some(FinishReason::Eos)
+                } else if self.completes_stop(&g.running[bi].tokens, t as u32)? {
+                    Some(FinishReason::Stop)
                 } else if generated >= self.max_new_tokens {
                     Some(FinishReason::Length)
                 } else if prompt_len + generated >= self.context {
@@ -327,11 +364,18 @@ impl BeamSearch {
         Ok(())
     }
 
+    /// A hypothesis's text, cut before its stop string (its tokens keep the one completing it).
     fn hypothesis_text(&self, h: &Hypothesis) -> Result<Option<String>> {
-        self.tokenizer
-            .as_ref()
-            .map(|t| t.decode(&h.tokens, true))
-            .transpose()
+        let Some(tok) = &self.tokenizer else {
+            return Ok(None);
+        };
+        let mut text = tok.decode(&h.tokens, true)?;
+        if h.finish == FinishReason::Stop {
+            if let Some(at) = self.stop.find(&text) {
+                text.truncate(at);
+            }
+        }
+        Ok(Some(text))
     }
 }
 
@@ -367,7 +411,7 @@ impl Strategy for BeamSearch {
                 finished: vec![(MASK, None); k],
                 heuristic_unsatisfied: true,
                 done: false,
-                timed_out: false,
+                cut_short: None,
             };
             work.extend(Advance::with_twin(head.seq, head.base, &g.adapter, p));
             self.groups.push(g);
@@ -421,7 +465,7 @@ impl Strategy for BeamSearch {
         Vec::new()
     }
 
-    fn finish_early(&mut self) {
+    fn finish_early(&mut self, _store: &mut SeqStore, reason: FinishReason) -> Result<()> {
         let (k, lp) = (self.params.num_beams, self.params.length_penalty);
         for g in self.groups.iter_mut().filter(|g| !g.done) {
             // The running beams compete with the finished hypotheses on the same score.
@@ -431,15 +475,16 @@ impl Strategy for BeamSearch {
                 let hyp = Hypothesis {
                     tokens: b.tokens,
                     logprobs: b.logprobs,
-                    finish: FinishReason::Timeout,
+                    finish: reason,
                 };
                 merged.push((b.score / divisor, Some(hyp)));
             }
             let order = stable_top(merged.iter().map(|m| m.0), k);
             g.finished = order.into_iter().map(|i| merged[i].clone()).collect();
             g.done = true;
-            g.timed_out = true;
+            g.cut_short = Some(reason);
         }
+        Ok(())
     }
 
     fn outputs(&self) -> Vec<RowOutput> {
@@ -475,8 +520,8 @@ impl Strategy for BeamSearch {
                         g.prompt.len(),
                     ),
                 };
-                if g.timed_out {
-                    out.finish_reason = FinishReason::Timeout;
+                if let Some(reason) = g.cut_short {
+                    out.finish_reason = reason;
                 }
                 out
             })

@@ -23,6 +23,20 @@ pub(crate) struct PromptJob {
 }
 
 impl PromptJob {
+    /// Whether a step that ends a path of `path_len` generated tokens ends the whole answer: an
+    /// end-of-sequence token, a full context, one of the caller's stop strings (not the step
+    /// delimiter), or the generation's `max_new_tokens` spent.
+    pub fn ends_answer(&self, step: &Finished, path_len: usize) -> bool {
+        let at_callers_stop = step.finish == FinishReason::Stop
+            && step
+                .full_text
+                .get(step.text.len()..)
+                .is_some_and(|rest| self.stop.iter().any(|s| rest.starts_with(s.as_str())));
+        matches!(step.finish, FinishReason::Eos | FinishReason::Context)
+            || at_callers_stop
+            || path_len >= self.max_new_tokens
+    }
+
     /// Starts the prompt's prefill on a new sequence: a branch that only feeds it.
     pub fn prefill(&self, cx: &mut Cx<'_>) -> Result<BranchId> {
         let head = cx.new_head();

@@ -345,12 +345,21 @@ impl Pool {
                 // The contrastive scores, built once: the token is their argmax or a draw at
                 // the sampling temperature (as `cold_choose` picks), scored by their
                 // log-softmax.
+                // The branch's whole sampling applies to them (top-k, top-p, min-p and the
+                // repetition penalty too).
                 let scores = logits::cold_scores(&l.expert, base, cold);
-                let pick = SamplingParams {
-                    temperature: b.spec.sampling.temperature,
-                    ..SamplingParams::greedy()
+                let t = if b.spec.sampling.repetition_penalty != 1.0 {
+                    let mut penalized = scores.clone();
+                    let seen: Vec<u32> = b.spec.history.iter().chain(&b.tokens).copied().collect();
+                    logits::apply_repetition_penalty(
+                        &mut penalized,
+                        &seen,
+                        b.spec.sampling.repetition_penalty,
+                    );
+                    logits::choose(&penalized, &b.spec.sampling, rng)
+                } else {
+                    logits::choose(&scores, &b.spec.sampling, rng)
                 };
-                let t = logits::choose(&scores, &pick, rng);
                 (t, logits::log_prob(&scores, t as usize))
             }
             _ => {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::branch::{BranchId, BranchSpec, Finished, Head, HeadLogits, Pool};
-use super::{Advance, RowOutput, Strategy, TextDelta};
+use super::{Advance, FinishReason, RowOutput, Strategy, TextDelta};
 use crate::error::Result;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::SamplingParams;
@@ -138,6 +138,12 @@ pub(crate) trait Search: Send + Sync {
         Ok(())
     }
 
+    /// The generation ends now, unfinished branches and all (a timeout, the caller): a search
+    /// that reports only at its end (a vote after every round) settles on what finished.
+    fn on_cut_short(&mut self, _cx: &mut Cx<'_>) -> Result<()> {
+        Ok(())
+    }
+
     /// The results, one per prompt the search covers.
     fn outputs(&self) -> Vec<RowOutput>;
 }
@@ -145,8 +151,8 @@ pub(crate) trait Search: Send + Sync {
 pub(crate) struct SearchDriver {
     searches: Vec<Box<dyn Search>>,
     pool: Pool,
-    /// The generation's timeout ended the searches before they finished.
-    timed_out: bool,
+    /// Why the searches ended before they finished (a timeout, the caller), if they did.
+    cut_short: Option<FinishReason>,
 }
 
 impl SearchDriver {
@@ -154,7 +160,7 @@ impl SearchDriver {
         Self {
             searches,
             pool,
-            timed_out: false,
+            cut_short: None,
         }
     }
 
@@ -219,8 +225,17 @@ impl Strategy for SearchDriver {
         Vec::new()
     }
 
-    fn finish_early(&mut self) {
-        self.timed_out = true;
+    fn finish_early(&mut self, store: &mut SeqStore, reason: FinishReason) -> Result<()> {
+        self.cut_short = Some(reason);
+        for owner in 0..self.searches.len() {
+            let mut cx = Cx {
+                store,
+                pool: &mut self.pool,
+                owner,
+            };
+            self.searches[owner].on_cut_short(&mut cx)?;
+        }
+        Ok(())
     }
 
     fn outputs(&self) -> Vec<RowOutput> {
@@ -238,8 +253,8 @@ impl Strategy for SearchDriver {
                 if out.token_ids.last().is_some_and(|t| self.pool.is_eos(*t)) {
                     out.finish_reason = super::FinishReason::Eos;
                 }
-                if self.timed_out {
-                    out.finish_reason = super::FinishReason::Timeout;
+                if let Some(reason) = self.cut_short {
+                    out.finish_reason = reason;
                 }
                 outs.push(out);
             }

@@ -52,6 +52,10 @@ pub(crate) struct Mcts {
     evaluating: Vec<usize>,
     /// Answers of every evaluation so far (the self-consistency reward).
     answers: Vec<Option<String>>,
+    /// The evaluated nodes, in the order of `answers`.
+    evaluated: Vec<usize>,
+    /// Every back-propagation, by the node whose reward went up the tree.
+    backups: Vec<usize>,
     iterations_done: usize,
     streams: u64,
     prompt_text: Option<String>,
@@ -69,6 +73,8 @@ impl Mcts {
             expanding: Vec::new(),
             evaluating: Vec::new(),
             answers: Vec::new(),
+            evaluated: Vec::new(),
+            backups: Vec::new(),
             iterations_done: 0,
             streams: 0,
             prompt_text: None,
@@ -123,6 +129,7 @@ impl Mcts {
                 // Nothing new to learn here: count its known value once more.
                 let reward = self.steps[leaf].reward;
                 self.tree.backpropagate(leaf, reward);
+                self.backups.push(leaf);
                 self.iterations_done += 1;
                 continue;
             }
@@ -198,8 +205,7 @@ impl Mcts {
         self.expanding.clear();
         for d in done {
             let path_len = self.steps[parent].path_len + d.tokens.len();
-            let terminal = matches!(d.finish, FinishReason::Eos | FinishReason::Context)
-                || path_len >= self.job.max_new_tokens;
+            let terminal = self.job.ends_answer(&d, path_len);
             let prior = d.mean_score().exp();
             let id = self.tree.add_child(parent, prior, terminal);
             let last = d.tokens.last().copied();
@@ -253,6 +259,7 @@ impl Mcts {
             let text = cx.decode(&ids)?;
             let answer = extract(&self.params.extract, &text)?;
             self.answers.push(answer.clone());
+            self.evaluated.push(node);
             let reward = match &self.params.reward {
                 Reward::SelfConsistency => match &answer {
                     Some(a) => {
@@ -276,6 +283,7 @@ impl Mcts {
             self.steps[node].reward = reward;
             self.steps[node].answer = answer;
             self.tree.backpropagate(node, reward);
+            self.backups.push(node);
         }
         self.iterations_done += 1;
         self.iterate(cx)
@@ -286,10 +294,52 @@ impl Mcts {
             return;
         }
         self.finished = true;
+        if matches!(self.params.reward, Reward::SelfConsistency) {
+            // During the search a rollout is scored against the answers before it; the result
+            // must not depend on that order: every rollout is scored again against the final
+            // tally and the values backed up again.
+            let rewards = consensus_rewards(&self.answers);
+            for (&node, &reward) in self.evaluated.iter().zip(&rewards) {
+                self.steps[node].reward = reward;
+            }
+            let by_node: Vec<f64> = self.steps.iter().map(|s| s.reward).collect();
+            back_up_again(&mut self.tree, &self.backups, &by_node);
+        }
         for step in &mut self.steps {
             if let Some(h) = step.head.take() {
                 h.free(cx.store);
             }
+        }
+    }
+}
+
+/// The self-consistency reward of each rollout: the share of all rollouts that reached its
+/// answer (0 without one).
+fn consensus_rewards(answers: &[Option<String>]) -> Vec<f64> {
+    let total = answers.len().max(1) as f64;
+    answers
+        .iter()
+        .map(|a| match a {
+            Some(a) => answers.iter().filter(|x| x.as_ref() == Some(a)).count() as f64 / total,
+            None => 0.0,
+        })
+        .collect()
+}
+
+/// Recomputes every node's value sum from the back-propagations `backups` (visits stay as they
+/// are) with the current `rewards` of the nodes they started from. They are added in node order,
+/// so that the sums' rounding does not depend on the order the search made them in either.
+fn back_up_again(tree: &mut Tree, backups: &[usize], rewards: &[f64]) {
+    for n in &mut tree.nodes {
+        n.value_sum = 0.0;
+    }
+    let mut ordered = backups.to_vec();
+    ordered.sort_unstable();
+    for node in ordered {
+        let mut at = Some(node);
+        while let Some(i) = at {
+            tree.nodes[i].value_sum += rewards[node];
+            at = tree.nodes[i].parent;
         }
     }
 }
@@ -339,6 +389,11 @@ impl Search for Mcts {
         }
     }
 
+    fn on_cut_short(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        self.finish(cx);
+        Ok(())
+    }
+
     fn outputs(&self) -> Vec<RowOutput> {
         let path = self.tree.best_path();
         let last = path.last().copied().unwrap_or(0);
@@ -380,5 +435,63 @@ impl Search for Mcts {
         out.answer = self.steps[last].answer.clone();
         out.tree = Some(TreeReport { nodes });
         vec![out]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A root with four children and a grandchild, each evaluated by one rollout; `c` is
+    /// revisited (its value backed up again without a rollout). The events run in `order`.
+    fn run(order: &[usize]) -> (Vec<f64>, Vec<f64>, Vec<usize>) {
+        let mut tree = Tree::new();
+        let a = tree.add_child(0, 0.4, false);
+        let b = tree.add_child(0, 0.3, false);
+        let c = tree.add_child(0, 0.2, true);
+        let e = tree.add_child(0, 0.1, false);
+        let d = tree.add_child(a, 1.0, false);
+        let events = [
+            (a, Some(Some("7"))),
+            (b, Some(Some("5"))),
+            (c, Some(Some("7"))),
+            (d, Some(Some("7"))),
+            (e, Some(None)),
+            (c, None),
+        ];
+        let (mut answers, mut evaluated, mut backups) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in order {
+            let (node, rollout) = events[i];
+            if let Some(answer) = rollout {
+                answers.push(answer.map(str::to_string));
+                evaluated.push(node);
+            }
+            backups.push(node);
+            tree.backpropagate(node, 0.0);
+        }
+        let mut rewards = vec![0.0; tree.nodes.len()];
+        for (&node, r) in evaluated.iter().zip(consensus_rewards(&answers)) {
+            rewards[node] = r;
+        }
+        back_up_again(&mut tree, &backups, &rewards);
+        let values = (0..tree.nodes.len()).map(|i| tree.mean_value(i)).collect();
+        (rewards, values, tree.best_path())
+    }
+
+    #[test]
+    fn the_consensus_reward_does_not_depend_on_the_rollouts_order() {
+        let (rewards, values, path) = run(&[0, 1, 2, 3, 4, 5]);
+        // "7" is 3 of 5 answers, "5" 1 of 5, the fifth has none.
+        assert_eq!(rewards[1..=5], [0.6, 0.2, 0.6, 0.0, 0.6]);
+        // c: its rollout and its revisit, 0.6 each.
+        assert_eq!(values[3], 0.6);
+        for order in [[5, 4, 3, 2, 1, 0], [1, 0, 3, 5, 2, 4], [4, 2, 0, 5, 1, 3]] {
+            let (r, v, p) = run(&order);
+            assert_eq!(
+                (r, v, p),
+                (rewards.clone(), values.clone(), path.clone()),
+                "{order:?}"
+            );
+        }
     }
 }

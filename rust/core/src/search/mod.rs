@@ -9,6 +9,7 @@ pub(crate) mod best_of_n;
 pub(crate) mod branch;
 pub mod callbacks;
 pub(crate) mod driver;
+pub mod extract;
 pub(crate) mod mcts;
 pub(crate) mod sampling;
 pub(crate) mod self_consistency;
@@ -16,7 +17,7 @@ pub(crate) mod spec;
 pub(crate) mod tot;
 pub mod tree;
 
-pub use answers::{extract, Extractor, Vote};
+pub use answers::{extract, tally, Extractor, Vote};
 pub use beam::{BeamParams, EarlyStopping};
 pub use callbacks::{Evaluator, ExtractFn, Scorer};
 pub use sampling::SamplingStrategy;
@@ -77,6 +78,8 @@ pub enum FinishReason {
     Context,
     /// The generation's `timeout` passed first; the row keeps what it produced.
     Timeout,
+    /// The caller ended the generation (Ctrl-C); the row keeps what it produced.
+    Interrupted,
 }
 
 impl FinishReason {
@@ -87,6 +90,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Context => "context",
             FinishReason::Timeout => "timeout",
+            FinishReason::Interrupted => "interrupted",
         }
     }
 }
@@ -197,13 +201,8 @@ pub(crate) fn build_search(
 ) -> Result<Box<dyn Strategy>> {
     if let SearchSpec::Beam(p) = spec {
         return Ok(Box::new(beam::BeamSearch::new(
-            *p,
-            criteria.max_new_tokens,
-            criteria.eos_token_ids,
-            criteria.context,
-            tokenizer,
-            adapters,
-        )));
+            *p, criteria, tokenizer, adapters,
+        )?));
     }
     let stop = criteria.stop.strings().to_vec();
     let jobs: Vec<best_of_n::PromptJob> = prompts
@@ -293,8 +292,8 @@ pub trait Strategy: Send + Sync {
 
     fn outputs(&self) -> Vec<RowOutput>;
 
-    /// Ends every unfinished row now (the generation's timeout passed): plain rows keep their
-    /// tokens and report [`FinishReason::Timeout`]; searches report the best of what they
-    /// finished, each of their rows marked `Timeout`.
-    fn finish_early(&mut self);
+    /// Ends every unfinished row now (the generation's timeout passed, or its caller stopped
+    /// it): plain rows keep their tokens and report `reason`; searches report the best of what
+    /// they finished (a vote over the samples that finished), each of their rows marked `reason`.
+    fn finish_early(&mut self, store: &mut SeqStore, reason: FinishReason) -> Result<()>;
 }

@@ -362,12 +362,12 @@ impl Strategy for SamplingStrategy {
         std::mem::take(&mut self.deltas)
     }
 
-    fn finish_early(&mut self) {
+    fn finish_early(&mut self, _store: &mut SeqStore, reason: FinishReason) -> Result<()> {
         for (idx, row) in self.rows.iter_mut().enumerate() {
             if row.finish.is_some() {
                 continue;
             }
-            row.finish = Some(FinishReason::Timeout);
+            row.finish = Some(reason);
             // Text held back in case it began a stop string is final now.
             if row.text.len() > row.streamed && row.text.is_char_boundary(row.streamed) {
                 self.deltas.push(TextDelta {
@@ -377,6 +377,7 @@ impl Strategy for SamplingStrategy {
                 row.streamed = row.text.len();
             }
         }
+        Ok(())
     }
 
     fn outputs(&self) -> Vec<RowOutput> {

@@ -74,7 +74,8 @@ impl SelfConsistency {
         })
     }
 
-    fn finish_round(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+    /// The samples of the current round that finished become candidates with their answers.
+    fn absorb_round(&mut self, cx: &mut Cx<'_>) -> Result<()> {
         let prompt_text = match &self.params.weight {
             Some(_) if self.params.vote == Vote::Weighted => cx.decode(&self.job.prompt)?,
             _ => String::new(),
@@ -87,6 +88,11 @@ impl SelfConsistency {
             c.answer = answer;
             self.candidates.push(c);
         }
+        Ok(())
+    }
+
+    fn finish_round(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        self.absorb_round(cx)?;
         let more = self.spawned < self.params.n;
         let settled = match self.params.stop_when_confident {
             Some(threshold) => {
@@ -102,6 +108,12 @@ impl SelfConsistency {
         if more && !settled {
             return self.next_round(cx);
         }
+        self.vote(cx);
+        Ok(())
+    }
+
+    /// Tallies the candidates' answers and frees the prompt.
+    fn vote(&mut self, cx: &mut Cx<'_>) {
         if let Some((head, _)) = self.root.take() {
             head.free(cx.store);
         }
@@ -110,7 +122,6 @@ impl SelfConsistency {
                 .iter()
                 .map(|c| (c.answer.as_deref(), c.score)),
         );
-        Ok(())
     }
 }
 
@@ -132,6 +143,13 @@ impl Search for SelfConsistency {
         if self.round.iter().all(Option::is_some) {
             self.finish_round(cx)?;
         }
+        Ok(())
+    }
+
+    /// The vote over every sample that finished, those of the unfinished round included.
+    fn on_cut_short(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        self.absorb_round(cx)?;
+        self.vote(cx);
         Ok(())
     }
 

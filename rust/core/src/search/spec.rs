@@ -83,6 +83,8 @@ pub struct ToTParams {
     pub max_step_tokens: usize,
     pub sampling: SamplingParams,
     pub cold: TokenScorer,
+    /// Reads the output's `answer` from the chosen path (none: no answer).
+    pub extract: Option<Extractor>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +123,8 @@ pub struct AdaptiveParams {
     /// Tokens to generate over all questions together, probes included.
     pub budget_tokens: usize,
     pub probe: usize,
+    /// Samples every question gets at least (probes included), unanimous ones too.
+    pub min_n: usize,
     pub max_n: usize,
     pub bins: usize,
     pub sampling: SamplingParams,
@@ -150,7 +154,41 @@ fn at_least(name: &str, value: usize, min: usize) -> Result<()> {
 
 fn check_sampling(sampling: &SamplingParams, cold: &TokenScorer) -> Result<()> {
     sampling.validate()?;
-    cold.as_ref().map_or(Ok(()), ColdParams::validate)
+    check_token_scorer(cold)
+}
+
+/// CoLD as a search's token scorer: it scores the tokens, and the search's own sampling (its
+/// temperature, top-k, top-p, min-p, repetition penalty and per-sample seeds) draws from the
+/// scores in both rows of a pass. CoLD's own drawing fields would have no effect there, so a
+/// value other than their default is refused rather than ignored.
+pub(crate) fn check_token_scorer(cold: &TokenScorer) -> Result<()> {
+    let Some(c) = cold else { return Ok(()) };
+    c.validate()?;
+    let ignored = [
+        ("sample", c.sample, "the search's sampling draws the tokens"),
+        (
+            "temperature",
+            c.temperature != 1.0,
+            "set the search's sampling temperature instead",
+        ),
+        (
+            "seed",
+            c.seed != 0,
+            "the search seeds each sample from its own sampling seed",
+        ),
+        (
+            "paired",
+            !c.paired,
+            "a search always runs the base rows in the expert's pass",
+        ),
+    ];
+    match ignored.iter().find(|(_, set, _)| *set) {
+        Some((name, _, why)) => Err(Error::invalid(format!(
+            "CoLD.{name} has no effect when CoLD scores the tokens of a search ({why}); leave it \
+             at its default"
+        ))),
+        None => Ok(()),
+    }
 }
 
 impl SearchSpec {
@@ -240,10 +278,10 @@ impl SearchSpec {
             SearchSpec::Adaptive(p) => {
                 at_least("probe", p.probe, 1)?;
                 at_least("bins", p.bins, 1)?;
-                if p.max_n < p.probe {
+                if p.max_n < p.probe.max(p.min_n) {
                     return Err(Error::invalid(format!(
-                        "max_n ({}) must be at least probe ({})",
-                        p.max_n, p.probe
+                        "max_n ({}) must be at least probe ({}) and min_n ({})",
+                        p.max_n, p.probe, p.min_n
                     )));
                 }
                 check_sampling(&p.sampling, &p.cold)

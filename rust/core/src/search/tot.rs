@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::answers::extract;
 use super::best_of_n::{finite, PromptJob};
 use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{spec, Cx, Search};
@@ -25,6 +26,8 @@ struct State {
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
     text: String,
+    /// Generated tokens from the root to here, this state's included.
+    path_len: usize,
     depth: usize,
     value: f64,
     terminal: bool,
@@ -56,6 +59,8 @@ pub(crate) struct TreeOfThought {
     frontier: Vec<usize>,
     stack: Vec<usize>,
     solution: Option<usize>,
+    /// The chosen path's answer, when `params.extract` is set.
+    answer: Option<String>,
     problem: Option<String>,
     streams: u64,
 }
@@ -86,6 +91,7 @@ impl TreeOfThought {
             frontier: Vec::new(),
             stack: Vec::new(),
             solution: None,
+            answer: None,
             problem: None,
             streams: 0,
         }
@@ -189,7 +195,13 @@ impl TreeOfThought {
         stop.push(self.params.step_delimiter.clone());
         let first = self.streams;
         self.streams += self.params.proposals as u64;
-        let (max, sampling) = (self.params.max_step_tokens, self.params.sampling);
+        // `max_new_tokens` bounds the whole path, not each step.
+        let room = self
+            .job
+            .max_new_tokens
+            .saturating_sub(self.states[s].path_len);
+        let max = self.params.max_step_tokens.min(room).max(1);
+        let sampling = self.params.sampling;
         let ids = cx.continue_from(
             head,
             &logits,
@@ -232,7 +244,8 @@ impl TreeOfThought {
         // Sampled thoughts become states in spawn order.
         for (_, parent, done) in std::mem::take(&mut self.thoughts) {
             let Some(d) = done else { continue };
-            let terminal = matches!(d.finish, FinishReason::Eos | FinishReason::Context);
+            let path_len = self.states[parent].path_len + d.tokens.len();
+            let terminal = self.job.ends_answer(&d, path_len);
             let last = d.tokens.last().copied();
             self.add_state(
                 parent,
@@ -242,6 +255,7 @@ impl TreeOfThought {
                     tokens: d.tokens,
                     logprobs: d.logprobs,
                     text: d.full_text,
+                    path_len,
                     terminal,
                     ..State::default()
                 },
@@ -358,6 +372,10 @@ impl TreeOfThought {
             }
             self.solution = best;
         }
+        if let (Some(extractor), Some(best)) = (&self.params.extract, self.solution) {
+            let text = cx.decode(&self.path_tokens(best))?;
+            self.answer = extract(extractor, &text)?;
+        }
         Ok(())
     }
 }
@@ -401,14 +419,28 @@ impl Search for TreeOfThought {
                 if n > 0 {
                     self.states[s].head = None;
                 }
+                let room = self
+                    .job
+                    .max_new_tokens
+                    .saturating_sub(self.states[s].path_len);
                 for (i, line) in lines.into_iter().enumerate() {
                     let thought = format!("{line}{}", self.params.step_delimiter);
-                    let ids = cx.encode_continuation(&thought)?;
+                    let mut ids = cx.encode_continuation(&thought)?;
+                    // A proposed step longer than the path's remaining budget is cut to it and
+                    // ends the path.
+                    ids.truncate(room.max(1));
+                    let path_len = self.states[s].path_len + ids.len();
                     let head = if i + 1 == n {
                         parent_head
                     } else {
                         parent_head.fork(cx.store)?
                     };
+                    let stop_at = self
+                        .job
+                        .stop
+                        .iter()
+                        .filter_map(|x| thought.find(x.as_str()))
+                        .min();
                     self.add_state(
                         s,
                         State {
@@ -416,6 +448,8 @@ impl Search for TreeOfThought {
                             pending: ids.clone(),
                             tokens: ids,
                             text: thought,
+                            path_len,
+                            terminal: path_len >= self.job.max_new_tokens || stop_at.is_some(),
                             ..State::default()
                         },
                     );
@@ -502,6 +536,7 @@ impl Search for TreeOfThought {
             self.job.prompt.len(),
         );
         out.score = Some(self.states[best].value);
+        out.answer = self.answer.clone();
         out.tree = Some(TreeReport { nodes });
         vec![out]
     }
@@ -518,7 +553,25 @@ fn fill_template(template: &str, problem: &str, state: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::fill_template;
+    use super::{fill_template, judge};
+
+    #[test]
+    fn the_last_whole_verdict_word_decides_the_value() {
+        for (reply, value) in [
+            ("sure", 20.0),
+            ("Likely.", 1.0),
+            ("IMPOSSIBLE", 0.001),
+            ("at first sure, but on reflection impossible", 0.001),
+            ("impossible? no: likely", 1.0),
+            ("unsure", 0.0),
+            ("surely not", 0.0),
+            ("likelihood is low", 0.0),
+            ("", 0.0),
+            ("8 * 3 = 24: sure!", 20.0),
+        ] {
+            assert_eq!(judge(reply), value, "{reply:?}");
+        }
+    }
 
     #[test]
     fn states_fill_templates_without_their_last_delimiter() {
