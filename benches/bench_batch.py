@@ -46,7 +46,8 @@ def main() -> None:
     )
     ids = eng.tokenizer.encode(prompt)
     kernels = ps.cpu_kernels(seconds=0.5)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None)
+    print(f"machine: {cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(
         f"kernels: {kernels['isa']} on {kernels['threads']} threads; "
         f"measured 8-bit peak {kernels['int8_peak_gops']:.0f} GOP/s"
