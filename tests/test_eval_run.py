@@ -222,3 +222,25 @@ def test_an_adaptive_budget_below_its_probes_fails_before_the_model_loads(data: 
     # The same budget pays for two probes.
     specs = ps.eval.parse_specs("adaptive@512", overrides={"adaptive": {"probe": 2}})
     _check_adaptive_budgets(specs, 256)
+
+
+def test_adaptive_allocates_over_the_same_windows_when_a_run_resumes(
+    smollm2_q: ps.Engine, data: Path, tmp_path: Path
+) -> None:
+    """Windows of two consecutive questions: [0, 1] and [2]. Interrupted after the first record and
+    resumed, the run must give the records an uninterrupted run gives (before, the resumed run
+    grouped the questions left, [1, 2], and spread the budget over another set)."""
+    kwargs = dict(
+        dataset=str(data), strategies="adaptive@96", max_new_tokens=16, group_size=2, engine=smollm2_q, progress=False
+    )
+    whole = _records(ps.eval.run(out=tmp_path / "whole", **kwargs))
+
+    def stop(_record: ps.eval.Record) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ps.eval.run(out=tmp_path / "resumed", on_record=stop, **kwargs)
+    assert len(_records(tmp_path / "resumed")) == 1
+    resumed = _records(ps.eval.run(out=tmp_path / "resumed", **kwargs))
+    keep = ("id", "prediction", "text", "tokens", "samples", "samples_correct")
+    assert [{k: r[k] for k in keep} for r in resumed] == [{k: r[k] for k in keep} for r in whole]
