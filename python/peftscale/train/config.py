@@ -272,7 +272,9 @@ def _check_values(config: Any, where: str) -> None:
             raise ConfigError(f"'{_join(where, key)}' must be {what}; got {getattr(config, key)!r}")
 
     if isinstance(config, DataConfig):
-        if not config.path.is_file():
+        from peftscale.train.data import data_file  # data.py imports this module
+
+        if not data_file(config.path).is_file():
             raise ConfigError(f"data file not found: {config.path} ('{_join(where, 'path')}')")
         need(config.limit >= 0, "limit", ">= 0 (0 reads every row)")
         need(config.eval_rows >= 0, "eval_rows", ">= 0")

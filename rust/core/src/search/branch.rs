@@ -340,44 +340,17 @@ impl Pool {
                 step: self.step,
             });
         }
-        let (token, score) = match (&cfg.cold, &l.base) {
-            (Some(cold), Some(base)) => {
-                // The contrastive scores, built once: the token is their argmax or a draw at
-                // the sampling temperature (as `cold_choose` picks), scored by their
-                // log-softmax.
-                // The branch's whole sampling applies to them (top-k, top-p, min-p and the
-                // repetition penalty too).
-                let scores = logits::cold_scores(&l.expert, base, cold);
-                let t = if b.spec.sampling.repetition_penalty != 1.0 {
-                    let mut penalized = scores.clone();
-                    let seen: Vec<u32> = b.spec.history.iter().chain(&b.tokens).copied().collect();
-                    logits::apply_repetition_penalty(
-                        &mut penalized,
-                        &seen,
-                        b.spec.sampling.repetition_penalty,
-                    );
-                    logits::choose(&penalized, &b.spec.sampling, rng)
-                } else {
-                    logits::choose(&scores, &b.spec.sampling, rng)
-                };
-                (t, logits::log_prob(&scores, t as usize))
-            }
-            _ => {
-                let t = if b.spec.sampling.repetition_penalty != 1.0 {
-                    let mut penalized = l.expert.to_vec();
-                    let seen: Vec<u32> = b.spec.history.iter().chain(&b.tokens).copied().collect();
-                    logits::apply_repetition_penalty(
-                        &mut penalized,
-                        &seen,
-                        b.spec.sampling.repetition_penalty,
-                    );
-                    logits::choose(&penalized, &b.spec.sampling, rng)
-                } else {
-                    logits::choose(&l.expert, &b.spec.sampling, rng)
-                };
-                (t, logits::log_prob(&l.expert, t as usize))
-            }
+        // Under CoLD the branch draws from the contrastive scores (built once), else from the
+        // expert's logits; the branch's whole sampling applies either way (temperature, top-k,
+        // top-p, min-p, repetition penalty), and the token's score is the log-softmax of what it
+        // was drawn from.
+        let cold_scores = match (&cfg.cold, &l.base) {
+            (Some(cold), Some(base)) => Some(logits::cold_scores(&l.expert, base, cold)),
+            _ => None,
         };
+        let scores: &[f32] = cold_scores.as_deref().unwrap_or(&l.expert);
+        let token = draw(scores, b, rng);
+        let score = logits::log_prob(scores, token as usize);
         let logprob = if cfg.cold.is_some() {
             logits::log_prob(&l.expert, token as usize)
         } else {
@@ -432,4 +405,17 @@ impl Pool {
         b.feed = vec![token];
         Ok(false)
     }
+}
+
+/// Branch `b`'s draw from `scores` under its sampling, the repetition penalty applied to the
+/// tokens of its history and its own.
+fn draw(scores: &[f32], b: &Branch, rng: &mut Rng) -> u32 {
+    let sampling = &b.spec.sampling;
+    if sampling.repetition_penalty == 1.0 {
+        return logits::choose(scores, sampling, rng);
+    }
+    let mut penalized = scores.to_vec();
+    let seen: Vec<u32> = b.spec.history.iter().chain(&b.tokens).copied().collect();
+    logits::apply_repetition_penalty(&mut penalized, &seen, sampling.repetition_penalty);
+    logits::choose(&penalized, sampling, rng)
 }

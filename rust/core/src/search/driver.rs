@@ -164,6 +164,23 @@ impl SearchDriver {
         }
     }
 
+    /// Calls `f` on every search in order, each with its own view of the pool.
+    fn each_search(
+        &mut self,
+        store: &mut SeqStore,
+        mut f: impl FnMut(&mut dyn Search, &mut Cx<'_>) -> Result<()>,
+    ) -> Result<()> {
+        for owner in 0..self.searches.len() {
+            let mut cx = Cx {
+                store,
+                pool: &mut self.pool,
+                owner,
+            };
+            f(self.searches[owner].as_mut(), &mut cx)?;
+        }
+        Ok(())
+    }
+
     /// Lets every ready branch pick its token and hands finished branches to their searches
     /// until nothing more happens without a forward pass.
     fn settle(&mut self, store: &mut SeqStore) -> Result<Vec<Advance>> {
@@ -183,14 +200,7 @@ impl SearchDriver {
             if !work.is_empty() || !self.pool.is_idle() {
                 return Ok(work);
             }
-            for owner in 0..self.searches.len() {
-                let mut cx = Cx {
-                    store,
-                    pool: &mut self.pool,
-                    owner,
-                };
-                self.searches[owner].on_idle(&mut cx)?;
-            }
+            self.each_search(store, |search, cx| search.on_idle(cx))?;
             if self.pool.is_idle() {
                 return Ok(Vec::new());
             }
@@ -200,14 +210,7 @@ impl SearchDriver {
 
 impl Strategy for SearchDriver {
     fn start(&mut self, store: &mut SeqStore, _prompts: &[Vec<u32>]) -> Result<Vec<Advance>> {
-        for owner in 0..self.searches.len() {
-            let mut cx = Cx {
-                store,
-                pool: &mut self.pool,
-                owner,
-            };
-            self.searches[owner].start(&mut cx)?;
-        }
+        self.each_search(store, |search, cx| search.start(cx))?;
         self.settle(store)
     }
 
@@ -227,15 +230,7 @@ impl Strategy for SearchDriver {
 
     fn finish_early(&mut self, store: &mut SeqStore, reason: FinishReason) -> Result<()> {
         self.cut_short = Some(reason);
-        for owner in 0..self.searches.len() {
-            let mut cx = Cx {
-                store,
-                pool: &mut self.pool,
-                owner,
-            };
-            self.searches[owner].on_cut_short(&mut cx)?;
-        }
-        Ok(())
+        self.each_search(store, |search, cx| search.on_cut_short(cx))
     }
 
     fn outputs(&self) -> Vec<RowOutput> {
