@@ -3,7 +3,8 @@
 Run:  python benches/bench_formats.py [--formats Q4_K_M,Q5_K_M,Q6_K,Q8_0,Q4_1,F16,BF16] [--threads 2]
 
 - Builds llama.cpp's own tools once from the source inside ``llama-cpp-python`` 0.3.36's sdist
-  (``cmake -DGGML_NATIVE=ON``; targets ``llama-bench``, ``llama-batched-bench``, ``llama-quantize``)
+  (``cmake -DGGML_NATIVE=ON``; targets ``llama-bench``, ``llama-batched-bench``, ``llama-quantize``,
+  ``llama-perplexity`` for ``same_top1_against_llama.py``)
   into ``build/llama.cpp`` (a few minutes on two cores; never part of CI).
 - Makes each format from the packaged SmolLM2-135M-Instruct with
   ``llama-quantize --allow-requantize`` (``F16`` too); ``BF16`` is a Hugging Face safetensors folder
@@ -35,7 +36,7 @@ import peftscale as ps
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "llama.cpp"
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
-TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize", "llama-perplexity")
 
 
 def sh(cmd: list[str], **kw: object) -> str:
