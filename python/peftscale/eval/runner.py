@@ -242,7 +242,11 @@ def fingerprint(*parts: object) -> str:
             files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
             for f in files:
                 h.update(str(f.relative_to(target) if target.is_dir() else f.name).encode())
-                h.update(hashlib.sha256(f.read_bytes()).digest())
+                each = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 22):
+                        each.update(chunk)
+                h.update(each.digest())
         else:
             h.update(repr(part).encode())
     return h.hexdigest()
