@@ -61,6 +61,8 @@ CASES: list[tuple[str, str, str | None]] = [
     (r"\boxed{\$12.50}", "boxed", "12.5"),
     (r"\boxed{50\%}", "boxed", "50"),
     (r"first \boxed{1} then \boxed{2}", "boxed", "2"),
+    (r"\boxed{58,500}", "boxed", "58500"),
+    (r"\boxed{-2,1}", "boxed", "-2,1"),
     (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", "boxed", r"(3,\frac{\pi}{2})"),
     ("The answer is 42.", "boxed", "42"),
     ("no answer here", "boxed", None),

@@ -322,8 +322,12 @@ pub fn normalize_math(answer: &str) -> String {
         .into_owned();
     let s = s.trim_end_matches('.').to_string();
     let s = s.replace("{.", "{0.");
-    // A number, or a fraction of two numbers, takes the number spelling: 1/2 = \frac{1}{2} = 0.5.
-    let number = re(&NUMBER, r"^-?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?$");
+    // A number, or a fraction of two numbers, takes the number spelling: 1/2 = \frac{1}{2} = 0.5,
+    // and thousands grouped in threes are one number (`58,500`), where `-2,1` stays a list.
+    let number = re(
+        &NUMBER,
+        r"^-?(?:\d+(?:\.\d*)?|\.\d+|\d{1,3}(?:,\d{3})+(?:\.\d+)?)(?:/\d+)?$",
+    );
     if number.is_match(&s) {
         return normalize_number(&s);
     }
@@ -436,6 +440,9 @@ mod tests {
         assert_eq!(normalize_math(r"90^\circ"), "90");
         assert_eq!(normalize_math(r"x = 5"), "5");
         assert_eq!(normalize_math(r"12 \text{ cm}"), "12");
+        assert_eq!(normalize_math("58,500"), "58500");
+        assert_eq!(normalize_math("-2,1"), "-2,1");
+        assert_eq!(normalize_math("(1,234)"), "(1,234)");
         assert_eq!(
             math_answer(r"so \boxed{1} or \fbox{\frac{1}{2}} ").as_deref(),
             Some("0.5")
