@@ -156,27 +156,29 @@ impl BeamSearch {
         })
     }
 
-    /// Whether appending `token` to `tokens` completes a stop string. Only the tail is decoded:
-    /// enough tokens for any stop string to fit.
-    fn completes_stop(&self, tokens: &[u32], token: u32) -> Result<bool> {
+    /// The tail of a beam's `tokens` long enough for any stop string, and its text; `None`
+    /// without stop strings. Decoded once per beam and step, for all of its candidates.
+    fn stop_tail<'t>(&self, tokens: &'t [u32]) -> Result<Option<(&'t [u32], String)>> {
         let Some(tok) = &self.tokenizer else {
+            return Ok(None);
+        };
+        let Some(longest) = self.stop.strings().iter().map(|s| s.len()).max() else {
+            return Ok(None);
+        };
+        let tail = &tokens[tokens.len().saturating_sub(longest + STOP_TAIL_SLACK)..];
+        Ok(Some((tail, tok.decode(tail, true)?)))
+    }
+
+    /// Whether appending `token` to the beam whose [`Self::stop_tail`] is `tail` completes a
+    /// stop string.
+    fn completes_stop(&self, tail: &Option<(&[u32], String)>, token: u32) -> Result<bool> {
+        let (Some(tok), Some((tokens, before))) = (&self.tokenizer, tail) else {
             return Ok(false);
         };
-        if self.stop.strings().is_empty() {
-            return Ok(false);
-        }
-        let longest = self
-            .stop
-            .strings()
-            .iter()
-            .map(|s| s.len())
-            .max()
-            .unwrap_or(0);
-        let tail = &tokens[tokens.len().saturating_sub(longest + STOP_TAIL_SLACK)..];
-        let mut with = tail.to_vec();
+        let mut with = tokens.to_vec();
         with.push(token);
-        let (before, after) = (tok.decode(tail, true)?, tok.decode(&with, true)?);
-        Ok(self.stop.find(&after).is_some() && self.stop.find(&before).is_none())
+        let after = tok.decode(&with, true)?;
+        Ok(self.stop.find(&after).is_some() && self.stop.find(before).is_none())
     }
 
     /// The log-softmax of one beam's token scores (its logits, or under CoLD the contrastive
@@ -231,10 +233,11 @@ impl BeamSearch {
         let mut cands: Vec<Cand> = Vec::with_capacity(keep * best.len());
         for (bi, tokens) in best.into_iter().enumerate() {
             let beam_score = g.running[bi].score;
+            let tail = self.stop_tail(&g.running[bi].tokens)?;
             for (t, lp_t, logprob) in tokens? {
                 let hit = if self.eos.contains(&(t as u32)) {
                     Some(FinishReason::Eos)
-                } else if self.completes_stop(&g.running[bi].tokens, t as u32)? {
+                } else if self.completes_stop(&tail, t as u32)? {
                     Some(FinishReason::Stop)
                 } else if generated >= self.max_new_tokens {
                     Some(FinishReason::Length)

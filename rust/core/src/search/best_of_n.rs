@@ -34,7 +34,13 @@ impl PromptJob {
                 .is_some_and(|rest| self.stop.iter().any(|s| rest.starts_with(s.as_str())));
         matches!(step.finish, FinishReason::Eos | FinishReason::Context)
             || at_callers_stop
-            || path_len >= self.max_new_tokens
+            || self.room(path_len) == 0
+    }
+
+    /// Tokens a path of `path_len` generated tokens may still add: `max_new_tokens` bounds the
+    /// whole path, not each step.
+    pub fn room(&self, path_len: usize) -> usize {
+        self.max_new_tokens.saturating_sub(path_len)
     }
 
     /// Starts the prompt's prefill on a new sequence: a branch that only feeds it.

@@ -50,9 +50,7 @@ pub(crate) struct Mcts {
     expanding: Vec<(BranchId, Option<Finished>)>,
     /// New nodes of the current iteration waiting for their rollouts.
     evaluating: Vec<usize>,
-    /// Answers of every evaluation so far (the self-consistency reward).
-    answers: Vec<Option<String>>,
-    /// The evaluated nodes, in the order of `answers`.
+    /// The evaluated nodes in evaluation order (their answers make the self-consistency reward).
     evaluated: Vec<usize>,
     /// Every back-propagation, by the node whose reward went up the tree.
     backups: Vec<usize>,
@@ -72,7 +70,6 @@ impl Mcts {
             jobs: HashMap::new(),
             expanding: Vec::new(),
             evaluating: Vec::new(),
-            answers: Vec::new(),
             evaluated: Vec::new(),
             backups: Vec::new(),
             iterations_done: 0,
@@ -162,10 +159,7 @@ impl Mcts {
             .head
             .take()
             .ok_or_else(|| Error::invalid("MCTS: node has no sequence"))?;
-        let room = self
-            .job
-            .max_new_tokens
-            .saturating_sub(self.steps[node].path_len);
+        let room = self.job.room(self.steps[node].path_len);
         let max_tokens = self.params.max_step_tokens.min(room).max(1);
         let history = self.history(node);
         let mut stop = self.job.stop.clone();
@@ -235,7 +229,7 @@ impl Mcts {
         let (Some(head), Some(logits)) = (step.head, step.logits.clone()) else {
             return Err(Error::invalid("MCTS: rolling out an unfed node"));
         };
-        let room = self.job.max_new_tokens.saturating_sub(step.path_len).max(1);
+        let room = self.job.room(step.path_len).max(1);
         let history = self.history(node);
         let stream = self.next_stream();
         let (stop, sampling) = (self.job.stop.clone(), self.sampling(true));
@@ -257,21 +251,13 @@ impl Mcts {
             let mut ids = self.path_tokens(node);
             ids.extend(&self.steps[node].rollout_tokens);
             let text = cx.decode(&ids)?;
-            let answer = extract(&self.params.extract, &text)?;
-            self.answers.push(answer.clone());
+            self.steps[node].answer = extract(&self.params.extract, &text)?;
             self.evaluated.push(node);
             let reward = match &self.params.reward {
-                Reward::SelfConsistency => match &answer {
-                    Some(a) => {
-                        let same = self
-                            .answers
-                            .iter()
-                            .filter(|x| x.as_deref() == Some(a.as_str()))
-                            .count();
-                        same as f64 / self.answers.len() as f64
-                    }
-                    None => 0.0,
-                },
+                Reward::SelfConsistency => {
+                    let answers = self.evaluated_answers();
+                    share(&answers, self.steps[node].answer.as_deref())
+                }
                 Reward::Callback(f) => {
                     if self.prompt_text.is_none() {
                         self.prompt_text = Some(cx.decode(&self.job.prompt)?);
@@ -281,12 +267,19 @@ impl Mcts {
                 }
             };
             self.steps[node].reward = reward;
-            self.steps[node].answer = answer;
             self.tree.backpropagate(node, reward);
             self.backups.push(node);
         }
         self.iterations_done += 1;
         self.iterate(cx)
+    }
+
+    /// The answers of the evaluated nodes, in evaluation order.
+    fn evaluated_answers(&self) -> Vec<Option<&str>> {
+        self.evaluated
+            .iter()
+            .map(|&n| self.steps[n].answer.as_deref())
+            .collect()
     }
 
     fn finish(&mut self, cx: &mut Cx<'_>) {
@@ -298,8 +291,8 @@ impl Mcts {
             // During the search a rollout is scored against the answers before it; the result
             // must not depend on that order: every rollout is scored again against the final
             // tally and the values backed up again.
-            let rewards = consensus_rewards(&self.answers);
-            for (&node, &reward) in self.evaluated.iter().zip(&rewards) {
+            let rewards = consensus_rewards(&self.evaluated_answers());
+            for (&node, reward) in self.evaluated.iter().zip(rewards) {
                 self.steps[node].reward = reward;
             }
             let by_node: Vec<f64> = self.steps.iter().map(|s| s.reward).collect();
@@ -313,17 +306,21 @@ impl Mcts {
     }
 }
 
-/// The self-consistency reward of each rollout: the share of all rollouts that reached its
-/// answer (0 without one).
-fn consensus_rewards(answers: &[Option<String>]) -> Vec<f64> {
-    let total = answers.len().max(1) as f64;
-    answers
-        .iter()
-        .map(|a| match a {
-            Some(a) => answers.iter().filter(|x| x.as_ref() == Some(a)).count() as f64 / total,
-            None => 0.0,
-        })
-        .collect()
+/// The self-consistency reward of `answer` among `answers`: the share of them that reached it
+/// (0 without one).
+fn share(answers: &[Option<&str>], answer: Option<&str>) -> f64 {
+    match answer {
+        Some(a) => {
+            let same = answers.iter().filter(|x| **x == Some(a)).count();
+            same as f64 / answers.len().max(1) as f64
+        }
+        None => 0.0,
+    }
+}
+
+/// Each rollout's self-consistency reward against all of them.
+fn consensus_rewards(answers: &[Option<&str>]) -> Vec<f64> {
+    answers.iter().map(|&a| share(answers, a)).collect()
 }
 
 /// Recomputes every node's value sum from the back-propagations `backups` (visits stay as they
@@ -463,7 +460,7 @@ mod tests {
         for &i in order {
             let (node, rollout) = events[i];
             if let Some(answer) = rollout {
-                answers.push(answer.map(str::to_string));
+                answers.push(answer);
                 evaluated.push(node);
             }
             backups.push(node);

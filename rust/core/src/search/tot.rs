@@ -195,12 +195,11 @@ impl TreeOfThought {
         stop.push(self.params.step_delimiter.clone());
         let first = self.streams;
         self.streams += self.params.proposals as u64;
-        // `max_new_tokens` bounds the whole path, not each step.
-        let room = self
-            .job
-            .max_new_tokens
-            .saturating_sub(self.states[s].path_len);
-        let max = self.params.max_step_tokens.min(room).max(1);
+        let max = self
+            .params
+            .max_step_tokens
+            .min(self.job.room(self.states[s].path_len))
+            .max(1);
         let sampling = self.params.sampling;
         let ids = cx.continue_from(
             head,
@@ -419,10 +418,7 @@ impl Search for TreeOfThought {
                 if n > 0 {
                     self.states[s].head = None;
                 }
-                let room = self
-                    .job
-                    .max_new_tokens
-                    .saturating_sub(self.states[s].path_len);
+                let room = self.job.room(self.states[s].path_len);
                 for (i, line) in lines.into_iter().enumerate() {
                     let thought = format!("{line}{}", self.params.step_delimiter);
                     let mut ids = cx.encode_continuation(&thought)?;
@@ -435,12 +431,7 @@ impl Search for TreeOfThought {
                     } else {
                         parent_head.fork(cx.store)?
                     };
-                    let stop_at = self
-                        .job
-                        .stop
-                        .iter()
-                        .filter_map(|x| thought.find(x.as_str()))
-                        .min();
+                    let at_stop = self.job.stop.iter().any(|x| thought.contains(x.as_str()));
                     self.add_state(
                         s,
                         State {
@@ -449,7 +440,7 @@ impl Search for TreeOfThought {
                             tokens: ids,
                             text: thought,
                             path_len,
-                            terminal: path_len >= self.job.max_new_tokens || stop_at.is_some(),
+                            terminal: self.job.room(path_len) == 0 || at_stop,
                             ..State::default()
                         },
                     );
