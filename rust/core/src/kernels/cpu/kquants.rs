@@ -43,7 +43,7 @@ impl KFormat {
     }
 
     /// Bytes of the header of one grouped super-block (eight rows).
-    fn header_bytes(self) -> usize {
+    pub(crate) fn header_bytes(self) -> usize {
         match self {
             // d, dmin, then sc and m (a byte per sub-block and row).
             KFormat::Q4K | KFormat::Q5K => 2 * 2 * GROUP + 2 * SUBS * GROUP,
@@ -53,11 +53,11 @@ impl KFormat {
     }
 
     /// Bytes of one grouped sub-block (eight rows of 32 weights): bit planes, then quants.
-    fn sub_bytes(self) -> usize {
+    pub(crate) fn sub_bytes(self) -> usize {
         self.plane_bytes() + 16 * GROUP
     }
 
-    fn plane_bytes(self) -> usize {
+    pub(crate) fn plane_bytes(self) -> usize {
         match self {
             KFormat::Q4K => 0,
             KFormat::Q5K => 32,
@@ -359,7 +359,7 @@ pub(crate) mod avx2 {
     /// Eight bytes at `p` (one per row) as eight f32, unsigned or signed.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn bytes8(p: *const u8, signed: bool) -> __m256 {
+    pub(crate) unsafe fn bytes8(p: *const u8, signed: bool) -> __m256 {
         let v = _mm_loadl_epi64(p as *const __m128i);
         _mm256_cvtepi32_ps(if signed {
             _mm256_cvtepi8_epi32(v)
@@ -376,6 +376,39 @@ pub(crate) mod avx2 {
             _mm256_sll_epi16(v, _mm_cvtsi32_si128(left)),
             _mm_cvtsi32_si128(right),
         )
+    }
+
+    /// Chunk `c` (0..4) of a grouped sub-block as unsigned bytes: the weights `4c..4c + 4` and
+    /// `16 + 4c..16 + 4c + 4` of each of the eight rows, the low nibbles with their high bits
+    /// from `planes` (the sub-block's first 64 bytes, loaded once for its four chunks) put back.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn chunk(
+        f: KFormat,
+        quants: *const u8,
+        planes: [__m256i; 2],
+        c: i32,
+    ) -> (__m256i, __m256i) {
+        let mask = _mm256_set1_epi8(0x0F);
+        let q = _mm256_loadu_si256(quants.add(c as usize * 32) as *const __m256i);
+        let lo = _mm256_and_si256(q, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+        match f {
+            KFormat::Q4K => (lo, hi),
+            KFormat::Q5K => {
+                let fifth = _mm256_set1_epi8(0x10);
+                let up = _mm256_and_si256(shift(planes[0], 4 - c, 0), fifth);
+                let down = _mm256_and_si256(shift(planes[0], 0, c), fifth);
+                (_mm256_or_si256(lo, up), _mm256_or_si256(hi, down))
+            }
+            KFormat::Q6K => {
+                let top = _mm256_set1_epi8(0x30);
+                let (l, r) = ((4 - 2 * c).max(0), (2 * c - 4).max(0));
+                let p_lo = _mm256_and_si256(shift(planes[0], l, r), top);
+                let p_hi = _mm256_and_si256(shift(planes[1], l, r), top);
+                (_mm256_or_si256(lo, p_lo), _mm256_or_si256(hi, p_hi))
+            }
+        }
     }
 
     /// Defines a K-quant group kernel. `$dot(sum, w, a)` adds to `sum` the products of 32
@@ -396,11 +429,7 @@ pub(crate) mod avx2 {
                 let gb = f.group_block_bytes();
                 let blocks = acts[0].len() / SUBS;
                 assert!(w.len() >= blocks * gb && acts.iter().all(|a| a.len() == blocks * SUBS));
-                let mask = _mm256_set1_epi8(0x0F);
-                let (plane_mask, six) = match f {
-                    KFormat::Q6K => (_mm256_set1_epi8(0x30), true),
-                    _ => (_mm256_set1_epi8(0x10), false),
-                };
+                let six = f == KFormat::Q6K;
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut off = [_mm256_setzero_ps(); R];
                 for sb in 0..blocks {
@@ -424,26 +453,7 @@ pub(crate) mod avx2 {
                             $run
                         };
                         for c in 0..4i32 {
-                            let q =
-                                _mm256_loadu_si256(quants.add(c as usize * 32) as *const __m256i);
-                            let mut lo = _mm256_and_si256(q, mask);
-                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
-                            match f {
-                                KFormat::Q4K => {}
-                                KFormat::Q5K => {
-                                    let up = shift(planes[0], 4 - c, 0);
-                                    let down = shift(planes[0], 0, c);
-                                    lo = _mm256_or_si256(lo, _mm256_and_si256(up, plane_mask));
-                                    hi = _mm256_or_si256(hi, _mm256_and_si256(down, plane_mask));
-                                }
-                                KFormat::Q6K => {
-                                    let (l, r) = ((4 - 2 * c).max(0), (2 * c - 4).max(0));
-                                    let p_lo = shift(planes[0], l, r);
-                                    let p_hi = shift(planes[1], l, r);
-                                    lo = _mm256_or_si256(lo, _mm256_and_si256(p_lo, plane_mask));
-                                    hi = _mm256_or_si256(hi, _mm256_and_si256(p_hi, plane_mask));
-                                }
-                            }
+                            let (lo, hi) = chunk(f, quants, planes, c);
                             super::super::qmatmul::unrolled!(R, |i| {
                                 let a = &acts[i][sb * SUBS + s];
                                 let ($sum, $w, $a) =

@@ -15,6 +15,8 @@ pub mod peak;
 pub(crate) mod qmatmul;
 pub(crate) mod requantize;
 mod rng;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod tiles256;
 pub(crate) mod weight_memory;
 
 use candle_core::{DType, Tensor};

@@ -21,6 +21,8 @@ use std::ops::Range;
 
 use super::kquants::{self, KFormat, QK_K};
 use super::parallel::DisjointOut;
+#[cfg(target_arch = "x86_64")]
+use super::tiles256;
 use super::weight_memory::WeightBytes;
 use crate::error::{Error, Result};
 
@@ -29,7 +31,7 @@ const QK: usize = 32;
 pub(crate) const GROUP: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Q4_0,
     Q4_1,
     Q5_0,
@@ -41,7 +43,7 @@ enum Kind {
 
 impl Kind {
     /// Bytes of one GGML block (32 weights of one row).
-    fn block_bytes(self) -> usize {
+    pub(crate) fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_0 => 18,
             Kind::Q4_1 => 20,
@@ -61,7 +63,7 @@ impl Kind {
     }
 
     /// Bytes of one block column of a group (eight rows) in the grouped layout.
-    fn group_block_bytes(self) -> usize {
+    pub(crate) fn group_block_bytes(self) -> usize {
         match self {
             Kind::K(f) => f.group_block_bytes(),
             _ => GROUP * self.block_bytes(),
@@ -78,13 +80,13 @@ impl Kind {
     }
 
     /// Whether the block carries a fifth bit per weight (`qh`, four bytes after the header).
-    fn high_bits(self) -> bool {
+    pub(crate) fn high_bits(self) -> bool {
         matches!(self, Kind::Q5_0 | Kind::Q5_1)
     }
 }
 
 /// Bytes of the high-bit plane of a Q5 group block (see [`repack`]).
-const HIGH_PLANE: usize = 32;
+pub(crate) const HIGH_PLANE: usize = 32;
 
 /// A quantized `[rows, cols]` weight matrix, repacked in groups of [`GROUP`] rows.
 ///
@@ -206,6 +208,13 @@ impl QuantMatrix {
         #[cfg(target_arch = "x86_64")]
         if let Some(tiles) = select_tiles(self.kind) {
             rows.start = self.compute_row_pairs(&tiles, acts, rows.clone(), out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if acts.m >= tiles256::MIN_ROWS {
+            if let Some(tiles) = tiles256::select(self.kind) {
+                self.compute_tiles256(&tiles, acts, rows, out);
+                return;
+            }
         }
         let kernels = select_kernels(self.kind);
         for first in rows.clone().step_by(GROUP) {
@@ -342,6 +351,61 @@ impl QuantMatrix {
         }
         rows.start + pairs * PAIR
     }
+}
+
+impl QuantMatrix {
+    /// [`Self::compute_rows`] through the 256-bit tiles: each group of the range is unpacked once
+    /// per chunk of activation rows, then tiles of four rows (and two, one) run over it.
+    ///
+    /// # Safety
+    /// As [`Self::compute_rows`]; the CPU runs `tiles`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn compute_tiles256(
+        &self,
+        tiles: &tiles256::Tiles,
+        acts: &QuantizedActs,
+        rows: Range<usize>,
+        out: &DisjointOut<'_>,
+    ) {
+        let gb = self.group_bytes();
+        let end = rows.end.min(self.rows);
+        UNPACKED256.with_borrow_mut(|unpacked| {
+            for chunk in (0..acts.m).step_by(ACT_CHUNK) {
+                let chunk_end = (chunk + ACT_CHUNK).min(acts.m);
+                for first in (rows.start..end).step_by(GROUP) {
+                    let g = first / GROUP;
+                    tiles256::unpack(self.kind, &self.data[g * gb..(g + 1) * gb], unpacked);
+                    let live = (end - first).min(GROUP);
+                    let write = |j: usize, sums: &[f32; GROUP]| {
+                        out.set_slice(j * self.rows + first, &sums[..live])
+                    };
+                    let mut j = chunk;
+                    while j + 4 <= chunk_end {
+                        for (i, s) in (tiles.four)(unpacked, acts.rows(j)).iter().enumerate() {
+                            write(j + i, s);
+                        }
+                        j += 4;
+                    }
+                    if j + 2 <= chunk_end {
+                        let [a, b] = (tiles.two)(unpacked, acts.rows(j));
+                        write(j, &a);
+                        write(j + 1, &b);
+                        j += 2;
+                    }
+                    if j < chunk_end {
+                        write(j, &(tiles.one)(unpacked, acts.rows(j))[0]);
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The group the 256-bit tiles are working on, unpacked.
+    static UNPACKED256: std::cell::RefCell<Vec<tiles256::Unpacked>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Activation rows per pass of the tile kernels over a range of weight rows.
@@ -823,6 +887,28 @@ pub(crate) mod avx2 {
         ]))
     }
 
+    /// Chunk `c` (0..4) of a grouped Q5 block as unsigned five-bit bytes: the low nibbles of the
+    /// quant chunk at `quants` with bit `c` of `plane` moved to bit 4, the high nibbles with bit
+    /// `4 + c` (16-bit shifts: for these counts no bit crosses into bit 4 of the other byte).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn q5_chunk(
+        quants: *const u8,
+        plane: __m256i,
+        c: usize,
+    ) -> (__m256i, __m256i) {
+        let (mask, fifth) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+        let q = _mm256_loadu_si256(quants.add(c * 32) as *const __m256i);
+        let up = _mm256_sll_epi16(plane, _mm_cvtsi32_si128(4 - c as i32));
+        let down = _mm256_srl_epi16(plane, _mm_cvtsi32_si128(c as i32));
+        let lo = _mm256_or_si256(_mm256_and_si256(q, mask), _mm256_and_si256(up, fifth));
+        let hi = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
+            _mm256_and_si256(down, fifth),
+        );
+        (lo, hi)
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn to_array(v: __m256) -> [f32; GROUP] {
@@ -947,8 +1033,6 @@ pub(crate) mod avx2 {
                 let qs_at = header + super::HIGH_PLANE;
                 let blocks = acts[0].len();
                 assert!(w.len() >= blocks * bb && acts.iter().all(|a| a.len() == blocks));
-                let mask = _mm256_set1_epi8(0x0F);
-                let fifth = _mm256_set1_epi8(0x10);
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut off = [_mm256_setzero_ps(); R];
                 for b in 0..blocks {
@@ -962,18 +1046,7 @@ pub(crate) mod avx2 {
                     let plane = _mm256_loadu_si256(blk.add(header) as *const __m256i);
                     let mut sums = [_mm256_setzero_si256(); R];
                     for c in 0..4 {
-                        let q = _mm256_loadu_si256(blk.add(qs_at + c * 32) as *const __m256i);
-                        // Bit c of the plane to bit 4 of each byte for the low nibbles, bit
-                        // 4 + c for the high ones (16-bit shifts: no bit crosses into bit 4 of
-                        // the other byte for these counts).
-                        let up = _mm256_sll_epi16(plane, _mm_cvtsi32_si128(4 - c as i32));
-                        let down = _mm256_srl_epi16(plane, _mm_cvtsi32_si128(c as i32));
-                        let lo =
-                            _mm256_or_si256(_mm256_and_si256(q, mask), _mm256_and_si256(up, fifth));
-                        let hi = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
-                            _mm256_and_si256(down, fifth),
-                        );
+                        let (lo, hi) = q5_chunk(blk.add(qs_at), plane, c);
                         for ($sum, a) in sums.iter_mut().zip(&acts) {
                             let a = &a[b];
                             let ($lo, $alo, $hi, $ahi) =
@@ -1706,6 +1779,95 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             check_tiles(dtype);
+        }
+    }
+
+    /// The 256-bit tiles give, lane for lane, what the group kernel of the same format gives
+    /// for each row, whatever the tile size and the row's slot in it, on every tile set this CPU
+    /// runs; and through `compute_rows` a batch of any size gives each row what it gets alone.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tiles256_equal_the_group_kernels() {
+        if !avx2::available() {
+            eprintln!("no AVX2 on this CPU (or capped): 256-bit tiles not tested");
+            return;
+        }
+        use GgmlDType::*;
+        for dtype in [Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q5K, Q6K] {
+            let (rows, cols) = (43, 768);
+            let mut w = weights(rows, cols);
+            // Rows at the integer limits: every quant at the top of its range, or spread wide.
+            for c in 0..cols {
+                w[2 * cols + c] = 1.0;
+                w[3 * cols + c] = if c % 7 == 0 { -3.0 } else { 3.0 };
+            }
+            let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let qm = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            let m = 9;
+            let mut x: Vec<f32> = (0..(m - 1) * cols)
+                .map(|i| (((i * 7919) % 251) as f32 / 125.0 - 1.0) * (1 + i % 5) as f32)
+                .collect();
+            x.extend((0..cols).map(|i| if i % 3 == 0 { -2.0 } else { 2.0 }));
+            let acts = QuantizedActs::new(&x, cols);
+            let kernels = select_kernels(qm.kind);
+            let sets = tiles256::every(qm.kind);
+            assert!(!sets.is_empty(), "{dtype:?} has no 256-bit tiles");
+            let gb = qm.group_bytes();
+            let mut unpacked = Vec::new();
+            for g in 0..rows.div_ceil(GROUP) {
+                let group = &qm.data[g * gb..(g + 1) * gb];
+                // SAFETY: the CPU has AVX2; the group holds whole blocks.
+                unsafe { tiles256::unpack(qm.kind, group, &mut unpacked) };
+                for j in 0..m {
+                    let one = (kernels.one)(group, [acts.row(j)])[0];
+                    let other = acts.row((j + 1) % m);
+                    for (name, t) in &sets {
+                        // SAFETY: `select` gave only sets this CPU runs; the blocks match.
+                        let got = unsafe {
+                            [
+                                (t.one)(&unpacked, [acts.row(j)])[0],
+                                (t.two)(&unpacked, [other, acts.row(j)])[1],
+                                (t.four)(&unpacked, [acts.row(j), other, other, other])[0],
+                                (t.four)(&unpacked, [other, other, other, acts.row(j)])[3],
+                            ]
+                        };
+                        for g in got {
+                            assert_eq!(
+                                g.map(f32::to_bits),
+                                one.map(f32::to_bits),
+                                "{dtype:?} {name}"
+                            );
+                        }
+                    }
+                }
+            }
+            let alone: Vec<Vec<f32>> = (0..m)
+                .map(|j| {
+                    let a = QuantizedActs::new(&x[j * cols..(j + 1) * cols], cols);
+                    let mut o = vec![0f32; rows];
+                    // SAFETY: one task writes the whole output.
+                    unsafe { qm.compute_rows(&a, 0..rows, &DisjointOut::new(&mut o)) };
+                    o
+                })
+                .collect();
+            for n in 1..=m {
+                let a = QuantizedActs::new(&x[..n * cols], cols);
+                let mut o = vec![0f32; n * rows];
+                // SAFETY: the two ranges are disjoint and run one after the other.
+                unsafe {
+                    let out = DisjointOut::new(&mut o);
+                    qm.compute_rows(&a, 0..16, &out);
+                    qm.compute_rows(&a, 16..rows, &out);
+                }
+                for j in 0..n {
+                    assert_eq!(
+                        &o[j * rows..(j + 1) * rows],
+                        &alone[j][..],
+                        "{dtype:?} {n} rows"
+                    );
+                }
+            }
         }
     }
 
