@@ -381,6 +381,7 @@ pub(crate) mod avx2 {
     /// Chunk `c` (0..4) of a grouped sub-block as unsigned bytes: the weights `4c..4c + 4` and
     /// `16 + 4c..16 + 4c + 4` of each of the eight rows, the low nibbles with their high bits
     /// from `planes` (the sub-block's first 64 bytes, loaded once for its four chunks) put back.
+    /// `masks` are [`masks`] of `f`, made once by the caller.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn chunk(
@@ -388,27 +389,33 @@ pub(crate) mod avx2 {
         quants: *const u8,
         planes: [__m256i; 2],
         c: i32,
+        (mask, plane_mask): (__m256i, __m256i),
     ) -> (__m256i, __m256i) {
-        let mask = _mm256_set1_epi8(0x0F);
         let q = _mm256_loadu_si256(quants.add(c as usize * 32) as *const __m256i);
         let lo = _mm256_and_si256(q, mask);
         let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
         match f {
             KFormat::Q4K => (lo, hi),
             KFormat::Q5K => {
-                let fifth = _mm256_set1_epi8(0x10);
-                let up = _mm256_and_si256(shift(planes[0], 4 - c, 0), fifth);
-                let down = _mm256_and_si256(shift(planes[0], 0, c), fifth);
+                let up = _mm256_and_si256(shift(planes[0], 4 - c, 0), plane_mask);
+                let down = _mm256_and_si256(shift(planes[0], 0, c), plane_mask);
                 (_mm256_or_si256(lo, up), _mm256_or_si256(hi, down))
             }
             KFormat::Q6K => {
-                let top = _mm256_set1_epi8(0x30);
                 let (l, r) = ((4 - 2 * c).max(0), (2 * c - 4).max(0));
-                let p_lo = _mm256_and_si256(shift(planes[0], l, r), top);
-                let p_hi = _mm256_and_si256(shift(planes[1], l, r), top);
+                let p_lo = _mm256_and_si256(shift(planes[0], l, r), plane_mask);
+                let p_hi = _mm256_and_si256(shift(planes[1], l, r), plane_mask);
                 (_mm256_or_si256(lo, p_lo), _mm256_or_si256(hi, p_hi))
             }
         }
+    }
+
+    /// The nibble mask and the mask of the bits a plane adds (0x10 for Q5_K, 0x30 for Q6_K).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn masks(f: KFormat) -> (__m256i, __m256i) {
+        let plane = if f == KFormat::Q6K { 0x30 } else { 0x10 };
+        (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(plane))
     }
 
     /// Defines a K-quant group kernel. `$dot(sum, w, a)` adds to `sum` the products of 32
@@ -430,6 +437,7 @@ pub(crate) mod avx2 {
                 let blocks = acts[0].len() / SUBS;
                 assert!(w.len() >= blocks * gb && acts.iter().all(|a| a.len() == blocks * SUBS));
                 let six = f == KFormat::Q6K;
+                let masks = masks(f);
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut off = [_mm256_setzero_ps(); R];
                 for sb in 0..blocks {
@@ -453,7 +461,7 @@ pub(crate) mod avx2 {
                             $run
                         };
                         for c in 0..4i32 {
-                            let (lo, hi) = chunk(f, quants, planes, c);
+                            let (lo, hi) = chunk(f, quants, planes, c, masks);
                             super::super::qmatmul::unrolled!(R, |i| {
                                 let a = &acts[i][sb * SUBS + s];
                                 let ($sum, $w, $a) =

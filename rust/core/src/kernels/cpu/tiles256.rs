@@ -16,7 +16,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kquants::avx2::{bytes8, chunk};
+use super::kquants::avx2::{bytes8, chunk, masks};
 use super::kquants::KFormat;
 use super::qmatmul::avx2::{act_word, f16x8, q5_chunk};
 use super::qmatmul::{unrolled, Kind, Q8Block, GROUP, HIGH_PLANE};
@@ -90,6 +90,7 @@ pub(crate) unsafe fn unpack(kind: Kind, group: &[u8], out: &mut Vec<Unpacked>) {
             Kind::Q8_0 => unreachable!("no 256-bit tiles for Q8_0"),
             Kind::K(f) => {
                 let six = f == KFormat::Q6K;
+                let masks = masks(f);
                 let d = f16x8(p);
                 let dmin = if six { d } else { f16x8(p.add(2 * GROUP)) };
                 let scales = p.add(if six { 2 * GROUP } else { 4 * GROUP });
@@ -114,7 +115,7 @@ pub(crate) unsafe fn unpack(kind: Kind, group: &[u8], out: &mut Vec<Unpacked>) {
                         _mm256_loadu_si256(sub.add(32) as *const __m256i),
                     ];
                     for c in 0..4 {
-                        let (lo, hi) = chunk(f, sub.add(f.plane_bytes()), planes, c as i32);
+                        let (lo, hi) = chunk(f, sub.add(f.plane_bytes()), planes, c as i32, masks);
                         word(u, c, lo);
                         word(u, 4 + c, hi);
                     }
