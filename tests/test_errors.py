@@ -41,6 +41,27 @@ def test_truncated_gguf(tmp_path: Path, smollm2_path: Path, keep: int) -> None:
     assert "truncated" in str(e.value) or "malformed" in str(e.value) or "shorter" in str(e.value)
 
 
+def test_unsupported_tensor_type_is_named(tmp_path: Path) -> None:
+    """An i-quant file is refused as unsupported, by its type's name, not as a malformed file."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    path = tmp_path / "iq4_nl.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    # IQ4_NL: 32 weights in 18 bytes, so a [64, 64] tensor is 64 rows of 36 bytes.
+    raw = np.zeros((64, 36), dtype=np.uint8)
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=GGMLQuantizationType.IQ4_NL)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ps.ModelLoadError) as e:
+        ps.Engine.load(path)
+    message = str(e.value)
+    assert re.search(r"tensor type IQ4_NL \(GGML type 20\) is not supported", message), message
+    assert "malformed" not in message and "backtrace" not in message.lower(), message
+
+
 def test_missing_tensor(tmp_path: Path, tiny_llama: Path) -> None:
     folder = _copy_folder(tiny_llama, tmp_path / "m")
     st = folder / "model.safetensors"

@@ -106,7 +106,7 @@ impl GgufSource {
         // The header holds one small read per string (hundreds of thousands for a vocabulary).
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| Error::load(path, format!("malformed GGUF header: {e}")))?;
+            .map_err(|e| Error::load(path, header_error(&e)))?;
         let file = reader.into_inner();
         let file_len = file.metadata().map_err(|e| Error::load(path, e))?.len();
         for (name, info) in &content.tensor_infos {
@@ -349,5 +349,51 @@ impl TensorSource for SafetensorsSource {
         Ok(Embedding::Dense(
             self.take_matrix(hf_name, &[vocab, hidden])?,
         ))
+    }
+}
+
+/// Why candle refused a GGUF header, in words. A tensor type it has no blocks for (the i-quants,
+/// the ternary types, MXFP4) is named as unsupported rather than as a malformed file; candle's
+/// backtrace (captured when `RUST_BACKTRACE` is set) stays out of the message.
+fn header_error(e: &candle_core::Error) -> String {
+    let e = match e {
+        candle_core::Error::WithBacktrace { inner, .. } => inner.as_ref(),
+        e => e,
+    };
+    let text = e.to_string();
+    let code = text
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|c| c.trim().parse::<u32>().ok());
+    match code {
+        Some(code) => format!(
+            "tensor type {} (GGML type {code}) is not supported; requantize the file with \
+             llama-quantize to Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q4_0, Q4_1 or F16",
+            ggml_type_name(code)
+        ),
+        None => format!("malformed GGUF header: {text}"),
+    }
+}
+
+/// GGML's name for the tensor types candle does not read.
+fn ggml_type_name(code: u32) -> &'static str {
+    match code {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
     }
 }
