@@ -1,5 +1,6 @@
 """Training from one config: LoRA, QLoRA (4-bit NF4 base), full fine-tuning, structured pruning
-with LoRA recovery, and distillation from a teacher.
+with LoRA recovery, distillation from a teacher, and verifiers (process and outcome reward models:
+LoRA plus a value head, :mod:`peftscale.train.verifier`).
 
 >>> import peftscale as ps
 >>> config = ps.train.load_config("examples/lora-gsm8k.yaml")   # doctest: +SKIP
@@ -41,6 +42,10 @@ def run(
         from peftscale.train import pruning_run
 
         return pruning_run.run(config, resume=resume, callbacks=callbacks)
+    if config.method in ("prm", "orm"):
+        from peftscale.train import verifier
+
+        return verifier.run(config, resume=resume, callbacks=callbacks)
     if config.method == "distill":
         from peftscale.train import distill
 

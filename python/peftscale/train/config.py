@@ -1,7 +1,7 @@
 """The training configuration: one YAML schema for every method, validated with readable errors.
 
 ```yaml
-method: lora                  # lora | qlora | full | prune | distill
+method: lora                  # lora | qlora | full | prune | distill | prm | orm
 model: packaged               # the packaged model, a GGUF file or a Hugging Face folder
 data: {path: data/gsm8k/train.jsonl, format: gsm8k, limit: 2000}
 lora: {r: 16, alpha: 32, target_modules: all-linear}
@@ -25,8 +25,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from peftscale.errors import PeftscaleError
 
-Method = Literal["lora", "qlora", "full", "prune", "distill"]
-DataFormat = Literal["gsm8k", "prompt_completion", "chat"]
+Method = Literal["lora", "qlora", "full", "prune", "distill", "prm", "orm"]
+DataFormat = Literal["gsm8k", "prompt_completion", "chat", "stepwise"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
@@ -39,7 +39,9 @@ class ConfigError(PeftscaleError):
 class DataConfig:
     #: A JSONL file: one object per line.
     path: Path
-    #: ``gsm8k`` (question/answer), ``prompt_completion`` (prompt/completion) or ``chat`` (messages).
+    #: ``gsm8k`` (question/answer), ``prompt_completion`` (prompt/completion), ``chat`` (messages),
+    #: or ``stepwise`` (prompt, completions: the steps, labels: a float in [0, 1] per step) for the
+    #: verifiers (methods ``prm`` and ``orm``).
     format: DataFormat = "prompt_completion"
     #: Read at most this many rows (from the top of the file), 0 for all.
     limit: int = 0
@@ -115,6 +117,17 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class VerifierConfig:
+    """A verifier (methods ``prm`` and ``orm``): LoRA on the base model (``lora``) and a value head,
+    ``Linear(hidden, 1)``, read after each step (PRM) or after the whole reply (ORM)."""
+
+    #: Text appended after each step; the head reads the hidden state of the token that ends it.
+    step_tag: str = "\n"
+    #: How a solution's step scores combine into one: ``min``, ``prod`` or ``last``.
+    aggregation: Literal["min", "prod", "last"] = "min"
+
+
+@dataclass(frozen=True)
 class TrainSection:
     max_steps: int = 300
     #: Rows per device per optimizer step, before gradient accumulation.
@@ -149,6 +162,7 @@ class TrainConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
     train: TrainSection = field(default_factory=TrainSection)
     #: Also write the adapter merged into the base, as a Hugging Face folder (``output/merged``).
     merge: bool = False
@@ -295,6 +309,19 @@ def _check_values(config: Any, where: str) -> None:
         need(config.max_new_tokens > 0, "max_new_tokens", "> 0")
         if config.teacher_adapter is not None and not (config.teacher_adapter / "adapter_config.json").is_file():
             raise ConfigError(f"teacher adapter not found: {config.teacher_adapter} (no adapter_config.json)")
+    elif isinstance(config, VerifierConfig):
+        need(config.step_tag != "", "step_tag", "a non-empty string")
+    elif isinstance(config, TrainConfig):
+        verifier = config.method in ("prm", "orm")
+        if verifier != (config.data.format == "stepwise"):
+            raise ConfigError(
+                "methods prm and orm train on data of format 'stepwise', and only they do; "
+                f"got method '{config.method}' with data.format '{config.data.format}'"
+            )
+        if verifier and config.merge:
+            raise ConfigError(
+                f"merge: a verifier's adapter is read beside its value head; drop merge for {config.method}"
+            )
     elif isinstance(config, TrainSection):
         for key in ("max_steps", "batch_size", "grad_accum", "max_length", "log_every", "eval_every", "save_every"):
             need(getattr(config, key) > 0, key, "> 0")

@@ -95,29 +95,59 @@ def _wrap(model: Any, config: TrainConfig) -> Any:
         raise ConfigError(f"lora: {e}") from None
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a run trains: its data as Trainer's data sets, the trainable model around the loaded
+    base, the batch collator, and the held-out metrics. Language modelling on the replies is the
+    default; the verifiers bring their own (:mod:`peftscale.train.verifier`)."""
+
+    #: ``(tokenizer) -> (train, held_out or None, rows dropped)``.
+    datasets: Callable[[Any], tuple[Any, Any, int]]
+    #: ``(base model) -> trainable model``.
+    wrap: Callable[[Any], Any]
+    collator: Callable[[Any], Any]
+    compute_metrics: Callable[[Any], dict[str, float]] | None = None
+
+
+def language_modelling(config: TrainConfig) -> Objective:
+    """Cross-entropy on the assistant replies, LoRA/QLoRA or full (see :func:`_wrap`)."""
+
+    def datasets(tokenizer: Any) -> tuple[Any, Any, int]:
+        splits = load_examples(config.data, tokenizer, config.train.max_length)
+        return _Examples(splits.train), _Examples(splits.eval) if splits.eval else None, splits.dropped
+
+    def collator(tokenizer: Any) -> Any:
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
+
+    return Objective(datasets, lambda model: _wrap(model, config), collator)
+
+
 def run(
     config: TrainConfig,
     resume: bool = False,
     callbacks: Sequence[TrainerCallback] = (),
     make_trainer: Callable[..., Trainer] = Trainer,
+    objective: Objective | None = None,
 ) -> RunResult:
     """Trains as the config says and writes the outputs into ``config.output``.
 
     ``resume`` continues from the newest checkpoint in ``output/checkpoints``; ``callbacks`` are
     added to the Trainer's (transformers ``TrainerCallback`` objects); ``make_trainer`` builds the
-    Trainer from Trainer's arguments (distillation brings one with its own loss). Ctrl-C stops the
-    run after saving what it has (the adapter, or the model, with ``"interrupted": true`` in its
-    record) and then raises ``KeyboardInterrupt``.
+    Trainer from Trainer's arguments (distillation brings one with its own loss); ``objective`` is
+    what is trained (language modelling on the replies by default). Ctrl-C stops the run after
+    saving what it has (the adapter, or the model, with ``"interrupted": true`` in its record) and
+    then raises ``KeyboardInterrupt``.
     """
     t = config.train
+    objective = objective or language_modelling(config)
     base = resolve(config.model)
     tokenizer = load_tokenizer(base)
-    splits = load_examples(config.data, tokenizer, t.max_length)
+    train_set, eval_set, dropped = objective.datasets(tokenizer)
     model = load_model(base, config.quant if config.method == "qlora" else None)
     if t.gradient_checkpointing and config.method != "qlora":
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    model = _wrap(model, config)
+    model = objective.wrap(model)
 
     output = Path(config.output)
     checkpoints = output / "checkpoints"
@@ -137,7 +167,7 @@ def run(
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer(t.optimizer),
         logging_steps=t.log_every,
-        eval_strategy="steps" if splits.eval else "no",
+        eval_strategy="steps" if eval_set else "no",
         eval_steps=t.eval_every,
         save_strategy="steps",
         save_steps=t.save_every,
@@ -150,28 +180,28 @@ def run(
         remove_unused_columns=False,
         # Logs train_tokens_per_second beside the loss.
         include_num_input_tokens_seen=True,
-        eval_on_start=bool(splits.eval) and not resume,
+        eval_on_start=bool(eval_set) and not resume,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
     stop = _StopOnInterrupt()
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
     trainer = make_trainer(
         model=model,
         args=args,
-        train_dataset=_Examples(splits.train),
-        eval_dataset=_Examples(splits.eval) if splits.eval else None,
-        data_collator=collator,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=objective.collator(tokenizer),
         callbacks=[stop, *callbacks],
+        compute_metrics=objective.compute_metrics,
     )
     main = trainer.is_world_process_zero()
-    if main and splits.dropped:
-        warnings.warn(f"{splits.dropped} rows had no reply token left within max_length={t.max_length}", stacklevel=2)
+    if main and dropped:
+        warnings.warn(f"{dropped} rows had no reply token left within max_length={t.max_length}", stacklevel=2)
 
     with stop.catching_sigint():
         trainer.train(resume_from_checkpoint=True if resume else None)
     interrupted = stop.requested
-    after = float(trainer.evaluate()["eval_loss"]) if splits.eval and not interrupted else float("nan")
+    after = float(trainer.evaluate()["eval_loss"]) if eval_set and not interrupted else float("nan")
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     before = recorded(output, "metrics", "eval_loss_before") if resume else (evals[0] if evals else float("nan"))
     result = RunResult(output, trainer.state.global_step, before, after, interrupted)
