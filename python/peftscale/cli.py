@@ -202,6 +202,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from peftscale.eval.datasets import load_task, parse_slice
+    from peftscale.eval.label import LabelSettings, label_questions
+
+    settings = LabelSettings(
+        n=args.n,
+        solutions=args.solutions,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        delimiter=args.delimiter.encode().decode("unicode_escape"),
+        max_new_tokens=args.max_new_tokens,
+        label=args.label,
+        seed=args.seed,
+    )
+    settings.check()
+    task = load_task(args.dataset, args.data_dir, args.fields)
+    questions = [task.questions[i] for i in parse_slice(args.slice, len(task.questions))]
+    eng = Engine.load(args.model or models.smollm2_135m_instruct(), device=args.device)
+    adapter = None
+    if args.adapter:
+        adapter = "policy"
+        eng.load_adapter(args.adapter, name=adapter)
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        def progress(qs):  # type: ignore[no-untyped-def]
+            return tqdm(qs, desc="questions", unit="q")
+
+    try:
+        out = label_questions(eng, task, questions, settings, args.out, adapter=adapter, progress=progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished questions are in {args.out}; rerun the command to continue", file=sys.stderr)
+        return 130
+    print(f"step labels in {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftscale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +307,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+    lb = sub.add_parser("label", help="step labels for a verifier from the model's own rollouts (Math-Shepherd)")
+    lb.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
+    lb.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    lb.add_argument("--adapter", default=None, help="a peft LoRA adapter folder for the policy")
+    lb.add_argument("--dataset", required=True, help="gsm8k | math500 | PATH.jsonl (question and numeric answer)")
+    lb.add_argument("--slice", default=None, help="rows a:b of the data set (default: all)")
+    lb.add_argument("--data-dir", default=None, help="where gsm8k/ and math500/ lie (default: the shipped copies)")
+    lb.add_argument("--fields", default=None, help="JSONL field names: question=q,answer=a")
+    lb.add_argument("--n", type=int, default=8, help="completions sampled from each step prefix")
+    lb.add_argument("--solutions", type=int, default=1, help="solutions sampled per question, each labelled")
+    lb.add_argument("--temperature", type=float, default=0.8)
+    lb.add_argument("--top-k", type=int, default=50)
+    lb.add_argument("--delimiter", default="\\n", help="where a solution splits into steps (escapes such as \\n read)")
+    lb.add_argument("--max-new-tokens", type=int, default=256)
+    lb.add_argument("--label", default="soft", choices=["soft", "hard"], help="share of right completions, or any")
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--out", required=True, help="a JSONL file (rerun into it to continue)")
+    lb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lb.set_defaults(func=cmd_label)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
