@@ -110,6 +110,29 @@ def test_prm_run_learns_and_its_saved_head_scores_as_trained(tiny_llama: Path, t
         scores = hidden[e.positions] @ head["weight"][0] + head["bias"][0]
     probs = torch.sigmoid(scores)
     assert probs[0] > 0.5 > probs[1] and probs[2] > 0.5, probs
+    # The package's own loader and scorer give the same numbers, and rank unseen rows' steps.
+    loaded, loaded_tok = verifier.load(out)
+    assert verifier.score(loaded, loaded_tok, "Check the steps.", steps) == pytest.approx(probs.tolist(), abs=1e-5)
+    held_out = verifier.evaluate(loaded, loaded_tok, _rows(40, seed=7))
+    assert held_out["step_auc"] >= 0.9 and held_out["steps"] > 40, held_out
+
+    # A head written for another hidden size is refused by name.
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(1, 32), "bias": torch.zeros(1)}, str(out / verifier.HEAD_FILE))
+    with pytest.raises(ConfigError, match=r"expected weight \[1, 64\] and bias \[1\]"):
+        verifier.load(out)
+    with pytest.raises(ConfigError, match="is not a verifier folder"):
+        verifier.load(tiny_llama)
+
+
+def test_aggregations_are_the_closed_forms() -> None:
+    s = [0.9, 0.5, 0.8]
+    assert verifier.aggregate(s, "min") == 0.5
+    assert verifier.aggregate(s, "prod") == pytest.approx(0.36)
+    assert verifier.aggregate(s, "last") == 0.8
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        verifier.aggregate(s, "mean")
 
 
 @pytest.mark.parametrize(

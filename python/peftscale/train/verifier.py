@@ -254,3 +254,77 @@ def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[Any] = ()
     from peftscale.train import finetune
 
     return finetune.run(config, resume, callbacks, objective=objective(config))
+
+
+def load(path: str | Path, base_model: str | Path | None = None) -> tuple[ValueHeadModel, Any]:
+    """A trained verifier (f32, on the CPU, in eval mode) and its tokenizer, the training side's
+    reference for its scores. The base model is the one its record names unless given."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from peftscale.provenance import RECORD
+    from peftscale.train.base import load_model, load_tokenizer, resolve
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / HEAD_FILE).is_file():
+        raise ConfigError(f"{path} is not a verifier folder: no {CONFIG_FILE} and {HEAD_FILE}")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    if base_model is None:
+        base_model = json.loads((path / RECORD).read_text())["base_model"]["path"]
+    base = resolve(str(base_model))
+    lm = PeftModel.from_pretrained(load_model(base, None), str(path))
+    if int(lm.config.hidden_size) != int(meta["hidden_size"]):
+        raise ConfigError(
+            f"{path}: the head reads {meta['hidden_size']} values, the base model has {lm.config.hidden_size}"
+        )
+    model = ValueHeadModel(lm, {k: meta[k] for k in ("kind", "step_tag", "aggregation")})
+    head = load_file(str(path / HEAD_FILE))
+    hidden = int(lm.config.hidden_size)
+    if tuple(head.get("weight", torch.empty(0)).shape) != (1, hidden) or tuple(
+        head.get("bias", torch.empty(0)).shape
+    ) != (1,):
+        shapes = {k: list(v.shape) for k, v in head.items()}
+        raise ConfigError(
+            f"{path / HEAD_FILE}: expected weight [1, {hidden}] and bias [1] for this base model, got {shapes}"
+        )
+    with torch.no_grad():
+        model.head.weight.copy_(head["weight"])
+        model.head.bias.copy_(head["bias"])
+    return model.eval(), load_tokenizer(base)
+
+
+@torch.no_grad()
+def score(model: ValueHeadModel, tokenizer: Any, prompt: str, steps: Sequence[str]) -> list[float]:
+    """The probability the verifier gives each step of ``steps`` after ``prompt``."""
+    e = tokenize_steps(tokenizer, prompt, steps, [0.0] * len(steps), model.meta["step_tag"], 1 << 30)
+    if e is None:
+        return []
+    out = model(
+        torch.tensor([e.input_ids]), torch.ones(1, len(e.input_ids), dtype=torch.long), torch.tensor([e.positions])
+    )
+    return torch.sigmoid(out["logits"][0]).tolist()
+
+
+def aggregate(scores: Sequence[float], how: str) -> float:
+    """One score for a solution from its step scores: the lowest, the product, or the last."""
+    if not scores:
+        raise ValueError("no step scores to aggregate")
+    if how == "min":
+        return min(scores)
+    if how == "prod":
+        return math.prod(scores)
+    if how == "last":
+        return scores[-1]
+    raise ValueError(f"unknown aggregation {how!r} (min, prod or last)")
+
+
+def evaluate(model: ValueHeadModel, tokenizer: Any, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Step AUC and accuracy of the verifier on stepwise rows (labels split at 0.5)."""
+    scores: list[float] = []
+    positive: list[bool] = []
+    for r in rows:
+        s = score(model, tokenizer, r["prompt"], r["completions"])
+        scores += s
+        positive += [x >= 0.5 for x in r["labels"][: len(s)]]
+    right = sum((p >= 0.5) == y for p, y in zip(scores, positive, strict=True))
+    return {"step_auc": auc(scores, positive), "step_accuracy": right / max(len(scores), 1), "steps": len(scores)}
