@@ -2,7 +2,10 @@
 //! bits (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), where the 512-bit tiles of [`super::qmatmul`]
 //! do not serve them (every such format on an AVX2-only CPU; the five-bit and K-quant formats
 //! everywhere). Q8_0 stays with its group kernels: its signed weights cost a sign operation per
-//! product either way, and unpacking them saved nothing (measured: 0.97-1.0x).
+//! product either way, and through these tiles its prefill measured 0.88x. On CPUs with AVX-512
+//! VNNI the VNNI form of the tiles replaces the 256-bit VNNI group kernels of the five-bit and
+//! K-quant formats from four rows on; it gives the same bits, but its speed there is not yet
+//! measured (measured so far: AMD EPYC Zen 3, AVX2 only).
 //!
 //! The group kernels rebuild each weight from its nibble and bit planes in every call, and a call
 //! covers at most four activation rows: across a prefill's hundreds of rows that rebuilding was
