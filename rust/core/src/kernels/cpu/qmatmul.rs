@@ -43,7 +43,7 @@ pub(crate) enum Kind {
 
 impl Kind {
     /// Bytes of one GGML block (32 weights of one row).
-    pub(crate) fn block_bytes(self) -> usize {
+    fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_0 => 18,
             Kind::Q4_1 => 20,
@@ -1554,6 +1554,66 @@ mod tests {
         w
     }
 
+    /// [`weights`] with two more rows at the integer limits: every weight at the top of its
+    /// range, or spread wide.
+    fn limit_weights(rows: usize, cols: usize) -> Vec<f32> {
+        let mut w = weights(rows, cols);
+        for c in 0..cols {
+            w[2 * cols + c] = 1.0;
+            w[3 * cols + c] = if c % 7 == 0 { -3.0 } else { 3.0 };
+        }
+        w
+    }
+
+    /// `m` rows of varied activations, the last with every quant at +-127.
+    fn spread_acts(m: usize, cols: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..(m - 1) * cols)
+            .map(|i| (((i * 7919) % 251) as f32 / 125.0 - 1.0) * (1 + i % 5) as f32)
+            .collect();
+        x.extend((0..cols).map(|i| if i % 3 == 0 { -2.0 } else { 2.0 }));
+        x
+    }
+
+    /// Through `compute_rows` (over two ranges split at `split`), each of the first `n` rows of
+    /// `x` gives in a batch of `n` what it gives alone, for every `n` of `counts`.
+    fn assert_rows_alone(
+        qm: &QuantMatrix,
+        x: &[f32],
+        split: usize,
+        counts: impl IntoIterator<Item = usize>,
+        what: &str,
+    ) {
+        let (rows, cols) = (qm.rows, qm.cols);
+        let counts: Vec<usize> = counts.into_iter().collect();
+        let most = counts.iter().copied().max().unwrap_or(0);
+        let alone: Vec<Vec<f32>> = (0..most)
+            .map(|j| {
+                let a = QuantizedActs::new(&x[j * cols..(j + 1) * cols], cols);
+                let mut o = vec![0f32; rows];
+                // SAFETY: one task writes the whole output.
+                unsafe { qm.compute_rows(&a, 0..rows, &DisjointOut::new(&mut o)) };
+                o
+            })
+            .collect();
+        for n in counts {
+            let a = QuantizedActs::new(&x[..n * cols], cols);
+            let mut o = vec![0f32; n * rows];
+            let out = DisjointOut::new(&mut o);
+            // SAFETY: the two ranges are disjoint and run one after the other.
+            unsafe {
+                qm.compute_rows(&a, 0..split, &out);
+                qm.compute_rows(&a, split..rows, &out);
+            }
+            for j in 0..n {
+                assert_eq!(
+                    &o[j * rows..(j + 1) * rows],
+                    &alone[j][..],
+                    "{what} {n} rows"
+                );
+            }
+        }
+    }
+
     fn check(dtype: GgmlDType) {
         let (rows, cols) = (41, 96);
         let w = Tensor::from_vec(weights(rows, cols), (rows, cols), &Device::Cpu).unwrap();
@@ -1746,32 +1806,13 @@ mod tests {
         // Through compute_rows with every row count from 1 to 9, wide batches (unpacked pairs,
         // several chunks of activation rows) and a range that ends on an unpaired group: each
         // input row's output equals that of the row alone.
-        let alone: Vec<Vec<f32>> = (0..wide)
-            .map(|j| {
-                let a = QuantizedActs::new(&x[j * cols..(j + 1) * cols], cols);
-                let mut o = vec![0f32; rows];
-                // SAFETY: one task writes the whole output.
-                unsafe { qm.compute_rows(&a, 0..rows, &DisjointOut::new(&mut o)) };
-                o
-            })
-            .collect();
-        for n in (1..=m).chain([16, 17, 32, 39, 70]) {
-            let a = QuantizedActs::new(&x[..n * cols], cols);
-            let mut o = vec![0f32; n * rows];
-            let out = DisjointOut::new(&mut o);
-            // SAFETY: the two ranges are disjoint and run one after the other.
-            unsafe {
-                qm.compute_rows(&a, 0..24, &out);
-                qm.compute_rows(&a, 24..rows, &out);
-            }
-            for j in 0..n {
-                assert_eq!(
-                    &o[j * rows..(j + 1) * rows],
-                    &alone[j][..],
-                    "{dtype:?} {n} rows"
-                );
-            }
-        }
+        assert_rows_alone(
+            &qm,
+            &x,
+            24,
+            (1..=m).chain([16, 17, 32, 39, 70]),
+            &format!("{dtype:?}"),
+        );
     }
 
     #[test]
@@ -1795,20 +1836,12 @@ mod tests {
         use GgmlDType::*;
         for dtype in [Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q5K, Q6K] {
             let (rows, cols) = (43, 768);
-            let mut w = weights(rows, cols);
-            // Rows at the integer limits: every quant at the top of its range, or spread wide.
-            for c in 0..cols {
-                w[2 * cols + c] = 1.0;
-                w[3 * cols + c] = if c % 7 == 0 { -3.0 } else { 3.0 };
-            }
-            let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+            let wt =
+                Tensor::from_vec(limit_weights(rows, cols), (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let qm = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
             let m = 9;
-            let mut x: Vec<f32> = (0..(m - 1) * cols)
-                .map(|i| (((i * 7919) % 251) as f32 / 125.0 - 1.0) * (1 + i % 5) as f32)
-                .collect();
-            x.extend((0..cols).map(|i| if i % 3 == 0 { -2.0 } else { 2.0 }));
+            let x = spread_acts(m, cols);
             let acts = QuantizedActs::new(&x, cols);
             let kernels = select_kernels(qm.kind);
             let sets = tiles256::every(qm.kind);
@@ -1842,32 +1875,7 @@ mod tests {
                     }
                 }
             }
-            let alone: Vec<Vec<f32>> = (0..m)
-                .map(|j| {
-                    let a = QuantizedActs::new(&x[j * cols..(j + 1) * cols], cols);
-                    let mut o = vec![0f32; rows];
-                    // SAFETY: one task writes the whole output.
-                    unsafe { qm.compute_rows(&a, 0..rows, &DisjointOut::new(&mut o)) };
-                    o
-                })
-                .collect();
-            for n in 1..=m {
-                let a = QuantizedActs::new(&x[..n * cols], cols);
-                let mut o = vec![0f32; n * rows];
-                // SAFETY: the two ranges are disjoint and run one after the other.
-                unsafe {
-                    let out = DisjointOut::new(&mut o);
-                    qm.compute_rows(&a, 0..16, &out);
-                    qm.compute_rows(&a, 16..rows, &out);
-                }
-                for j in 0..n {
-                    assert_eq!(
-                        &o[j * rows..(j + 1) * rows],
-                        &alone[j][..],
-                        "{dtype:?} {n} rows"
-                    );
-                }
-            }
+            assert_rows_alone(&qm, &x, 16, 1..=m, &format!("{dtype:?}"));
         }
     }
 
@@ -1880,13 +1888,8 @@ mod tests {
     fn k_quant_kernels_match_a_float64_reference() {
         for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (rows, cols) = (43, 768);
-            let mut w = weights(rows, cols);
-            // Rows at the integer limits: every weight at the top of its range, or spread wide.
-            for c in 0..cols {
-                w[2 * cols + c] = 1.0;
-                w[3 * cols + c] = if c % 7 == 0 { -3.0 } else { 3.0 };
-            }
-            let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+            let wt =
+                Tensor::from_vec(limit_weights(rows, cols), (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let deq: Vec<f64> = q
                 .dequantize(&Device::Cpu)
@@ -1904,11 +1907,7 @@ mod tests {
             let same = back.data().unwrap() == q.data().unwrap();
             assert!(same, "{dtype:?}: unpack(repack(raw)) != raw");
             let m = 64;
-            let mut x: Vec<f32> = (0..(m - 1) * cols)
-                .map(|i| (((i * 7919) % 251) as f32 / 125.0 - 1.0) * (1 + i % 5) as f32)
-                .collect();
-            // Every activation quant at +-127.
-            x.extend((0..cols).map(|i| if i % 3 == 0 { -2.0 } else { 2.0 }));
+            let x = spread_acts(m, cols);
             let Kind::K(f) = qm.kind else {
                 panic!("{dtype:?} is not a K-quant kind")
             };

@@ -77,9 +77,12 @@ pub(crate) unsafe fn unpack(kind: Kind, group: &[u8], out: &mut Vec<Unpacked>) {
                 _mm256_storeu_ps(u.scale.as_mut_ptr(), d);
                 let m = if with_min { f16x8(p.add(16)) } else { d };
                 _mm256_storeu_ps(u.second.as_mut_ptr(), m);
+                // Q5's plane of fifth bits, loaded once for the block's four chunks.
+                let plane = kind
+                    .high_bits()
+                    .then(|| _mm256_loadu_si256(p.add(header) as *const __m256i));
                 for c in 0..4 {
-                    let (lo, hi) = if kind.high_bits() {
-                        let plane = _mm256_loadu_si256(p.add(header) as *const __m256i);
+                    let (lo, hi) = if let Some(plane) = plane {
                         q5_chunk(p.add(header + HIGH_PLANE), plane, c)
                     } else {
                         let q = _mm256_loadu_si256(p.add(header + c * 32) as *const __m256i);
