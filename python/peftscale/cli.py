@@ -31,6 +31,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_question_args(p: argparse.ArgumentParser, adapter_help: str) -> None:
+    """The model, its adapter, and the questions: what ``eval`` and ``label`` both read."""
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
+    p.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    p.add_argument("--adapter", default=None, help=adapter_help)
+    p.add_argument("--dataset", required=True, help="gsm8k | math500 | game24 | PATH.jsonl")
+    p.add_argument("--slice", default=None, help="rows a:b of the data set (default: all)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where gsm8k/, math500/, game24/ lie (default: the copies shipped with peftscale)",
+    )
+    p.add_argument("--fields", default=None, help="JSONL field names: question=q,answer=a")
+
+
 def _engine(args: argparse.Namespace) -> Engine:
     path = args.model or models.smollm2_135m_instruct()
     return Engine.load(path, dtype=args.dtype, device=args.device)
@@ -268,11 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key: train.lr=1e-4")
         t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="accuracy against compute of decoding strategies on a data set")
-    e.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
-    e.add_argument("--device", default="cpu", help=_DEVICE_HELP)
-    e.add_argument("--adapter", default=None, help="a peft LoRA adapter folder (needed by cold and +cold)")
-    e.add_argument("--dataset", required=True, help="gsm8k | math500 | game24 | PATH.jsonl")
-    e.add_argument("--slice", default=None, help="rows a:b of the data set (default: all)")
+    _add_question_args(e, "a peft LoRA adapter folder (needed by cold and +cold)")
     e.add_argument(
         "--strategies",
         default="greedy",
@@ -280,12 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(every integer), mcts@16, adaptive@512; '+cold' to score with CoLD; 'base:' to run without the adapter",
     )
     e.add_argument("--out", required=True, help="output folder (rerun into it to continue an interrupted run)")
-    e.add_argument(
-        "--data-dir",
-        default=None,
-        help="where gsm8k/, math500/, game24/ lie (default: the copies shipped with peftscale)",
-    )
-    e.add_argument("--fields", default=None, help="JSONL field names: question=q,answer=a")
     e.add_argument("--shots", type=int, default=0, help="worked examples from the train split before each question")
     e.add_argument("--template", default=None, help="user turn: 'plain', 'cot' or a text with {question}")
     e.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default per data set)")
@@ -308,13 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
     lb = sub.add_parser("label", help="step labels for a verifier from the model's own rollouts (Math-Shepherd)")
-    lb.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
-    lb.add_argument("--device", default="cpu", help=_DEVICE_HELP)
-    lb.add_argument("--adapter", default=None, help="a peft LoRA adapter folder for the policy")
-    lb.add_argument("--dataset", required=True, help="gsm8k | math500 | PATH.jsonl (question and numeric answer)")
-    lb.add_argument("--slice", default=None, help="rows a:b of the data set (default: all)")
-    lb.add_argument("--data-dir", default=None, help="where gsm8k/ and math500/ lie (default: the shipped copies)")
-    lb.add_argument("--fields", default=None, help="JSONL field names: question=q,answer=a")
+    _add_question_args(lb, "a peft LoRA adapter folder for the policy")
     lb.add_argument("--n", type=int, default=8, help="completions sampled from each step prefix")
     lb.add_argument("--solutions", type=int, default=1, help="solutions sampled per question, each labelled")
     lb.add_argument("--temperature", type=float, default=0.8)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from peftscale.errors import InvalidArgument
-from peftscale.eval.prompts import build_prompt, user_turn
+from peftscale.eval.prompts import build_prompt, question_turn
 from peftscale.strategies import Sampling
 
 if TYPE_CHECKING:
@@ -110,7 +110,8 @@ def label_question(
         rows.append(
             {
                 "id": question.id,
-                "prompt": _user_turn(task, question),
+                # What the verifier sees as the prompt: the user turn as the policy saw it.
+                "prompt": question_turn(task, question.question),
                 "completions": steps,
                 "labels": soft if settings.label == "soft" else hard,
                 "soft": soft,
@@ -119,13 +120,6 @@ def label_question(
             }
         )
     return rows
-
-
-def _user_turn(task: Task, question: Question) -> str:
-    """What the verifier sees as the prompt: the question's user turn as the policy saw it."""
-    if task.prompt is not None:
-        return task.prompt(question.question)
-    return user_turn(task.template, question.question)
 
 
 def label_questions(

@@ -38,16 +38,20 @@ def _worked(shot: Question) -> str:
     return without_calculator_notes(shot.solution)
 
 
+def question_turn(task: Task, question: str, template: str | None = None) -> str:
+    """The user turn that asks ``question``: a user task's own prompt builder, or the template."""
+    if task.prompt is not None and template is None:
+        return task.prompt(question)
+    return user_turn(template or task.template, question)
+
+
 def build_prompt(engine: Engine, task: Task, question: Question, template: str | None = None) -> str:
     """The question as the model's chat template renders it, after the task's k-shot examples
     (each a user turn and the worked answer as the assistant's turn)."""
-    if task.prompt is not None and template is None:
-        # A user task's own prompt builder: the whole user turn.
-        return engine.apply_chat_template([{"role": "user", "content": task.prompt(question.question)}])
-    template = template or task.template
     messages: list[dict[str, str]] = []
-    for shot in task.shots:
-        messages.append({"role": "user", "content": user_turn(template, shot.question)})
-        messages.append({"role": "assistant", "content": _worked(shot)})
-    messages.append({"role": "user", "content": user_turn(template, question.question)})
+    if task.prompt is None or template is not None:
+        for shot in task.shots:
+            messages.append({"role": "user", "content": question_turn(task, shot.question, template)})
+            messages.append({"role": "assistant", "content": _worked(shot)})
+    messages.append({"role": "user", "content": question_turn(task, question.question, template)})
     return engine.apply_chat_template(messages)

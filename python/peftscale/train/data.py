@@ -9,9 +9,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from peftscale.train.config import ConfigError, DataConfig
+
+T = TypeVar("T")
 
 IGNORE = -100
 """Label of positions that take no loss (prompt tokens, padding), as torch's cross-entropy expects."""
@@ -144,9 +146,16 @@ def load_examples(config: DataConfig, tokenizer: Any, max_length: int) -> Splits
             dropped += 1
         else:
             examples.append(ex)
-    random.Random(config.seed).shuffle(examples)
-    held = min(config.eval_rows, len(examples) // 2)
-    train, held_out = examples[held:], examples[:held]
-    if not train:
-        raise ConfigError(f"no training rows left in {config.path} (limit {config.limit}, max_length {max_length})")
+    train, held_out = hold_out(examples, config, max_length)
     return Splits(train=train, eval=held_out, dropped=dropped)
+
+
+def hold_out(items: list[T], config: DataConfig, max_length: int) -> tuple[list[T], list[T]]:
+    """``items`` shuffled with the config's seed, then split into training rows and ``eval_rows``
+    held-out rows (at most half); refuses a split that leaves nothing to train on."""
+    items = list(items)
+    random.Random(config.seed).shuffle(items)
+    held = min(config.eval_rows, len(items) // 2)
+    if len(items) == held:
+        raise ConfigError(f"no training rows left in {config.path} (limit {config.limit}, max_length {max_length})")
+    return items[held:], items[:held]

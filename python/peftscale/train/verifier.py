@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from peftscale.train.config import ConfigError, DataConfig, TrainConfig
-from peftscale.train.data import read_rows
+from peftscale.train.data import hold_out, read_rows
 
 HEAD_FILE = "value_head.safetensors"
 CONFIG_FILE = "verifier.json"
@@ -215,8 +215,6 @@ def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
 
 def objective(config: TrainConfig) -> Any:
     """The verifier's :class:`~peftscale.train.finetune.Objective`."""
-    import random
-
     from peftscale.train.finetune import Objective, _wrap
 
     outcome = config.method == "orm"
@@ -232,11 +230,8 @@ def objective(config: TrainConfig) -> Any:
                 dropped += 1
             else:
                 examples.append(e)
-        random.Random(config.data.seed).shuffle(examples)
-        held = min(config.data.eval_rows, len(examples) // 2)
-        if len(examples) - held == 0:
-            raise ConfigError(f"no training rows left in {config.data.path} (max_length {config.train.max_length})")
-        return _Steps(examples[held:]), _Steps(examples[:held]) if held else None, dropped
+        train, held = hold_out(examples, config.data, config.train.max_length)
+        return _Steps(train), _Steps(held) if held else None, dropped
 
     def wrap(model: Any) -> ValueHeadModel:
         meta = {"kind": config.method, "step_tag": tag, "aggregation": config.verifier.aggregation}
