@@ -270,6 +270,49 @@ class Engine:
         """Names of the loaded adapters."""
         return self._core.adapter_names
 
+    def load_verifier(self, path: str | os.PathLike[str], name: str = "verifier") -> None:
+        """Load a verifier folder (a process or outcome reward model) under ``name``.
+
+        A verifier is what ``peftscale train`` writes for ``method: prm`` or ``orm``: a peft LoRA
+        adapter on this base model, ``value_head.safetensors`` (``Linear(hidden, 1)`` over the final
+        normed hidden state) and ``verifier.json`` (its kind, step tag and aggregation). Its rows
+        run in the same batched forward passes as the policy's, the LM head replaced by the value
+        head. Raises :class:`peftscale.AdapterError` for a folder without a head or config, a head
+        or record for another base model, and a step tag this tokenizer cannot read back.
+
+        >>> eng.load_verifier("runs/arith-prm")                            # doctest: +SKIP
+        >>> eng.score_steps("Mia has 3 apples ...", ["3 + 4 = 7", "The answer is 7."])  # doctest: +SKIP
+        [0.91, 0.88]
+        """
+        self._check_trained_base(Path(path))
+        self._core.load_verifier(Path(path), name)
+
+    def unload_verifier(self, name: str) -> None:
+        """Forget a loaded verifier."""
+        self._core.unload_verifier(name)
+
+    @property
+    def verifiers(self) -> list[str]:
+        """Names of the loaded verifiers."""
+        return self._core.verifier_names
+
+    def verifier_info(self, name: str = "verifier") -> dict[str, str]:
+        """A loaded verifier's ``kind`` (``prm``/``orm``), ``step_tag`` and ``aggregation``."""
+        kind, tag, aggregation = self._core.verifier_info(name)
+        return {"kind": kind, "step_tag": tag, "aggregation": aggregation}
+
+    def score_steps(self, prompt: str, steps: Sequence[str], *, verifier: str = "verifier") -> list[float]:
+        """The probability the verifier gives each step of a solution, read as it was trained:
+        ``prompt`` as the chat template's user turn, every step followed by the step tag, the head
+        read at the token that ends each tag."""
+        return self.score_steps_batch([(prompt, steps)], verifier=verifier)[0]
+
+    def score_steps_batch(
+        self, items: Sequence[tuple[str, Sequence[str]]], *, verifier: str = "verifier"
+    ) -> list[list[float]]:
+        """:meth:`score_steps` for many ``(prompt, steps)`` items in shared forward passes."""
+        return self._core.score_steps(verifier, [(p, list(steps)) for p, steps in items])
+
     @overload
     def logits(self, token_ids: Sequence[int], *, adapter: str | None = ...) -> np.ndarray: ...
 

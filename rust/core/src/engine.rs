@@ -13,7 +13,8 @@ use crate::kernels::cpu::parallel::map_parallel;
 use crate::kernels::device::DeviceSpec;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{pick_tokens, ColdParams, Pick, SamplingParams};
-use crate::lora::{group_by_adapter, LoraAdapter};
+use crate::lora::verifier::sigmoid;
+use crate::lora::{group_by_adapter, LoraAdapter, ValueHead, Verifier};
 use crate::model::{self, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
 use crate::search::sampling::StopCriteria;
 use crate::search::{
@@ -90,6 +91,7 @@ pub const LOGITS_CHUNK: usize = 256;
 pub struct Engine {
     model: Arc<Model>,
     adapters: HashMap<String, Arc<LoraAdapter>>,
+    verifiers: HashMap<String, Arc<Verifier>>,
     /// Adapter folders merged into the weights, in order.
     merged: Vec<PathBuf>,
     tokenizer: Option<Arc<Tokenizer>>,
@@ -129,6 +131,7 @@ impl Engine {
         Ok(Self {
             model: Arc::new(loaded.model),
             adapters: HashMap::new(),
+            verifiers: HashMap::new(),
             merged: Vec::new(),
             tokenizer: loaded.tokenizer.tokenizer.map(Arc::new),
             chat_template,
@@ -196,17 +199,86 @@ impl Engine {
         items: &[(&[u32], Option<&str>)],
         between: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Vec<Tensor>> {
+        let rows = items
+            .iter()
+            .map(|&(ids, name)| Ok((ids, name.map(|n| self.adapter(n)).transpose()?, None)))
+            .collect::<Result<Vec<_>>>()?;
+        self.run_sequences(&rows, between)
+    }
+
+    /// The value head's logit at every position of several sequences, each read by the named
+    /// verifier, batched as [`Self::logits_batch_with`] batches logits: `[len]` per sequence.
+    pub fn verifier_logits_batch_with(
+        &self,
+        items: &[(&[u32], &str)],
+        between: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let rows = items
+            .iter()
+            .map(|&(ids, name)| {
+                let v = self.verifier(name)?;
+                Ok((ids, Some(v.adapter.clone()), Some(v.head.clone())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.run_sequences(&rows, between)?
+            .into_iter()
+            .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+            .collect()
+    }
+
+    /// Each step's probability under verifier `name` for solutions given as text, read as the
+    /// verifier was trained to read them: the prompt as the chat template's user turn (with the
+    /// generation prompt), then every step followed by the verifier's step tag, the head read at
+    /// the token that holds the tag's last byte. One list per `(prompt, steps)` item.
+    pub fn score_steps(&self, name: &str, items: &[(&str, Vec<&str>)]) -> Result<Vec<Vec<f64>>> {
+        let verifier = self.verifier(name)?;
+        let tok = self.tokenizer()?;
+        let mut inputs = Vec::with_capacity(items.len());
+        for (prompt, steps) in items {
+            let mut text = self.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
+            let mut ends = Vec::with_capacity(steps.len());
+            for step in steps {
+                text.push_str(step);
+                text.push_str(&verifier.step_tag);
+                ends.push(text.len());
+            }
+            let (ids, offsets) = tok.encode_with_offsets(&text)?;
+            let positions: Vec<usize> = ends
+                .iter()
+                .map(|&end| {
+                    offsets
+                        .iter()
+                        .rposition(|&(start, _)| start < end)
+                        .unwrap_or(0)
+                })
+                .collect();
+            inputs.push((ids, positions));
+        }
+        let rows: Vec<(&[u32], &str)> = inputs.iter().map(|(ids, _)| (&ids[..], name)).collect();
+        let logits = self.verifier_logits_batch_with(&rows, &mut || Ok(()))?;
+        Ok(inputs
+            .iter()
+            .zip(logits)
+            .map(|((_, positions), l)| positions.iter().map(|&p| sigmoid(l[p])).collect())
+            .collect())
+    }
+
+    /// Every position's output of fresh sequences (see [`Self::logits_batch_with`]).
+    #[allow(clippy::type_complexity)]
+    fn run_sequences(
+        &self,
+        items: &[(&[u32], Option<Arc<LoraAdapter>>, Option<Arc<ValueHead>>)],
+        between: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
         let mut store = SeqStore::new(self.model.kv_shape(), self.model.device());
-        let mut adapters = Vec::with_capacity(items.len());
-        for (ids, name) in items {
+        for (ids, _, _) in items {
             self.check_prompt(ids)?;
-            adapters.push(name.map(|n| self.adapter(n)).transpose()?);
         }
         let seqs: Vec<_> = items.iter().map(|_| store.create()).collect();
         let mut fed = vec![0usize; items.len()];
         let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); items.len()];
         let mut first = true;
-        while fed.iter().zip(items).any(|(&f, (ids, _))| f < ids.len()) {
+        while fed.iter().zip(items).any(|(&f, (ids, _, _))| f < ids.len()) {
             if !first {
                 between()?;
             }
@@ -214,7 +286,7 @@ impl Engine {
             let mut budget = LOGITS_CHUNK;
             let mut rows = Vec::new();
             let mut owners = Vec::new();
-            for (i, (ids, _)) in items.iter().enumerate() {
+            for (i, (ids, adapter, head)) in items.iter().enumerate() {
                 let take = (ids.len() - fed[i]).min(budget);
                 if take == 0 {
                     continue;
@@ -222,7 +294,8 @@ impl Engine {
                 let piece = &ids[fed[i]..fed[i] + take];
                 rows.push(
                     RowInput::new(seqs[i], piece, LogitsFor::All)
-                        .with_adapter(adapters[i].as_deref()),
+                        .with_adapter(adapter.as_deref())
+                        .with_head(head.as_deref()),
                 );
                 owners.push(i);
                 fed[i] += take;
@@ -285,6 +358,72 @@ impl Engine {
     /// The adapter folders merged into the weights, in the order they were merged.
     pub fn merged_adapters(&self) -> &[PathBuf] {
         &self.merged
+    }
+
+    /// Loads the verifier folder `path` (a peft adapter plus a value head, as `peftscale train`
+    /// writes for methods `prm` and `orm`) under `name`. Its step tag must be text this model's
+    /// tokenizer encodes and decodes back unchanged, since the head reads the token ending it.
+    pub fn load_verifier(&mut self, path: impl AsRef<Path>, name: &str) -> Result<()> {
+        let path = path.as_ref();
+        if name.is_empty() {
+            return Err(Error::invalid("a verifier needs a non-empty name"));
+        }
+        if self.verifiers.contains_key(name) {
+            return Err(Error::invalid(format!(
+                "a verifier named `{name}` is already loaded; unload it first or pick another name"
+            )));
+        }
+        let verifier = Verifier::load(path, name, self.model.config())?;
+        if let Some(tok) = &self.tokenizer {
+            let ids = tok.encode(&verifier.step_tag)?;
+            let ids: Vec<u32> = ids
+                .into_iter()
+                .filter(|&t| Some(t) != tok.bos_token_id)
+                .collect();
+            let back = tok.decode(&ids, false)?;
+            if ids.is_empty() || back != verifier.step_tag {
+                return Err(Error::adapter(
+                    path,
+                    format!(
+                        "the step tag {:?} is not text this model's tokenizer can read back \
+                         (it encodes to {ids:?}, which decodes to {back:?}): the verifier was \
+                         trained with another tokenizer",
+                        verifier.step_tag
+                    ),
+                ));
+            }
+        }
+        self.verifiers.insert(name.to_string(), Arc::new(verifier));
+        Ok(())
+    }
+
+    pub fn verifier(&self, name: &str) -> Result<Arc<Verifier>> {
+        self.verifiers.get(name).cloned().ok_or_else(|| {
+            let mut loaded: Vec<&str> = self.verifiers.keys().map(String::as_str).collect();
+            loaded.sort();
+            Error::invalid(if loaded.is_empty() {
+                format!("no verifier named `{name}` is loaded (none are; use load_verifier)")
+            } else {
+                format!(
+                    "no verifier named `{name}` is loaded (loaded: {})",
+                    loaded.join(", ")
+                )
+            })
+        })
+    }
+
+    /// Names of the loaded verifiers, sorted.
+    pub fn verifier_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.verifiers.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Forgets the verifier `name`; generations already running keep their own reference.
+    pub fn unload_verifier(&mut self, name: &str) -> Result<()> {
+        self.verifier(name)?;
+        self.verifiers.remove(name);
+        Ok(())
     }
 
     /// Forgets the adapter `name`; generations already running keep their own reference.

@@ -267,6 +267,71 @@ impl PyEngine {
         self.engine().adapter_names()
     }
 
+    #[pyo3(signature = (path, name))]
+    fn load_verifier(&self, py: Python<'_>, path: std::path::PathBuf, name: &str) -> PyResult<()> {
+        py.allow_threads(|| {
+            self.inner
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .load_verifier(&path, name)
+        })
+        .map_err(to_py)
+    }
+
+    fn unload_verifier(&self, name: &str) -> PyResult<()> {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .unload_verifier(name)
+            .map_err(to_py)
+    }
+
+    #[getter]
+    fn verifier_names(&self) -> Vec<String> {
+        self.engine().verifier_names()
+    }
+
+    /// `(kind, step_tag, aggregation)` of a loaded verifier.
+    fn verifier_info(&self, name: &str) -> PyResult<(String, String, String)> {
+        let v = self.engine().verifier(name).map_err(to_py)?;
+        Ok((
+            v.kind.clone(),
+            v.step_tag.clone(),
+            v.aggregation.as_str().to_string(),
+        ))
+    }
+
+    fn score_steps(
+        &self,
+        py: Python<'_>,
+        verifier: &str,
+        items: Vec<(String, Vec<String>)>,
+    ) -> PyResult<Vec<Vec<f64>>> {
+        py.allow_threads(|| {
+            let items: Vec<(&str, Vec<&str>)> = items
+                .iter()
+                .map(|(p, steps)| (p.as_str(), steps.iter().map(String::as_str).collect()))
+                .collect();
+            self.engine().score_steps(verifier, &items)
+        })
+        .map_err(to_py)
+    }
+
+    fn verifier_logits(
+        &self,
+        py: Python<'_>,
+        verifier: &str,
+        sequences: Vec<Vec<u32>>,
+    ) -> PyResult<Vec<Vec<f32>>> {
+        py.allow_threads(|| {
+            let items: Vec<(&[u32], &str)> =
+                sequences.iter().map(|s| (s.as_slice(), verifier)).collect();
+            self.engine()
+                .verifier_logits_batch_with(&items, &mut || Ok(()))
+        })
+        .map_err(to_py)
+    }
+
     #[pyo3(signature = (prompts, max_new_tokens, stop, temperature, top_k, top_p, min_p,
                         repetition_penalty, seed, ignore_eos = false, adapters = Vec::new(),
                         cold = None, search = None, timeout_s = None))]

@@ -8,6 +8,7 @@
 //! refused with an error naming it, never loaded approximately.
 
 mod config;
+pub mod verifier;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::host_f32;
 pub use config::AdapterConfig;
+pub use verifier::{Aggregation, ValueHead, Verifier};
 
 /// The seven projections of a llama-family layer an adapter can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

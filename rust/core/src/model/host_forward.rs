@@ -153,16 +153,32 @@ pub(crate) fn forward(
     let n_keep = kept.len() / h;
     let mut normed = vec![0f32; kept.len()];
     rms_norm_into(&kept, &host.final_norm, eps, &mut normed);
-    let [logits]: [Vec<f32>; 1] = project_many(&normed, n_keep, [&model.lm_head], &[])?;
-    // Each row's logits are a view of one buffer, not a copy (a vocabulary row is ~200 kB).
-    let logits = Tensor::from_vec(logits, (n_keep, cfg.vocab_size), &Device::Cpu)?;
-    let mut out = Vec::with_capacity(plan.rows.len());
-    let mut at = 0;
-    for len in plan.logit_counts() {
-        out.push(logits.narrow(0, at, len)?);
-        at += len;
-    }
-    Ok(out)
+    let vocab = plan.vocab_positions();
+    let logits = if vocab.is_empty() {
+        None
+    } else {
+        let lm_input: std::borrow::Cow<'_, [f32]> = if vocab.len() == n_keep {
+            normed.as_slice().into()
+        } else {
+            vocab
+                .iter()
+                .flat_map(|&i| normed[i * h..(i + 1) * h].iter().copied())
+                .collect::<Vec<f32>>()
+                .into()
+        };
+        let [logits]: [Vec<f32>; 1] = project_many(&lm_input, vocab.len(), [&model.lm_head], &[])?;
+        // Each row's logits are a view of one buffer, not a copy (a vocabulary row is ~200 kB).
+        Some(Tensor::from_vec(
+            logits,
+            (vocab.len(), cfg.vocab_size),
+            &Device::Cpu,
+        )?)
+    };
+    plan.split_outputs(
+        |i| Ok(normed[i * h..(i + 1) * h].into()),
+        logits,
+        &Device::Cpu,
+    )
 }
 
 /// The tokens of each adapter used in this pass (rows sharing an adapter share one update).

@@ -16,7 +16,7 @@ use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::Rng;
 use crate::kv::{KvPiece, KvShape, SeqId, SeqStore};
-use crate::lora::{group_by_adapter, DeviceLora, DevicePair, LoraAdapter, Proj};
+use crate::lora::{group_by_adapter, DeviceLora, DevicePair, LoraAdapter, Proj, ValueHead};
 
 /// Which positions of a row need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,9 @@ pub struct RowInput<'a> {
     pub tokens: &'a [u32],
     pub logits: LogitsFor,
     pub adapter: Option<&'a LoraAdapter>,
+    /// A verifier's value head: the row's output is the head's score `[positions, 1]` in place
+    /// of vocabulary logits (and the LM head does not run for it).
+    pub head: Option<&'a ValueHead>,
 }
 
 impl<'a> RowInput<'a> {
@@ -43,11 +46,16 @@ impl<'a> RowInput<'a> {
             tokens,
             logits,
             adapter: None,
+            head: None,
         }
     }
 
     pub fn with_adapter(self, adapter: Option<&'a LoraAdapter>) -> Self {
         Self { adapter, ..self }
+    }
+
+    pub fn with_head(self, head: Option<&'a ValueHead>) -> Self {
+        Self { head, ..self }
     }
 }
 
@@ -182,6 +190,55 @@ impl<'a> RowPlan<'a> {
                 LogitsFor::Last => 1,
                 LogitsFor::All => n,
             })
+    }
+
+    /// Whether any row reads a value head instead of the LM head.
+    pub fn has_heads(&self) -> bool {
+        self.rows.iter().any(|r| r.head.is_some())
+    }
+
+    /// Indices among the kept positions ([`Self::logit_positions`]) of the rows without a value
+    /// head: the positions the LM head runs on.
+    pub fn vocab_positions(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for (row, count) in self.rows.iter().zip(self.logit_counts()) {
+            if row.head.is_none() {
+                out.extend(at..at + count);
+            }
+            at += count;
+        }
+        out
+    }
+
+    /// Each row's output from the normed hidden states of the kept positions (`normed(i)` is
+    /// kept position `i`) and the LM head's logits `[vocab positions, vocab]` of the rows
+    /// without a value head, in order.
+    pub fn split_outputs<'n>(
+        &self,
+        normed: impl Fn(usize) -> Result<std::borrow::Cow<'n, [f32]>>,
+        vocab_logits: Option<Tensor>,
+        device: &Device,
+    ) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(self.rows.len());
+        let (mut kept, mut vocab_at) = (0, 0);
+        for (row, count) in self.rows.iter().zip(self.logit_counts()) {
+            match (row.head, &vocab_logits) {
+                (Some(head), _) => {
+                    let scores = (kept..kept + count)
+                        .map(|i| Ok(head.score(&normed(i)?)))
+                        .collect::<Result<Vec<f32>>>()?;
+                    out.push(Tensor::from_vec(scores, (count, 1), device)?);
+                }
+                (None, Some(logits)) => {
+                    out.push(logits.narrow(0, vocab_at, count)?);
+                    vocab_at += count;
+                }
+                (None, None) => return Err(Error::invalid("no LM head logits for a row")),
+            }
+            kept += count;
+        }
+        Ok(out)
     }
 }
 
@@ -408,14 +465,25 @@ impl Model {
         let keep = Tensor::from_vec(keep, n_keep, &self.device)?;
         let x = x.index_select(&keep, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut at = 0;
-        for len in plan.logit_counts() {
-            out.push(logits.narrow(0, at, len)?);
-            at += len;
+        if !plan.has_heads() {
+            let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+            return plan.split_outputs(|_| Ok(Default::default()), Some(logits), &self.device);
         }
-        Ok(out)
+        let vocab = plan.vocab_positions();
+        let logits = if vocab.is_empty() {
+            None
+        } else {
+            let at = Tensor::from_vec(
+                vocab.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
+                vocab.len(),
+                &self.device,
+            )?;
+            let x = x.index_select(&at, 0)?;
+            Some(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        };
+        // The heads' inputs are few (one position per verifier row and step): read on the host.
+        let hidden = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        plan.split_outputs(|i| Ok(hidden[i].as_slice().into()), logits, &self.device)
     }
 
     #[allow(clippy::too_many_arguments)]

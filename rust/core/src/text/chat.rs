@@ -11,6 +11,16 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+impl ChatMessage {
+    /// A user turn.
+    pub fn user(content: &str) -> Self {
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
 /// The roles chat templates are written for.
 pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
@@ -121,10 +131,7 @@ mod tests {
     const SMOL: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn user(s: &str) -> ChatMessage {
-        ChatMessage {
-            role: "user".into(),
-            content: s.into(),
-        }
+        ChatMessage::user(s)
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct TokenizerSource {
     pub chat_template: Option<String>,
 }
 
+/// A token's `(start, end)` byte offsets in the text it was encoded from.
+pub type Span = (usize, usize);
+
 /// A byte-level BPE (or any `tokenizers`) tokenizer with the model's special ids.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -62,6 +65,22 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// [`Self::encode`], with each token's byte span in `text` (a prepended BOS spans nothing).
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
+        let enc = self
+            .inner
+            .encode(text, self.add_special_tokens)
+            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+        let (mut ids, mut offsets) = (Vec::new(), Vec::new());
+        if let (true, Some(bos)) = (self.add_bos_token, self.bos_token_id) {
+            ids.push(bos);
+            offsets.push((0, 0));
+        }
+        ids.extend_from_slice(enc.get_ids());
+        offsets.extend_from_slice(enc.get_offsets());
+        Ok((ids, offsets))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
