@@ -27,6 +27,7 @@ from peftscale.errors import (
 )
 from peftscale.kernels import CpuKernels, cold_top_k, compiled_devices, cpu_kernels, sample_tokens
 from peftscale.strategies import (
+    DVTS,
     MCTS,
     Adaptive,
     BeamSearch,
@@ -37,12 +38,15 @@ from peftscale.strategies import (
     SelfConsistency,
     Strategy,
     TreeOfThought,
+    Verifier,
+    VerifierBeamSearch,
 )
 
 if TYPE_CHECKING:
     from peftscale import eval, train
 
 __all__ = [
+    "DVTS",
     "MCTS",
     "Adaptive",
     "AdapterError",
@@ -54,6 +58,8 @@ __all__ = [
     "SelfConsistency",
     "TreeNode",
     "TreeOfThought",
+    "Verifier",
+    "VerifierBeamSearch",
     "ChatTemplateError",
     "CoLD",
     "ContextLengthError",

@@ -135,6 +135,23 @@ _SEARCH_SAMPLING = Sampling(temperature=0.7)
 
 
 @dataclass(frozen=True)
+class Verifier:
+    """A verifier loaded with :meth:`Engine.load_verifier` under ``name``, as a strategy's scorer
+    (:class:`BestOfN`), vote weight (:class:`SelfConsistency` with ``vote="weighted"``) or guide
+    (:class:`VerifierBeamSearch`, :class:`DVTS`).
+
+    Its rows run in the same forward passes as the samples it scores: the prompt is fed to it
+    once, each completion is a fork of that sequence, and a completion's score is its step
+    probabilities aggregated as the verifier's config says (``min``, ``prod`` or ``last``).
+    """
+
+    name: str = "verifier"
+
+    def _core(self) -> dict[str, str]:
+        return {"verifier": self.name}
+
+
+@dataclass(frozen=True)
 class BeamSearch:
     """Beam search with transformers' semantics (``generate(num_beams=..., do_sample=False)``).
 
@@ -176,17 +193,20 @@ class BestOfN:
     """Sample ``n`` completions (the prompt is run once and forked) and return the best.
 
     ``scorer``: ``"mean_logprob"`` (default), ``"sum_logprob"``, a callable ``(prompt, completion)
-    -> float`` (a verifier; it runs once per candidate after sampling), or ``CoLD(...)``, which
+    -> float`` (it runs once per candidate after sampling), a loaded :class:`Verifier` (its rows
+    share the samples' passes), or ``CoLD(...)``, which
     samples tokens from CoLD's contrastive scores and ranks by their mean log-score. Ties go to
     the candidate sampled first. ``out.candidates`` holds all ``n`` with their ``score``.
     """
 
     n: int = 8
     sampling: Sampling = _SEARCH_SAMPLING
-    scorer: Literal["mean_logprob", "sum_logprob"] | Scorer | CoLD = "mean_logprob"
+    scorer: Literal["mean_logprob", "sum_logprob"] | Scorer | CoLD | Verifier = "mean_logprob"
 
     def _core_kwargs(self) -> dict[str, Any]:
-        ranking = "mean_logprob" if isinstance(self.scorer, CoLD) else self.scorer
+        ranking: Any = "mean_logprob" if isinstance(self.scorer, CoLD) else self.scorer
+        if isinstance(ranking, Verifier):
+            ranking = ranking._core()
         return _search(
             "best_of_n",
             self.scorer,
@@ -202,8 +222,8 @@ class SelfConsistency:
 
     ``extract``: ``"last_number"``, ``"boxed"`` (last ``\\boxed{}``), ``"choice_letter"`` (A-J) or a
     callable ``str -> str | None``. ``vote="majority"`` counts answers; ``"weighted"`` weighs each
-    path by its mean token probability, or by ``scorer(prompt, completion)`` when ``scorer`` is a
-    callable. Ties go to the answer that was sampled first. With ``stop_when_confident=0.95`` it
+    path by its mean token probability, by ``scorer(prompt, completion)`` when ``scorer`` is a
+    callable, or by a loaded :class:`Verifier`'s score (search-and-learn's weighted best-of-N). Ties go to the answer that was sampled first. With ``stop_when_confident=0.95`` it
     samples ``round_size`` paths at a time and stops once Adaptive-Consistency's Beta rule gives
     ``P(p_top > p_second) >= 0.95`` (capped at ``n``). ``out.answer`` is the winner, ``out.votes``
     the tally, ``out`` the first path that gave the winning answer.
@@ -215,11 +235,12 @@ class SelfConsistency:
     vote: Literal["majority", "weighted"] = "majority"
     stop_when_confident: float | None = None
     round_size: int = 4
-    scorer: Scorer | CoLD | None = None
+    scorer: Scorer | CoLD | Verifier | None = None
 
     def _core_kwargs(self) -> dict[str, Any]:
         weight = self.scorer if callable(self.scorer) and not isinstance(self.scorer, CoLD) else None
-        if weight is not None and self.vote != "weighted":
+        verifier = self.scorer._core() if isinstance(self.scorer, Verifier) else None
+        if (weight is not None or verifier is not None) and self.vote != "weighted":
             raise InvalidArgument(
                 "invalid argument: SelfConsistency.scorer weighs the votes only with vote='weighted' "
                 f"(vote={self.vote!r} counts each answer once)"
@@ -234,9 +255,64 @@ class SelfConsistency:
             extract=self.extract,
             vote=self.vote,
             weight=weight,
+            verifier=verifier,
             stop_when_confident=None if self.stop_when_confident is None else float(self.stop_when_confident),
             round_size=_non_negative("round_size", self.round_size),
         )
+
+
+@dataclass(frozen=True)
+class VerifierBeamSearch:
+    """Step-level beam search guided by a process reward model, as search-and-learn runs it.
+
+    Each step samples ``n`` next steps (text up to ``step_delimiter``; default: the verifier's
+    own step tag) from the kept beams, the verifier scores every new step in the next forward
+    pass, and the best ``n // beam_width`` beams (by their aggregated step scores) are each
+    sampled ``beam_width`` times at the next step. A beam whose step ends the answer (end of
+    sequence, a ``stop`` string, ``max_new_tokens``) is finished; after ``max_steps`` steps every
+    beam is. ``out.answer`` is the weighted majority of the finished beams (each weighted by its
+    score), ``out`` the best-scored beam with that answer, ``out.candidates`` every finished
+    beam, best first. ``subtrees=True`` is DVTS (see :class:`DVTS`).
+    """
+
+    n: int = 8
+    beam_width: int = 4
+    verifier: Verifier = Verifier()
+    step_delimiter: str | None = None
+    max_steps: int = 16
+    max_step_tokens: int = 96
+    sampling: Sampling = _SEARCH_SAMPLING
+    extract: Extract = "last_number"
+    subtrees: bool = False
+    scorer: CoLD | None = None
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        if not isinstance(self.verifier, Verifier):
+            raise InvalidArgument(
+                f"invalid argument: verifier must be a peftscale.strategies.Verifier, got {self.verifier!r}"
+            )
+        return _search(
+            "verifier_beam",
+            self.scorer,
+            n=_non_negative("n", self.n),
+            beam_width=_non_negative("beam_width", self.beam_width),
+            verifier=self.verifier._core(),
+            step_delimiter=self.step_delimiter,
+            max_steps=_non_negative("max_steps", self.max_steps),
+            max_step_tokens=_non_negative("max_step_tokens", self.max_step_tokens),
+            sampling=_sampling_tuple(self.sampling),
+            extract=self.extract,
+            subtrees=bool(self.subtrees),
+        )
+
+
+@dataclass(frozen=True)
+class DVTS(VerifierBeamSearch):
+    """Diverse verifier tree search (search-and-learn): the ``n`` samples of a step split into
+    ``n // beam_width`` independent subtrees, each keeping only its best-scored sample, so that
+    the finished beams explore different solutions rather than variants of one."""
+
+    subtrees: bool = True
 
 
 PROPOSE_TEMPLATE = "{problem}\nPossible next steps, one per line:\n"
@@ -392,4 +468,6 @@ class Adaptive:
         )
 
 
-Strategy = Greedy | Sampling | CoLD | BeamSearch | BestOfN | SelfConsistency | TreeOfThought | MCTS | Adaptive
+Strategy = (
+    Greedy | Sampling | CoLD | BeamSearch | BestOfN | SelfConsistency | TreeOfThought | MCTS | Adaptive | VerifierBeamSearch
+)

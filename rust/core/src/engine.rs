@@ -640,7 +640,14 @@ impl Generation {
         let rows: Vec<RowInput<'_>> = work
             .iter()
             .map(|a| {
-                RowInput::new(a.seq, &a.tokens, LogitsFor::Last).with_adapter(a.adapter.as_deref())
+                let positions = if a.head.is_some() {
+                    LogitsFor::All
+                } else {
+                    LogitsFor::Last
+                };
+                RowInput::new(a.seq, &a.tokens, positions)
+                    .with_adapter(a.adapter.as_deref())
+                    .with_head(a.head.as_deref())
             })
             .collect();
         let forward_started = Instant::now();
@@ -706,6 +713,8 @@ impl Generation {
     fn account(&mut self, work: &[Advance]) -> Result<()> {
         let cfg = self.model.config();
         let dense = 2.0 * cfg.matmul_parameters() as f64;
+        // A verifier row runs its value head (a dot product) in place of the LM head.
+        let lm_head = 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64;
         // q·k and p·v: 2 x 2 x layers x q_dim multiply-adds for each (query, key) pair.
         let attn = 4.0 * (cfg.num_layers * cfg.num_heads * cfg.head_dim) as f64;
         for a in work {
@@ -713,7 +722,12 @@ impl Generation {
             let n = a.tokens.len();
             let pairs: f64 = (0..n).map(|i| (past + i + 1) as f64).sum();
             self.stats.tokens_forwarded += n;
-            self.stats.flops += dense * n as f64 + attn * pairs;
+            let body = if a.head.is_some() {
+                dense - lm_head
+            } else {
+                dense
+            };
+            self.stats.flops += body * n as f64 + attn * pairs;
         }
         self.stats.forward_passes += 1;
         Ok(())
@@ -735,14 +749,18 @@ impl Generation {
     }
 }
 
-/// Each row's `[1, vocab]` logits as a host vector. On the CPU the rows are copied out on the
-/// team (a wide batch holds megabytes of them); from a device, in one transfer.
+/// Each row's output as a host vector: `[1, vocab]` logits, or a verifier row's `[positions, 1]`
+/// head logits. On the CPU the rows are copied out on the team (a wide batch holds megabytes of
+/// them); from a device, in one transfer when every row has the same shape.
 fn host_rows(logits: Vec<Tensor>) -> Result<Vec<Vec<f32>>> {
+    let same_shape = logits.windows(2).all(|w| w[0].dims() == w[1].dims());
     match logits.first().map(|l| l.device()) {
         None => Ok(Vec::new()),
-        Some(Device::Cpu) => map_parallel(logits, |l| Ok(l.squeeze(0)?.to_vec1::<f32>()?))
+        Some(d) if !d.is_cpu() && same_shape && logits[0].dims()[0] == 1 => {
+            Ok(Tensor::cat(&logits, 0)?.to_vec2::<f32>()?)
+        }
+        Some(_) => map_parallel(logits, |l| Ok(l.flatten_all()?.to_vec1::<f32>()?))
             .into_iter()
             .collect(),
-        Some(_) => Ok(Tensor::cat(&logits, 0)?.to_vec2::<f32>()?),
     }
 }

@@ -82,7 +82,7 @@ create_exception!(
     "An internal tensor operation failed."
 );
 
-fn to_py(err: Error) -> PyErr {
+pub(crate) fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
         Error::ModelLoad { .. } => ModelLoadError::new_err(msg),
@@ -364,7 +364,9 @@ impl PyEngine {
         };
         let callbacks = search::CallbackError::default();
         let cold = search::cold(cold);
-        let search = search.map(|d| search::spec(&d, &callbacks)).transpose()?;
+        let search = search
+            .map(|d| search::spec(&d, &callbacks, &*self.engine()))
+            .transpose()?;
         let opts = GenerateOptions {
             max_new_tokens,
             stop,

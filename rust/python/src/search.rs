@@ -7,8 +7,10 @@ use peftscale_core::logits::{ColdParams, SamplingParams};
 use peftscale_core::search::{
     AdaptiveParams, BeamParams, BestOfNParams, EarlyStopping, ExtractFn, Extractor, MctsParams,
     Ranking, Reward, Rollout, Scorer, SearchSpec, SelfConsistencyParams, ToTEvaluator, ToTGenerate,
-    ToTParams, ToTSearch, Vote,
+    ToTParams, ToTSearch, VerifierSearchParams, Vote,
 };
+use peftscale_core::lora::Verifier;
+use peftscale_core::Engine;
 use peftscale_core::Error;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -174,7 +176,31 @@ fn bad(key: &str, allowed: &str, got: &str) -> PyErr {
     ))
 }
 
-pub(crate) fn spec(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<SearchSpec> {
+/// The loaded verifier a strategy field names (`{"verifier": name}`), if it names one.
+fn verifier_in(v: &Bound<'_, PyAny>, engine: &Engine) -> PyResult<Option<Arc<Verifier>>> {
+    let Ok(d) = v.downcast::<PyDict>() else {
+        return Ok(None);
+    };
+    let name: String = item(d, "verifier")?;
+    engine.verifier(&name).map(Some).map_err(crate::to_py)
+}
+
+fn field_verifier(
+    d: &Bound<'_, PyDict>,
+    key: &str,
+    engine: &Engine,
+) -> PyResult<Option<Arc<Verifier>>> {
+    match d.get_item(key)? {
+        Some(v) => verifier_in(&v, engine),
+        None => Ok(None),
+    }
+}
+
+pub(crate) fn spec(
+    d: &Bound<'_, PyDict>,
+    errors: &CallbackError,
+    engine: &Engine,
+) -> PyResult<SearchSpec> {
     let kind: String = item(d, "kind")?;
     let cold_params = cold(item(d, "cold")?);
     Ok(match kind.as_str() {
@@ -195,7 +221,9 @@ pub(crate) fn spec(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Se
             })
         }
         "best_of_n" => {
-            let ranking = match named_or_callable(d, "scorer")? {
+            let ranking = match field_verifier(d, "scorer", engine)? {
+                Some(v) => Ranking::Verifier(v),
+                None => match named_or_callable(d, "scorer")? {
                 Ok(name) => match name.as_str() {
                     "mean_logprob" => Ranking::MeanLogprob,
                     "sum_logprob" => Ranking::SumLogprob,
@@ -208,6 +236,7 @@ pub(crate) fn spec(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Se
                     }
                 },
                 Err(f) => Ranking::Callback(scorer(f, "scorer", errors)),
+                },
             };
             SearchSpec::BestOfN(BestOfNParams {
                 n: item(d, "n")?,
@@ -230,6 +259,7 @@ pub(crate) fn spec(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Se
                 extract: extractor(d, errors)?,
                 vote,
                 weight: weight.map(|f| scorer(f, "scorer", errors)),
+                verifier: field_verifier(d, "verifier", engine)?,
                 stop_when_confident: item(d, "stop_when_confident")?,
                 round_size: item(d, "round_size")?,
                 cold: cold_params,
@@ -300,6 +330,24 @@ pub(crate) fn spec(d: &Bound<'_, PyDict>, errors: &CallbackError) -> PyResult<Se
                 extract: extractor(d, errors)?,
                 max_step_tokens: item(d, "max_step_tokens")?,
                 sampling: sampling(d)?,
+                cold: cold_params,
+            })
+        }
+        "verifier_beam" => {
+            let verifier = field_verifier(d, "verifier", engine)?.ok_or_else(|| {
+                InvalidArgument::new_err("invalid argument: `verifier` names no loaded verifier")
+            })?;
+            let delimiter: Option<String> = item(d, "step_delimiter")?;
+            SearchSpec::VerifierSearch(VerifierSearchParams {
+                n: item(d, "n")?,
+                beam_width: item(d, "beam_width")?,
+                subtrees: item(d, "subtrees")?,
+                step_delimiter: delimiter.unwrap_or_else(|| verifier.step_tag.clone()),
+                verifier,
+                max_steps: item(d, "max_steps")?,
+                max_step_tokens: item(d, "max_step_tokens")?,
+                sampling: sampling(d)?,
+                extract: extractor(d, errors)?,
                 cold: cold_params,
             })
         }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use super::branch::{BranchId, Finished};
 use super::driver::{spec, Cx, Search};
 use super::spec::{BestOfNParams, Ranking};
+use super::verify::Grader;
 use super::{Candidate, FinishReason, RowOutput};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
@@ -119,18 +120,32 @@ pub(crate) struct BestOfN {
     slots: HashMap<BranchId, usize>,
     candidates: Vec<Candidate>,
     chosen: Option<usize>,
+    /// With a verifier ranking: the grader and each candidate's score once it has one.
+    grader: Option<Grader>,
+    verified: Vec<Option<f64>>,
 }
 
 impl BestOfN {
     pub fn new(job: PromptJob, params: BestOfNParams) -> Self {
+        let grader = match &params.ranking {
+            Ranking::Verifier(v) => Some(Grader::new(v.clone(), job.prompt.clone())),
+            _ => None,
+        };
         Self {
             job,
             done: vec![None; params.n],
+            verified: vec![None; params.n],
             slots: HashMap::new(),
             params,
             candidates: Vec::new(),
             chosen: None,
+            grader,
         }
+    }
+
+    fn all_in(&self) -> bool {
+        self.done.iter().all(Option::is_some)
+            && (self.grader.is_none() || self.verified.iter().all(Option::is_some))
     }
 
     fn rank(&mut self, cx: &mut Cx<'_>) -> Result<()> {
@@ -139,13 +154,17 @@ impl BestOfN {
             _ => String::new(),
         };
         let done: Vec<Finished> = self.done.iter_mut().filter_map(Option::take).collect();
-        for d in &done {
+        for (i, d) in done.iter().enumerate() {
             let score = match &self.params.ranking {
                 Ranking::MeanLogprob => d.mean_score(),
                 Ranking::SumLogprob => d.sum_score(),
                 Ranking::Callback(f) => finite("scorer", f.call(&prompt_text, &d.text)?)?,
+                Ranking::Verifier(_) => self.verified[i].unwrap_or(0.0),
             };
             self.candidates.push(candidate(d, cx, score));
+        }
+        if let Some(g) = &mut self.grader {
+            g.release(cx);
         }
         self.chosen = best_index(self.candidates.iter().map(|c| c.score));
         Ok(())
@@ -155,10 +174,25 @@ impl BestOfN {
 impl Search for BestOfN {
     fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
         self.job.prefill(cx)?;
+        if let Some(g) = &mut self.grader {
+            g.start(cx)?;
+        }
         Ok(())
     }
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
+        if let Some(g) = &mut self.grader {
+            if let Some(scored) = g.on_finished(&done, cx)? {
+                if !Grader::is_root(&scored) {
+                    cx.store.free(scored.seq);
+                    self.verified[scored.key] = Some(g.aggregate(&scored.steps));
+                    if self.all_in() {
+                        self.rank(cx)?;
+                    }
+                }
+                return Ok(());
+            }
+        }
         if done.logits.is_some() {
             let ids = self
                 .job
@@ -171,9 +205,19 @@ impl Search for BestOfN {
             .get(&done.id)
             .copied()
             .ok_or_else(|| Error::invalid(format!("best-of-N: unknown branch {}", done.id)))?;
+        if let Some(g) = &mut self.grader {
+            g.request(cx, slot, None, &done.tokens)?;
+        }
         self.done[slot] = Some(done);
-        if self.done.iter().all(Option::is_some) {
+        if self.all_in() {
             self.rank(cx)?;
+        }
+        Ok(())
+    }
+
+    fn on_cut_short(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        if let Some(g) = &mut self.grader {
+            g.release(cx);
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::kernels::cpu::parallel::map_parallel;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{self, ColdParams, Rng, SamplingParams};
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, ValueHead};
 use crate::text::{StopMatcher, Tokenizer};
 
 pub(crate) type BranchId = usize;
@@ -116,6 +116,8 @@ struct Branch {
     owner: usize,
     head: Head,
     adapter: Option<Arc<LoraAdapter>>,
+    /// A verifier's feed: the pass returns its head's logit at every fed position.
+    value_head: Option<Arc<ValueHead>>,
     spec: BranchSpec,
     rng: Rng,
     feed: Vec<u32>,
@@ -206,6 +208,7 @@ impl Pool {
                 owner,
                 head,
                 adapter,
+                value_head: None,
                 spec,
                 rng,
                 feed,
@@ -218,6 +221,31 @@ impl Pool {
                 full_text: String::new(),
             },
         );
+        Ok(id)
+    }
+
+    /// Starts a branch that feeds `tokens` to the verifier sequence `seq` and finishes with its
+    /// value head's logit at every fed position (as the finished branch's `logits.expert`).
+    pub fn spawn_scoring(
+        &mut self,
+        owner: usize,
+        seq: SeqId,
+        adapter: Arc<LoraAdapter>,
+        value_head: Arc<ValueHead>,
+        tokens: Vec<u32>,
+    ) -> Result<BranchId> {
+        let spec = BranchSpec {
+            max_new_tokens: 0,
+            stop: StopMatcher::new(Vec::new()),
+            sampling: SamplingParams::greedy(),
+            stream: 0,
+            history: Arc::default(),
+        };
+        let head = Head { seq, base: None };
+        let id = self.spawn(owner, head, Some(adapter), tokens, None, spec)?;
+        if let Some(b) = self.branches.get_mut(&id) {
+            b.value_head = Some(value_head);
+        }
         Ok(id)
     }
 
@@ -234,6 +262,15 @@ impl Pool {
             }
             let twins = 1 + usize::from(b.head.base.is_some());
             *self.spent.entry(b.owner).or_default() += twins * b.feed.len();
+            if b.value_head.is_some() {
+                work.push(Advance {
+                    seq: b.head.seq,
+                    tokens: b.feed.clone(),
+                    adapter: b.adapter.clone(),
+                    head: b.value_head.clone(),
+                });
+                continue;
+            }
             work.extend(Advance::with_twin(
                 b.head.seq,
                 b.head.base,

@@ -16,6 +16,8 @@ pub(crate) mod self_consistency;
 pub(crate) mod spec;
 pub(crate) mod tot;
 pub mod tree;
+pub(crate) mod verifier_beam;
+pub(crate) mod verify;
 
 pub use answers::{extract, tally, Extractor, Vote};
 pub use beam::{BeamParams, EarlyStopping};
@@ -24,6 +26,7 @@ pub use sampling::SamplingStrategy;
 pub use spec::{
     AdaptiveParams, BestOfNParams, MctsParams, Ranking, Reward, Rollout, SearchSpec,
     SelfConsistencyParams, ToTEvaluator, ToTGenerate, ToTParams, ToTSearch, TokenScorer,
+    VerifierSearchParams,
 };
 pub use tree::{TreeNodeReport, TreeReport};
 
@@ -32,7 +35,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::kv::{SeqId, SeqStore};
 use crate::logits::{Pick, Picked};
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, ValueHead};
 
 /// Append `tokens` to `seq` in the next forward pass, with `adapter`'s updates or through the
 /// base model; its last-position logits come back.
@@ -41,6 +44,9 @@ pub struct Advance {
     pub seq: SeqId,
     pub tokens: Vec<u32>,
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// A verifier's value head: the sequence gets the head's logit at every fed position in
+    /// place of last-position vocabulary logits.
+    pub head: Option<Arc<ValueHead>>,
 }
 
 impl Advance {
@@ -56,11 +62,13 @@ impl Advance {
             seq: b,
             tokens: tokens.to_vec(),
             adapter: None,
+            head: None,
         });
         std::iter::once(Advance {
             seq,
             tokens: tokens.to_vec(),
             adapter: adapter.clone(),
+            head: None,
         })
         .chain(twin)
     }
@@ -244,6 +252,13 @@ pub(crate) fn build_search(
             .map(|j| Box::new(mcts::Mcts::new(j, p.clone())) as Box<dyn driver::Search>)
             .collect(),
         SearchSpec::Adaptive(p) => vec![Box::new(adaptive::Adaptive::new(jobs, p.clone())?)],
+        SearchSpec::VerifierSearch(p) => jobs
+            .into_iter()
+            .map(|j| {
+                Box::new(verifier_beam::VerifierSearch::new(j, p.clone()))
+                    as Box<dyn driver::Search>
+            })
+            .collect(),
     };
     let pool = branch::Pool::new(branch::PoolConfig {
         cold: spec.cold(),

@@ -9,6 +9,7 @@ use super::best_of_n::{candidate, finite, PromptJob};
 use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{Cx, Search};
 use super::spec::SelfConsistencyParams;
+use super::verify::Grader;
 use super::{Candidate, RowOutput};
 use crate::error::{Error, Result};
 
@@ -23,13 +24,14 @@ pub(crate) struct SelfConsistency {
     votes: Vec<(String, f64)>,
     /// The Beta rule's confidence after each round (with `stop_when_confident`).
     pub confidence: Vec<f64>,
+    /// With a verifier weight: the grader and the round's scores as they come.
+    grader: Option<Grader>,
+    verified: Vec<Option<f64>>,
 }
 
 impl SelfConsistency {
     pub fn new(job: PromptJob, params: SelfConsistencyParams) -> Self {
         Self {
-            job,
-            params,
             root: None,
             spawned: 0,
             slots: HashMap::new(),
@@ -37,7 +39,19 @@ impl SelfConsistency {
             candidates: Vec::new(),
             votes: Vec::new(),
             confidence: Vec::new(),
+            grader: params
+                .verifier
+                .clone()
+                .map(|v| Grader::new(v, job.prompt.clone())),
+            verified: Vec::new(),
+            job,
+            params,
         }
+    }
+
+    fn round_complete(&self) -> bool {
+        self.round.iter().all(Option::is_some)
+            && (self.grader.is_none() || self.verified.iter().all(Option::is_some))
     }
 
     fn next_round(&mut self, cx: &mut Cx<'_>) -> Result<()> {
@@ -61,12 +75,17 @@ impl SelfConsistency {
             )
         })?;
         self.round = vec![None; size];
+        self.verified = vec![None; size];
         self.slots = ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect();
         self.spawned += size;
         Ok(())
     }
 
-    fn weigh(&self, done: &Finished, prompt_text: &str) -> Result<f64> {
+    fn weigh(&self, slot: usize, done: &Finished, prompt_text: &str) -> Result<f64> {
+        if self.grader.is_some() {
+            // A sample cut short before its score arrived weighs nothing.
+            return Ok(self.verified.get(slot).copied().flatten().unwrap_or(0.0));
+        }
         Ok(match (&self.params.vote, &self.params.weight) {
             (Vote::Majority, _) => 1.0,
             (Vote::Weighted, None) => done.mean_score().exp(),
@@ -80,9 +99,14 @@ impl SelfConsistency {
             Some(_) if self.params.vote == Vote::Weighted => cx.decode(&self.job.prompt)?,
             _ => String::new(),
         };
-        let done: Vec<Finished> = self.round.iter_mut().filter_map(Option::take).collect();
-        for d in &done {
-            let weight = self.weigh(d, &prompt_text)?;
+        let done: Vec<(usize, Finished)> = self
+            .round
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, d)| Some((i, d.take()?)))
+            .collect();
+        for (slot, d) in &done {
+            let weight = self.weigh(*slot, d, &prompt_text)?;
             let answer = extract(&self.params.extract, &d.text)?;
             let mut c = candidate(d, cx, weight);
             c.answer = answer;
@@ -117,6 +141,9 @@ impl SelfConsistency {
         if let Some((head, _)) = self.root.take() {
             head.free(cx.store);
         }
+        if let Some(g) = &mut self.grader {
+            g.release(cx);
+        }
         self.votes = tally(
             self.candidates
                 .iter()
@@ -128,10 +155,25 @@ impl SelfConsistency {
 impl Search for SelfConsistency {
     fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
         self.job.prefill(cx)?;
+        if let Some(g) = &mut self.grader {
+            g.start(cx)?;
+        }
         Ok(())
     }
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
+        if let Some(g) = &mut self.grader {
+            if let Some(scored) = g.on_finished(&done, cx)? {
+                if !Grader::is_root(&scored) {
+                    cx.store.free(scored.seq);
+                    self.verified[scored.key] = Some(g.aggregate(&scored.steps));
+                    if self.round_complete() {
+                        self.finish_round(cx)?;
+                    }
+                }
+                return Ok(());
+            }
+        }
         if let Some(logits) = done.logits.clone() {
             self.root = Some((done.head, logits));
             return self.next_round(cx);
@@ -139,8 +181,11 @@ impl Search for SelfConsistency {
         let slot = self.slots.get(&done.id).copied().ok_or_else(|| {
             Error::invalid(format!("self-consistency: unknown branch {}", done.id))
         })?;
+        if let Some(g) = &mut self.grader {
+            g.request(cx, slot, None, &done.tokens)?;
+        }
         self.round[slot] = Some(done);
-        if self.round.iter().all(Option::is_some) {
+        if self.round_complete() {
             self.finish_round(cx)?;
         }
         Ok(())

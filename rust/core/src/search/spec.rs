@@ -5,6 +5,8 @@ use super::beam::BeamParams;
 use super::callbacks::{Evaluator, Scorer};
 use crate::error::{Error, Result};
 use crate::logits::{ColdParams, SamplingParams};
+use crate::lora::Verifier;
+use std::sync::Arc;
 
 /// How a search picks tokens: the model's own distribution (after `sampling`), or CoLD's
 /// contrastive scores against the base model (needs an adapter).
@@ -16,6 +18,9 @@ pub enum Ranking {
     MeanLogprob,
     SumLogprob,
     Callback(Scorer),
+    /// A loaded verifier's score (its step probabilities aggregated as it says), its rows in
+    /// the same passes as the samples.
+    Verifier(Arc<Verifier>),
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +39,9 @@ pub struct SelfConsistencyParams {
     pub vote: Vote,
     /// The weight of a weighted vote: `None` is the completion's mean token probability.
     pub weight: Option<Scorer>,
+    /// The weight of a weighted vote is this verifier's score of the completion (the weighted
+    /// majority of search-and-learn); exclusive with `weight`.
+    pub verifier: Option<Arc<Verifier>>,
     /// Stop sampling once the Beta rule is at least this sure of the leading answer.
     pub stop_when_confident: Option<f64>,
     /// Samples per round when `stop_when_confident` is set.
@@ -132,6 +140,25 @@ pub struct AdaptiveParams {
     pub cold: TokenScorer,
 }
 
+/// PRM beam search and DVTS (see `verifier_beam`).
+#[derive(Debug, Clone)]
+pub struct VerifierSearchParams {
+    /// Samples per step over all beams (search-and-learn's N).
+    pub n: usize,
+    /// Samples per kept beam (M): beam search keeps `n / beam_width` beams per step.
+    pub beam_width: usize,
+    /// DVTS: `n / beam_width` independent subtrees, each keeping its best sample per step.
+    pub subtrees: bool,
+    pub verifier: Arc<Verifier>,
+    pub step_delimiter: String,
+    pub max_steps: usize,
+    pub max_step_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Reads the finished beams' answers for the weighted vote.
+    pub extract: Extractor,
+    pub cold: TokenScorer,
+}
+
 /// A test-time search strategy and its parameters.
 #[derive(Debug, Clone)]
 pub enum SearchSpec {
@@ -141,6 +168,7 @@ pub enum SearchSpec {
     TreeOfThought(ToTParams),
     Mcts(MctsParams),
     Adaptive(AdaptiveParams),
+    VerifierSearch(VerifierSearchParams),
 }
 
 fn at_least(name: &str, value: usize, min: usize) -> Result<()> {
@@ -200,6 +228,8 @@ impl SearchSpec {
             SearchSpec::TreeOfThought(_) => "Tree-of-Thought",
             SearchSpec::Mcts(_) => "MCTS",
             SearchSpec::Adaptive(_) => "adaptive compute",
+            SearchSpec::VerifierSearch(p) if p.subtrees => "DVTS",
+            SearchSpec::VerifierSearch(_) => "verifier beam search",
         }
     }
 
@@ -211,6 +241,7 @@ impl SearchSpec {
             SearchSpec::TreeOfThought(p) => p.cold,
             SearchSpec::Mcts(p) => p.cold,
             SearchSpec::Adaptive(p) => p.cold,
+            SearchSpec::VerifierSearch(p) => p.cold,
         }
     }
 
@@ -225,6 +256,12 @@ impl SearchSpec {
             SearchSpec::SelfConsistency(p) => {
                 at_least("n", p.n, 1)?;
                 at_least("round_size", p.round_size, 1)?;
+                if p.verifier.is_some() && (p.weight.is_some() || p.vote != Vote::Weighted) {
+                    return Err(Error::invalid(
+                        "a verifier weighs a weighted vote: give vote='weighted' and no other \
+                         weight",
+                    ));
+                }
                 if let Some(c) = p.stop_when_confident {
                     if !(c > 0.5 && c <= 1.0) {
                         return Err(Error::invalid(format!(
@@ -270,6 +307,23 @@ impl SearchSpec {
                         p.c_puct
                     )));
                 }
+                if p.step_delimiter.is_empty() {
+                    return Err(Error::invalid("step_delimiter must not be empty"));
+                }
+                check_sampling(&p.sampling, &p.cold)
+            }
+            SearchSpec::VerifierSearch(p) => {
+                at_least("beam_width", p.beam_width, 1)?;
+                at_least("n", p.n, p.beam_width)?;
+                if p.n % p.beam_width != 0 {
+                    return Err(Error::invalid(format!(
+                        "n ({}) must be a multiple of beam_width ({}): n / beam_width beams are \
+                         kept",
+                        p.n, p.beam_width
+                    )));
+                }
+                at_least("max_steps", p.max_steps, 1)?;
+                at_least("max_step_tokens", p.max_step_tokens, 1)?;
                 if p.step_delimiter.is_empty() {
                     return Err(Error::invalid("step_delimiter must not be empty"));
                 }

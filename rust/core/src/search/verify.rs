@@ -1,0 +1,223 @@
+//! A verifier inside a search: its rows run in the same forward passes as the policy's.
+//!
+//! A [`Grader`] serves one prompt. It feeds the prompt once to a verifier sequence (the root);
+//! every text to score is then a fork of the root, or of an earlier scored sequence (a beam's
+//! steps so far), fed the new tokens in one row whose output is the value head's logit at every
+//! position. The head is read where each step tag ends, as training reads it: at the token that
+//! holds the tag's last byte.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::branch::{BranchId, Finished};
+use super::driver::Cx;
+use crate::error::{Error, Result};
+use crate::kv::SeqId;
+use crate::lora::verifier::sigmoid;
+use crate::lora::Verifier;
+use crate::text::Tokenizer;
+
+/// A scored text: the verifier's sequence after it and the probability of each step it ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Scored {
+    pub key: usize,
+    /// The verifier's sequence with the text fed: the caller's to fork (a beam's next step) or
+    /// free.
+    pub seq: SeqId,
+    /// One probability per step tag in the text (at least one: a text that does not end with
+    /// the tag is scored as if it did).
+    pub steps: Vec<f64>,
+}
+
+struct Request {
+    key: usize,
+    from: Option<SeqId>,
+    tokens: Vec<u32>,
+}
+
+pub(crate) struct Grader {
+    pub verifier: Arc<Verifier>,
+    prompt: Arc<Vec<u32>>,
+    root: Option<SeqId>,
+    root_job: Option<BranchId>,
+    /// Requests made before the root was fed.
+    queued: Vec<Request>,
+    /// Scoring branches in flight: their key and the tokens they feed.
+    jobs: HashMap<BranchId, (usize, Vec<u32>)>,
+}
+
+impl Grader {
+    pub fn new(verifier: Arc<Verifier>, prompt: Arc<Vec<u32>>) -> Self {
+        Self {
+            verifier,
+            prompt,
+            root: None,
+            root_job: None,
+            queued: Vec::new(),
+            jobs: HashMap::new(),
+        }
+    }
+
+    /// Feeds the prompt to the verifier (in the same pass as the policy's prefill).
+    pub fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        let seq = cx.store.create();
+        let v = &self.verifier;
+        let id = cx.pool.spawn_scoring(
+            cx.owner,
+            seq,
+            v.adapter.clone(),
+            v.head.clone(),
+            self.prompt.to_vec(),
+        )?;
+        self.root_job = Some(id);
+        Ok(())
+    }
+
+    /// Whether scores are still to come.
+    pub fn is_busy(&self) -> bool {
+        !self.jobs.is_empty() || !self.queued.is_empty()
+    }
+
+    /// Scores `tokens` (generated text, end-of-sequence tokens included or not) after the prompt
+    /// (`from: None`) or after the scored sequence `from` (which stays the caller's); the
+    /// result comes back from [`Self::on_finished`] under `key`.
+    pub fn request(
+        &mut self,
+        cx: &mut Cx<'_>,
+        key: usize,
+        from: Option<SeqId>,
+        tokens: &[u32],
+    ) -> Result<()> {
+        let tokens = self.prepare(cx, tokens)?;
+        let request = Request { key, from, tokens };
+        if self.root.is_none() && from.is_none() {
+            self.queued.push(request);
+            return Ok(());
+        }
+        self.spawn(cx, request)
+    }
+
+    fn spawn(&mut self, cx: &mut Cx<'_>, r: Request) -> Result<()> {
+        let from = r
+            .from
+            .or(self.root)
+            .ok_or_else(|| Error::invalid("verifier: the prompt is not fed yet"))?;
+        let seq = cx.store.fork(from)?;
+        let v = &self.verifier;
+        let id = cx.pool.spawn_scoring(
+            cx.owner,
+            seq,
+            v.adapter.clone(),
+            v.head.clone(),
+            r.tokens.clone(),
+        )?;
+        self.jobs.insert(id, (r.key, r.tokens));
+        Ok(())
+    }
+
+    /// The tokens to feed for generated `tokens`: without end-of-sequence tokens (training never
+    /// saw them), and closed by the step tag when the text does not already end with it.
+    fn prepare(&self, cx: &Cx<'_>, tokens: &[u32]) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = tokens.to_vec();
+        while ids.last().is_some_and(|&t| cx.pool.is_eos(t)) {
+            ids.pop();
+        }
+        let tag = &self.verifier.step_tag;
+        if !cx.decode(&ids)?.ends_with(tag.as_str()) {
+            ids.extend(cx.encode_continuation(tag)?);
+        }
+        Ok(ids)
+    }
+
+    /// Takes a finished branch if it is one of this grader's: `None` when it is not, else the
+    /// texts it scored (none for the prompt's own feed).
+    pub fn on_finished(&mut self, done: &Finished, cx: &mut Cx<'_>) -> Result<Option<Scored>> {
+        if self.root_job == Some(done.id) {
+            self.root_job = None;
+            self.root = Some(done.head.seq);
+            for r in std::mem::take(&mut self.queued) {
+                self.spawn(cx, r)?;
+            }
+            return Ok(Some(Scored {
+                key: usize::MAX,
+                seq: done.head.seq,
+                steps: Vec::new(),
+            }));
+        }
+        let Some((key, tokens)) = self.jobs.remove(&done.id) else {
+            return Ok(None);
+        };
+        let values = done
+            .logits
+            .as_ref()
+            .map(|l| l.expert.clone())
+            .ok_or_else(|| Error::invalid("verifier: a scoring row returned no values"))?;
+        if values.len() != tokens.len() {
+            return Err(Error::invalid(format!(
+                "verifier: {} values for {} fed tokens",
+                values.len(),
+                tokens.len()
+            )));
+        }
+        let ends = step_ends(cx.tokenizer()?, &tokens, &self.verifier.step_tag)?;
+        let steps = ends.iter().map(|&i| sigmoid(values[i])).collect();
+        Ok(Some(Scored {
+            key,
+            seq: done.head.seq,
+            steps,
+        }))
+    }
+
+    /// Whether `scored` is the prompt's own feed rather than a requested text.
+    pub fn is_root(scored: &Scored) -> bool {
+        scored.key == usize::MAX
+    }
+
+    /// Frees the prompt's verifier sequence (the search is over).
+    pub fn release(&mut self, cx: &mut Cx<'_>) {
+        if let Some(root) = self.root.take() {
+            cx.store.free(root);
+        }
+    }
+
+    /// One score for a finished solution from its step probabilities.
+    pub fn aggregate(&self, steps: &[f64]) -> f64 {
+        self.verifier.aggregation.apply(steps).unwrap_or(0.0)
+    }
+}
+
+/// The index of the token holding the last byte of each occurrence of `tag` in the text of
+/// `tokens` (the last token when the tag does not occur).
+pub(crate) fn step_ends(tok: &Tokenizer, tokens: &[u32], tag: &str) -> Result<Vec<usize>> {
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = tok.decode(tokens, false)?;
+    let mut ends = Vec::new();
+    let mut from = 0;
+    while let Some(at) = text[from..].find(tag) {
+        from += at + tag.len();
+        ends.push(from);
+    }
+    let mut out = Vec::with_capacity(ends.len().max(1));
+    for end in ends {
+        // The first prefix of the tokens whose text reaches `end` (prefix texts grow with the
+        // prefix, so a binary search finds it).
+        let (mut lo, mut hi) = (0, tokens.len() - 1);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if tok.decode(&tokens[..=mid], false)?.len() >= end {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        if out.last() != Some(&lo) {
+            out.push(lo);
+        }
+    }
+    if out.is_empty() {
+        out.push(tokens.len() - 1);
+    }
+    Ok(out)
+}
