@@ -21,12 +21,13 @@ PROMPTS = [
 
 
 def build_verifier(base: Path, out: Path, tag: str = "\n", seed: int = 0, targets: tuple[str, ...] = ()) -> Path:
-    """A verifier folder with a random (non-zero) LoRA and head, saved as training saves one."""
+    """A verifier folder with a random (non-zero) LoRA and head on ``base`` (a Hugging Face folder
+    or a GGUF file), saved as training saves one."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peftscale.train.base import load_model, resolve
 
     torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    lm = load_model(resolve(str(base)))
     lora = LoraConfig(
         r=4,
         lora_alpha=8,

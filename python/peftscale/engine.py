@@ -60,6 +60,8 @@ class Candidate:
     #: for best-of-N, the vote weight for self-consistency.
     score: float
     answer: str | None
+    #: A verifier's probability for each step, for strategies guided or ranked by one.
+    step_scores: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -469,5 +469,14 @@ class Adaptive:
 
 
 Strategy = (
-    Greedy | Sampling | CoLD | BeamSearch | BestOfN | SelfConsistency | TreeOfThought | MCTS | Adaptive | VerifierBeamSearch
+    Greedy
+    | Sampling
+    | CoLD
+    | BeamSearch
+    | BestOfN
+    | SelfConsistency
+    | TreeOfThought
+    | MCTS
+    | Adaptive
+    | VerifierBeamSearch
 )

@@ -139,6 +139,7 @@ fn candidate_dict<'py>(py: Python<'py>, c: &Candidate) -> PyResult<Bound<'py, Py
     d.set_item("finish_reason", c.finish_reason.as_str())?;
     d.set_item("score", c.score)?;
     d.set_item("answer", &c.answer)?;
+    d.set_item("step_scores", &c.step_scores)?;
     Ok(d)
 }
 

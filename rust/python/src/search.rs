@@ -4,12 +4,12 @@
 use std::sync::{Arc, Mutex};
 
 use peftscale_core::logits::{ColdParams, SamplingParams};
+use peftscale_core::lora::Verifier;
 use peftscale_core::search::{
     AdaptiveParams, BeamParams, BestOfNParams, EarlyStopping, ExtractFn, Extractor, MctsParams,
     Ranking, Reward, Rollout, Scorer, SearchSpec, SelfConsistencyParams, ToTEvaluator, ToTGenerate,
     ToTParams, ToTSearch, VerifierSearchParams, Vote,
 };
-use peftscale_core::lora::Verifier;
 use peftscale_core::Engine;
 use peftscale_core::Error;
 use pyo3::exceptions::PyTypeError;
@@ -224,18 +224,18 @@ pub(crate) fn spec(
             let ranking = match field_verifier(d, "scorer", engine)? {
                 Some(v) => Ranking::Verifier(v),
                 None => match named_or_callable(d, "scorer")? {
-                Ok(name) => match name.as_str() {
-                    "mean_logprob" => Ranking::MeanLogprob,
-                    "sum_logprob" => Ranking::SumLogprob,
-                    other => {
-                        return Err(bad(
-                            "scorer",
-                            "'mean_logprob', 'sum_logprob', a callable or a CoLD",
-                            other,
-                        ))
-                    }
-                },
-                Err(f) => Ranking::Callback(scorer(f, "scorer", errors)),
+                    Ok(name) => match name.as_str() {
+                        "mean_logprob" => Ranking::MeanLogprob,
+                        "sum_logprob" => Ranking::SumLogprob,
+                        other => {
+                            return Err(bad(
+                                "scorer",
+                                "'mean_logprob', 'sum_logprob', a callable or a CoLD",
+                                other,
+                            ))
+                        }
+                    },
+                    Err(f) => Ranking::Callback(scorer(f, "scorer", errors)),
                 },
             };
             SearchSpec::BestOfN(BestOfNParams {

@@ -169,6 +169,22 @@ impl SeqStore {
         Ok(id)
     }
 
+    /// Drops the last `n` positions of `id`, which must have been fed since its last fork (they
+    /// are in its private tail): text appended to score it, taken back.
+    pub fn truncate_tail(&mut self, id: SeqId, n: usize) -> Result<()> {
+        let seq = self.get_mut(id)?;
+        if n > seq.tail.len {
+            return Err(Error::invalid(format!(
+                "cannot take back {n} positions of sequence {id}: only {} were fed since its last \
+                 fork",
+                seq.tail.len
+            )));
+        }
+        seq.tail.len -= n;
+        seq.len -= n;
+        Ok(())
+    }
+
     pub fn free(&mut self, id: SeqId) {
         self.seqs.remove(&id);
     }

@@ -507,6 +507,7 @@ impl Strategy for BeamSearch {
                         finish_reason: h.finish,
                         score: score as f64,
                         answer: None,
+                        step_scores: Vec::new(),
                     })
                     .collect();
                 let mut out = match candidates.first() {

@@ -86,6 +86,7 @@ pub(crate) fn candidate(done: &Finished, cx: &mut Cx<'_>, score: f64) -> Candida
         finish_reason: done.finish,
         score,
         answer: None,
+        step_scores: Vec::new(),
     }
 }
 
@@ -122,7 +123,8 @@ pub(crate) struct BestOfN {
     chosen: Option<usize>,
     /// With a verifier ranking: the grader and each candidate's score once it has one.
     grader: Option<Grader>,
-    verified: Vec<Option<f64>>,
+    /// Each candidate's step probabilities under the verifier, once scored.
+    verified: Vec<Option<Vec<f64>>>,
 }
 
 impl BestOfN {
@@ -159,9 +161,14 @@ impl BestOfN {
                 Ranking::MeanLogprob => d.mean_score(),
                 Ranking::SumLogprob => d.sum_score(),
                 Ranking::Callback(f) => finite("scorer", f.call(&prompt_text, &d.text)?)?,
-                Ranking::Verifier(_) => self.verified[i].unwrap_or(0.0),
+                Ranking::Verifier(_) => match (&self.grader, &self.verified[i]) {
+                    (Some(g), Some(steps)) => g.aggregate(steps),
+                    _ => 0.0,
+                },
             };
-            self.candidates.push(candidate(d, cx, score));
+            let mut c = candidate(d, cx, score);
+            c.step_scores = self.verified[i].take().unwrap_or_default();
+            self.candidates.push(c);
         }
         if let Some(g) = &mut self.grader {
             g.release(cx);
@@ -185,7 +192,7 @@ impl Search for BestOfN {
             if let Some(scored) = g.on_finished(&done, cx)? {
                 if !Grader::is_root(&scored) {
                     cx.store.free(scored.seq);
-                    self.verified[scored.key] = Some(g.aggregate(&scored.steps));
+                    self.verified[scored.key] = Some(scored.steps);
                     if self.all_in() {
                         self.rank(cx)?;
                     }

@@ -122,6 +122,8 @@ pub struct Candidate {
     pub score: f64,
     /// The answer extracted from the text (self-consistency, adaptive).
     pub answer: Option<String>,
+    /// A verifier's probability for each step (strategies that use one; empty otherwise).
+    pub step_scores: Vec<f64>,
 }
 
 /// The finished result of one output row.

@@ -26,7 +26,7 @@ pub(crate) struct SelfConsistency {
     pub confidence: Vec<f64>,
     /// With a verifier weight: the grader and the round's scores as they come.
     grader: Option<Grader>,
-    verified: Vec<Option<f64>>,
+    verified: Vec<Option<Vec<f64>>>,
 }
 
 impl SelfConsistency {
@@ -84,7 +84,11 @@ impl SelfConsistency {
     fn weigh(&self, slot: usize, done: &Finished, prompt_text: &str) -> Result<f64> {
         if self.grader.is_some() {
             // A sample cut short before its score arrived weighs nothing.
-            return Ok(self.verified.get(slot).copied().flatten().unwrap_or(0.0));
+            let steps = self.verified.get(slot).and_then(Option::as_ref);
+            return Ok(match (&self.grader, steps) {
+                (Some(g), Some(steps)) => g.aggregate(steps),
+                _ => 0.0,
+            });
         }
         Ok(match (&self.params.vote, &self.params.weight) {
             (Vote::Majority, _) => 1.0,
@@ -110,6 +114,12 @@ impl SelfConsistency {
             let answer = extract(&self.params.extract, &d.text)?;
             let mut c = candidate(d, cx, weight);
             c.answer = answer;
+            c.step_scores = self
+                .verified
+                .get(*slot)
+                .cloned()
+                .flatten()
+                .unwrap_or_default();
             self.candidates.push(c);
         }
         Ok(())
@@ -166,7 +176,7 @@ impl Search for SelfConsistency {
             if let Some(scored) = g.on_finished(&done, cx)? {
                 if !Grader::is_root(&scored) {
                     cx.store.free(scored.seq);
-                    self.verified[scored.key] = Some(g.aggregate(&scored.steps));
+                    self.verified[scored.key] = Some(scored.steps);
                     if self.round_complete() {
                         self.finish_round(cx)?;
                     }

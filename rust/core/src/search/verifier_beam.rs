@@ -152,15 +152,16 @@ impl VerifierSearch {
                 let first = self.streams;
                 self.streams += count as u64;
                 let sampling = self.params.sampling;
-                let ids = cx.continue_from(head, &logits, &self.job.adapter, count, false, |i| {
-                    spec(
-                        max,
-                        stop.clone(),
-                        sampling,
-                        first + i as u64,
-                        history.clone(),
-                    )
-                })?;
+                let ids =
+                    cx.continue_from(head, &logits, &self.job.adapter, count, false, |i| {
+                        spec(
+                            max,
+                            stop.clone(),
+                            sampling,
+                            first + i as u64,
+                            history.clone(),
+                        )
+                    })?;
                 for id in ids {
                     self.jobs.insert(id, Job::Sample { parent: s });
                     self.step.push((id, None));
@@ -302,11 +303,11 @@ impl VerifierSearch {
                 finish_reason: self.nodes[s].finish.unwrap_or(FinishReason::Length),
                 score,
                 answer,
+                step_scores: self.nodes[s].steps.clone(),
             });
         }
         // Best first, so that the output is the best-scored beam of the winning answer.
-        self.candidates
-            .sort_by(|a, b| b.score.total_cmp(&a.score));
+        self.candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
         self.votes = tally(
             self.candidates
                 .iter()

@@ -21,8 +21,8 @@ use crate::text::Tokenizer;
 #[derive(Debug, Clone)]
 pub(crate) struct Scored {
     pub key: usize,
-    /// The verifier's sequence with the text fed: the caller's to fork (a beam's next step) or
-    /// free.
+    /// The verifier's sequence with the text fed (without a closing tag the grader added):
+    /// the caller's to fork (a beam's next step) or free.
     pub seq: SeqId,
     /// One probability per step tag in the text (at least one: a text that does not end with
     /// the tag is scored as if it did).
@@ -33,6 +33,8 @@ struct Request {
     key: usize,
     from: Option<SeqId>,
     tokens: Vec<u32>,
+    /// Trailing tokens of `tokens` that are the step tag added to close the text.
+    closing: usize,
 }
 
 pub(crate) struct Grader {
@@ -42,8 +44,8 @@ pub(crate) struct Grader {
     root_job: Option<BranchId>,
     /// Requests made before the root was fed.
     queued: Vec<Request>,
-    /// Scoring branches in flight: their key and the tokens they feed.
-    jobs: HashMap<BranchId, (usize, Vec<u32>)>,
+    /// Scoring branches in flight.
+    jobs: HashMap<BranchId, Request>,
 }
 
 impl Grader {
@@ -88,8 +90,13 @@ impl Grader {
         from: Option<SeqId>,
         tokens: &[u32],
     ) -> Result<()> {
-        let tokens = self.prepare(cx, tokens)?;
-        let request = Request { key, from, tokens };
+        let (tokens, closing) = self.prepare(cx, tokens)?;
+        let request = Request {
+            key,
+            from,
+            tokens,
+            closing,
+        };
         if self.root.is_none() && from.is_none() {
             self.queued.push(request);
             return Ok(());
@@ -111,22 +118,26 @@ impl Grader {
             v.head.clone(),
             r.tokens.clone(),
         )?;
-        self.jobs.insert(id, (r.key, r.tokens));
+        self.jobs.insert(id, r);
         Ok(())
     }
 
-    /// The tokens to feed for generated `tokens`: without end-of-sequence tokens (training never
-    /// saw them), and closed by the step tag when the text does not already end with it.
-    fn prepare(&self, cx: &Cx<'_>, tokens: &[u32]) -> Result<Vec<u32>> {
+    /// The tokens to feed for generated `tokens` and how many of them close it: without
+    /// end-of-sequence tokens (training never saw them), and closed by the step tag when the text
+    /// does not already end with it (the verifier reads steps at their tags).
+    fn prepare(&self, cx: &Cx<'_>, tokens: &[u32]) -> Result<(Vec<u32>, usize)> {
         let mut ids: Vec<u32> = tokens.to_vec();
         while ids.last().is_some_and(|&t| cx.pool.is_eos(t)) {
             ids.pop();
         }
         let tag = &self.verifier.step_tag;
+        let mut closing = 0;
         if !cx.decode(&ids)?.ends_with(tag.as_str()) {
-            ids.extend(cx.encode_continuation(tag)?);
+            let extra = cx.encode_continuation(tag)?;
+            closing = extra.len();
+            ids.extend(extra);
         }
-        Ok(ids)
+        Ok((ids, closing))
     }
 
     /// Takes a finished branch if it is one of this grader's: `None` when it is not, else the
@@ -144,7 +155,13 @@ impl Grader {
                 steps: Vec::new(),
             }));
         }
-        let Some((key, tokens)) = self.jobs.remove(&done.id) else {
+        let Some(Request {
+            key,
+            tokens,
+            closing,
+            ..
+        }) = self.jobs.remove(&done.id)
+        else {
             return Ok(None);
         };
         let values = done
@@ -161,6 +178,9 @@ impl Grader {
         }
         let ends = step_ends(cx.tokenizer()?, &tokens, &self.verifier.step_tag)?;
         let steps = ends.iter().map(|&i| sigmoid(values[i])).collect();
+        // The closing tag is taken back: the sequence holds the generated text alone, so a step
+        // scored after it continues from the same text as the policy.
+        cx.store.truncate_tail(done.head.seq, closing)?;
         Ok(Some(Scored {
             key,
             seq: done.head.seq,

@@ -1,0 +1,146 @@
+"""Searches guided by a verifier in the engine, against the training side's torch verifier on the
+packaged model: every score a search reports is the torch model's on the same tokens, verifier rows
+leave the policy's samples unchanged, votes and aggregations are their closed forms, and the
+verifier costs rows, not passes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+import peftscale as ps
+import pytest
+import torch
+from peftscale.train import verifier
+from test_verifier_engine import build_verifier
+
+NAME = "rand-prm"
+QUESTIONS = [
+    "Tom has 3 boxes with 4 pens each. He gives away 5 pens. How many pens does he have? Think step by step.",
+    "What is 12 + 7 * 2? Explain each step on its own line.",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_verifier(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A random (non-trivial) verifier on the packaged model, with its torch reference."""
+    path = build_verifier(smollm2_path, tmp_path_factory.mktemp("smol_prm"), seed=5)
+    vmodel, vtok = verifier.load(path, base_model=smollm2_path)
+    return path, vmodel, vtok
+
+
+@pytest.fixture(scope="module")
+def eng(smollm2_f32: ps.Engine, smol_verifier):
+    smollm2_f32.load_verifier(smol_verifier[0], NAME)
+    yield smollm2_f32
+    smollm2_f32.unload_verifier(NAME)
+
+
+def _prompts(eng: ps.Engine) -> list[str]:
+    return [eng.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@torch.no_grad()
+def oracle_steps(smol_verifier, prompt_ids: list[int], tokens: list[int], eos: list[int]) -> list[float]:
+    """The torch verifier's step probabilities for generated ``tokens`` after the prompt: read at
+    the token holding each tag's last character, the text closed by a tag when it lacks one."""
+    _, vmodel, vtok = smol_verifier
+    tag = vmodel.meta["step_tag"]
+    ids = list(tokens)
+    while ids and ids[-1] in eos:
+        ids.pop()
+    if not vtok.decode(ids).endswith(tag):
+        ids += vtok.encode(tag, add_special_tokens=False)
+    text = vtok.decode(ids)
+    ends, start = [], 0
+    while (at := text.find(tag, start)) >= 0:
+        start = at + len(tag)
+        ends.append(start)
+    positions: list[int] = []
+    for end in ends:
+        i = next(i for i in range(len(ids)) if len(vtok.decode(ids[: i + 1])) >= end)
+        if not positions or positions[-1] != i:
+            positions.append(i)
+    full = prompt_ids + ids
+    h = vmodel.hidden(torch.tensor([full]), torch.ones(1, len(full), dtype=torch.long))[0]
+    logits = vmodel.head(h).squeeze(-1)
+    return [1.0 / (1.0 + math.exp(-float(logits[len(prompt_ids) + i]))) for i in positions]
+
+
+def test_best_of_n_ranks_by_the_verifier_as_torch_scores(eng, smol_verifier) -> None:
+    prompts = _prompts(eng)
+    eos = eng.tokenizer.eos_token_ids
+    by_verifier = eng.generate(prompts, strategy=ps.BestOfN(n=4, scorer=ps.Verifier(NAME)), max_new_tokens=40)
+    plain = eng.generate(prompts, strategy=ps.BestOfN(n=4), max_new_tokens=40)
+    for prompt, out, ref in zip(prompts, by_verifier, plain, strict=True):
+        ids = eng.tokenizer.encode(prompt)
+        # The verifier's rows share the samples' passes without changing a single sampled token.
+        assert [c.token_ids for c in out.candidates] == [c.token_ids for c in ref.candidates]
+        for c in out.candidates:
+            want = oracle_steps(smol_verifier, ids, c.token_ids, eos)
+            assert c.step_scores == pytest.approx(want, abs=1e-4)
+            assert c.score == pytest.approx(min(want), abs=1e-4)
+        best = max(out.candidates, key=lambda c: c.score)
+        assert out.token_ids == best.token_ids
+        assert len({round(c.score, 6) for c in out.candidates}) > 1
+    # One more pass at most: the last samples' scoring rows.
+    assert by_verifier[0].stats.forward_passes <= plain[0].stats.forward_passes + 1
+
+
+def test_weighted_vote_sums_verifier_scores_per_answer(eng, smol_verifier) -> None:
+    prompts = _prompts(eng)
+    eos = eng.tokenizer.eos_token_ids
+    outs = eng.generate(
+        prompts,
+        strategy=ps.SelfConsistency(n=6, vote="weighted", scorer=ps.Verifier(NAME)),
+        max_new_tokens=48,
+    )
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = eng.tokenizer.encode(prompt)
+        totals: dict[str, float] = {}
+        for c in out.candidates:
+            want = oracle_steps(smol_verifier, ids, c.token_ids, eos)
+            assert c.score == pytest.approx(min(want), abs=1e-4)
+            if c.answer is not None:
+                totals[c.answer] = totals.get(c.answer, 0.0) + c.score
+        assert dict(out.votes) == pytest.approx(totals)
+        if totals:
+            assert out.answer == max(totals, key=lambda a: totals[a])
+
+
+@pytest.mark.parametrize("strategy", [ps.VerifierBeamSearch, ps.DVTS])
+def test_verifier_beam_scores_every_step_as_torch_does(eng, smol_verifier, strategy) -> None:
+    prompts = _prompts(eng)
+    eos = eng.tokenizer.eos_token_ids
+    outs = eng.generate(
+        prompts,
+        strategy=strategy(n=4, beam_width=2, verifier=ps.Verifier(NAME), max_steps=6),
+        max_new_tokens=64,
+    )
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = eng.tokenizer.encode(prompt)
+        assert out.candidates, "no beam finished"
+        for c in out.candidates:
+            want = oracle_steps(smol_verifier, ids, c.token_ids, eos)
+            assert c.step_scores == pytest.approx(want, abs=1e-4), c.text
+            assert c.score == pytest.approx(min(c.step_scores))
+            assert len(c.step_scores) <= 6
+        scores = [c.score for c in out.candidates]
+        assert scores == sorted(scores, reverse=True)
+        totals: dict[str, float] = {}
+        for c in out.candidates:
+            if c.answer is not None:
+                totals[c.answer] = totals.get(c.answer, 0.0) + c.score
+        assert dict(out.votes) == pytest.approx(totals)
+        if totals:
+            winner = max(totals, key=lambda a: totals[a])
+            assert out.answer == winner
+            assert out.token_ids == next(c.token_ids for c in out.candidates if c.answer == winner)
+
+
+def test_verifier_search_parameters_are_checked(eng) -> None:
+    with pytest.raises(ps.InvalidArgument, match=r"n \(6\) must be a multiple of beam_width \(4\)"):
+        eng.generate("Hi", strategy=ps.VerifierBeamSearch(n=6, beam_width=4, verifier=ps.Verifier(NAME)))
+    with pytest.raises(ps.InvalidArgument, match="no verifier named `nope` is loaded"):
+        eng.generate("Hi", strategy=ps.DVTS(verifier=ps.Verifier("nope")))
+    with pytest.raises(ps.InvalidArgument, match="only with vote='weighted'"):
+        eng.generate("Hi", strategy=ps.SelfConsistency(scorer=ps.Verifier(NAME)))
