@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+
 import peftscale as ps
 import pytest
 import torch

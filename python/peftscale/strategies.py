@@ -223,8 +223,9 @@ class SelfConsistency:
     ``extract``: ``"last_number"``, ``"boxed"`` (last ``\\boxed{}``), ``"choice_letter"`` (A-J) or a
     callable ``str -> str | None``. ``vote="majority"`` counts answers; ``"weighted"`` weighs each
     path by its mean token probability, by ``scorer(prompt, completion)`` when ``scorer`` is a
-    callable, or by a loaded :class:`Verifier`'s score (search-and-learn's weighted best-of-N). Ties go to the answer that was sampled first. With ``stop_when_confident=0.95`` it
-    samples ``round_size`` paths at a time and stops once Adaptive-Consistency's Beta rule gives
+    callable, or by a loaded :class:`Verifier`'s score (search-and-learn's weighted best-of-N).
+    Ties go to the answer that was sampled first. With ``stop_when_confident=0.95`` it samples
+    ``round_size`` paths at a time and stops once Adaptive-Consistency's Beta rule gives
     ``P(p_top > p_second) >= 0.95`` (capped at ``n``). ``out.answer`` is the winner, ``out.votes``
     the tally, ``out`` the first path that gave the winning answer.
     """
