@@ -194,6 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         adapter=args.adapter,
+        verifier=args.verifier,
         slice=args.slice,
         data_dir=args.data_dir,
         fields=args.fields,
@@ -288,7 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--strategies",
         default="greedy",
         help="comma-separated specs: greedy, sample, cold, sc@8, bon@1..16 (powers of two), beam@4, tot@1:5 "
-        "(every integer), mcts@16, adaptive@512; '+cold' to score with CoLD; 'base:' to run without the adapter",
+        "(every integer), mcts@16, adaptive@512; with --verifier: bon-w@8, sc-w@8, prm-beam@8, dvts@8; "
+        "'+cold' to score with CoLD; 'base:' to run without the adapter",
+    )
+    e.add_argument(
+        "--verifier",
+        default=None,
+        help="a verifier folder (peftscale train, method prm or orm) for bon-w, sc-w, prm-beam and dvts",
     )
     e.add_argument("--out", required=True, help="output folder (rerun into it to continue an interrupted run)")
     e.add_argument("--shots", type=int, default=0, help="worked examples from the train split before each question")

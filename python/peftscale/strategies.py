@@ -336,7 +336,8 @@ class TreeOfThought:
     times with ``value_template`` for a one-line reply of at most ``value_max_tokens`` (room for
     reasoning before the verdict) and sums the last sure / likely / impossible of each reply as
     20 / 1 / 0.001, all states of a level in one batch; a callable ``(prompt, state) -> float``
-    replaces it.
+    or a loaded :class:`Verifier` (each state valued by its steps' scores, aggregated as the
+    verifier says; its rows share the search's passes) replaces it.
     ``search="bfs"`` keeps the best ``breadth`` states per level for ``depth`` levels;
     ``"dfs"`` follows the best child first and backtracks below ``value_threshold``.
     ``out.tree`` holds every state with its value. ``max_new_tokens`` bounds the whole path; a
@@ -349,7 +350,7 @@ class TreeOfThought:
     breadth: int = 5
     depth: int = 4
     generate: Literal["sample", "propose"] = "sample"
-    evaluator: Literal["self"] | Scorer = "self"
+    evaluator: Literal["self"] | Scorer | Verifier = "self"
     value_samples: int = 3
     value_max_tokens: int = 16
     search: Literal["bfs", "dfs"] = "bfs"
@@ -377,7 +378,7 @@ class TreeOfThought:
             breadth=_non_negative("breadth", self.breadth),
             depth=_non_negative("depth", self.depth),
             generate=self.generate,
-            evaluator=self.evaluator,
+            evaluator=self.evaluator._core() if isinstance(self.evaluator, Verifier) else self.evaluator,
             value_samples=_non_negative("value_samples", self.value_samples),
             value_max_tokens=_non_negative("value_max_tokens", self.value_max_tokens),
             search=self.search,
@@ -397,8 +398,9 @@ class MCTS:
     Each iteration selects a leaf by PUCT (prior: the step's mean token probability, normalised
     over its siblings), samples ``expansions`` next steps from its forked sequence, evaluates
     each new step by a ``rollout`` to an answer scored by ``reward`` (``"self_consistency"``: the
-    share of all rollouts so far with the same extracted answer; or a callable ``(prompt,
-    text) -> float``), and back-propagates the mean value. Returns the most visited path
+    share of all rollouts so far with the same extracted answer; a callable ``(prompt,
+    text) -> float``; or a loaded :class:`Verifier`, scoring path and rollout in the pass after
+    the iteration's last rollout), and back-propagates the mean value. Returns the most visited path
     completed by its rollout, with ``out.tree`` (visits, values, priors per node).
     """
 
@@ -407,7 +409,7 @@ class MCTS:
     c_puct: float = 1.0
     step_delimiter: str = "\n"
     max_depth: int = 8
-    reward: Literal["self_consistency"] | Scorer = "self_consistency"
+    reward: Literal["self_consistency"] | Scorer | Verifier = "self_consistency"
     rollout: Literal["greedy", "sample"] = "greedy"
     extract: Extract = "last_number"
     max_step_tokens: int = 64
@@ -423,7 +425,7 @@ class MCTS:
             c_puct=float(self.c_puct),
             step_delimiter=self.step_delimiter,
             max_depth=_non_negative("max_depth", self.max_depth),
-            reward=self.reward,
+            reward=self.reward._core() if isinstance(self.reward, Verifier) else self.reward,
             rollout=self.rollout,
             extract=self.extract,
             max_step_tokens=_non_negative("max_step_tokens", self.max_step_tokens),

@@ -17,7 +17,7 @@ from peftscale.engine import Candidate, Engine, GenerationOutput
 from peftscale.errors import InvalidArgument
 from peftscale.eval.datasets import Question, Task, _callable_fingerprint, load_task, parse_slice
 from peftscale.eval.prompts import build_prompt
-from peftscale.eval.specs import Spec, parse_seeds, parse_specs
+from peftscale.eval.specs import VERIFIER, Spec, parse_seeds, parse_specs
 from peftscale.strategies import Adaptive, CoLD
 
 __all__ = ["EvalConfig", "Record", "run", "RESULTS", "RUN"]
@@ -43,6 +43,9 @@ class EvalConfig:
     #: Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
     device: str = "cpu"
     adapter: str | None = None
+    #: A verifier folder (``peftscale train`` with ``method: prm`` or ``orm``) for the strategies
+    #: ``bon-w``, ``sc-w``, ``prm-beam`` and ``dvts``.
+    verifier: str | None = None
     slice: str | None = None
     data_dir: str | None = None
     fields: str | None = None
@@ -201,6 +204,8 @@ def _check_run_file(out: Path, config: EvalConfig) -> None:
     if config.adapter is not None and Path(config.adapter).exists():
         # The adapter's files, not only its path: retrained in place, it is another evaluation.
         identity["adapter_sha256"] = fingerprint(config.adapter)
+    if config.verifier is not None and Path(config.verifier).exists():
+        identity["verifier_sha256"] = fingerprint(config.verifier)
     if path.is_file():
         try:
             earlier = json.loads(path.read_text())
@@ -280,11 +285,20 @@ def _chunks(items: Sequence[Question], size: int) -> Iterator[list[Question]]:
         yield list(items[i : i + size])
 
 
+_TOT_JUDGE = ("evaluator", "value_samples", "value_max_tokens", "value_template")
+
+
 def _task_overrides(task: Task, config: EvalConfig, engine: Engine) -> dict[str, dict[str, Any]]:
     """The task's own search settings (``Task.search``), then the user's on top."""
     adapter = _ADAPTER if config.adapter is not None else None
     own = task.search(engine, adapter) if task.search is not None else {}
     merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in own.items()}
+    if config.verifier is not None:
+        # The verifier values Tree-of-Thought's states and rewards MCTS's rollouts in place of
+        # the task's own judge (the user's --set still wins).
+        for family, fields in (("tot", _TOT_JUDGE), ("mcts", ("reward",))):
+            for f in fields:
+                merged.get(family, {}).pop(f, None)
     for family, kwargs in config.overrides.items():
         merged.setdefault(family, {}).update(kwargs)
     return merged
@@ -345,7 +359,7 @@ def _record(
 
 
 #: Families whose candidates are independent samples of the model (what pass@k counts).
-_SAMPLED = ("sc", "bon", "adaptive")
+_SAMPLED = ("sc", "bon", "adaptive", "sc-w", "bon-w")
 
 
 def _coverage(task: Task, spec: Spec, q: Question, candidates: Sequence[Candidate]) -> tuple[int, int]:
@@ -424,8 +438,13 @@ def run(
     # The strategies are checked before the model loads (it takes seconds), then built with the
     # task's engine-dependent settings.
     has_adapter = config.adapter is not None
+    has_verifier = config.verifier is not None
     checked = parse_specs(
-        config.strategies, overrides=config.overrides, has_adapter=has_adapter, seeds=parse_seeds(config.seeds)
+        config.strategies,
+        overrides=config.overrides,
+        has_adapter=has_adapter,
+        has_verifier=has_verifier,
+        seeds=parse_seeds(config.seeds),
     )
     max_new_tokens = config.max_new_tokens or _MAX_NEW_TOKENS.get(task.name, 256)
     _check_adaptive_budgets(checked, max_new_tokens)
@@ -436,12 +455,15 @@ def run(
         engine = Engine.load(config.model or models.smollm2_135m_instruct(), device=config.device)
     if config.adapter is not None and _ADAPTER not in engine.adapters:
         engine.load_adapter(config.adapter, name=_ADAPTER)
+    if config.verifier is not None and VERIFIER not in engine.verifiers:
+        engine.load_verifier(config.verifier, name=VERIFIER)
     specs = parse_specs(
         config.strategies,
         extract=task.extract,
         cold=CoLD(alpha=config.cold_alpha, beta=config.cold_beta),
         overrides=_task_overrides(task, config, engine),
         has_adapter=has_adapter,
+        has_verifier=has_verifier,
         seeds=parse_seeds(config.seeds),
     )
     prompts = {q.id: build_prompt(engine, task, q, config.template) for q in questions}

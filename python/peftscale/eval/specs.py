@@ -3,11 +3,16 @@
 Grammar of one spec: ``[base:]NAME[@BUDGETS][+cold]``.
 
 - ``NAME``: ``greedy``, ``sample``, ``cold``, ``sc`` (self-consistency), ``bon`` (best-of-N),
-  ``beam``, ``tot`` (Tree-of-Thought, BFS), ``mcts`` or ``adaptive``.
+  ``beam``, ``tot`` (Tree-of-Thought, BFS), ``mcts`` or ``adaptive``; with a verifier
+  (``--verifier``): ``bon-w`` (best-of-N ranked by the verifier), ``sc-w`` (votes weighted by
+  the verifier: search-and-learn's weighted best-of-N), ``prm-beam`` (PRM-guided beam search)
+  and ``dvts`` (diverse verifier tree search).
 - ``BUDGETS``: one number (``sc@8``), the powers of two from a to b (``sc@1..16`` = 1, 2, 4, 8,
-  16), every integer from a to b (``tot@1:5``). The budget is ``n`` for ``sc`` and ``bon``,
-  ``num_beams`` for ``beam``, ``breadth`` for ``tot``, ``iterations`` for ``mcts`` and the mean
-  generated tokens per question for ``adaptive``.
+  16), every integer from a to b (``tot@1:5``). The budget is ``n`` for ``sc``, ``bon``,
+  ``sc-w``, ``bon-w``, ``prm-beam`` and ``dvts`` (samples per step, ``beam_width`` 4 or ``n`` if
+  smaller), ``num_beams`` for ``beam``, ``breadth`` for ``tot``, ``iterations`` for ``mcts`` and
+  the mean generated tokens per question for ``adaptive``. With a verifier, ``tot`` values its
+  states and ``mcts`` rewards its rollouts by it.
 - ``+cold``: the strategy scores tokens with CoLD (needs an adapter).
 - ``base:``: run without the adapter (``base:greedy`` beside ``greedy`` compares the two).
 """
@@ -21,6 +26,7 @@ from typing import Any
 
 from peftscale.errors import InvalidArgument
 from peftscale.strategies import (
+    DVTS,
     MCTS,
     Adaptive,
     BeamSearch,
@@ -32,13 +38,44 @@ from peftscale.strategies import (
     SelfConsistency,
     Strategy,
     TreeOfThought,
+    Verifier,
+    VerifierBeamSearch,
 )
 
-__all__ = ["FAMILIES", "Spec", "parse_seeds", "parse_specs"]
+__all__ = ["FAMILIES", "VERIFIER", "Spec", "parse_seeds", "parse_specs"]
 
-FAMILIES = ("greedy", "sample", "cold", "sc", "bon", "beam", "tot", "mcts", "adaptive")
+FAMILIES = (
+    "greedy",
+    "sample",
+    "cold",
+    "sc",
+    "bon",
+    "beam",
+    "tot",
+    "mcts",
+    "adaptive",
+    "bon-w",
+    "sc-w",
+    "prm-beam",
+    "dvts",
+)
+#: The strategies that need a verifier.
+VERIFIED = ("bon-w", "sc-w", "prm-beam", "dvts")
+#: The name an evaluation's verifier is loaded under.
+VERIFIER = "eval-verifier"
 _NO_BUDGET = ("greedy", "sample", "cold")
-_DEFAULT_BUDGET = {"sc": 8, "bon": 8, "beam": 4, "tot": 3, "mcts": 16, "adaptive": 1024}
+_DEFAULT_BUDGET = {
+    "sc": 8,
+    "bon": 8,
+    "beam": 4,
+    "tot": 3,
+    "mcts": 16,
+    "adaptive": 1024,
+    "bon-w": 8,
+    "sc-w": 8,
+    "prm-beam": 8,
+    "dvts": 8,
+}
 _SAMPLING = Sampling(temperature=0.7, seed=0)
 
 
@@ -100,8 +137,15 @@ def _build(
     settings: CoLD,
     extract: Extract,
     overrides: Mapping[str, Mapping[str, Any]],
+    has_verifier: bool = False,
 ) -> Strategy:
     extra = dict(overrides.get(name, {}))
+    verifier = Verifier(VERIFIER)
+    if has_verifier and name == "tot":
+        # With a verifier, Tree-of-Thought values its states by it and MCTS rewards by it.
+        extra = {"evaluator": verifier, **extra}
+    if has_verifier and name == "mcts":
+        extra = {"reward": verifier, **extra}
     if name == "greedy":
         return Greedy(**extra)
     if name == "sample":
@@ -123,6 +167,15 @@ def _build(
     if name == "adaptive":
         # budget_tokens is set per group by the runner (budget x the group's questions).
         return Adaptive(**{"sampling": _SAMPLING, "extract": extract, "scorer": cold, **extra})
+    if name == "bon-w":
+        return BestOfN(**{"n": budget, "sampling": _SAMPLING, "scorer": verifier, **extra})
+    if name == "sc-w":
+        fields = {"n": budget, "sampling": _SAMPLING, "extract": extract, "vote": "weighted", "scorer": verifier}
+        return SelfConsistency(**{**fields, **extra})
+    if name in ("prm-beam", "dvts"):
+        kind = DVTS if name == "dvts" else VerifierBeamSearch
+        fields = {"n": budget, "beam_width": min(4, budget), "sampling": _SAMPLING, "extract": extract}
+        return kind(**{**fields, "verifier": verifier, **extra})
     raise AssertionError(name)
 
 
@@ -161,12 +214,15 @@ def _nests(name: str, strategy: Strategy) -> bool:
     """Whether smaller budgets can be read from the largest one's samples: self-consistency
     without early stopping (its votes then depend only on the samples) and best-of-N ranked by
     log-probabilities."""
-    if name == "sc":
+    if name in ("sc", "sc-w"):
         return (
             isinstance(strategy, SelfConsistency)
             and strategy.stop_when_confident is None
             and not callable(strategy.scorer)
         )
+    if name == "bon-w":
+        # Each sample's verifier score is its own, whatever n is.
+        return isinstance(strategy, BestOfN) and isinstance(strategy.scorer, Verifier)
     if name == "bon":
         return isinstance(strategy, BestOfN) and (
             isinstance(strategy.scorer, CoLD) or strategy.scorer in ("mean_logprob", "sum_logprob")
@@ -181,6 +237,7 @@ def parse_specs(
     cold: CoLD | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     has_adapter: bool = False,
+    has_verifier: bool = False,
     seeds: Sequence[int] = (0,),
 ) -> list[Spec]:
     """Every strategy and budget ``text`` names, in order, duplicates removed; strategies that
@@ -217,6 +274,10 @@ def parse_specs(
             raise InvalidArgument(f"invalid argument: '{raw}': CoLD needs the adapter, not base:")
         if uses_cold and not has_adapter:
             raise InvalidArgument(f"invalid argument: '{raw}' uses CoLD, which needs an adapter (--adapter)")
+        if name in VERIFIED and not has_verifier:
+            raise InvalidArgument(f"invalid argument: '{raw}' needs a verifier (--verifier PATH)")
+        if name in VERIFIED and plus:
+            raise InvalidArgument(f"invalid argument: '{raw}': the verifier strategies do not take '+cold'")
         budgets: list[int | None] = (
             [None] if name in _NO_BUDGET else list(_budgets(budget_text, raw) if at else [_DEFAULT_BUDGET[name]])
         )
@@ -229,7 +290,7 @@ def parse_specs(
             seen.add(label)
             settings = cold or CoLD()
             try:
-                strategy = _build(name, b, settings if plus else None, settings, extract, overrides)
+                strategy = _build(name, b, settings if plus else None, settings, extract, overrides, has_verifier)
             except TypeError as e:
                 msg = f"invalid argument: a setting for {name!r} is not one of its fields ({e})"
                 raise InvalidArgument(msg) from None

@@ -274,14 +274,17 @@ pub(crate) fn spec(
                 },
                 other => return Err(bad("generate", "'sample' or 'propose'", other)),
             };
-            let evaluator = match named_or_callable(d, "evaluator")? {
-                Ok(name) if name == "self" => ToTEvaluator::SelfValue {
-                    template: item(d, "value_template")?,
-                    samples: item(d, "value_samples")?,
-                    max_tokens: item(d, "value_max_tokens")?,
+            let evaluator = match field_verifier(d, "evaluator", engine)? {
+                Some(v) => ToTEvaluator::Verifier(v),
+                None => match named_or_callable(d, "evaluator")? {
+                    Ok(name) if name == "self" => ToTEvaluator::SelfValue {
+                        template: item(d, "value_template")?,
+                        samples: item(d, "value_samples")?,
+                        max_tokens: item(d, "value_max_tokens")?,
+                    },
+                    Ok(other) => return Err(bad("evaluator", "'self' or a callable", &other)),
+                    Err(f) => ToTEvaluator::Callback(scorer(f, "evaluator", errors)),
                 },
-                Ok(other) => return Err(bad("evaluator", "'self' or a callable", &other)),
-                Err(f) => ToTEvaluator::Callback(scorer(f, "evaluator", errors)),
             };
             let search: String = item(d, "search")?;
             let search = match search.as_str() {
@@ -308,10 +311,15 @@ pub(crate) fn spec(
             })
         }
         "mcts" => {
-            let reward = match named_or_callable(d, "reward")? {
-                Ok(name) if name == "self_consistency" => Reward::SelfConsistency,
-                Ok(other) => return Err(bad("reward", "'self_consistency' or a callable", &other)),
-                Err(f) => Reward::Callback(scorer(f, "reward", errors)),
+            let reward = match field_verifier(d, "reward", engine)? {
+                Some(v) => Reward::Verifier(v),
+                None => match named_or_callable(d, "reward")? {
+                    Ok(name) if name == "self_consistency" => Reward::SelfConsistency,
+                    Ok(other) => {
+                        return Err(bad("reward", "'self_consistency' or a callable", &other))
+                    }
+                    Err(f) => Reward::Callback(scorer(f, "reward", errors)),
+                },
             };
             let rollout: String = item(d, "rollout")?;
             let rollout = match rollout.as_str() {

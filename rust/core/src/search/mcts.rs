@@ -12,6 +12,7 @@ use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{spec, Cx, Search};
 use super::spec::{MctsParams, Reward, Rollout};
 use super::tree::{Tree, TreeNodeReport, TreeReport};
+use super::verify::Grader;
 use super::{FinishReason, RowOutput};
 use crate::error::{Error, Result};
 use crate::logits::SamplingParams;
@@ -58,13 +59,15 @@ pub(crate) struct Mcts {
     streams: u64,
     prompt_text: Option<String>,
     finished: bool,
+    /// With a verifier reward: the grader, and the new nodes' rewards as they come.
+    grader: Option<Grader>,
+    verified: HashMap<usize, f64>,
+    asked: bool,
 }
 
 impl Mcts {
     pub fn new(job: PromptJob, params: MctsParams) -> Self {
         Self {
-            job,
-            params,
             tree: Tree::new(),
             steps: vec![Step::default()],
             jobs: HashMap::new(),
@@ -76,6 +79,14 @@ impl Mcts {
             streams: 0,
             prompt_text: None,
             finished: false,
+            grader: match &params.reward {
+                Reward::Verifier(v) => Some(Grader::new(v.clone(), job.prompt.clone())),
+                _ => None,
+            },
+            verified: HashMap::new(),
+            asked: false,
+            job,
+            params,
         }
     }
 
@@ -246,6 +257,30 @@ impl Mcts {
         if !self.jobs.is_empty() {
             return Ok(());
         }
+        if self.grader.is_some() {
+            // Every rollout is scored in the pass after the last one ends, then all are backed up.
+            if !self.asked {
+                let texts: Vec<(usize, Vec<u32>)> = self
+                    .evaluating
+                    .iter()
+                    .map(|&node| {
+                        let mut ids = self.path_tokens(node);
+                        ids.extend(&self.steps[node].rollout_tokens);
+                        (node, ids)
+                    })
+                    .collect();
+                if let Some(g) = &mut self.grader {
+                    for (node, ids) in texts {
+                        g.request(cx, node, None, &ids)?;
+                    }
+                }
+                self.asked = true;
+            }
+            if self.grader.as_ref().is_some_and(Grader::is_busy) {
+                return Ok(());
+            }
+            self.asked = false;
+        }
         let nodes = std::mem::take(&mut self.evaluating);
         for node in nodes {
             let mut ids = self.path_tokens(node);
@@ -265,6 +300,7 @@ impl Mcts {
                     let prompt = self.prompt_text.as_deref().unwrap_or_default();
                     finite("reward", f.call(prompt, &text)?)?
                 }
+                Reward::Verifier(_) => self.verified.remove(&node).unwrap_or(0.0),
             };
             self.steps[node].reward = reward;
             self.tree.backpropagate(node, reward);
@@ -302,6 +338,9 @@ impl Mcts {
             if let Some(h) = step.head.take() {
                 h.free(cx.store);
             }
+        }
+        if let Some(g) = &mut self.grader {
+            g.release(cx);
         }
     }
 }
@@ -344,10 +383,23 @@ fn back_up_again(tree: &mut Tree, backups: &[usize], rewards: &[f64]) {
 impl Search for Mcts {
     fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
         self.job.prefill(cx)?;
+        if let Some(g) = &mut self.grader {
+            g.start(cx)?;
+        }
         Ok(())
     }
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
+        if let Some(g) = &mut self.grader {
+            if let Some(scored) = g.on_finished(&done, cx)? {
+                if !Grader::is_root(&scored) {
+                    cx.store.free(scored.seq);
+                    self.verified.insert(scored.key, g.aggregate(&scored.steps));
+                    return self.maybe_score(cx);
+                }
+                return Ok(());
+            }
+        }
         if self.steps[0].logits.is_none() && self.jobs.is_empty() {
             // The prompt's prefill.
             self.steps[0].head = Some(done.head);

@@ -69,6 +69,8 @@ pub enum ToTEvaluator {
         max_tokens: usize,
     },
     Callback(Evaluator),
+    /// A loaded verifier's score of the state's steps (aggregated as it says).
+    Verifier(Arc<Verifier>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +110,8 @@ pub enum Reward {
     SelfConsistency,
     /// `(prompt, path + rollout) -> reward`.
     Callback(Scorer),
+    /// A loaded verifier's score of the path and its rollout.
+    Verifier(Arc<Verifier>),
 }
 
 #[derive(Debug, Clone)]

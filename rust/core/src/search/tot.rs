@@ -14,8 +14,10 @@ use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{spec, Cx, Search};
 use super::spec::{ToTEvaluator, ToTGenerate, ToTParams, ToTSearch};
 use super::tree::{TreeNodeReport, TreeReport};
+use super::verify::Grader;
 use super::{FinishReason, RowOutput};
 use crate::error::{Error, Result};
+use crate::kv::SeqId;
 
 #[derive(Debug, Clone, Default)]
 struct State {
@@ -32,6 +34,9 @@ struct State {
     value: f64,
     terminal: bool,
     selected: bool,
+    /// With a verifier as evaluator: its sequence after this state's steps, and their scores.
+    vseq: Option<SeqId>,
+    steps: Vec<f64>,
 }
 
 enum Job {
@@ -63,6 +68,7 @@ pub(crate) struct TreeOfThought {
     answer: Option<String>,
     problem: Option<String>,
     streams: u64,
+    grader: Option<Grader>,
 }
 
 fn judge(text: &str) -> f64 {
@@ -81,9 +87,14 @@ fn judge(text: &str) -> f64 {
 
 impl TreeOfThought {
     pub fn new(job: PromptJob, params: ToTParams) -> Self {
+        let grader = match &params.evaluator {
+            ToTEvaluator::Verifier(v) => Some(Grader::new(v.clone(), job.prompt.clone())),
+            _ => None,
+        };
         Self {
             job,
             params,
+            grader,
             states: vec![State::default()],
             jobs: HashMap::new(),
             new_states: Vec::new(),
@@ -283,7 +294,26 @@ impl TreeOfThought {
                 }
                 Ok(())
             }
+            ToTEvaluator::Verifier(_) => {
+                // Each new state's thought is scored after its parent's verifier sequence.
+                for s in states {
+                    let parent = self.states[s].parent.unwrap_or(0);
+                    let from = self.states[parent].vseq;
+                    let tokens = self.states[s].tokens.clone();
+                    if let Some(g) = &mut self.grader {
+                        g.request(cx, s, from, &tokens)?;
+                    }
+                }
+                self.select_when_scored(cx)
+            }
         }
+    }
+
+    fn select_when_scored(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        if self.jobs.is_empty() && !self.grader.as_ref().is_some_and(Grader::is_busy) {
+            self.select(cx)?;
+        }
+        Ok(())
     }
 
     /// Every new state has its value: BFS keeps the best, DFS pushes the good ones.
@@ -341,11 +371,17 @@ impl TreeOfThought {
         if let Some(h) = self.states[s].head.take() {
             h.free(cx.store);
         }
+        if let Some(v) = self.states[s].vseq.take() {
+            cx.store.free(v);
+        }
     }
 
     fn finish(&mut self, cx: &mut Cx<'_>) -> Result<()> {
         for s in 0..self.states.len() {
             self.release(s, cx);
+        }
+        if let Some(g) = &mut self.grader {
+            g.release(cx);
         }
         self.stack.clear();
         if self.solution.is_none() {
@@ -384,10 +420,28 @@ impl Search for TreeOfThought {
         let head = cx.new_head();
         self.states[0].head = Some(head);
         self.states[0].pending = self.job.prompt.to_vec();
+        if let Some(g) = &mut self.grader {
+            g.start(cx)?;
+        }
         self.expand(vec![0], cx)
     }
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
+        if let Some(g) = &mut self.grader {
+            if let Some(scored) = g.on_finished(&done, cx)? {
+                if !Grader::is_root(&scored) {
+                    let s = scored.key;
+                    let parent = self.states[s].parent.unwrap_or(0);
+                    let mut steps = self.states[parent].steps.clone();
+                    steps.extend_from_slice(&scored.steps);
+                    self.states[s].value = g.aggregate(&steps);
+                    self.states[s].steps = steps;
+                    self.states[s].vseq = Some(scored.seq);
+                    return self.select_when_scored(cx);
+                }
+                return Ok(());
+            }
+        }
         let job = self.jobs.remove(&done.id).ok_or_else(|| {
             Error::invalid(format!("Tree-of-Thought: unknown branch {}", done.id))
         })?;
