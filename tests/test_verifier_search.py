@@ -145,3 +145,52 @@ def test_verifier_search_parameters_are_checked(eng) -> None:
         eng.generate("Hi", strategy=ps.DVTS(verifier=ps.Verifier("nope")))
     with pytest.raises(ps.InvalidArgument, match="only with vote='weighted'"):
         eng.generate("Hi", strategy=ps.SelfConsistency(scorer=ps.Verifier(NAME)))
+
+
+def test_batched_callables_see_every_candidate_of_a_step_once(smollm2_q: ps.Engine) -> None:
+    """A ``ps.batched`` scorer is called once per step with all of that step's candidates."""
+    eng = smollm2_q
+    q = eng.apply_chat_template([{"role": "user", "content": "What is 17 + 25? Answer briefly."}])
+    calls: list[list[str]] = []
+
+    @ps.batched
+    def shortest(prompt: str, completions: list[str]) -> list[float]:
+        assert "17 + 25" in prompt
+        calls.append(list(completions))
+        return [-float(len(c)) for c in completions]
+
+    out = eng.generate(q, strategy=ps.BestOfN(n=6, scorer=shortest), max_new_tokens=24)
+    assert len(calls) == 1 and calls[0] == [c.text for c in out.candidates]
+    assert [c.score for c in out.candidates] == [-float(len(t)) for t in calls[0]]
+    assert out.text == min(calls[0], key=len)
+
+    calls.clear()
+    out = eng.generate(q, strategy=ps.SelfConsistency(n=5, vote="weighted", scorer=shortest), max_new_tokens=24)
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(c.text for c in out.candidates)
+
+    calls.clear()
+    tot = ps.TreeOfThought(evaluator=shortest, proposals=2, breadth=2, depth=2, max_step_tokens=12)
+    out = eng.generate(q, strategy=tot, max_new_tokens=40)
+    by_depth = [sum(1 for n in out.tree.nodes if n.depth == d) for d in (1, 2)]
+    # One call per level, each with every new state of that level.
+    assert [len(c) for c in calls] == [n for n in by_depth if n]
+
+    calls.clear()
+    mcts = ps.MCTS(reward=shortest, iterations=4, expansions=2, max_step_tokens=12)
+    out = eng.generate(q, strategy=mcts, max_new_tokens=40)
+    assert sum(len(c) for c in calls) == len(out.tree.nodes) - 1
+    assert all(len(c) >= 1 for c in calls)
+
+    @ps.batched
+    def one_short(prompt: str, completions: list[str]) -> list[float]:
+        return [0.0] * (len(completions) - 1)
+
+    with pytest.raises(ps.CallbackError, match="returned 1 scores for 2 completions"):
+        eng.generate(q, strategy=ps.BestOfN(n=2, scorer=one_short), max_new_tokens=8)
+
+    @ps.batched
+    def not_a_list(prompt: str, completions: list[str]) -> float:
+        return 1.0
+
+    with pytest.raises(TypeError, match="must return a list of numbers"):
+        eng.generate(q, strategy=ps.BestOfN(n=2, scorer=not_a_list), max_new_tokens=8)

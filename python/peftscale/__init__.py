@@ -40,6 +40,7 @@ from peftscale.strategies import (
     TreeOfThought,
     Verifier,
     VerifierBeamSearch,
+    batched,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "__version__",
+    "batched",
     "cold_top_k",
     "compiled_devices",
     "cpu_kernels",

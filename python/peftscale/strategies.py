@@ -7,9 +7,9 @@ raises :class:`peftscale.InvalidArgument` naming the bad parameter.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from peftscale.errors import InvalidArgument
 
@@ -129,6 +129,29 @@ def _search(kind: str, token_scorer: object = None, **fields: Any) -> dict[str, 
 
 Scorer = Callable[[str, str], float]
 """``(prompt, completion) -> float``, higher is better (a verifier or a reward model)."""
+
+BatchScorer = Callable[[str, list[str]], Sequence[float]]
+"""``(prompt, [completion, ...]) -> [score, ...]``: every candidate of a step in one call."""
+
+_B = TypeVar("_B", bound=Callable[..., Any])
+
+
+def batched(fn: _B) -> _B:
+    """Marks ``fn(prompt, completions) -> scores`` as a batched scorer: wherever a strategy takes a
+    scorer, evaluator, weight or reward callable, it is then called once per step with every
+    candidate of that step (all best-of-N samples, a round of self-consistency, a level of
+    Tree-of-Thought, an iteration's MCTS rollouts) instead of once per candidate: a model-based
+    verifier in Python batches its own forward pass over them.
+
+    >>> @ps.batched
+    ... def lengths(prompt: str, completions: list[str]) -> list[float]:
+    ...     return [-len(c) for c in completions]
+    >>> eng.generate(q, strategy=ps.BestOfN(n=8, scorer=lengths))  # doctest: +SKIP
+    """
+    fn.__peftscale_batch__ = True  # type: ignore[attr-defined]
+    return fn
+
+
 Extract = Literal["last_number", "boxed", "choice_letter"] | Callable[[str], "str | None"]
 
 _SEARCH_SAMPLING = Sampling(temperature=0.7)

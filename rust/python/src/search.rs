@@ -81,6 +81,37 @@ pub(crate) fn remember(errors: &CallbackError, what: &str, err: PyErr) -> Error 
 
 fn scorer(f: PyObject, what: &'static str, errors: &CallbackError) -> Scorer {
     let errors = errors.clone();
+    let batched = Python::with_gil(|py| {
+        f.bind(py)
+            .getattr("__peftscale_batch__")
+            .and_then(|v| v.is_truthy())
+            .unwrap_or(false)
+    });
+    if batched {
+        // `peftscale.batched`: one call per step with every candidate.
+        return Scorer::batch(move |prompt: &str, completions: &[&str]| {
+            Python::with_gil(|py| {
+                let value = f
+                    .call1(py, (prompt, completions.to_vec()))
+                    .map_err(|e| remember(&errors, what, e))?;
+                let bound = value.bind(py);
+                let items: Vec<Bound<'_, PyAny>> = bound
+                    .try_iter()
+                    .and_then(|it| it.collect::<PyResult<Vec<_>>>())
+                    .map_err(|_| not_a_list(&errors, what, bound))?;
+                items
+                    .iter()
+                    .map(|v| {
+                        if v.is_instance_of::<pyo3::types::PyBool>() {
+                            return Err(not_a_number(&errors, what, v));
+                        }
+                        v.extract::<f64>()
+                            .map_err(|_| not_a_number(&errors, what, v))
+                    })
+                    .collect()
+            })
+        });
+    }
     Scorer::new(move |prompt: &str, completion: &str| {
         Python::with_gil(|py| {
             let value = f
@@ -95,6 +126,21 @@ fn scorer(f: PyObject, what: &'static str, errors: &CallbackError) -> Scorer {
                 .map_err(|_| not_a_number(&errors, what, bound))
         })
     })
+}
+
+fn not_a_list(errors: &CallbackError, what: &str, value: &Bound<'_, PyAny>) -> Error {
+    let shown = value
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "?".into());
+    remember(
+        errors,
+        what,
+        PyTypeError::new_err(format!(
+            "the batched {what} callback must return a list of numbers, one per completion, got \
+             {shown}"
+        )),
+    )
 }
 
 fn not_a_number(errors: &CallbackError, what: &str, value: &Bound<'_, PyAny>) -> Error {

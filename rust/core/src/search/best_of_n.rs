@@ -156,11 +156,19 @@ impl BestOfN {
             _ => String::new(),
         };
         let done: Vec<Finished> = self.done.iter_mut().filter_map(Option::take).collect();
+        // A callback scores every candidate in one call.
+        let called = match &self.params.ranking {
+            Ranking::Callback(f) => {
+                let texts: Vec<&str> = done.iter().map(|d| d.text.as_str()).collect();
+                f.call_many("scorer", &prompt_text, &texts)?
+            }
+            _ => Vec::new(),
+        };
         for (i, d) in done.iter().enumerate() {
             let score = match &self.params.ranking {
                 Ranking::MeanLogprob => d.mean_score(),
                 Ranking::SumLogprob => d.sum_score(),
-                Ranking::Callback(f) => finite("scorer", f.call(&prompt_text, &d.text)?)?,
+                Ranking::Callback(_) => called[i],
                 Ranking::Verifier(_) => match (&self.grader, &self.verified[i]) {
                     (Some(g), Some(steps)) => g.aggregate(steps),
                     _ => 0.0,

@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use crate::error::Result;
 
-type ScoreFn = dyn Fn(&str, &str) -> Result<f64> + Send + Sync;
+type ScoreManyFn = dyn Fn(&str, &[&str]) -> Result<Vec<f64>> + Send + Sync;
 type ExtractAnswerFn = dyn Fn(&str) -> Result<Option<String>> + Send + Sync;
 
-/// Scores a completion of a prompt: `(prompt, completion) -> score`, higher is better.
+/// Scores completions of a prompt, higher is better. A search calls it once per step with every
+/// candidate of that step: `(prompt, [completion, ...]) -> [score, ...]`.
 #[derive(Clone)]
-pub struct Scorer(pub Arc<ScoreFn>);
+pub struct Scorer(pub Arc<ScoreManyFn>);
 
 /// Values a partial solution (a Tree-of-Thought state): `(prompt, state) -> value`.
 pub type Evaluator = Scorer;
@@ -22,12 +23,38 @@ pub type Evaluator = Scorer;
 pub struct ExtractFn(pub Arc<ExtractAnswerFn>);
 
 impl Scorer {
+    /// A scorer of one completion at a time: `(prompt, completion) -> score`.
     pub fn new(f: impl Fn(&str, &str) -> Result<f64> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(move |prompt: &str, completions: &[&str]| {
+            completions.iter().map(|c| f(prompt, c)).collect()
+        }))
+    }
+
+    /// A scorer of all candidates of a step at once.
+    pub fn batch(f: impl Fn(&str, &[&str]) -> Result<Vec<f64>> + Send + Sync + 'static) -> Self {
         Self(Arc::new(f))
     }
 
-    pub fn call(&self, prompt: &str, completion: &str) -> Result<f64> {
-        (self.0)(prompt, completion)
+    /// Every completion's score, each checked to be finite; `what` names the callback in errors.
+    pub fn call_many(&self, what: &str, prompt: &str, completions: &[&str]) -> Result<Vec<f64>> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let scores = (self.0)(prompt, completions)?;
+        if scores.len() != completions.len() {
+            return Err(crate::error::Error::Callback {
+                what: what.to_string(),
+                message: format!(
+                    "returned {} scores for {} completions",
+                    scores.len(),
+                    completions.len()
+                ),
+            });
+        }
+        scores
+            .into_iter()
+            .map(|s| super::best_of_n::finite(what, s))
+            .collect()
     }
 }
 

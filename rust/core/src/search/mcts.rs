@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::answers::extract;
-use super::best_of_n::{finite, PromptJob};
+use super::best_of_n::PromptJob;
 use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{spec, Cx, Search};
 use super::spec::{MctsParams, Reward, Rollout};
@@ -282,24 +282,35 @@ impl Mcts {
             self.asked = false;
         }
         let nodes = std::mem::take(&mut self.evaluating);
-        for node in nodes {
-            let mut ids = self.path_tokens(node);
-            ids.extend(&self.steps[node].rollout_tokens);
-            let text = cx.decode(&ids)?;
-            self.steps[node].answer = extract(&self.params.extract, &text)?;
+        let texts = nodes
+            .iter()
+            .map(|&node| {
+                let mut ids = self.path_tokens(node);
+                ids.extend(&self.steps[node].rollout_tokens);
+                cx.decode(&ids)
+            })
+            .collect::<Result<Vec<String>>>()?;
+        // A callback rewards every rollout of the iteration in one call.
+        let called = match &self.params.reward {
+            Reward::Callback(f) => {
+                if self.prompt_text.is_none() {
+                    self.prompt_text = Some(cx.decode(&self.job.prompt)?);
+                }
+                let prompt = self.prompt_text.as_deref().unwrap_or_default();
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                f.call_many("reward", prompt, &refs)?
+            }
+            _ => Vec::new(),
+        };
+        for (i, (node, text)) in nodes.into_iter().zip(&texts).enumerate() {
+            self.steps[node].answer = extract(&self.params.extract, text)?;
             self.evaluated.push(node);
             let reward = match &self.params.reward {
                 Reward::SelfConsistency => {
                     let answers = self.evaluated_answers();
                     share(&answers, self.steps[node].answer.as_deref())
                 }
-                Reward::Callback(f) => {
-                    if self.prompt_text.is_none() {
-                        self.prompt_text = Some(cx.decode(&self.job.prompt)?);
-                    }
-                    let prompt = self.prompt_text.as_deref().unwrap_or_default();
-                    finite("reward", f.call(prompt, &text)?)?
-                }
+                Reward::Callback(_) => called[i],
                 Reward::Verifier(_) => self.verified.remove(&node).unwrap_or(0.0),
             };
             self.steps[node].reward = reward;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::answers::{beta_confidence, extract, tally, Vote};
-use super::best_of_n::{candidate, finite, PromptJob};
+use super::best_of_n::{candidate, PromptJob};
 use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{Cx, Search};
 use super::spec::SelfConsistencyParams;
@@ -81,19 +81,28 @@ impl SelfConsistency {
         Ok(())
     }
 
-    fn weigh(&self, slot: usize, done: &Finished, prompt_text: &str) -> Result<f64> {
-        if self.grader.is_some() {
+    /// The vote weight of each finished sample of the round (a callback weighs all of them in
+    /// one call).
+    fn weigh(&self, done: &[(usize, Finished)], prompt_text: &str) -> Result<Vec<f64>> {
+        if let Some(g) = &self.grader {
             // A sample cut short before its score arrived weighs nothing.
-            let steps = self.verified.get(slot).and_then(Option::as_ref);
-            return Ok(match (&self.grader, steps) {
-                (Some(g), Some(steps)) => g.aggregate(steps),
-                _ => 0.0,
-            });
+            return Ok(done
+                .iter()
+                .map(|(slot, _)| {
+                    self.verified
+                        .get(*slot)
+                        .and_then(Option::as_ref)
+                        .map_or(0.0, |steps| g.aggregate(steps))
+                })
+                .collect());
         }
         Ok(match (&self.params.vote, &self.params.weight) {
-            (Vote::Majority, _) => 1.0,
-            (Vote::Weighted, None) => done.mean_score().exp(),
-            (Vote::Weighted, Some(f)) => finite("scorer", f.call(prompt_text, &done.text)?)?,
+            (Vote::Majority, _) => vec![1.0; done.len()],
+            (Vote::Weighted, None) => done.iter().map(|(_, d)| d.mean_score().exp()).collect(),
+            (Vote::Weighted, Some(f)) => {
+                let texts: Vec<&str> = done.iter().map(|(_, d)| d.text.as_str()).collect();
+                f.call_many("scorer", prompt_text, &texts)?
+            }
         })
     }
 
@@ -109,8 +118,8 @@ impl SelfConsistency {
             .enumerate()
             .filter_map(|(i, d)| Some((i, d.take()?)))
             .collect();
-        for (slot, d) in &done {
-            let weight = self.weigh(*slot, d, &prompt_text)?;
+        let weights = self.weigh(&done, &prompt_text)?;
+        for ((slot, d), weight) in done.iter().zip(weights) {
             let answer = extract(&self.params.extract, &d.text)?;
             let mut c = candidate(d, cx, weight);
             c.answer = answer;

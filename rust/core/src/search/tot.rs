@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::answers::extract;
-use super::best_of_n::{finite, PromptJob};
+use super::best_of_n::PromptJob;
 use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{spec, Cx, Search};
 use super::spec::{ToTEvaluator, ToTGenerate, ToTParams, ToTSearch};
@@ -274,10 +274,16 @@ impl TreeOfThought {
         let states = self.new_states.clone();
         match self.params.evaluator.clone() {
             ToTEvaluator::Callback(f) => {
+                // Every new state of the level in one call.
                 let problem = self.problem(cx)?;
-                for s in states {
-                    let text = cx.decode(&self.path_tokens(s))?;
-                    self.states[s].value = finite("evaluator", f.call(&problem, &text)?)?;
+                let texts = states
+                    .iter()
+                    .map(|&s| cx.decode(&self.path_tokens(s)))
+                    .collect::<Result<Vec<String>>>()?;
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let values = f.call_many("evaluator", &problem, &texts)?;
+                for (s, value) in states.into_iter().zip(values) {
+                    self.states[s].value = value;
                 }
                 self.select(cx)
             }
