@@ -95,6 +95,8 @@ pub struct LoraPair {
     pub a: Vec<f32>,
     /// `[out, rank]`, row-major.
     pub b: Vec<f32>,
+    /// `B` transposed, `[rank, out]` row-major: the up-projection adds `rank` scaled rows of it.
+    pub bt: Vec<f32>,
     pub rank: usize,
     pub scale: f32,
 }
@@ -262,9 +264,17 @@ impl LoraAdapter {
                     _ => {}
                 }
             }
+            let out = b.len() / rank;
+            let mut bt = vec![0f32; b.len()];
+            for (r, row) in b.chunks_exact(rank).enumerate() {
+                for (k, &v) in row.iter().enumerate() {
+                    bt[k * out + r] = v;
+                }
+            }
             let pair = LoraPair {
                 a: host_f32(&a)?,
                 b,
+                bt,
                 rank,
                 scale: scale as f32,
             };

@@ -236,10 +236,14 @@ pub(crate) struct LoraUse<'a> {
 /// No other task of the same region touches those rows of `out`.
 unsafe fn add_lora_rows(l: &LoraUse<'_>, down: &[f32], rows: Range<usize>, out: &DisjointOut<'_>) {
     let (rank, cols) = (l.pair.rank, l.pair.out_features());
-    let b = &l.pair.b[rows.start * rank..rows.end * rank];
+    let bt = &l.pair.bt[rows.start..];
     let mut up = vec![0f32; rows.len()];
+    let mut coefs = vec![0f32; rank];
     for (j, &t) in l.tokens.iter().enumerate() {
-        dense::scaled_matvec(b, &down[j * rank..(j + 1) * rank], l.pair.scale, &mut up);
+        for (c, &d) in coefs.iter_mut().zip(&down[j * rank..(j + 1) * rank]) {
+            *c = d * l.pair.scale;
+        }
+        dense::weighted_rows(bt, cols, &coefs, &mut up);
         out.add_slice(t * cols + rows.start, &up);
     }
 }

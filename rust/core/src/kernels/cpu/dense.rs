@@ -43,22 +43,23 @@ pub(crate) unsafe fn compute_rows(
     }
 }
 
-/// `out[r] = scale · (row r of `rows`) · x` for a row-major `rows` of `out.len()` rows of
-/// `x.len()` values (attention scores against a run of cached keys).
-pub(crate) fn scaled_matvec(rows: &[f32], x: &[f32], scale: f32, out: &mut [f32]) {
-    let cols = x.len();
-    debug_assert_eq!(rows.len(), out.len() * cols);
-    let mut r = 0;
-    while r + 4 <= out.len() {
-        let ws = [0, 1, 2, 3].map(|i| &rows[(r + i) * cols..(r + i + 1) * cols]);
-        for (o, v) in out[r..r + 4].iter_mut().zip(dot4(ws, x)) {
-            *o = v * scale;
-        }
-        r += 4;
+/// `out[i] = Σ_k coefs[k] · rows[k * stride + i]` for `k` in `0..coefs.len()`, summed in that
+/// order: the LoRA up-projection of one token over a range of outputs, with `rows` the rows of
+/// `Bᵀ` (starting at the range) and `coefs` the token's scaled `x · Aᵀ`. Each output reads
+/// `coefs.len()` contiguous rows, so the products vectorise across outputs.
+pub(crate) fn weighted_rows(rows: &[f32], stride: usize, coefs: &[f32], out: &mut [f32]) {
+    if let Some(k) = coefs.len().checked_sub(1) {
+        assert!(rows.len() >= k * stride + out.len());
     }
-    for (i, o) in out.iter_mut().enumerate().skip(r) {
-        let w = [&rows[i * cols..(i + 1) * cols]; 4];
-        *o = dot4(w, x)[0] * scale;
+    #[cfg(target_arch = "x86_64")]
+    if super::qmatmul::avx2_available() {
+        // SAFETY: the CPU has AVX2 and FMA; the bounds were checked above.
+        return unsafe { avx2::weighted_rows(rows, stride, coefs, out) };
+    }
+    out.fill(0.0);
+    for (k, &c) in coefs.iter().enumerate() {
+        let row = &rows[k * stride..k * stride + out.len()];
+        out.iter_mut().zip(row).for_each(|(o, &r)| *o += c * r);
     }
 }
 
@@ -217,6 +218,46 @@ fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `rows` holds `coefs.len()` rows of `out.len()` values, each
+    /// `stride` after the one before.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_rows(rows: &[f32], stride: usize, coefs: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let (r, o) = (rows.as_ptr(), out.as_mut_ptr());
+        let mut i = 0;
+        while i + 32 <= n {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (k, &c) in coefs.iter().enumerate() {
+                let c = _mm256_set1_ps(c);
+                let p = r.add(k * stride + i);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(c, _mm256_loadu_ps(p.add(8 * j)), *a);
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.add(i + 8 * j), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let mut acc = _mm256_setzero_ps();
+            for (k, &c) in coefs.iter().enumerate() {
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_loadu_ps(r.add(k * stride + i)), acc);
+            }
+            _mm256_storeu_ps(o.add(i), acc);
+            i += 8;
+        }
+        for i in i..n {
+            // The same order and fused products as the lanes above.
+            let mut acc = 0f32;
+            for (k, &c) in coefs.iter().enumerate() {
+                acc = c.mul_add(*r.add(k * stride + i), acc);
+            }
+            *o.add(i) = acc;
+        }
+    }
 
     /// # Safety
     /// The CPU has AVX2 and F16C; `src` and `dst` have the same length.
