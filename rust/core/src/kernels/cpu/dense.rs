@@ -244,7 +244,11 @@ mod avx2 {
         while i + 8 <= n {
             let mut acc = _mm256_setzero_ps();
             for (k, &c) in coefs.iter().enumerate() {
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_loadu_ps(r.add(k * stride + i)), acc);
+                acc = _mm256_fmadd_ps(
+                    _mm256_set1_ps(c),
+                    _mm256_loadu_ps(r.add(k * stride + i)),
+                    acc,
+                );
             }
             _mm256_storeu_ps(o.add(i), acc);
             i += 8;
@@ -804,11 +808,27 @@ mod tests {
                 assert!((out[j * rows + r] - naive).abs() < 1e-3);
             }
         }
-        let mut scores = vec![0f32; rows];
-        scaled_matvec(&w, &x[..cols], 0.5, &mut scores);
-        for r in 0..rows {
-            let naive: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum::<f32>() * 0.5;
-            assert!((scores[r] - naive).abs() < 1e-3);
+    }
+
+    #[test]
+    fn weighted_rows_sum_the_scaled_rows() {
+        // Every vector width and tail: 32-wide blocks, 8-wide, and single outputs.
+        for n in [1, 7, 8, 9, 31, 32, 33, 70] {
+            for rank in [1, 4, 16] {
+                let stride = n + 5;
+                let rows: Vec<f32> = (0..rank * stride)
+                    .map(|i| ((i * 37) % 19) as f32 * 0.25 - 2.0)
+                    .collect();
+                let coefs: Vec<f32> = (0..rank).map(|k| 0.5 - k as f32 * 0.125).collect();
+                let mut out = vec![f32::NAN; n];
+                weighted_rows(&rows, stride, &coefs, &mut out);
+                for (i, &o) in out.iter().enumerate() {
+                    let want: f64 = (0..rank)
+                        .map(|k| coefs[k] as f64 * rows[k * stride + i] as f64)
+                        .sum();
+                    assert!((o as f64 - want).abs() < 1e-4, "n {n} rank {rank} at {i}");
+                }
+            }
         }
     }
 }
