@@ -194,3 +194,40 @@ def test_batched_callables_see_every_candidate_of_a_step_once(smollm2_q: ps.Engi
 
     with pytest.raises(TypeError, match="must return a list of numbers"):
         eng.generate(q, strategy=ps.BestOfN(n=2, scorer=not_a_list), max_new_tokens=8)
+
+
+def test_eval_verifier_strategies_read_smaller_budgets_as_their_own_runs(
+    smollm2_q: ps.Engine, smol_verifier, tmp_path: Path
+) -> None:
+    """``peftscale eval --verifier``: sc-w and bon-w nest like sc and bon (each smaller budget equals its
+    own run), and every verifier strategy's record is the engine's own output for its spec."""
+    import json
+
+    from peftscale.eval.datasets import load_task
+    from peftscale.eval.prompts import build_prompt
+
+    data = tmp_path / "q.jsonl"
+    rows = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "7"), ("What is 6 * 5?", "30")]
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    strategies = "sc-w@2..4,bon-w@2..4,prm-beam@4,dvts@4"
+    out = ps.eval.run(
+        dataset=str(data),
+        strategies=strategies,
+        verifier=str(smol_verifier[0]),
+        out=tmp_path / "run",
+        max_new_tokens=32,
+        engine=smollm2_q,
+        progress=False,
+    )
+    records = {(r["strategy"], r["id"]): r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    task = load_task(str(data))
+    specs = ps.eval.parse_specs(strategies, has_verifier=True)
+    assert {s.label for s in specs} == {s for s, _ in records}
+    for spec in specs:
+        assert (spec.shares_samples_of is not None) == (spec.family in ("sc-w", "bon-w") and spec.budget == 2)
+        for q in task.questions:
+            r = records[(spec.label, q.id)]
+            own = smollm2_q.generate(build_prompt(smollm2_q, task, q), max_new_tokens=32, strategy=spec.strategy)
+            assert r["text"] == own.text, (spec.label, q.id)
+    with pytest.raises(ps.InvalidArgument, match=r"'dvts@4' needs a verifier \(--verifier PATH\)"):
+        ps.eval.run(dataset=str(data), strategies="dvts@4", out=tmp_path / "x", engine=smollm2_q, progress=False)

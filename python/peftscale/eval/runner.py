@@ -455,7 +455,10 @@ def run(
         engine = Engine.load(config.model or models.smollm2_135m_instruct(), device=config.device)
     if config.adapter is not None and _ADAPTER not in engine.adapters:
         engine.load_adapter(config.adapter, name=_ADAPTER)
-    if config.verifier is not None and VERIFIER not in engine.verifiers:
+    if config.verifier is not None:
+        # Loaded afresh: a reused engine may hold another evaluation's verifier under the name.
+        if VERIFIER in engine.verifiers:
+            engine.unload_verifier(VERIFIER)
         engine.load_verifier(config.verifier, name=VERIFIER)
     specs = parse_specs(
         config.strategies,
