@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use super::branch::{BranchId, Finished};
 use super::driver::{spec, Cx, Search};
 use super::spec::{BestOfNParams, Ranking};
-use super::verify::Grader;
+use super::verify::{Grader, Taken};
 use super::{Candidate, FinishReason, RowOutput};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
@@ -197,15 +197,14 @@ impl Search for BestOfN {
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
         if let Some(g) = &mut self.grader {
-            if let Some(scored) = g.on_finished(&done, cx)? {
-                if !Grader::is_root(&scored) {
+            match g.on_finished(&done, cx)? {
+                Taken::No => {}
+                Taken::Prompt => return Ok(()),
+                Taken::Scored(scored) => {
                     cx.store.free(scored.seq);
                     self.verified[scored.key] = Some(scored.steps);
-                    if self.all_in() {
-                        self.rank(cx)?;
-                    }
+                    return if self.all_in() { self.rank(cx) } else { Ok(()) };
                 }
-                return Ok(());
             }
         }
         if done.logits.is_some() {

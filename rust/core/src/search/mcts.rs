@@ -12,7 +12,7 @@ use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{spec, Cx, Search};
 use super::spec::{MctsParams, Reward, Rollout};
 use super::tree::{Tree, TreeNodeReport, TreeReport};
-use super::verify::Grader;
+use super::verify::{Grader, Taken};
 use super::{FinishReason, RowOutput};
 use crate::error::{Error, Result};
 use crate::logits::SamplingParams;
@@ -402,13 +402,14 @@ impl Search for Mcts {
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
         if let Some(g) = &mut self.grader {
-            if let Some(scored) = g.on_finished(&done, cx)? {
-                if !Grader::is_root(&scored) {
+            match g.on_finished(&done, cx)? {
+                Taken::No => {}
+                Taken::Prompt => return Ok(()),
+                Taken::Scored(scored) => {
                     cx.store.free(scored.seq);
                     self.verified.insert(scored.key, g.aggregate(&scored.steps));
                     return self.maybe_score(cx);
                 }
-                return Ok(());
             }
         }
         if self.steps[0].logits.is_none() && self.jobs.is_empty() {

@@ -9,7 +9,7 @@ use super::best_of_n::{candidate, PromptJob};
 use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{Cx, Search};
 use super::spec::SelfConsistencyParams;
-use super::verify::Grader;
+use super::verify::{Grader, Taken};
 use super::{Candidate, RowOutput};
 use crate::error::{Error, Result};
 
@@ -182,15 +182,18 @@ impl Search for SelfConsistency {
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
         if let Some(g) = &mut self.grader {
-            if let Some(scored) = g.on_finished(&done, cx)? {
-                if !Grader::is_root(&scored) {
+            match g.on_finished(&done, cx)? {
+                Taken::No => {}
+                Taken::Prompt => return Ok(()),
+                Taken::Scored(scored) => {
                     cx.store.free(scored.seq);
                     self.verified[scored.key] = Some(scored.steps);
-                    if self.round_complete() {
-                        self.finish_round(cx)?;
-                    }
+                    return if self.round_complete() {
+                        self.finish_round(cx)
+                    } else {
+                        Ok(())
+                    };
                 }
-                return Ok(());
             }
         }
         if let Some(logits) = done.logits.clone() {

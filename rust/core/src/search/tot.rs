@@ -14,7 +14,7 @@ use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{spec, Cx, Search};
 use super::spec::{ToTEvaluator, ToTGenerate, ToTParams, ToTSearch};
 use super::tree::{TreeNodeReport, TreeReport};
-use super::verify::Grader;
+use super::verify::{Grader, Taken};
 use super::{FinishReason, RowOutput};
 use crate::error::{Error, Result};
 use crate::kv::SeqId;
@@ -434,8 +434,10 @@ impl Search for TreeOfThought {
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
         if let Some(g) = &mut self.grader {
-            if let Some(scored) = g.on_finished(&done, cx)? {
-                if !Grader::is_root(&scored) {
+            match g.on_finished(&done, cx)? {
+                Taken::No => {}
+                Taken::Prompt => return Ok(()),
+                Taken::Scored(scored) => {
                     let s = scored.key;
                     let parent = self.states[s].parent.unwrap_or(0);
                     let mut steps = self.states[parent].steps.clone();
@@ -445,7 +447,6 @@ impl Search for TreeOfThought {
                     self.states[s].vseq = Some(scored.seq);
                     return self.select_when_scored(cx);
                 }
-                return Ok(());
             }
         }
         let job = self.jobs.remove(&done.id).ok_or_else(|| {

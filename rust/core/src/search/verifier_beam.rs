@@ -21,7 +21,7 @@ use super::branch::{BranchId, Finished, Head, HeadLogits};
 use super::driver::{spec, Cx, Search};
 use super::self_consistency::vote_output;
 use super::spec::VerifierSearchParams;
-use super::verify::Grader;
+use super::verify::{Grader, Taken};
 use super::{Candidate, FinishReason, RowOutput};
 use crate::error::{Error, Result};
 use crate::kv::SeqId;
@@ -105,18 +105,20 @@ impl VerifierSearch {
         }
     }
 
-    fn path_tokens(&self, mut s: usize) -> Vec<u32> {
-        let mut parts = Vec::new();
-        loop {
-            parts.push(s);
-            match self.nodes[s].parent {
-                Some(p) => s = p,
-                None => break,
-            }
+    /// The nodes from the root to `s`.
+    fn chain(&self, mut s: usize) -> Vec<usize> {
+        let mut chain = vec![s];
+        while let Some(p) = self.nodes[s].parent {
+            chain.push(p);
+            s = p;
         }
-        parts
+        chain.reverse();
+        chain
+    }
+
+    fn path_tokens(&self, s: usize) -> Vec<u32> {
+        self.chain(s)
             .iter()
-            .rev()
             .flat_map(|&i| self.nodes[i].tokens.iter().copied())
             .collect()
     }
@@ -285,16 +287,11 @@ impl VerifierSearch {
             let tokens = self.path_tokens(s);
             let text = tok.decode(&tokens, true)?;
             let score = self.grader.aggregate(&self.nodes[s].steps);
-            let mut logprobs = Vec::new();
-            let mut at = Some(s);
-            let mut chain = Vec::new();
-            while let Some(i) = at {
-                chain.push(i);
-                at = self.nodes[i].parent;
-            }
-            for &i in chain.iter().rev() {
-                logprobs.extend_from_slice(&self.nodes[i].logprobs);
-            }
+            let logprobs: Vec<f32> = self
+                .chain(s)
+                .iter()
+                .flat_map(|&i| self.nodes[i].logprobs.iter().copied())
+                .collect();
             let answer = extract(&self.params.extract, &text)?;
             self.candidates.push(Candidate {
                 token_ids: tokens,
@@ -327,17 +324,16 @@ impl Search for VerifierSearch {
     }
 
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
-        if let Some(scored) = self.grader.on_finished(&done, cx)? {
-            if Grader::is_root(&scored) {
-                // The root's verifier sequence stays the grader's; first steps fork it.
-            } else {
+        match self.grader.on_finished(&done, cx)? {
+            // The prompt's verifier sequence stays the grader's; first steps fork it.
+            Taken::Prompt => {}
+            Taken::Scored(scored) => {
                 let node = &mut self.nodes[scored.key];
                 node.steps.extend_from_slice(&scored.steps);
                 node.vseq = Some(scored.seq);
                 node.scored = true;
             }
-        } else {
-            match self.jobs.remove(&done.id) {
+            Taken::No => match self.jobs.remove(&done.id) {
                 Some(Job::Feed(s)) => {
                     self.nodes[s].head = Some(done.head);
                     self.nodes[s].logits = done.logits;
@@ -359,7 +355,7 @@ impl Search for VerifierSearch {
                         done.id
                     )))
                 }
-            }
+            },
         }
         if !self.done && !self.step.is_empty() && self.step_complete() {
             self.select(cx)?;

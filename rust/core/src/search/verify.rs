@@ -29,6 +29,16 @@ pub(crate) struct Scored {
     pub steps: Vec<f64>,
 }
 
+/// What a finished branch was to a grader.
+pub(crate) enum Taken {
+    /// Not one of the grader's branches: the search's own.
+    No,
+    /// The prompt's feed: nothing for the search.
+    Prompt,
+    /// A text the search asked to score.
+    Scored(Scored),
+}
+
 struct Request {
     key: usize,
     from: Option<SeqId>,
@@ -63,16 +73,15 @@ impl Grader {
     /// Feeds the prompt to the verifier (in the same pass as the policy's prefill).
     pub fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
         let seq = cx.store.create();
-        let v = &self.verifier;
-        let id = cx.pool.spawn_scoring(
-            cx.owner,
-            seq,
-            v.adapter.clone(),
-            v.head.clone(),
-            self.prompt.to_vec(),
-        )?;
-        self.root_job = Some(id);
+        self.root_job = Some(self.feed(cx, seq, self.prompt.to_vec())?);
         Ok(())
+    }
+
+    /// A branch feeding `tokens` to the verifier's sequence `seq`.
+    fn feed(&self, cx: &mut Cx<'_>, seq: SeqId, tokens: Vec<u32>) -> Result<BranchId> {
+        let v = &self.verifier;
+        cx.pool
+            .spawn_scoring(cx.owner, seq, v.adapter.clone(), v.head.clone(), tokens)
     }
 
     /// Whether scores are still to come.
@@ -110,14 +119,7 @@ impl Grader {
             .or(self.root)
             .ok_or_else(|| Error::invalid("verifier: the prompt is not fed yet"))?;
         let seq = cx.store.fork(from)?;
-        let v = &self.verifier;
-        let id = cx.pool.spawn_scoring(
-            cx.owner,
-            seq,
-            v.adapter.clone(),
-            v.head.clone(),
-            r.tokens.clone(),
-        )?;
+        let id = self.feed(cx, seq, r.tokens.clone())?;
         self.jobs.insert(id, r);
         Ok(())
     }
@@ -140,20 +142,15 @@ impl Grader {
         Ok((ids, closing))
     }
 
-    /// Takes a finished branch if it is one of this grader's: `None` when it is not, else the
-    /// texts it scored (none for the prompt's own feed).
-    pub fn on_finished(&mut self, done: &Finished, cx: &mut Cx<'_>) -> Result<Option<Scored>> {
+    /// Takes a finished branch if it is one of this grader's.
+    pub fn on_finished(&mut self, done: &Finished, cx: &mut Cx<'_>) -> Result<Taken> {
         if self.root_job == Some(done.id) {
             self.root_job = None;
             self.root = Some(done.head.seq);
             for r in std::mem::take(&mut self.queued) {
                 self.spawn(cx, r)?;
             }
-            return Ok(Some(Scored {
-                key: usize::MAX,
-                seq: done.head.seq,
-                steps: Vec::new(),
-            }));
+            return Ok(Taken::Prompt);
         }
         let Some(Request {
             key,
@@ -162,7 +159,7 @@ impl Grader {
             ..
         }) = self.jobs.remove(&done.id)
         else {
-            return Ok(None);
+            return Ok(Taken::No);
         };
         let values = done
             .logits
@@ -181,16 +178,11 @@ impl Grader {
         // The closing tag is taken back: the sequence holds the generated text alone, so a step
         // scored after it continues from the same text as the policy.
         cx.store.truncate_tail(done.head.seq, closing)?;
-        Ok(Some(Scored {
+        Ok(Taken::Scored(Scored {
             key,
             seq: done.head.seq,
             steps,
         }))
-    }
-
-    /// Whether `scored` is the prompt's own feed rather than a requested text.
-    pub fn is_root(scored: &Scored) -> bool {
-        scored.key == usize::MAX
     }
 
     /// Frees the prompt's verifier sequence (the search is over).
