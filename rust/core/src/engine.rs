@@ -314,14 +314,7 @@ impl Engine {
     /// Loads the peft LoRA adapter folder `path` under `name`, to be named by rows.
     pub fn load_adapter(&mut self, path: impl AsRef<Path>, name: &str) -> Result<()> {
         let path = path.as_ref();
-        if name.is_empty() {
-            return Err(Error::invalid("an adapter needs a non-empty name"));
-        }
-        if self.adapters.contains_key(name) {
-            return Err(Error::invalid(format!(
-                "an adapter named `{name}` is already loaded; unload it first or pick another name"
-            )));
-        }
+        check_new_name(ADAPTER, name, &self.adapters)?;
         let adapter = LoraAdapter::load(path, name, self.model.config())?;
         self.adapters.insert(name.to_string(), Arc::new(adapter));
         Ok(())
@@ -365,14 +358,7 @@ impl Engine {
     /// tokenizer encodes and decodes back unchanged, since the head reads the token ending it.
     pub fn load_verifier(&mut self, path: impl AsRef<Path>, name: &str) -> Result<()> {
         let path = path.as_ref();
-        if name.is_empty() {
-            return Err(Error::invalid("a verifier needs a non-empty name"));
-        }
-        if self.verifiers.contains_key(name) {
-            return Err(Error::invalid(format!(
-                "a verifier named `{name}` is already loaded; unload it first or pick another name"
-            )));
-        }
+        check_new_name(VERIFIER, name, &self.verifiers)?;
         let verifier = Verifier::load(path, name, self.model.config())?;
         if let Some(tok) = &self.tokenizer {
             let ids = tok.encode(&verifier.step_tag)?;
@@ -398,66 +384,35 @@ impl Engine {
     }
 
     pub fn verifier(&self, name: &str) -> Result<Arc<Verifier>> {
-        self.verifiers.get(name).cloned().ok_or_else(|| {
-            let mut loaded: Vec<&str> = self.verifiers.keys().map(String::as_str).collect();
-            loaded.sort();
-            Error::invalid(if loaded.is_empty() {
-                format!("no verifier named `{name}` is loaded (none are; use load_verifier)")
-            } else {
-                format!(
-                    "no verifier named `{name}` is loaded (loaded: {})",
-                    loaded.join(", ")
-                )
-            })
-        })
+        loaded(VERIFIER, name, &self.verifiers).cloned()
     }
 
     /// Names of the loaded verifiers, sorted.
     pub fn verifier_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.verifiers.keys().cloned().collect();
-        names.sort();
-        names
+        sorted_names(&self.verifiers)
     }
 
     /// Forgets the verifier `name`; generations already running keep their own reference.
     pub fn unload_verifier(&mut self, name: &str) -> Result<()> {
-        self.verifier(name)?;
+        loaded(VERIFIER, name, &self.verifiers)?;
         self.verifiers.remove(name);
         Ok(())
     }
 
     /// Forgets the adapter `name`; generations already running keep their own reference.
     pub fn unload_adapter(&mut self, name: &str) -> Result<()> {
-        self.adapters
-            .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| self.unknown_adapter(name))
+        loaded(ADAPTER, name, &self.adapters)?;
+        self.adapters.remove(name);
+        Ok(())
     }
 
     pub fn adapter(&self, name: &str) -> Result<Arc<LoraAdapter>> {
-        self.adapters
-            .get(name)
-            .cloned()
-            .ok_or_else(|| self.unknown_adapter(name))
+        loaded(ADAPTER, name, &self.adapters).cloned()
     }
 
     /// Names of the loaded adapters, sorted.
     pub fn adapter_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.adapters.keys().cloned().collect();
-        names.sort();
-        names
-    }
-
-    fn unknown_adapter(&self, name: &str) -> Error {
-        let loaded = self.adapter_names();
-        Error::invalid(if loaded.is_empty() {
-            format!("no adapter named `{name}` is loaded (none are; use load_adapter)")
-        } else {
-            format!(
-                "no adapter named `{name}` is loaded (loaded: {})",
-                loaded.join(", ")
-            )
-        })
+        sorted_names(&self.adapters)
     }
 
     /// A fresh sequence store for running the model by hand ([`Engine::forward`]).
@@ -566,6 +521,47 @@ impl Engine {
         }
         Ok(generation.outputs())
     }
+}
+
+/// What the engine loads by name: adapters and verifiers, as `(article, noun)` for messages.
+type Kind = (&'static str, &'static str);
+const ADAPTER: Kind = ("an", "adapter");
+const VERIFIER: Kind = ("a", "verifier");
+
+fn sorted_names<T>(map: &HashMap<String, T>) -> Vec<String> {
+    let mut names: Vec<String> = map.keys().cloned().collect();
+    names.sort();
+    names
+}
+
+/// Refuses an empty name or one already loaded.
+fn check_new_name<T>((article, noun): Kind, name: &str, map: &HashMap<String, T>) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(format!(
+            "{article} {noun} needs a non-empty name"
+        )));
+    }
+    if map.contains_key(name) {
+        return Err(Error::invalid(format!(
+            "{article} {noun} named `{name}` is already loaded; unload it first or pick another name"
+        )));
+    }
+    Ok(())
+}
+
+/// The loaded item `name`, or an error that lists what is loaded.
+fn loaded<'m, T>((_, noun): Kind, name: &str, map: &'m HashMap<String, T>) -> Result<&'m T> {
+    map.get(name).ok_or_else(|| {
+        let names = sorted_names(map);
+        Error::invalid(if names.is_empty() {
+            format!("no {noun} named `{name}` is loaded (none are; use load_{noun})")
+        } else {
+            format!(
+                "no {noun} named `{name}` is loaded (loaded: {})",
+                names.join(", ")
+            )
+        })
+    })
 }
 
 /// One decoding run in progress: the strategy, its sequences, and the compute account.

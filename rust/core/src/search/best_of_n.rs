@@ -121,7 +121,7 @@ pub(crate) struct BestOfN {
     slots: HashMap<BranchId, usize>,
     candidates: Vec<Candidate>,
     chosen: Option<usize>,
-    /// With a verifier ranking: the grader and each candidate's score once it has one.
+    /// With a verifier ranking: the grader.
     grader: Option<Grader>,
     /// Each candidate's step probabilities under the verifier, once scored.
     verified: Vec<Option<Vec<f64>>>,

@@ -122,6 +122,13 @@ impl Mcts {
             .collect()
     }
 
+    /// The tokens of `node`'s path completed by its rollout: what its reward scores.
+    fn path_and_rollout(&self, node: usize) -> Vec<u32> {
+        let mut ids = self.path_tokens(node);
+        ids.extend(&self.steps[node].rollout_tokens);
+        ids
+    }
+
     fn next_stream(&mut self) -> u64 {
         self.streams += 1;
         self.streams - 1
@@ -263,11 +270,7 @@ impl Mcts {
                 let texts: Vec<(usize, Vec<u32>)> = self
                     .evaluating
                     .iter()
-                    .map(|&node| {
-                        let mut ids = self.path_tokens(node);
-                        ids.extend(&self.steps[node].rollout_tokens);
-                        (node, ids)
-                    })
+                    .map(|&node| (node, self.path_and_rollout(node)))
                     .collect();
                 if let Some(g) = &mut self.grader {
                     for (node, ids) in texts {
@@ -284,11 +287,7 @@ impl Mcts {
         let nodes = std::mem::take(&mut self.evaluating);
         let texts = nodes
             .iter()
-            .map(|&node| {
-                let mut ids = self.path_tokens(node);
-                ids.extend(&self.steps[node].rollout_tokens);
-                cx.decode(&ids)
-            })
+            .map(|&node| cx.decode(&self.path_and_rollout(node)))
             .collect::<Result<Vec<String>>>()?;
         // A callback rewards every rollout of the iteration in one call.
         let called = match &self.params.reward {
