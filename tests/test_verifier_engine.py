@@ -20,9 +20,17 @@ PROMPTS = [
 ]
 
 
-def build_verifier(base: Path, out: Path, tag: str = "\n", seed: int = 0, targets: tuple[str, ...] = ()) -> Path:
+def build_verifier(
+    base: Path,
+    out: Path,
+    tag: str = "\n",
+    seed: int = 0,
+    targets: tuple[str, ...] = (),
+    layers: list[int] | None = None,
+    head_std: float = 0.5,
+) -> Path:
     """A verifier folder with a random (non-zero) LoRA and head on ``base`` (a Hugging Face folder
-    or a GGUF file), saved as training saves one."""
+    or a GGUF file), saved as training saves one; its LoRA only on ``layers`` when given."""
     from peft import LoraConfig, get_peft_model
     from peftscale.train.base import load_model, resolve
 
@@ -33,11 +41,12 @@ def build_verifier(base: Path, out: Path, tag: str = "\n", seed: int = 0, target
         lora_alpha=8,
         target_modules=list(targets) or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         init_lora_weights=False,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
     model = verifier.ValueHeadModel(get_peft_model(lm, lora), {"kind": "prm", "step_tag": tag, "aggregation": "min"})
     with torch.no_grad():
-        model.head.weight.normal_(0.0, 0.5)
+        model.head.weight.normal_(0.0, head_std)
         model.head.bias.fill_(0.1)
     model.save_pretrained(str(out))
     return out

@@ -37,6 +37,9 @@ class Stats:
     first_token_seconds: float
     #: Time inside the model's forward passes (the rest is scoring, search and callbacks).
     forward_seconds: float = 0.0
+    #: Tokens a verifier's rows took from the policy's rows at the layers both compute alike
+    #: (counted in ``tokens_forwarded``; ``flops`` counts only the layers they ran).
+    trunk_tokens: int = 0
 
     @property
     def seconds_per_output_token(self) -> float:

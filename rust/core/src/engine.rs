@@ -15,7 +15,7 @@ use crate::kv::{SeqId, SeqStore};
 use crate::logits::{pick_tokens, ColdParams, Pick, SamplingParams};
 use crate::lora::verifier::sigmoid;
 use crate::lora::{group_by_adapter, LoraAdapter, ValueHead, Verifier};
-use crate::model::{self, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
+use crate::model::{self, Entry, LogitsFor, Model, ModelConfig, RowInput, WeightDType};
 use crate::search::sampling::StopCriteria;
 use crate::search::{
     build_search, Advance, FinishReason, RowOutput, SamplingStrategy, SearchSpec, Strategy,
@@ -76,6 +76,10 @@ pub struct Stats {
     /// Seconds inside the model's forward passes; the rest of `seconds` is scoring, search
     /// bookkeeping and callbacks.
     pub forward_seconds: f64,
+    /// Tokens that entered the model above the embeddings: a verifier's rows reading text the
+    /// policy's rows already took through the layers both compute alike (included in
+    /// `tokens_forwarded`; their FLOPs count only the layers they ran).
+    pub trunk_tokens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -644,6 +648,11 @@ impl Generation {
                 RowInput::new(a.seq, &a.tokens, positions)
                     .with_adapter(a.adapter.as_deref())
                     .with_head(a.head.as_deref())
+                    .with_capture(a.capture)
+                    .with_entry(a.entry.as_deref().map(|e| Entry {
+                        layer: e.layer,
+                        hidden: &e.hidden,
+                    }))
             })
             .collect();
         let forward_started = Instant::now();
@@ -723,7 +732,16 @@ impl Generation {
             } else {
                 dense
             };
-            self.stats.flops += body * n as f64 + attn * pairs;
+            // A row entering above the embeddings runs only the layers from there up.
+            let share = match &a.entry {
+                Some(e) => {
+                    self.stats.trunk_tokens += n;
+                    let above = cfg.num_layers.saturating_sub(e.layer) as f64;
+                    above / cfg.num_layers as f64
+                }
+                _ => 1.0,
+            };
+            self.stats.flops += share * (body * n as f64 + attn * pairs);
         }
         self.stats.forward_passes += 1;
         Ok(())

@@ -197,6 +197,7 @@ fn output_dict<'py>(py: Python<'py>, out: &Output) -> PyResult<Bound<'py, PyDict
     s.set_item("seconds", out.stats.seconds)?;
     s.set_item("first_token_seconds", out.stats.first_token_seconds)?;
     s.set_item("forward_seconds", out.stats.forward_seconds)?;
+    s.set_item("trunk_tokens", out.stats.trunk_tokens)?;
     d.set_item("stats", s)?;
     Ok(d)
 }

@@ -66,6 +66,27 @@ struct Sequence {
     blocks: Vec<Arc<Block>>,
     tail: Tail,
     len: usize,
+    trunk: Option<Trunk>,
+}
+
+/// Hidden states a sequence's rows kept as they entered one layer (see [`SeqStore::keep_trunk`]):
+/// a verifier that shares the layers below with this sequence's rows enters there.
+#[derive(Debug, Clone)]
+struct Trunk {
+    layer: usize,
+    /// Position of the first kept state.
+    start: usize,
+    width: usize,
+    /// `[positions, width]`, row-major.
+    hidden: Vec<f32>,
+    /// The token at each kept position: a reader checks it reads the same text.
+    tokens: Vec<u32>,
+}
+
+impl Trunk {
+    fn end(&self) -> usize {
+        self.start + self.hidden.len() / self.width
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -113,6 +134,7 @@ impl SeqStore {
             blocks: Vec::new(),
             tail: self.empty_tail(),
             len: 0,
+            trunk: None,
         };
         self.seqs.insert(id, seq);
         id
@@ -162,6 +184,7 @@ impl SeqStore {
             blocks: seq.blocks.clone(),
             tail: child_tail,
             len: seq.len,
+            trunk: seq.trunk.clone(),
         };
         let id = self.next_id;
         self.next_id += 1;
@@ -182,7 +205,132 @@ impl SeqStore {
         }
         seq.tail.len -= n;
         seq.len -= n;
+        let len = seq.len;
+        if let Some(t) = &mut seq.trunk {
+            if t.start >= len {
+                seq.trunk = None;
+            } else if t.end() > len {
+                t.hidden.truncate((len - t.start) * t.width);
+                t.tokens.truncate(len - t.start);
+            }
+        }
         Ok(())
+    }
+
+    /// Keeps the hidden states `hidden` (`[tokens, width]`) that `tokens` at positions
+    /// `start..` of `id` had entering `layer`, after the ones already kept when they are
+    /// contiguous with them (the kept states otherwise start again here).
+    pub(crate) fn keep_trunk(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        start: usize,
+        tokens: &[u32],
+        hidden: &[f32],
+    ) -> Result<()> {
+        let width = hidden.len() / tokens.len().max(1);
+        let seq = self.get_mut(id)?;
+        match &mut seq.trunk {
+            Some(t)
+                if t.layer == layer && t.width == width && (t.start..=t.end()).contains(&start) =>
+            {
+                t.hidden.truncate((start - t.start) * width);
+                t.tokens.truncate(start - t.start);
+                t.hidden.extend_from_slice(hidden);
+                t.tokens.extend_from_slice(tokens);
+            }
+            _ => {
+                seq.trunk = Some(Trunk {
+                    layer,
+                    start,
+                    width,
+                    hidden: hidden.to_vec(),
+                    tokens: tokens.to_vec(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// The hidden states that the longest leading run of `tokens`, read at positions `from..` of
+    /// `id`, had entering `layer`, where they were kept (see [`Self::keep_trunk`]) for those same
+    /// tokens: how many, and their states `[kept, width]`; `None` when none were.
+    pub(crate) fn trunk(
+        &self,
+        id: SeqId,
+        layer: usize,
+        from: usize,
+        tokens: &[u32],
+    ) -> Option<(usize, Vec<f32>)> {
+        let t = self.seqs.get(&id)?.trunk.as_ref()?;
+        if t.layer != layer || from < t.start || from >= t.end() {
+            return None;
+        }
+        let at = from - t.start;
+        let kept = t.tokens[at..]
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        (kept > 0).then(|| (kept, t.hidden[at * t.width..(at + kept) * t.width].to_vec()))
+    }
+
+    /// Reserves `n` new positions of `dst` and fills them, on the layers below `layers`, with the
+    /// keys and values of positions `from..from + n` of `src`: a verifier's sequence taking the
+    /// lower layers of text the policy already read, where both compute the same (see
+    /// [`crate::model::RowInput::entry`]). Returns where the positions start in `dst`'s tail.
+    pub(crate) fn adopt_lower_layers(
+        &mut self,
+        dst: SeqId,
+        src: SeqId,
+        from: usize,
+        n: usize,
+        layers: usize,
+    ) -> Result<usize> {
+        if from + n > self.len(src)? {
+            return Err(Error::invalid(format!(
+                "sequence {src} has no cached positions {from}..{}",
+                from + n
+            )));
+        }
+        let start = self.reserve_all(dst, n)?;
+        let source = self.get(src)?;
+        let tail_len = source.tail.len;
+        let dst_tail = &self.get(dst)?.tail;
+        for layer in 0..layers.min(self.shape.layers) {
+            let mut pieces: Vec<(&Tensor, &Tensor, usize)> = source
+                .blocks
+                .iter()
+                .map(|b| {
+                    let p = &b.layers[layer];
+                    Ok((&p.k, &p.v, p.k.dim(1)?))
+                })
+                .collect::<Result<_>>()?;
+            if let (Some(Some(k)), Some(Some(v))) =
+                (source.tail.k.get(layer), source.tail.v.get(layer))
+            {
+                pieces.push((k, v, tail_len));
+            }
+            let (Some(Some(to_k)), Some(Some(to_v))) =
+                (dst_tail.k.get(layer), dst_tail.v.get(layer))
+            else {
+                return Err(Error::invalid("the cache's tail has no room reserved"));
+            };
+            // Piece by piece, the part of each that overlaps the wanted positions.
+            let mut at = 0;
+            for (k, v, len) in pieces {
+                let lo = from.max(at);
+                let hi = (from + n).min(at + len);
+                if lo < hi {
+                    for (piece, to) in [(k, to_k), (v, to_v)] {
+                        let part = piece.narrow(1, lo - at, hi - lo)?.contiguous()?;
+                        to.slice_set(&part, 1, start + lo - from)?;
+                    }
+                }
+                at += len;
+            }
+        }
+        Ok(start)
     }
 
     pub fn free(&mut self, id: SeqId) {

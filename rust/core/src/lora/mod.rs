@@ -334,6 +334,29 @@ impl LoraAdapter {
         self.layers.get(layer)?[proj.index()].as_ref()
     }
 
+    /// How many of the bottom layers compute exactly what they compute with `other` (the base
+    /// model when `None`): the same updates, bit for bit, on the same projections. Rows of the
+    /// two share those layers' hidden states, keys and values.
+    pub fn shared_layers(&self, other: Option<&LoraAdapter>) -> usize {
+        let same = |a: &Option<LoraPair>, b: Option<&LoraPair>| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.rank == b.rank && a.scale == b.scale && a.a == b.a && a.b == b.b
+            }
+            _ => false,
+        };
+        self.layers
+            .iter()
+            .enumerate()
+            .take_while(|(li, pairs)| {
+                pairs
+                    .iter()
+                    .enumerate()
+                    .all(|(p, pair)| same(pair, other.and_then(|o| o.layers.get(*li)?[p].as_ref())))
+            })
+            .count()
+    }
+
     /// Parameters of all `A` and `B` matrices.
     pub fn params(&self) -> usize {
         self.layers

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use half::f16;
 
 use super::linear::{project_many, project_many_into, Linear, LoraUse};
-use super::llama::{Layer, Model, RowPlan};
+use super::llama::{Layer, Model, RowInput, RowPlan};
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::attention::{attend, merge_partials, Tile, LANES, PARTIAL_HEADER};
@@ -62,87 +62,62 @@ pub(crate) fn forward(
 ) -> Result<Vec<Tensor>> {
     let cfg = model.config();
     let h = cfg.hidden_size;
-    let n = plan.ids.len();
-    let ids = Tensor::from_slice(&plan.ids, n, &Device::Cpu)?;
-    let mut x = model
-        .embed
-        .forward(&ids, DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let eps = cfg.rms_norm_eps as f32;
-    let adapter_tokens = tokens_by_adapter(plan);
-    let uses = |li: usize, projs: &[Proj]| -> Vec<LoraUse<'_>> {
-        let mut uses = Vec::new();
-        for (output, &proj) in projs.iter().enumerate() {
-            for (adapter, tokens) in &adapter_tokens {
-                if let Some(pair) = adapter.pair(li, proj) {
-                    uses.push(LoraUse {
-                        output,
-                        pair,
-                        tokens,
-                    });
-                }
-            }
+    let depth = model.layers.len();
+    // The layer each row enters at: 0 (its embeddings), or the one its entry names.
+    let entries = plan
+        .rows
+        .iter()
+        .zip(&plan.spans)
+        .map(|(row, &(_, n))| match row.entry {
+            None => Ok(0),
+            Some(e) if e.layer > depth => Err(Error::invalid(format!(
+                "a row enters at layer {} of a {depth}-layer model",
+                e.layer
+            ))),
+            Some(e) if e.hidden.len() != n * h => Err(Error::invalid(format!(
+                "a row entering at layer {} brings {} hidden values for {n} tokens of width {h}",
+                e.layer,
+                e.hidden.len()
+            ))),
+            Some(e) => Ok(e.layer),
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    // Stages of layers between entry points: a stage runs the rows that have entered so far.
+    let mut bounds = entries.clone();
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut x: Vec<f32> = Vec::new();
+    let mut active: Vec<usize> = Vec::new();
+    for (s, &from) in bounds.iter().enumerate() {
+        let to = bounds.get(s + 1).copied().unwrap_or(depth);
+        let next: Vec<usize> = (0..plan.rows.len())
+            .filter(|&r| entries[r] <= from)
+            .collect();
+        x = if from == 0 {
+            let ids: Vec<u32> = next
+                .iter()
+                .flat_map(|&r| {
+                    let (off, n) = plan.spans[r];
+                    plan.ids[off..off + n].iter().copied()
+                })
+                .collect();
+            let ids = Tensor::from_slice(&ids, ids.len(), &Device::Cpu)?;
+            model
+                .embed
+                .forward(&ids, DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        } else {
+            enter_rows(plan, &entries, &active, &next, &x, h)
+        };
+        active = next;
+        if active.len() == plan.rows.len() {
+            run_layers(model, host, store, plan, from..to, &mut x)?;
+        } else {
+            let rows: Vec<RowInput<'_>> = active.iter().map(|&r| plan.rows[r].clone()).collect();
+            let stage = RowPlan::new(cfg, store, &rows)?;
+            run_layers(model, host, store, &stage, from..to, &mut x)?;
         }
-        uses
-    };
-    // One set of buffers serves every layer: each step below overwrites all of its output, so
-    // nothing is cleared between layers (a prefill's activations are megabytes per layer).
-    let first = &model.layers[0];
-    let sized = |l: &Linear| vec![0f32; n * l.out_features()];
-    let mut normed = vec![0f32; x.len()];
-    let (mut q, mut k, mut v) = (
-        sized(&first.attn.q),
-        sized(&first.attn.k),
-        sized(&first.attn.v),
-    );
-    let mut attn = AttentionBuffers {
-        out: vec![0f32; q.len()],
-        partials: Vec::new(),
-    };
-    let mut o = sized(&first.attn.o);
-    let (mut gate, mut up) = (sized(&first.mlp.gate), sized(&first.mlp.up));
-    let mut act = vec![0f32; gate.len()];
-    let mut down = sized(&first.mlp.down);
-    let layout = AttentionPlan::new(cfg, store, plan)?;
-    for (li, layer) in model.layers.iter().enumerate() {
-        rms_norm_into(&x, &host.input_norms[li], eps, &mut normed);
-        project_many_into(
-            &normed,
-            n,
-            [&layer.attn.q, &layer.attn.k, &layer.attn.v],
-            &uses(li, &[Proj::Q, Proj::K, Proj::V]),
-            &mut [&mut q, &mut k, &mut v],
-        )?;
-        rope(&mut q, cfg.num_heads, cfg, host, &plan.positions);
-        rope(&mut k, cfg.num_kv_heads, cfg, host, &plan.positions);
-        attention(cfg, li, [&q, &k, &v], store, plan, &layout, &mut attn)?;
-        project_many_into(
-            &attn.out,
-            n,
-            [&layer.attn.o],
-            &uses(li, &[Proj::O]),
-            &mut [&mut o],
-        )?;
-        add_into(&mut x, &o);
-
-        rms_norm_into(&x, &host.post_norms[li], eps, &mut normed);
-        project_many_into(
-            &normed,
-            n,
-            [&layer.mlp.gate, &layer.mlp.up],
-            &uses(li, &[Proj::Gate, Proj::Up]),
-            &mut [&mut gate, &mut up],
-        )?;
-        silu_mul_into(&gate, &up, &mut act);
-        project_many_into(
-            &act,
-            n,
-            [&layer.mlp.down],
-            &uses(li, &[Proj::Down]),
-            &mut [&mut down],
-        )?;
-        add_into(&mut x, &down);
     }
     plan.commit(store)?;
 
@@ -152,7 +127,12 @@ pub(crate) fn forward(
         .collect();
     let n_keep = kept.len() / h;
     let mut normed = vec![0f32; kept.len()];
-    rms_norm_into(&kept, &host.final_norm, eps, &mut normed);
+    rms_norm_into(
+        &kept,
+        &host.final_norm,
+        cfg.rms_norm_eps as f32,
+        &mut normed,
+    );
     let vocab = plan.vocab_positions();
     let logits = if vocab.is_empty() {
         None
@@ -179,6 +159,145 @@ pub(crate) fn forward(
         logits,
         &Device::Cpu,
     )
+}
+
+/// The hidden states of the rows in `next` (row order) as the stage starting at layer `from`
+/// takes them: those of the rows in `active` from `x`, and the entry states of the rows entering.
+fn enter_rows(
+    plan: &RowPlan<'_>,
+    entries: &[usize],
+    active: &[usize],
+    next: &[usize],
+    x: &[f32],
+    h: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(next.iter().map(|&r| plan.spans[r].1).sum::<usize>() * h);
+    let mut at = 0;
+    let mut offsets = std::collections::HashMap::new();
+    for &r in active {
+        offsets.insert(r, at);
+        at += plan.spans[r].1 * h;
+    }
+    for &r in next {
+        let n = plan.spans[r].1;
+        match (offsets.get(&r), plan.rows[r].entry) {
+            (Some(&o), _) => out.extend_from_slice(&x[o..o + n * h]),
+            (None, Some(e)) if entries[r] > 0 => out.extend_from_slice(e.hidden),
+            // Unreachable: rows entering at 0 start the first stage.
+            (None, _) => out.extend(std::iter::repeat_n(0.0, n * h)),
+        }
+    }
+    out
+}
+
+/// Runs `layers` over `x` (`[tokens, hidden]` of the rows of `plan`), keeping the hidden states
+/// of the rows that ask for them on the way.
+fn run_layers(
+    model: &Model,
+    host: &HostParams,
+    store: &mut SeqStore,
+    plan: &RowPlan<'_>,
+    layers: std::ops::Range<usize>,
+    x: &mut [f32],
+) -> Result<()> {
+    let cfg = model.config();
+    let n = plan.ids.len();
+    let depth = model.layers.len();
+    let h = cfg.hidden_size;
+    let keep = |store: &mut SeqStore, li: usize, x: &[f32]| -> Result<()> {
+        for (row, &(off, len)) in plan.rows.iter().zip(&plan.spans) {
+            if row.capture == Some(li) {
+                let start = plan.positions[off] as usize;
+                let (tokens, hidden) = (&plan.ids[off..off + len], &x[off * h..(off + len) * h]);
+                store.keep_trunk(row.seq, li, start, tokens, hidden)?;
+            }
+        }
+        Ok(())
+    };
+    if layers.is_empty() {
+        return keep(store, layers.start, x);
+    }
+    let eps = cfg.rms_norm_eps as f32;
+    let adapter_tokens = tokens_by_adapter(plan);
+    let uses = |li: usize, projs: &[Proj]| -> Vec<LoraUse<'_>> {
+        let mut uses = Vec::new();
+        for (output, &proj) in projs.iter().enumerate() {
+            for (adapter, tokens) in &adapter_tokens {
+                if let Some(pair) = adapter.pair(li, proj) {
+                    uses.push(LoraUse {
+                        output,
+                        pair,
+                        tokens,
+                    });
+                }
+            }
+        }
+        uses
+    };
+    // One set of buffers serves every layer: each step below overwrites all of its output, so
+    // nothing is cleared between layers (a prefill's activations are megabytes per layer).
+    let first = &model.layers[layers.start];
+    let sized = |l: &Linear| vec![0f32; n * l.out_features()];
+    let mut normed = vec![0f32; x.len()];
+    let (mut q, mut k, mut v) = (
+        sized(&first.attn.q),
+        sized(&first.attn.k),
+        sized(&first.attn.v),
+    );
+    let mut attn = AttentionBuffers {
+        out: vec![0f32; q.len()],
+        partials: Vec::new(),
+    };
+    let mut o = sized(&first.attn.o);
+    let (mut gate, mut up) = (sized(&first.mlp.gate), sized(&first.mlp.up));
+    let mut act = vec![0f32; gate.len()];
+    let mut down = sized(&first.mlp.down);
+    let layout = AttentionPlan::new(cfg, store, plan)?;
+    for li in layers.clone() {
+        let layer = &model.layers[li];
+        keep(store, li, x)?;
+        rms_norm_into(x, &host.input_norms[li], eps, &mut normed);
+        project_many_into(
+            &normed,
+            n,
+            [&layer.attn.q, &layer.attn.k, &layer.attn.v],
+            &uses(li, &[Proj::Q, Proj::K, Proj::V]),
+            &mut [&mut q, &mut k, &mut v],
+        )?;
+        rope(&mut q, cfg.num_heads, cfg, host, &plan.positions);
+        rope(&mut k, cfg.num_kv_heads, cfg, host, &plan.positions);
+        attention(cfg, li, [&q, &k, &v], store, plan, &layout, &mut attn)?;
+        project_many_into(
+            &attn.out,
+            n,
+            [&layer.attn.o],
+            &uses(li, &[Proj::O]),
+            &mut [&mut o],
+        )?;
+        add_into(x, &o);
+
+        rms_norm_into(x, &host.post_norms[li], eps, &mut normed);
+        project_many_into(
+            &normed,
+            n,
+            [&layer.mlp.gate, &layer.mlp.up],
+            &uses(li, &[Proj::Gate, Proj::Up]),
+            &mut [&mut gate, &mut up],
+        )?;
+        silu_mul_into(&gate, &up, &mut act);
+        project_many_into(
+            &act,
+            n,
+            [&layer.mlp.down],
+            &uses(li, &[Proj::Down]),
+            &mut [&mut down],
+        )?;
+        add_into(x, &down);
+    }
+    if layers.end == depth {
+        keep(store, depth, x)?;
+    }
+    Ok(())
 }
 
 /// The tokens of each adapter used in this pass (rows sharing an adapter share one update).

@@ -36,6 +36,22 @@ pub struct RowInput<'a> {
     /// A verifier's value head: the row's output is the head's score `[positions, 1]` in place
     /// of vocabulary logits (and the LM head does not run for it).
     pub head: Option<&'a ValueHead>,
+    /// Keep the hidden states entering this layer in the store (host path): a verifier whose
+    /// adapter computes what this row's does on the layers below enters there.
+    pub capture: Option<usize>,
+    /// Enter the model at a layer instead of the embeddings (host path).
+    pub entry: Option<Entry<'a>>,
+}
+
+/// A row that starts at `layer`: the tokens' hidden states entering it, their keys and values
+/// below it already in the sequence's reserved positions
+/// ([`crate::kv::SeqStore::adopt_lower_layers`]). The tokens still name the row's text: a
+/// forward pass without this shortcut (the tensor path) computes them from the embeddings.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub layer: usize,
+    /// `[tokens, hidden_size]`, row-major.
+    pub hidden: &'a [f32],
 }
 
 impl<'a> RowInput<'a> {
@@ -47,6 +63,8 @@ impl<'a> RowInput<'a> {
             logits,
             adapter: None,
             head: None,
+            capture: None,
+            entry: None,
         }
     }
 
@@ -56,6 +74,14 @@ impl<'a> RowInput<'a> {
 
     pub fn with_head(self, head: Option<&'a ValueHead>) -> Self {
         Self { head, ..self }
+    }
+
+    pub fn with_capture(self, capture: Option<usize>) -> Self {
+        Self { capture, ..self }
+    }
+
+    pub fn with_entry(self, entry: Option<Entry<'a>>) -> Self {
+        Self { entry, ..self }
     }
 }
 
@@ -128,7 +154,11 @@ pub(super) struct RowPlan<'a> {
 
 impl<'a> RowPlan<'a> {
     /// Checks every row against the store and the model's limits.
-    fn new(cfg: &ModelConfig, store: &SeqStore, rows: &'a [RowInput<'a>]) -> Result<Self> {
+    pub(super) fn new(
+        cfg: &ModelConfig,
+        store: &SeqStore,
+        rows: &'a [RowInput<'a>],
+    ) -> Result<Self> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(rows.len());

@@ -12,7 +12,7 @@ use candle_core::Device;
 
 pub use crate::config::{ModelConfig, RopeLayout};
 pub use linear::{Embedding, Linear};
-pub use llama::{LogitsFor, Model, RowInput};
+pub use llama::{Entry, LogitsFor, Model, RowInput};
 pub use weights::WeightDType;
 
 use crate::error::{Error, Result};

@@ -130,7 +130,11 @@ pub(crate) struct BestOfN {
 impl BestOfN {
     pub fn new(job: PromptJob, params: BestOfNParams) -> Self {
         let grader = match &params.ranking {
-            Ranking::Verifier(v) => Some(Grader::new(v.clone(), job.prompt.clone())),
+            Ranking::Verifier(v) => Some(Grader::new(
+                v.clone(),
+                job.prompt.clone(),
+                job.adapter.as_deref(),
+            )),
             _ => None,
         };
         Self {
@@ -199,7 +203,7 @@ impl Search for BestOfN {
         if let Some(g) = &mut self.grader {
             match g.on_finished(&done, cx)? {
                 Taken::No => {}
-                Taken::Prompt => return Ok(()),
+                Taken::Own => return Ok(()),
                 Taken::Scored(scored) => {
                     cx.store.free(scored.seq);
                     self.verified[scored.key] = Some(scored.steps);
@@ -220,7 +224,7 @@ impl Search for BestOfN {
             .copied()
             .ok_or_else(|| Error::invalid(format!("best-of-N: unknown branch {}", done.id)))?;
         if let Some(g) = &mut self.grader {
-            g.request(cx, slot, None, &done.tokens)?;
+            g.request(cx, slot, None, &done.tokens, Some(done.head.seq))?;
         }
         self.done[slot] = Some(done);
         if self.all_in() {

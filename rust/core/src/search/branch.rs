@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::{Advance, FinishReason};
+use super::{Advance, EntryHidden, FinishReason};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::parallel::map_parallel;
 use crate::kv::{SeqId, SeqStore};
@@ -118,6 +118,8 @@ struct Branch {
     adapter: Option<Arc<LoraAdapter>>,
     /// A verifier's feed: the pass returns its head's logit at every fed position.
     value_head: Option<Arc<ValueHead>>,
+    /// A verifier's feed entering above the embeddings.
+    entry: Option<Arc<EntryHidden>>,
     spec: BranchSpec,
     rng: Rng,
     feed: Vec<u32>,
@@ -153,6 +155,9 @@ pub(crate) struct Pool {
     /// Tokens forwarded per owner.
     spent: HashMap<usize, usize>,
     step: usize,
+    /// Per owner: the layer whose incoming hidden states its generating rows keep (a verifier
+    /// sharing the layers below with the policy enters there).
+    keep_trunk: HashMap<usize, usize>,
 }
 
 impl Pool {
@@ -164,6 +169,7 @@ impl Pool {
             finished: Vec::new(),
             spent: HashMap::new(),
             step: 0,
+            keep_trunk: HashMap::new(),
         }
     }
 
@@ -177,6 +183,11 @@ impl Pool {
 
     pub fn is_eos(&self, token: u32) -> bool {
         self.cfg.eos_token_ids.contains(&token)
+    }
+
+    /// Makes `owner`'s generating rows keep the hidden states entering `layer`.
+    pub fn keep_trunk(&mut self, owner: usize, layer: usize) {
+        self.keep_trunk.insert(owner, layer);
     }
 
     pub fn spent(&self, owner: usize) -> usize {
@@ -209,6 +220,7 @@ impl Pool {
                 head,
                 adapter,
                 value_head: None,
+                entry: None,
                 spec,
                 rng,
                 feed,
@@ -233,6 +245,7 @@ impl Pool {
         adapter: Arc<LoraAdapter>,
         value_head: Arc<ValueHead>,
         tokens: Vec<u32>,
+        entry: Option<Arc<EntryHidden>>,
     ) -> Result<BranchId> {
         let spec = BranchSpec {
             max_new_tokens: 0,
@@ -245,6 +258,7 @@ impl Pool {
         let id = self.spawn(owner, head, Some(adapter), tokens, None, spec)?;
         if let Some(b) = self.branches.get_mut(&id) {
             b.value_head = Some(value_head);
+            b.entry = entry;
         }
         Ok(id)
     }
@@ -268,15 +282,19 @@ impl Pool {
                     tokens: b.feed.clone(),
                     adapter: b.adapter.clone(),
                     head: b.value_head.clone(),
+                    capture: None,
+                    entry: b.entry.clone(),
                 });
                 continue;
             }
-            work.extend(Advance::with_twin(
-                b.head.seq,
-                b.head.base,
-                &b.adapter,
-                &b.feed,
-            ));
+            let keep = self.keep_trunk.get(&b.owner).copied();
+            let mut rows = Advance::with_twin(b.head.seq, b.head.base, &b.adapter, &b.feed);
+            if let Some(first) = rows.next() {
+                // Only rows that generate: a prompt's or a step's feed is not scored again.
+                let capture = keep.filter(|_| b.spec.max_new_tokens > 0);
+                work.push(Advance { capture, ..first });
+            }
+            work.extend(rows);
         }
         work
     }

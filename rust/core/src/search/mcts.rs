@@ -80,7 +80,11 @@ impl Mcts {
             prompt_text: None,
             finished: false,
             grader: match &params.reward {
-                Reward::Verifier(v) => Some(Grader::new(v.clone(), job.prompt.clone())),
+                Reward::Verifier(v) => Some(Grader::new(
+                    v.clone(),
+                    job.prompt.clone(),
+                    job.adapter.as_deref(),
+                )),
                 _ => None,
             },
             verified: HashMap::new(),
@@ -274,7 +278,7 @@ impl Mcts {
                     .collect();
                 if let Some(g) = &mut self.grader {
                     for (node, ids) in texts {
-                        g.request(cx, node, None, &ids)?;
+                        g.request(cx, node, None, &ids, None)?;
                     }
                 }
                 self.asked = true;
@@ -403,7 +407,7 @@ impl Search for Mcts {
         if let Some(g) = &mut self.grader {
             match g.on_finished(&done, cx)? {
                 Taken::No => {}
-                Taken::Prompt => return Ok(()),
+                Taken::Own => return Ok(()),
                 Taken::Scored(scored) => {
                     cx.store.free(scored.seq);
                     self.verified.insert(scored.key, g.aggregate(&scored.steps));

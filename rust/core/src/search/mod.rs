@@ -47,6 +47,17 @@ pub struct Advance {
     /// A verifier's value head: the sequence gets the head's logit at every fed position in
     /// place of last-position vocabulary logits.
     pub head: Option<Arc<ValueHead>>,
+    /// Keep the hidden states entering this layer (see [`crate::model::RowInput::capture`]).
+    pub capture: Option<usize>,
+    /// Enter the model above the embeddings (see [`crate::model::Entry`]).
+    pub entry: Option<Arc<EntryHidden>>,
+}
+
+/// The hidden states a row enters a layer with (`[tokens, hidden_size]`).
+#[derive(Debug)]
+pub struct EntryHidden {
+    pub layer: usize,
+    pub hidden: Vec<f32>,
 }
 
 impl Advance {
@@ -63,12 +74,16 @@ impl Advance {
             tokens: tokens.to_vec(),
             adapter: None,
             head: None,
+            capture: None,
+            entry: None,
         });
         std::iter::once(Advance {
             seq,
             tokens: tokens.to_vec(),
             adapter: adapter.clone(),
             head: None,
+            capture: None,
+            entry: None,
         })
         .chain(twin)
     }

@@ -42,7 +42,7 @@ impl SelfConsistency {
             grader: params
                 .verifier
                 .clone()
-                .map(|v| Grader::new(v, job.prompt.clone())),
+                .map(|v| Grader::new(v, job.prompt.clone(), job.adapter.as_deref())),
             verified: Vec::new(),
             job,
             params,
@@ -184,7 +184,7 @@ impl Search for SelfConsistency {
         if let Some(g) = &mut self.grader {
             match g.on_finished(&done, cx)? {
                 Taken::No => {}
-                Taken::Prompt => return Ok(()),
+                Taken::Own => return Ok(()),
                 Taken::Scored(scored) => {
                     cx.store.free(scored.seq);
                     self.verified[scored.key] = Some(scored.steps);
@@ -204,7 +204,7 @@ impl Search for SelfConsistency {
             Error::invalid(format!("self-consistency: unknown branch {}", done.id))
         })?;
         if let Some(g) = &mut self.grader {
-            g.request(cx, slot, None, &done.tokens)?;
+            g.request(cx, slot, None, &done.tokens, Some(done.head.seq))?;
         }
         self.round[slot] = Some(done);
         if self.round_complete() {

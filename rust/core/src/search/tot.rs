@@ -88,7 +88,11 @@ fn judge(text: &str) -> f64 {
 impl TreeOfThought {
     pub fn new(job: PromptJob, params: ToTParams) -> Self {
         let grader = match &params.evaluator {
-            ToTEvaluator::Verifier(v) => Some(Grader::new(v.clone(), job.prompt.clone())),
+            ToTEvaluator::Verifier(v) => Some(Grader::new(
+                v.clone(),
+                job.prompt.clone(),
+                job.adapter.as_deref(),
+            )),
             _ => None,
         };
         Self {
@@ -307,7 +311,7 @@ impl TreeOfThought {
                     let from = self.states[parent].vseq;
                     let tokens = self.states[s].tokens.clone();
                     if let Some(g) = &mut self.grader {
-                        g.request(cx, s, from, &tokens)?;
+                        g.request(cx, s, from, &tokens, None)?;
                     }
                 }
                 self.select_when_scored(cx)
@@ -436,7 +440,7 @@ impl Search for TreeOfThought {
         if let Some(g) = &mut self.grader {
             match g.on_finished(&done, cx)? {
                 Taken::No => {}
-                Taken::Prompt => return Ok(()),
+                Taken::Own => return Ok(()),
                 Taken::Scored(scored) => {
                     let s = scored.key;
                     let parent = self.states[s].parent.unwrap_or(0);

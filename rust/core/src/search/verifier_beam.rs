@@ -71,7 +71,11 @@ pub(crate) struct VerifierSearch {
 
 impl VerifierSearch {
     pub fn new(job: PromptJob, params: VerifierSearchParams) -> Self {
-        let grader = Grader::new(params.verifier.clone(), job.prompt.clone());
+        let grader = Grader::new(
+            params.verifier.clone(),
+            job.prompt.clone(),
+            job.adapter.as_deref(),
+        );
         Self {
             job,
             params,
@@ -197,7 +201,8 @@ impl VerifierSearch {
         if let Some(slot) = self.step.iter_mut().find(|(b, _)| *b == done.id) {
             slot.1 = Some(id);
         }
-        self.grader.request(cx, id, from, &done.tokens)?;
+        self.grader
+            .request(cx, id, from, &done.tokens, Some(done.head.seq))?;
         if terminal {
             if let Some(h) = self.nodes[id].head.take() {
                 h.free(cx.store);
@@ -326,7 +331,7 @@ impl Search for VerifierSearch {
     fn on_finished(&mut self, done: Finished, cx: &mut Cx<'_>) -> Result<()> {
         match self.grader.on_finished(&done, cx)? {
             // The prompt's verifier sequence stays the grader's; first steps fork it.
-            Taken::Prompt => {}
+            Taken::Own => {}
             Taken::Scored(scored) => {
                 let node = &mut self.nodes[scored.key];
                 node.steps.extend_from_slice(&scored.steps);

@@ -5,16 +5,24 @@
 //! steps so far), fed the new tokens in one row whose output is the value head's logit at every
 //! position. The head is read where each step tag ends, as training reads it: at the token that
 //! holds the tag's last byte.
+//!
+//! When the verifier's adapter computes what the policy's does on the bottom layers (it was
+//! trained with those layers left as the policy has them), it shares them: the policy's rows keep
+//! their hidden states entering the first layer that differs, and a scored text the policy
+//! generated enters the verifier there, its lower layers' keys and values copied from the
+//! policy's cache. Scoring then costs the upper layers alone; the tokens the policy never fed
+//! (the last one sampled, a closing tag) run through every layer in a second pass.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::branch::{BranchId, Finished};
 use super::driver::Cx;
+use super::EntryHidden;
 use crate::error::{Error, Result};
 use crate::kv::SeqId;
 use crate::lora::verifier::sigmoid;
-use crate::lora::Verifier;
+use crate::lora::{LoraAdapter, Verifier};
 use crate::text::Tokenizer;
 
 /// A scored text: the verifier's sequence after it and the probability of each step it ended.
@@ -33,8 +41,8 @@ pub(crate) struct Scored {
 pub(crate) enum Taken {
     /// Not one of the grader's branches: the search's own.
     No,
-    /// The prompt's feed: nothing for the search.
-    Prompt,
+    /// One of the grader's own feeds (the prompt's, a text's first part): nothing for the search.
+    Own,
     /// A text the search asked to score.
     Scored(Scored),
 }
@@ -45,11 +53,17 @@ struct Request {
     tokens: Vec<u32>,
     /// Trailing tokens of `tokens` that are the step tag added to close the text.
     closing: usize,
+    /// The policy's sequence that generated the text, if its kept hidden states may be shared.
+    source: Option<SeqId>,
+    /// Head values of the tokens fed so far, and how many were.
+    values: Vec<f32>,
 }
 
 pub(crate) struct Grader {
     pub verifier: Arc<Verifier>,
     prompt: Arc<Vec<u32>>,
+    /// Bottom layers the verifier computes as the policy does (0: none shared).
+    shared: usize,
     root: Option<SeqId>,
     root_job: Option<BranchId>,
     /// Requests made before the root was fed.
@@ -59,10 +73,17 @@ pub(crate) struct Grader {
 }
 
 impl Grader {
-    pub fn new(verifier: Arc<Verifier>, prompt: Arc<Vec<u32>>) -> Self {
+    /// A grader for texts that `policy` (the base model when `None`) generates after `prompt`.
+    pub fn new(
+        verifier: Arc<Verifier>,
+        prompt: Arc<Vec<u32>>,
+        policy: Option<&LoraAdapter>,
+    ) -> Self {
+        let shared = verifier.adapter.shared_layers(policy);
         Self {
             verifier,
             prompt,
+            shared,
             root: None,
             root_job: None,
             queued: Vec::new(),
@@ -72,16 +93,32 @@ impl Grader {
 
     /// Feeds the prompt to the verifier (in the same pass as the policy's prefill).
     pub fn start(&mut self, cx: &mut Cx<'_>) -> Result<()> {
+        if self.shared > 0 {
+            cx.pool.keep_trunk(cx.owner, self.shared);
+        }
         let seq = cx.store.create();
-        self.root_job = Some(self.feed(cx, seq, self.prompt.to_vec())?);
+        self.root_job = Some(self.feed(cx, seq, self.prompt.to_vec(), None)?);
         Ok(())
     }
 
-    /// A branch feeding `tokens` to the verifier's sequence `seq`.
-    fn feed(&self, cx: &mut Cx<'_>, seq: SeqId, tokens: Vec<u32>) -> Result<BranchId> {
+    /// A branch feeding `tokens` to the verifier's sequence `seq`, entering at `entry`'s layer
+    /// when given.
+    fn feed(
+        &self,
+        cx: &mut Cx<'_>,
+        seq: SeqId,
+        tokens: Vec<u32>,
+        entry: Option<Arc<EntryHidden>>,
+    ) -> Result<BranchId> {
         let v = &self.verifier;
-        cx.pool
-            .spawn_scoring(cx.owner, seq, v.adapter.clone(), v.head.clone(), tokens)
+        cx.pool.spawn_scoring(
+            cx.owner,
+            seq,
+            v.adapter.clone(),
+            v.head.clone(),
+            tokens,
+            entry,
+        )
     }
 
     /// Whether scores are still to come.
@@ -91,35 +128,61 @@ impl Grader {
 
     /// Scores `tokens` (generated text, end-of-sequence tokens included or not) after the prompt
     /// (`from: None`) or after the scored sequence `from` (which stays the caller's); the
-    /// result comes back from [`Self::on_finished`] under `key`.
+    /// result comes back from [`Self::on_finished`] under `key`. `source` is the policy's
+    /// sequence that generated them right after the same text, while it still holds them.
     pub fn request(
         &mut self,
         cx: &mut Cx<'_>,
         key: usize,
         from: Option<SeqId>,
         tokens: &[u32],
+        source: Option<SeqId>,
     ) -> Result<()> {
         let (tokens, closing) = self.prepare(cx, tokens)?;
-        let request = Request {
+        let mut request = Request {
             key,
             from,
             tokens,
             closing,
+            source,
+            values: Vec::new(),
         };
         if self.root.is_none() && from.is_none() {
+            // Fed later, when the policy's sequence may be gone.
+            request.source = None;
             self.queued.push(request);
             return Ok(());
         }
         self.spawn(cx, request)
     }
 
-    fn spawn(&mut self, cx: &mut Cx<'_>, r: Request) -> Result<()> {
+    fn spawn(&mut self, cx: &mut Cx<'_>, mut r: Request) -> Result<()> {
         let from = r
             .from
             .or(self.root)
             .ok_or_else(|| Error::invalid("verifier: the prompt is not fed yet"))?;
         let seq = cx.store.fork(from)?;
-        let id = self.feed(cx, seq, r.tokens.clone())?;
+        let at = cx.store.len(seq)?;
+        let hidden = match r.source.take() {
+            Some(src) if self.shared > 0 => {
+                let generated = &r.tokens[..r.tokens.len() - r.closing];
+                cx.store
+                    .trunk(src, self.shared, at, generated)
+                    .map(|h| (src, h))
+            }
+            _ => None,
+        };
+        let id = match hidden {
+            Some((src, (n, hidden))) => {
+                cx.store.adopt_lower_layers(seq, src, at, n, self.shared)?;
+                let entry = EntryHidden {
+                    layer: self.shared,
+                    hidden,
+                };
+                self.feed(cx, seq, r.tokens[..n].to_vec(), Some(Arc::new(entry)))?
+            }
+            None => self.feed(cx, seq, r.tokens.clone(), None)?,
+        };
         self.jobs.insert(id, r);
         Ok(())
     }
@@ -150,22 +213,31 @@ impl Grader {
             for r in std::mem::take(&mut self.queued) {
                 self.spawn(cx, r)?;
             }
-            return Ok(Taken::Prompt);
+            return Ok(Taken::Own);
         }
-        let Some(Request {
-            key,
-            tokens,
-            closing,
-            ..
-        }) = self.jobs.remove(&done.id)
-        else {
+        let Some(mut r) = self.jobs.remove(&done.id) else {
             return Ok(Taken::No);
         };
-        let values = done
+        let fed = done
             .logits
             .as_ref()
             .map(|l| l.expert.clone())
             .ok_or_else(|| Error::invalid("verifier: a scoring row returned no values"))?;
+        r.values.extend(fed.iter());
+        if r.values.len() < r.tokens.len() {
+            // The first part entered above the shared layers; the rest runs through all of them.
+            let rest = r.tokens[r.values.len()..].to_vec();
+            let id = self.feed(cx, done.head.seq, rest, None)?;
+            self.jobs.insert(id, r);
+            return Ok(Taken::Own);
+        }
+        let Request {
+            key,
+            tokens,
+            closing,
+            values,
+            ..
+        } = r;
         if values.len() != tokens.len() {
             return Err(Error::invalid(format!(
                 "verifier: {} values for {} fed tokens",
