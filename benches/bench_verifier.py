@@ -9,6 +9,9 @@ Run:  python benches/bench_verifier.py --verifier runs/arith-prm [--n 16] [--new
   verifier, whose rows run in the engine's batched passes: the prompt is fed to it once beside the
   policy's prefill, and each sample's tokens (plus its closing step tag) are fed in the pass after the
   sample ends. The verifier reads every generated token once, as a PRM scoring every step does.
+  A verifier trained with ``share_layers: L`` (LoRA above layer L only) shares the bottom L layers
+  with this base-model policy: the samples' rows keep their hidden states at layer L and the
+  verifier's rows run the layers above only (``trunk_tokens`` counts the tokens that did).
 
 Printed per round (alternated, plain then verified): seconds, forward passes and tokens forwarded;
 then the median of the per-round ratios verified / plain. The ratio is the cost of one decode step of
@@ -55,8 +58,8 @@ def main() -> None:
 
     run(plain)  # warm-up
     ratios, pass_ratios = [], []
-    print("| round | plain s | verified s | ratio | passes plain / verified | tokens plain / verified |")
-    print("|---|---|---|---|---|---|")
+    print("| round | plain s | verified s | ratio | passes plain / verified | tokens plain / verified | shared |")
+    print("|---|---|---|---|---|---|---|")
     for r in range(args.rounds):
         a, b = run(plain), run(verified)
         assert [c.token_ids for c in a.candidates] == [c.token_ids for c in b.candidates]
@@ -66,7 +69,7 @@ def main() -> None:
         print(
             f"| {r} | {a.stats.seconds:.2f} | {b.stats.seconds:.2f} | {ratio:.2f} | "
             f"{a.stats.forward_passes} / {b.stats.forward_passes} | "
-            f"{a.stats.tokens_forwarded} / {b.stats.tokens_forwarded} |"
+            f"{a.stats.tokens_forwarded} / {b.stats.tokens_forwarded} | {b.stats.trunk_tokens} |"
         )
     time_ratio, pass_ratio = statistics.median(ratios), statistics.median(pass_ratios)
     print(f"median verified / plain: {time_ratio:.2f}x time, {pass_ratio:.3f}x passes")

@@ -85,6 +85,8 @@ def test_best_of_n_ranks_by_the_verifier_as_torch_scores(eng, smol_verifier) -> 
         assert len({round(c.score, 6) for c in out.candidates}) > 1
     # One more pass at most: the last samples' scoring rows.
     assert by_verifier[0].stats.forward_passes <= plain[0].stats.forward_passes + 1
+    # LoRA on every layer: nothing is shared with the base-model policy.
+    assert by_verifier[0].stats.trunk_tokens == 0
 
 
 def test_weighted_vote_sums_verifier_scores_per_answer(eng, smol_verifier) -> None:
@@ -136,6 +138,49 @@ def test_verifier_beam_scores_every_step_as_torch_does(eng, smol_verifier, strat
             winner = max(totals, key=lambda a: totals[a])
             assert out.answer == winner
             assert out.token_ids == next(c.token_ids for c in out.candidates if c.answer == winner)
+
+
+@pytest.fixture(scope="module")
+def top_verifier(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A random verifier with LoRA on the top 10 of the 30 layers only: it computes what the
+    base model does below them, so it shares those layers with a base-model policy."""
+    path = build_verifier(
+        smollm2_path, tmp_path_factory.mktemp("top_prm"), seed=6, layers=list(range(20, 30)), head_std=0.02
+    )
+    vmodel, vtok = verifier.load(path, base_model=smollm2_path)
+    return path, vmodel, vtok
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ps.BestOfN(n=4, scorer=ps.Verifier("top")),
+        ps.SelfConsistency(n=4, vote="weighted", scorer=ps.Verifier("top")),
+        ps.VerifierBeamSearch(n=4, beam_width=2, verifier=ps.Verifier("top"), max_steps=6),
+        ps.DVTS(n=4, beam_width=2, verifier=ps.Verifier("top"), max_steps=6),
+    ],
+    ids=["bon", "sc-w", "prm-beam", "dvts"],
+)
+def test_a_verifier_sharing_the_policys_layers_scores_as_torch_does(smollm2_f32, top_verifier, strategy) -> None:
+    """The policy's rows keep their hidden states at layer 20; the verifier reads the generated
+    text from there (its keys and values below copied from the policy's cache), and every score is
+    still the torch verifier's on the whole model."""
+    eng = smollm2_f32
+    eng.load_verifier(top_verifier[0], "top")
+    try:
+        prompts = _prompts(eng)
+        outs = eng.generate(prompts, strategy=strategy, max_new_tokens=40)
+        eos = eng.tokenizer.eos_token_ids
+        for prompt, out in zip(prompts, outs, strict=True):
+            ids = eng.tokenizer.encode(prompt)
+            assert out.candidates
+            for c in out.candidates:
+                want = oracle_steps(top_verifier, ids, c.token_ids, eos)
+                assert c.step_scores == pytest.approx(want, abs=1e-4), c.text
+            assert len({round(c.score, 6) for c in out.candidates}) > 1
+        assert outs[0].stats.trunk_tokens > 0
+    finally:
+        eng.unload_verifier("top")
 
 
 def test_verifier_search_parameters_are_checked(eng) -> None:

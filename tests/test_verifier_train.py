@@ -126,6 +126,75 @@ def test_prm_run_learns_and_its_saved_head_scores_as_trained(tiny_llama: Path, t
         verifier.load(tiny_llama)
 
 
+def _random_adapter(base: Path, out: Path, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from peftscale.train.base import load_model, resolve
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(load_model(resolve(str(base))), lora).save_pretrained(str(out))
+    return out
+
+
+def test_a_verifier_started_from_the_policy_shares_its_bottom_layers(tiny_llama: Path, tmp_path: Path) -> None:
+    """``share_layers`` with ``policy_adapter``: the saved adapter's bottom layers are the policy's
+    bit for bit, the layers above are trained; the engine then shares those layers with the
+    policy's rows (and with no other policy), and its scores are still the torch verifier's."""
+    from safetensors.torch import load_file
+    from test_verifier_search import oracle_steps
+
+    policy = _random_adapter(tiny_llama, tmp_path / "policy", seed=3)
+    data = _write(tmp_path / "steps.jsonl", _rows(40, seed=2))
+    config = {
+        "method": "prm",
+        "model": str(tiny_llama),
+        "data": {"path": str(data), "format": "stepwise", "eval_rows": 8},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 5e-3, "max_length": 128, "eval_every": 3, "save_every": 3},
+    }
+    out = tmp_path / "prm"
+    ps.train.run({**config, "verifier": {"share_layers": 1, "policy_adapter": str(policy)}, "output": str(out)})
+    mine = load_file(str(out / "adapter_model.safetensors"))
+    theirs = load_file(str(policy / "adapter_model.safetensors"))
+    assert set(mine) == set(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs if ".layers.0." in k)
+    assert any(not torch.equal(mine[k], theirs[k]) for k in theirs if ".layers.1." in k)
+
+    # Without a policy adapter, the verifier's own LoRA sits on the layers above only.
+    top = tmp_path / "top"
+    ps.train.run({**config, "verifier": {"share_layers": 1}, "output": str(top)})
+    keys = load_file(str(top / "adapter_model.safetensors"))
+    assert keys and all(".layers.1." in k for k in keys)
+    with pytest.raises(ConfigError, match=r"share_layers \(2\) leaves no layer to train: the model has 2"):
+        ps.train.run({**config, "verifier": {"share_layers": 2}, "output": str(tmp_path / "none")})
+
+    eng = ps.Engine.load(tiny_llama, dtype="f32")
+    eng.load_adapter(policy, "policy")
+    eng.load_adapter(_random_adapter(tiny_llama, tmp_path / "other", seed=4), "other")
+    eng.load_verifier(out, "v")
+    torch_verifier = (out, *verifier.load(out, base_model=tiny_llama))
+    prompt = "Check the steps.\nstep 0 is right\n"
+    ids = eng.tokenizer.encode(prompt)
+    eos = eng.tokenizer.eos_token_ids
+    strategy = ps.BestOfN(n=4, scorer=ps.Verifier("v"))
+    shared = eng.generate(prompt, strategy=strategy, adapter="policy", max_new_tokens=12)
+    assert shared.stats.trunk_tokens > 0
+    for c in shared.candidates:
+        assert c.step_scores == pytest.approx(oracle_steps(torch_verifier, ids, c.token_ids, eos), abs=1e-4)
+    # Another policy computes differently on layer 0: nothing is shared, the scores still hold.
+    for other in (None, "other"):
+        out_other = eng.generate(prompt, strategy=strategy, adapter=other, max_new_tokens=12)
+        assert out_other.stats.trunk_tokens == 0
+        for c in out_other.candidates:
+            assert c.step_scores == pytest.approx(oracle_steps(torch_verifier, ids, c.token_ids, eos), abs=1e-4)
+
+
 def test_aggregations_are_the_closed_forms() -> None:
     s = [0.9, 0.5, 0.8]
     assert verifier.aggregate(s, "min") == 0.5

@@ -64,6 +64,8 @@ class LoraConfig:
     use_dora: bool = False
     #: peft's ``init_lora_weights``: ``true`` (B = 0), ``gaussian``, ``pissa``, ``olora``, ...
     init: bool | str = True
+    #: Only these decoder layers get LoRA (peft's ``layers_to_transform``); null: every layer.
+    layers: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,15 @@ class VerifierConfig:
     step_tag: str = "\n"
     #: How a solution's step scores combine into one: ``min``, ``prod`` or ``last``.
     aggregation: Literal["min", "prod", "last"] = "min"
+    #: Bottom decoder layers left as the policy computes them (no LoRA of the verifier's own; the
+    #: policy adapter's, frozen, when ``policy_adapter`` is set). In the engine the verifier then
+    #: shares those layers with the policy's rows: scoring a generated text runs only the layers
+    #: above. 0 trains LoRA on every layer.
+    share_layers: int = 0
+    #: The policy's adapter (a peft folder) the verifier starts from: its bottom ``share_layers``
+    #: layers stay exactly the policy's, the layers above are trained on. Null: the policy is the
+    #: base model.
+    policy_adapter: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -311,6 +322,9 @@ def _check_values(config: Any, where: str) -> None:
             raise ConfigError(f"teacher adapter not found: {config.teacher_adapter} (no adapter_config.json)")
     elif isinstance(config, VerifierConfig):
         need(config.step_tag != "", "step_tag", "a non-empty string")
+        need(config.share_layers >= 0, "share_layers", ">= 0")
+        if config.policy_adapter is not None and not (config.policy_adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"policy adapter not found: {config.policy_adapter} (no adapter_config.json)")
     elif isinstance(config, TrainConfig):
         verifier = config.method in ("prm", "orm")
         if verifier != (config.data.format == "stepwise"):

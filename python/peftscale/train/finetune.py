@@ -79,15 +79,26 @@ def _wrap(model: Any, config: TrainConfig) -> Any:
     if config.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
     lc = config.lora
+    targets = lc.target_modules
+    if lc.layers is not None and targets == "all-linear":
+        # peft takes a layer list only with named modules: every linear one below the LM head.
+        targets = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+            }
+        )
     try:
         lora = LoraConfig(
             r=lc.r,
             lora_alpha=lc.alpha,
             lora_dropout=lc.dropout,
-            target_modules=lc.target_modules,
+            target_modules=targets,
             use_rslora=lc.use_rslora,
             use_dora=lc.use_dora,
             init_lora_weights=lc.init,  # type: ignore[arg-type]
+            layers_to_transform=lc.layers,
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)

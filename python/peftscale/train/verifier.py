@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +216,7 @@ def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
 
 def objective(config: TrainConfig) -> Any:
     """The verifier's :class:`~peftscale.train.finetune.Objective`."""
-    from peftscale.train.finetune import Objective, _wrap
+    from peftscale.train.finetune import Objective
 
     outcome = config.method == "orm"
     tag = config.verifier.step_tag
@@ -235,13 +236,44 @@ def objective(config: TrainConfig) -> Any:
 
     def wrap(model: Any) -> ValueHeadModel:
         meta = {"kind": config.method, "step_tag": tag, "aggregation": config.verifier.aggregation}
-        return ValueHeadModel(_wrap(model, config), meta)
+        return ValueHeadModel(_with_lora(model, config), meta)
 
     def collator(tokenizer: Any) -> _Collate:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return _Collate(int(pad))
 
     return Objective(datasets, wrap, collator, step_metrics)
+
+
+def _with_lora(model: Any, config: TrainConfig) -> Any:
+    """The verifier's trainable LoRA model: on every layer, on the layers above ``share_layers``
+    only, or the policy's adapter with its bottom ``share_layers`` layers frozen."""
+    import dataclasses
+
+    from peftscale.train.finetune import _wrap
+
+    share = config.verifier.share_layers
+    depth = int(model.config.num_hidden_layers)
+    if share >= depth:
+        raise ConfigError(f"verifier.share_layers ({share}) leaves no layer to train: the model has {depth}")
+    policy = config.verifier.policy_adapter
+    if policy is None:
+        if share == 0:
+            return _wrap(model, config)
+        top = dataclasses.replace(config.lora, layers=list(range(share, depth)))
+        return _wrap(model, dataclasses.replace(config, lora=top))
+    from peft import PeftModel
+
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(policy), is_trainable=True)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ConfigError(f"verifier.policy_adapter {policy} does not fit the model: {e}") from None
+    below = re.compile(r"\.layers\.(\d+)\.")
+    for name, param in wrapped.named_parameters():
+        at = below.search(name)
+        if "lora_" in name and at is not None and int(at.group(1)) < share:
+            param.requires_grad_(False)
+    return wrapped
 
 
 def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[Any] = ()) -> Any:

@@ -670,4 +670,75 @@ mod tests {
         let view = write(&mut s, a, 2, 7.0);
         assert_eq!(view[0].k.dim(1).unwrap(), MIN_TAIL_CAPACITY + 7);
     }
+
+    #[test]
+    fn adopted_lower_layers_are_the_sources_positions() {
+        let mut s = store();
+        let a = s.create();
+        write(&mut s, a, 20, 0.0);
+        let _frozen = s.fork(a).unwrap();
+        write(&mut s, a, 5, 100.0);
+        let d = s.create();
+        write(&mut s, d, 18, 7.0);
+        // Positions 18..24 of `a`: two from its shared block, four from its tail.
+        let start = s.adopt_lower_layers(d, a, 18, 6, 1).unwrap();
+        assert_eq!(start, 18);
+        let (k, v) = s.piece(d, 0, 0).unwrap();
+        let got = |t: &Tensor| {
+            t.narrow(1, 18, 6)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        // Keys were written from `base`, values from `-base` (see `write`).
+        let source = |block: f32, tail: f32| {
+            let parts = [
+                kv(20, block).narrow(1, 18, 2).unwrap(),
+                kv(5, tail).narrow(1, 0, 4).unwrap(),
+            ];
+            let all = Tensor::cat(&parts, 1).unwrap();
+            all.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(got(k), source(0.0, 100.0));
+        assert_eq!(got(v), source(-0.0, -100.0));
+        // The positions are reserved, not committed: the row that enters above writes the rest.
+        assert_eq!(s.len(d).unwrap(), 18);
+        assert!(
+            s.adopt_lower_layers(d, a, 24, 2, 1).is_err(),
+            "past the source's positions"
+        );
+    }
+
+    #[test]
+    fn kept_hidden_states_follow_their_tokens() {
+        let mut s = store();
+        let a = s.create();
+        write(&mut s, a, 14, 0.0);
+        let hidden: Vec<f32> = (0..6).map(|i| i as f32).collect();
+        s.keep_trunk(a, 3, 10, &[1, 2, 3], &hidden).unwrap();
+        assert_eq!(
+            s.trunk(a, 3, 10, &[1, 2, 9]),
+            Some((2, hidden[..4].to_vec()))
+        );
+        assert_eq!(
+            s.trunk(a, 3, 11, &[2, 3, 4]),
+            Some((2, hidden[2..].to_vec()))
+        );
+        assert_eq!(s.trunk(a, 2, 10, &[1]), None, "kept for another layer");
+        assert_eq!(s.trunk(a, 3, 10, &[5]), None, "another text");
+        assert_eq!(s.trunk(a, 3, 9, &[0, 1]), None, "before the kept positions");
+        // Contiguous states extend the kept run; a fork keeps a copy.
+        s.keep_trunk(a, 3, 13, &[4], &[6.0, 7.0]).unwrap();
+        let b = s.fork(a).unwrap();
+        assert_eq!(
+            s.trunk(b, 3, 12, &[3, 4]),
+            Some((2, vec![4.0, 5.0, 6.0, 7.0]))
+        );
+        // Positions taken back take their states with them.
+        s.truncate_tail(a, 2).unwrap();
+        assert_eq!(s.trunk(a, 3, 11, &[2, 3]), Some((1, vec![2.0, 3.0])));
+        assert_eq!(s.trunk(b, 3, 13, &[4]), Some((1, vec![6.0, 7.0])));
+    }
 }

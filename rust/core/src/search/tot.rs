@@ -310,8 +310,9 @@ impl TreeOfThought {
                     let parent = self.states[s].parent.unwrap_or(0);
                     let from = self.states[parent].vseq;
                     let tokens = self.states[s].tokens.clone();
+                    let source = self.states[s].head.map(|h| h.seq);
                     if let Some(g) = &mut self.grader {
-                        g.request(cx, s, from, &tokens, None)?;
+                        g.request(cx, s, from, &tokens, source)?;
                     }
                 }
                 self.select_when_scored(cx)
