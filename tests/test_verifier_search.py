@@ -183,6 +183,43 @@ def test_a_verifier_sharing_the_policys_layers_scores_as_torch_does(smollm2_f32,
         eng.unload_verifier("top")
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ps.TreeOfThought(evaluator=ps.Verifier("top"), proposals=2, breadth=2, depth=3, max_step_tokens=16),
+        ps.MCTS(reward=ps.Verifier("top"), iterations=4, expansions=2, max_step_tokens=12),
+    ],
+    ids=["tot", "mcts"],
+)
+def test_tree_searches_value_states_alike_shared_or_not(
+    smollm2_f32, smollm2_path: Path, top_verifier, tmp_path: Path, strategy
+) -> None:
+    """A policy adapter whose update is exactly zero computes what the base model computes, but
+    it is not the base model to the engine, so nothing is shared: the two runs pick the same
+    thoughts and value every state alike."""
+    from peft import LoraConfig, get_peft_model
+    from peftscale.train.base import load_model, resolve
+
+    zero = tmp_path / "zero"
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")  # B = 0
+    get_peft_model(load_model(resolve(str(smollm2_path))), lora).save_pretrained(str(zero))
+    eng = smollm2_f32
+    eng.load_adapter(zero, "zero")
+    eng.load_verifier(top_verifier[0], "top")
+    try:
+        prompt = _prompts(eng)[1]
+        shared = eng.generate(prompt, strategy=strategy, max_new_tokens=48)
+        alone = eng.generate(prompt, strategy=strategy, max_new_tokens=48, adapter="zero")
+        assert shared.stats.trunk_tokens > 0 and alone.stats.trunk_tokens == 0
+        assert shared.text == alone.text
+        assert [n.text for n in shared.tree.nodes] == [n.text for n in alone.tree.nodes]
+        assert [n.value for n in shared.tree.nodes] == pytest.approx([n.value for n in alone.tree.nodes], abs=1e-5)
+        assert len({round(n.value, 6) for n in shared.tree.nodes}) > 2
+    finally:
+        eng.unload_verifier("top")
+        eng.unload_adapter("zero")
+
+
 def test_verifier_search_parameters_are_checked(eng) -> None:
     with pytest.raises(ps.InvalidArgument, match=r"n \(6\) must be a multiple of beam_width \(4\)"):
         eng.generate("Hi", strategy=ps.VerifierBeamSearch(n=6, beam_width=4, verifier=ps.Verifier(NAME)))

@@ -206,8 +206,9 @@ fn run_layers(
     let h = cfg.hidden_size;
     let keep = |store: &mut SeqStore, li: usize, x: &[f32]| -> Result<()> {
         for (row, &(off, len)) in plan.rows.iter().zip(&plan.spans) {
-            if row.capture == Some(li) {
-                let start = plan.positions[off] as usize;
+            let start = plan.positions[off] as usize;
+            // A prompt's states are not kept: a verifier reads its prompt itself.
+            if row.capture == Some(li) && start > 0 {
                 let (tokens, hidden) = (&plan.ids[off..off + len], &x[off * h..(off + len) * h]);
                 store.keep_trunk(row.seq, li, start, tokens, hidden)?;
             }

@@ -287,11 +287,10 @@ impl Pool {
                 });
                 continue;
             }
-            let keep = self.keep_trunk.get(&b.owner).copied();
+            let capture = self.keep_trunk.get(&b.owner).copied();
             let mut rows = Advance::with_twin(b.head.seq, b.head.base, &b.adapter, &b.feed);
+            // The policy's row keeps its states; its CoLD twin (the base model) does not.
             if let Some(first) = rows.next() {
-                // Only rows that generate: a prompt's or a step's feed is not scored again.
-                let capture = keep.filter(|_| b.spec.max_new_tokens > 0);
                 work.push(Advance { capture, ..first });
             }
             work.extend(rows);

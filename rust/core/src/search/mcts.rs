@@ -30,6 +30,9 @@ struct Step {
     path_len: usize,
     rollout_tokens: Vec<u32>,
     rollout_logprobs: Vec<f32>,
+    /// The rollout's sequence, kept until its reward is asked for when the verifier shares the
+    /// policy's bottom layers (its hidden states and cache are what the verifier starts from).
+    rollout_head: Option<Head>,
     reward: f64,
     answer: Option<String>,
 }
@@ -271,14 +274,17 @@ impl Mcts {
         if self.grader.is_some() {
             // Every rollout is scored in the pass after the last one ends, then all are backed up.
             if !self.asked {
-                let texts: Vec<(usize, Vec<u32>)> = self
-                    .evaluating
-                    .iter()
-                    .map(|&node| (node, self.path_and_rollout(node)))
-                    .collect();
+                let mut texts: Vec<(usize, Vec<u32>, Option<Head>)> = Vec::new();
+                for node in self.evaluating.clone() {
+                    let head = self.steps[node].rollout_head.take();
+                    texts.push((node, self.path_and_rollout(node), head));
+                }
                 if let Some(g) = &mut self.grader {
-                    for (node, ids) in texts {
-                        g.request(cx, node, None, &ids, None)?;
+                    for (node, ids, head) in texts {
+                        g.request(cx, node, None, &ids, head.map(|h| h.seq))?;
+                        if let Some(h) = head {
+                            h.free(cx.store);
+                        }
                     }
                 }
                 self.asked = true;
@@ -349,7 +355,10 @@ impl Mcts {
             back_up_again(&mut self.tree, &self.backups, &by_node);
         }
         for step in &mut self.steps {
-            if let Some(h) = step.head.take() {
+            for h in [step.head.take(), step.rollout_head.take()]
+                .into_iter()
+                .flatten()
+            {
                 h.free(cx.store);
             }
         }
@@ -445,7 +454,11 @@ impl Search for Mcts {
                 Ok(())
             }
             Job::Rollout(node) => {
-                done.head.free(cx.store);
+                if self.grader.as_ref().is_some_and(Grader::shares_layers) {
+                    self.steps[node].rollout_head = Some(done.head);
+                } else {
+                    done.head.free(cx.store);
+                }
                 self.steps[node].rollout_tokens = done.tokens;
                 self.steps[node].rollout_logprobs = done.logprobs;
                 self.maybe_score(cx)

@@ -121,6 +121,12 @@ impl Grader {
         )
     }
 
+    /// Whether the verifier shares the policy's bottom layers: a text's policy sequence is then
+    /// worth keeping until it is asked for ([`Self::request`]'s `source`).
+    pub fn shares_layers(&self) -> bool {
+        self.shared > 0
+    }
+
     /// Whether scores are still to come.
     pub fn is_busy(&self) -> bool {
         !self.jobs.is_empty() || !self.queued.is_empty()
