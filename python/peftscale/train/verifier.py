@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,12 +267,19 @@ def _with_lora(model: Any, config: TrainConfig) -> Any:
         wrapped = PeftModel.from_pretrained(model, str(policy), is_trainable=True)
     except (ValueError, RuntimeError, KeyError) as e:
         raise ConfigError(f"verifier.policy_adapter {policy} does not fit the model: {e}") from None
-    below = re.compile(r"\.layers\.(\d+)\.")
     for name, param in wrapped.named_parameters():
-        at = below.search(name)
-        if "lora_" in name and at is not None and int(at.group(1)) < share:
+        if "lora_" in name and _layer_index(name) < share:
             param.requires_grad_(False)
     return wrapped
+
+
+def _layer_index(name: str) -> int:
+    """The decoder layer a parameter name sits in (``...layers.7.mlp...``); -1 outside the layers."""
+    parts = name.split(".")
+    for at, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[at + 1].isdigit():
+            return int(parts[at + 1])
+    return -1
 
 
 def run(config: TrainConfig, resume: bool = False, callbacks: Sequence[Any] = ()) -> Any:

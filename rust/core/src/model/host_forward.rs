@@ -108,7 +108,7 @@ pub(crate) fn forward(
                 .flatten_all()?
                 .to_vec1::<f32>()?
         } else {
-            enter_rows(plan, &entries, &active, &next, &x, h)
+            enter_rows(plan, &entries, &active, &next, &x, h)?
         };
         active = next;
         if active.len() == plan.rows.len() {
@@ -170,7 +170,7 @@ fn enter_rows(
     next: &[usize],
     x: &[f32],
     h: usize,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(next.iter().map(|&r| plan.spans[r].1).sum::<usize>() * h);
     let mut at = 0;
     let mut offsets = std::collections::HashMap::new();
@@ -183,11 +183,14 @@ fn enter_rows(
         match (offsets.get(&r), plan.rows[r].entry) {
             (Some(&o), _) => out.extend_from_slice(&x[o..o + n * h]),
             (None, Some(e)) if entries[r] > 0 => out.extend_from_slice(e.hidden),
-            // Unreachable: rows entering at 0 start the first stage.
-            (None, _) => out.extend(std::iter::repeat_n(0.0, n * h)),
+            (None, _) => {
+                return Err(Error::invalid(
+                    "a row that enters at the embeddings is missing from a later stage",
+                ))
+            }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Runs `layers` over `x` (`[tokens, hidden]` of the rows of `plan`), keeping the hidden states
