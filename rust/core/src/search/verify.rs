@@ -55,7 +55,7 @@ struct Request {
     closing: usize,
     /// The policy's sequence that generated the text, if its kept hidden states may be shared.
     source: Option<SeqId>,
-    /// Head values of the tokens fed so far, and how many were.
+    /// Head values of the tokens fed so far, one per token.
     values: Vec<f32>,
 }
 
