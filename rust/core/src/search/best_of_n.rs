@@ -130,11 +130,7 @@ pub(crate) struct BestOfN {
 impl BestOfN {
     pub fn new(job: PromptJob, params: BestOfNParams) -> Self {
         let grader = match &params.ranking {
-            Ranking::Verifier(v) => Some(Grader::new(
-                v.clone(),
-                job.prompt.clone(),
-                job.adapter.as_deref(),
-            )),
+            Ranking::Verifier(v) => Some(Grader::new(v.clone(), &job)),
             _ => None,
         };
         Self {

@@ -83,11 +83,7 @@ impl Mcts {
             prompt_text: None,
             finished: false,
             grader: match &params.reward {
-                Reward::Verifier(v) => Some(Grader::new(
-                    v.clone(),
-                    job.prompt.clone(),
-                    job.adapter.as_deref(),
-                )),
+                Reward::Verifier(v) => Some(Grader::new(v.clone(), &job)),
                 _ => None,
             },
             verified: HashMap::new(),

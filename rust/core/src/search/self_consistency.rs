@@ -39,10 +39,7 @@ impl SelfConsistency {
             candidates: Vec::new(),
             votes: Vec::new(),
             confidence: Vec::new(),
-            grader: params
-                .verifier
-                .clone()
-                .map(|v| Grader::new(v, job.prompt.clone(), job.adapter.as_deref())),
+            grader: params.verifier.clone().map(|v| Grader::new(v, &job)),
             verified: Vec::new(),
             job,
             params,

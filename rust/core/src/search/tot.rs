@@ -88,11 +88,7 @@ fn judge(text: &str) -> f64 {
 impl TreeOfThought {
     pub fn new(job: PromptJob, params: ToTParams) -> Self {
         let grader = match &params.evaluator {
-            ToTEvaluator::Verifier(v) => Some(Grader::new(
-                v.clone(),
-                job.prompt.clone(),
-                job.adapter.as_deref(),
-            )),
+            ToTEvaluator::Verifier(v) => Some(Grader::new(v.clone(), &job)),
             _ => None,
         };
         Self {

@@ -71,11 +71,7 @@ pub(crate) struct VerifierSearch {
 
 impl VerifierSearch {
     pub fn new(job: PromptJob, params: VerifierSearchParams) -> Self {
-        let grader = Grader::new(
-            params.verifier.clone(),
-            job.prompt.clone(),
-            job.adapter.as_deref(),
-        );
+        let grader = Grader::new(params.verifier.clone(), &job);
         Self {
             job,
             params,

@@ -16,13 +16,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::best_of_n::PromptJob;
 use super::branch::{BranchId, Finished};
 use super::driver::Cx;
 use super::EntryHidden;
 use crate::error::{Error, Result};
 use crate::kv::SeqId;
 use crate::lora::verifier::sigmoid;
-use crate::lora::{LoraAdapter, Verifier};
+use crate::lora::Verifier;
 use crate::text::Tokenizer;
 
 /// A scored text: the verifier's sequence after it and the probability of each step it ended.
@@ -73,16 +74,13 @@ pub(crate) struct Grader {
 }
 
 impl Grader {
-    /// A grader for texts that `policy` (the base model when `None`) generates after `prompt`.
-    pub fn new(
-        verifier: Arc<Verifier>,
-        prompt: Arc<Vec<u32>>,
-        policy: Option<&LoraAdapter>,
-    ) -> Self {
-        let shared = verifier.adapter.shared_layers(policy);
+    /// A grader for the texts `job`'s policy (its adapter, or the base model) generates after
+    /// its prompt.
+    pub fn new(verifier: Arc<Verifier>, job: &PromptJob) -> Self {
+        let shared = verifier.adapter.shared_layers(job.adapter.as_deref());
         Self {
             verifier,
-            prompt,
+            prompt: job.prompt.clone(),
             shared,
             root: None,
             root_job: None,
