@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from peftscale.eval import game24
+from peftscale.eval.datasets import GAME24_TEMPLATE
 from peftscale.eval.datasets import PACKAGED_DATA as DATA
 from peftscale.eval.grading import check_game24
 
@@ -225,3 +226,69 @@ def test_the_data_command_never_trains_on_test_puzzles(tmp_path: Path) -> None:
     assert used and not used & test
     # Every puzzle of the file is solvable (it lists solvable puzzles), so each training puzzle has a trace.
     assert len(used) == len(puzzles) - 100
+
+
+def _exact_step_labels(puzzle: str, lines: list[str]) -> list[float]:
+    """Labels worked out independently of the package: a line is 1 while every line up to it
+    judges other than impossible (:func:`_exact_label`) and the first step starts from the puzzle."""
+    labels, sound = [], True
+    for k, line in enumerate(lines):
+        if sound and k == 0 and not line.startswith("Answer:"):
+            lhs, left = line.split(" (left: ")
+            a, _, b, _, c = lhs.split()
+            rest = sorted(Fraction(n) for n in left.rstrip(")").split())
+            rest.remove(Fraction(c))
+            sound = sorted([Fraction(a), Fraction(b), *rest]) == sorted(Fraction(n) for n in puzzle.split())
+        sound = sound and _exact_label(lines[: k + 1]) != "impossible"
+        labels.append(1.0 if sound else 0.0)
+    return labels
+
+
+def test_step_labels_of_a_hand_worked_reply() -> None:
+    right = ["9 + 10 = 19 (left: 4 13 19)", "19 - 13 = 6 (left: 4 6)", "4 * 6 = 24 (left: 24)"]
+    assert game24.step_labels("4 9 10 13", [*right, "Answer: 4 * ((9 + 10) - 13) = 24"]) == [1.0] * 4
+    # An answer that uses a number twice, after sound steps.
+    assert game24.step_labels("4 9 10 13", [*right, "Answer: 4 * 6 = 24"]) == [1.0, 1.0, 1.0, 0.0]
+    # 4 + 6 = 10 leaves 10 alone: sound arithmetic, but 24 is out of reach.
+    assert game24.step_labels("4 9 10 13", [*right[:2], "4 + 6 = 10 (left: 10)"]) == [1.0, 1.0, 0.0]
+    # A slip in the arithmetic, then steps that happen to be right from the wrong number.
+    slip = ["9 + 10 = 18 (left: 4 13 18)", "18 - 13 = 5 (left: 4 5)", "4 * 5 = 20 (left: 20)"]
+    assert game24.step_labels("4 9 10 13", slip) == [0.0, 0.0, 0.0]
+    # Numbers left wrongly booked: 13 kept after use.
+    assert game24.step_labels("4 9 10 13", [right[0], "19 - 13 = 6 (left: 4 6 13)"]) == [1.0, 0.0]
+    # A number that is not in the puzzle, and a line that is not a step.
+    assert game24.step_labels("4 9 10 13", ["8 * 3 = 24 (left: 24)"]) == [0.0]
+    assert game24.step_labels("4 9 10 13", ["Let me think.", *right]) == [0.0] * 4
+    assert game24.parse_step("2/3 * 9 = 6 (left: 4 6)") == game24.Step(
+        Fraction(2, 3), "*", Fraction(9), Fraction(6), (Fraction(4), Fraction(6))
+    )
+
+
+def test_verifier_rows_are_labelled_exactly() -> None:
+    puzzles = ["4 9 10 13", "1 1 4 6", "3 3 8 8", "1 1 1 1", "2 3 5 12", "5 5 5 9"]
+    rows = game24.verifier_rows(puzzles, seed=3, per_puzzle=10)
+    assert len(rows) == 60
+    kinds = {k: set() for k in game24.VERIFIER_KINDS}
+    for row in rows:
+        puzzle = row["prompt"].split("Use the numbers ")[1].split(" and")[0]
+        assert row["prompt"] == GAME24_TEMPLATE.replace("{question}", puzzle)
+        assert row["labels"] == _exact_step_labels(puzzle, row["completions"]), row
+        kinds[row["kind"]] |= set(row["labels"])
+    assert kinds["trace"] == {1.0}  # "1 1 1 1" has no solution: its replies are walks
+    assert kinds["walk"] == kinds["turn"] == kinds["slip"] == kinds["false-finish"] == {0.0, 1.0}
+    assert rows == game24.verifier_rows(puzzles, seed=3, per_puzzle=10)
+    assert rows != game24.verifier_rows(puzzles, seed=4, per_puzzle=10)
+
+
+def test_the_verifier_rows_command_keeps_train_and_test_puzzles_apart(tmp_path: Path) -> None:
+    puzzles = (DATA / "game24" / "24.csv").read_text().splitlines()[1:]
+    test = {line.split(",")[1] for line in puzzles[900:1000]}
+    seen = {}
+    for part in ("train", "test"):
+        out = tmp_path / f"{part}.jsonl"
+        args = ["verifier-rows", "--puzzles", part, "--per-puzzle", "1", "--out", str(out), "--data-dir", str(DATA)]
+        assert game24.main(args) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        seen[part] = {r["prompt"].split("Use the numbers ")[1].split(" and")[0] for r in rows}
+    assert seen["test"] == test
+    assert len(seen["train"]) == len(puzzles) - 100 and not seen["train"] & test

@@ -5,12 +5,14 @@ verifier costs rows, not passes."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import peftscale as ps
 import pytest
 import torch
+from peftscale import cli
 from peftscale.train import verifier
 from test_verifier_engine import build_verifier
 
@@ -313,3 +315,57 @@ def test_eval_verifier_strategies_read_smaller_budgets_as_their_own_runs(
             assert r["text"] == own.text, (spec.label, q.id)
     with pytest.raises(ps.InvalidArgument, match=r"'dvts@4' needs a verifier \(--verifier PATH\)"):
         ps.eval.run(dataset=str(data), strategies="dvts@4", out=tmp_path / "x", engine=smollm2_q, progress=False)
+
+
+def test_step_quality_reads_the_engines_scores_like_torchs(eng, smol_verifier, tmp_path: Path) -> None:
+    """Held-out step AUC and accuracy (``peftscale score-steps``) over Game of 24 rows: the engine's
+    scores are the torch verifier's, and the figures, overall and by kind and by step, are their
+    closed forms."""
+    from peftscale.eval import game24
+    from peftscale.eval.stats import auc
+    from peftscale.eval.step_quality import quality, verifier_scores
+
+    rows = game24.verifier_rows(["4 9 10 13", "1 1 4 6"], seed=0)
+    got = verifier_scores(eng, rows, verifier=NAME, batch_size=3)
+    _, vmodel, vtok = smol_verifier
+    want = [verifier.score(vmodel, vtok, r["prompt"], r["completions"]) for r in rows]
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-4)
+    q = quality(rows, got)
+    flat = [(s, y, r["kind"]) for r, ss in zip(rows, got, strict=True) for s, y in zip(ss, r["labels"], strict=True)]
+    assert q["steps"] == len(flat)
+    assert q["step_auc"] == auc([s for s, *_ in flat], [y >= 0.5 for _, y, *_ in flat])
+    assert q["step_accuracy"] == sum((s >= 0.5) == (y >= 0.5) for s, y, *_ in flat) / len(flat)
+    for kind in game24.VERIFIER_KINDS:
+        part = [(s, y) for s, y, kd in flat if kd == kind]
+        assert q["by_kind"][kind]["steps"] == len(part)
+        assert q["by_kind"][kind]["share_good"] == sum(y for _, y in part) / len(part)
+    assert sum(v["steps"] for v in q["by_step"].values()) == len(flat)
+    assert list(q["by_step"]) == [str(k) for k in range(1, len(q["by_step"]) + 1)]
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "quality.json"
+    args = ["score-steps", "--verifier", str(smol_verifier[0]), "--rows", str(path), "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    assert json.loads(out.read_text())["steps"] == len(flat)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "labels": [1.5] * len(rows[0]["labels"])}) + "\n")
+    assert cli.main(["score-steps", "--verifier", str(smol_verifier[0]), "--rows", str(bad)]) == 1
+
+
+def test_the_policys_own_judgement_sees_each_state_once(smollm2_q: ps.Engine) -> None:
+    """``judge_scores`` asks the value question about every prefix of every reply, in batches, and
+    scores each greedy verdict; the same states asked one at a time give the same scores."""
+    from peftscale.eval import game24
+
+    rows = game24.verifier_rows(["4 9 10 13"], seed=1, per_puzzle=2)
+    got = game24.judge_scores(smollm2_q, rows, None, batch_size=3)
+    assert [len(s) for s in got] == [len(r["labels"]) for r in rows]
+    for row, scores in zip(rows, got, strict=True):
+        for k, score in enumerate(scores):
+            state = "\n".join(row["completions"][: k + 1])
+            question = game24.VALUE_QUESTION.replace("{state}", state)
+            chat = smollm2_q.apply_chat_template([{"role": "user", "content": question}])
+            out = smollm2_q.generate(chat, max_new_tokens=game24.VALUE_MAX_TOKENS, stop=["\n"])
+            assert score == game24.VERDICT_SCORES[game24.verdict(out.text or "")]

@@ -11,6 +11,7 @@ from pathlib import Path
 import peftscale as ps
 import pytest
 import torch
+from peftscale.eval.stats import auc
 from peftscale.train import verifier
 from peftscale.train.config import ConfigError
 
@@ -48,8 +49,8 @@ def test_auc_is_the_pairwise_win_rate() -> None:
         pos = [s for s, y in zip(scores, labels, strict=True) if y]
         neg = [s for s, y in zip(scores, labels, strict=True) if not y]
         wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
-        assert verifier.auc(scores, labels) == pytest.approx(wins / (len(pos) * len(neg)))
-    assert verifier.auc([0.1, 0.2], [True, True]) != verifier.auc([0.1, 0.2], [True, True])  # NaN
+        assert auc(scores, labels) == pytest.approx(wins / (len(pos) * len(neg)))
+    assert auc([0.1, 0.2], [True, True]) != auc([0.1, 0.2], [True, True])  # NaN
 
 
 def _rows(n: int, seed: int) -> list[dict]:

@@ -256,6 +256,34 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score_steps(args: argparse.Namespace) -> int:
+    from peftscale.eval.step_quality import quality, table, verifier_scores
+    from peftscale.train.config import ConfigError, DataConfig
+    from peftscale.train.data import read_jsonl
+    from peftscale.train.verifier import check_rows
+
+    rows = read_jsonl(args.rows, ConfigError)
+    check_rows(rows, DataConfig(path=Path(args.rows), format="stepwise"), outcome=False)
+    if args.batch_size < 1:
+        raise InvalidArgument(f"invalid argument: --batch-size must be >= 1, got {args.batch_size}")
+    eng = Engine.load(args.model or models.smollm2_135m_instruct(), device=args.device)
+    eng.load_verifier(args.verifier)
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        def progress(batches):  # type: ignore[no-untyped-def]
+            return tqdm(batches, desc="batches", unit="batch")
+
+    q = quality(rows, verifier_scores(eng, rows, batch_size=args.batch_size, progress=progress))
+    print(table(q))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"verifier": args.verifier, "rows": args.rows, **q}, f, indent=2)
+            f.write("\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftscale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -332,6 +360,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     lb.add_argument("--out", required=True, help="a JSONL file (rerun into it to continue)")
     lb.add_argument("--no-progress", action="store_true", help="no progress bar")
     lb.set_defaults(func=cmd_label)
+    sc = sub.add_parser("score-steps", help="a verifier's step AUC and accuracy on held-out stepwise rows")
+    sc.add_argument("--verifier", required=True, help="a verifier folder (peftscale train, method prm or orm)")
+    sc.add_argument("--rows", required=True, help="stepwise JSONL rows: prompt, completions, labels (and kind)")
+    sc.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
+    sc.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    sc.add_argument("--batch-size", type=int, default=32, help="rows scored together per call")
+    sc.add_argument("--out", default=None, help="write the figures as JSON here too")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sc.set_defaults(func=cmd_score_steps)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

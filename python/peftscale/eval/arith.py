@@ -1,5 +1,6 @@
 """Synthetic multi-step arithmetic word problems with exact step-by-step solutions, and step-labelled
-rows for training verifiers (process reward models) on them and on Game of 24.
+rows for training verifiers (process reward models) on them (Game of 24's are
+:func:`peftscale.eval.game24.verifier_rows`).
 
 The packaged model solves ~1-4% of GSM8K, so labels from its own rollouts there are nearly all 0.
 These problems are built to sit where a small model after fine-tuning solves some but not all: one
@@ -9,7 +10,7 @@ same problems on every machine.
 
 Step-labelled rows use the stepwise-supervised fields TRL uses, with float labels in [0, 1]:
 ``{"prompt": str, "completions": [str, ...], "labels": [float, ...]}``, one label per step. Labels
-here are exact (the arithmetic, or the Game of 24 solver, is the oracle): a step is 1 while the
+here are exact (the arithmetic is the oracle): a step is 1 while the
 correct answer can still be reached from it and 0 from the first wrong step on.
 
 Write a held-out evaluation set (``peftscale eval --dataset arith-test.jsonl`` reads its
@@ -17,7 +18,6 @@ Write a held-out evaluation set (``peftscale eval --dataset arith-test.jsonl`` r
 
     python -m peftscale.eval.arith problems --count 300 --seed 1000 --out arith-test.jsonl
     python -m peftscale.eval.arith rows --count 2000 --seed 1 --out arith-steps.jsonl
-    python -m peftscale.eval.arith game24-rows --first 0 --last 800 --out game24-steps.jsonl
 """
 
 from __future__ import annotations
@@ -27,17 +27,13 @@ import json
 import math
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
-
-from peftscale.eval.game24 import TEST_RANGE, Step, can_reach_24
 
 __all__ = [
     "MAX_VALUE",
     "Problem",
-    "game24_rows",
     "generate",
     "stepwise_rows",
 ]
@@ -171,37 +167,6 @@ def _with_slip(p: Problem, rng: random.Random) -> dict[str, Any]:
     return {"prompt": p.question, "completions": steps, "labels": labels}
 
 
-def game24_rows(puzzles: Sequence[str], seed: int, per_puzzle: int = 4) -> list[dict[str, Any]]:
-    """Step-labelled Game of 24 rows: for each puzzle (``"4 9 10 13"``), ``per_puzzle`` random walks
-    of three steps (each combining two of the numbers left), every step labelled by the solver: 1.0
-    when the numbers it leaves can still make 24, else 0.0. The prompt is the puzzle."""
-    rng = random.Random(f"peftscale-game24-rows-{seed}")
-    rows = []
-    for puzzle in puzzles:
-        for _ in range(per_puzzle):
-            steps = list(_walk(puzzle, rng))
-            rows.append(
-                {
-                    "prompt": puzzle,
-                    "completions": [str(s) for s in steps],
-                    "labels": [1.0 if can_reach_24(s.remaining) else 0.0 for s in steps],
-                }
-            )
-    return rows
-
-
-def _walk(puzzle: str, rng: random.Random) -> Iterator[Step]:
-    nums = [Fraction(int(n)) for n in puzzle.split()]
-    while len(nums) > 1:
-        i, j = rng.sample(range(len(nums)), 2)
-        a, b = nums[i], nums[j]
-        ops = ["+", "-", "*"] + (["/"] if b != 0 else [])
-        op = rng.choice(ops)
-        value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
-        nums = sorted([n for k, n in enumerate(nums) if k not in (i, j)] + [value])
-        yield Step(a, op, b, value, tuple(nums))
-
-
 def _write(rows: Sequence[dict[str, Any]], out: str) -> None:
     with open(out, "w", encoding="utf-8") as f:
         for row in rows:
@@ -224,22 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--out", required=True)
         if name == "rows":
             p.add_argument("--wrong-share", type=float, default=0.5)
-    g = sub.add_parser("game24-rows", help="step-labelled Game of 24 rows from rows of 24.csv")
-    g.add_argument("--first", type=int, default=0)
-    g.add_argument("--last", type=int, default=TEST_RANGE.start, help="exclusive; the test puzzles start at 900")
-    g.add_argument("--per-puzzle", type=int, default=4)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     try:
-        if args.what == "game24-rows":
-            from peftscale.eval.datasets import load_task
-
-            puzzles = [q.question for q in load_task("game24").questions[args.first : args.last]]
-            if any(TEST_RANGE.start <= i < TEST_RANGE.stop for i in range(args.first, args.last)):
-                print("note: these rows include test puzzles 900-999", file=sys.stderr)
-            _write(game24_rows(puzzles, args.seed, args.per_puzzle), args.out)
-            return
         problems = generate(args.count, args.seed, args.min_steps, args.max_steps)
         if args.what == "problems":
             rows = [{"question": p.question, "answer": p.answer, "solution": p.solution()} for p in problems]

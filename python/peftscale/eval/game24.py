@@ -26,7 +26,7 @@ import functools
 import json
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -47,10 +47,14 @@ __all__ = [
     "Step",
     "can_reach_24",
     "format_number",
+    "judge_scores",
     "judgement",
     "search_settings",
+    "parse_step",
     "solutions",
+    "step_labels",
     "training_rows",
+    "verifier_rows",
     "value_label",
     "verdict",
 ]
@@ -157,6 +161,12 @@ def solutions(puzzle: str) -> list[tuple[list[Step], str]]:
 
     walk(start, [])
     return [(steps, f"{expr} = 24") for expr, steps in found.items()]
+
+
+def _plain(found: list[tuple[list[Step], str]]) -> list[tuple[list[Step], str]]:
+    """The solutions through whole, non-negative numbers only, where there are any: the steps a
+    person would write, and easier for a small model to imitate."""
+    return [f for f in found if all(s.result >= 0 and s.result.denominator == 1 for s in f[0])] or found
 
 
 def value_label(steps: Sequence[Step], puzzle: str, answer: str | None = None) -> str:
@@ -341,10 +351,7 @@ def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int 
         found = solutions(puzzle)
         prompt = user_turn(GAME24_TEMPLATE, puzzle)
         if found:
-            # Traces through whole, non-negative numbers where the puzzle has them: the steps a
-            # person would write, and easier for a small model to imitate.
-            plain = [f for f in found if all(s.result >= 0 and s.result.denominator == 1 for s in f[0])]
-            pool = plain or found
+            pool = _plain(found)
             for steps, answer in rng.sample(pool, min(traces_per_puzzle, len(pool))):
                 reply = "\n".join([*(str(s) for s in steps), f"Answer: {answer}"])
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
@@ -370,6 +377,162 @@ def training_rows(puzzles: Sequence[str], traces_per_puzzle: int = 2, seed: int 
         rows.extend(rng.sample(values[label], per_label))
     rng.shuffle(rows)
     return rows
+
+
+def parse_step(line: str) -> Step | None:
+    """A line in the propose format (``"4 + 8 = 12 (left: 6 12)"``) as a :class:`Step`, or None."""
+    head, sep, tail = line.strip().partition(" (left: ")
+    if not sep or not tail.endswith(")"):
+        return None
+    parts = head.split()
+    if len(parts) != 5 or parts[1] not in _OPS or parts[3] != "=":
+        return None
+    try:
+        left, right, result = (Fraction(parts[k]) for k in (0, 2, 4))
+        remaining = tuple(sorted(Fraction(n) for n in tail[:-1].split()))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return Step(left, parts[1], right, result, remaining)
+
+
+def _sound(step: Step, before: tuple[Fraction, ...]) -> bool:
+    """Whether ``step`` combines two of the numbers ``before``, computes right, and leaves the rest
+    plus its result."""
+    pool = list(before)
+    for n in (step.left, step.right):
+        if n not in pool:
+            return False
+        pool.remove(n)
+    if step.op == "/" and step.right == 0:
+        return False
+    value = _OPS[step.op](step.left, step.right)
+    return value == step.result and tuple(sorted([*pool, value])) == step.remaining
+
+
+def step_labels(puzzle: str, lines: Sequence[str]) -> list[float]:
+    """Exact labels of a reply's lines, one per line: 1.0 while every step so far is sound (parsed,
+    its arithmetic right, its numbers left those the step before left less the two used plus the
+    result) and 24 can still be made from what it leaves; an ``Answer:`` line is 1.0 when every step
+    before it is sound and its expression is right. From the first line that fails, every line is
+    0.0: a search must not keep a state built on a slip, even one that later happens to make 24."""
+    labels: list[float] = []
+    left, sound = _start(puzzle), True
+    for line in lines:
+        if sound and line.strip().lower().startswith("answer"):
+            sound = check_game24(line.split(":", 1)[-1], puzzle)
+        elif sound:
+            step = parse_step(line)
+            sound = step is not None and _sound(step, left) and _reachable(step.remaining)
+            left = step.remaining if step is not None else left
+        labels.append(1.0 if sound else 0.0)
+    return labels
+
+
+_Item = tuple[Fraction, str]
+"""A number left and the expression that made it from the puzzle's numbers."""
+
+
+def _combine(items: list[_Item], i: int, j: int, op: str, value: Fraction) -> tuple[Step, list[_Item]]:
+    rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+    expr = f"{items[i][1]} {op} {items[j][1]}"
+    merged = [*rest, (value, f"({expr})" if rest else expr)]
+    return Step(items[i][0], op, items[j][0], value, tuple(sorted(v for v, _ in merged))), merged
+
+
+def _replay(puzzle: str, steps: Sequence[Step]) -> list[_Item]:
+    """The numbers left after the exact ``steps``, with their expressions."""
+    items: list[_Item] = [(Fraction(int(n)), n) for n in puzzle.split()]
+    for s in steps:
+        i = next(k for k, (v, _) in enumerate(items) if v == s.left)
+        j = next(k for k, (v, _) in enumerate(items) if v == s.right and k != i)
+        _, items = _combine(items, i, j, s.op, s.result)
+    return items
+
+
+def _play_out(puzzle: str, steps: list[Step], rng: random.Random, first_reachable: bool | None = None) -> list[str]:
+    """``steps`` (exact) continued with random exact steps down to one number, as reply lines ending
+    in the answer the steps compose (``Answer: <expression> = 24``, false when it is not 24, as a
+    small model writes it); the first added step leads where 24 can (or cannot) be made when
+    ``first_reachable`` says so and such a step exists."""
+    items = _replay(puzzle, steps)
+    steps = list(steps)
+    while len(items) > 1:
+        moves = list(_moves(tuple(v for v, _ in items)))
+        if first_reachable is not None:
+            nums = tuple(v for v, _ in items)
+            wanted = [m for m in moves if _reachable(_after(nums, *m[:2], m[3])) == first_reachable]
+            moves, first_reachable = wanted or moves, None
+        step, items = _combine(items, *rng.choice(moves))
+        steps.append(step)
+    return [*(str(s) for s in steps), f"Answer: {items[0][1]} = 24"]
+
+
+def _after_slip(steps: list[Step], rng: random.Random) -> list[str]:
+    """``steps`` whose last one is a slip, continued with exact steps from the numbers it claims
+    are left down to one number (no answer line: the expressions no longer add up)."""
+    nums, lines = steps[-1].remaining, [str(s) for s in steps]
+    while len(nums) > 1:
+        i, j, op, value = rng.choice(list(_moves(nums)))
+        step = Step(nums[i], op, nums[j], value, _after(nums, i, j, value))
+        lines.append(str(step))
+        nums = step.remaining
+    return lines
+
+
+VERIFIER_KINDS = ("trace", "walk", "turn", "slip", "false-finish")
+"""The replies :func:`verifier_rows` writes for each puzzle, in turn."""
+
+
+def verifier_rows(puzzles: Sequence[str], seed: int, per_puzzle: int = 5) -> list[dict[str, Any]]:
+    """Step-labelled rows for a Game of 24 verifier (``{"prompt", "completions", "labels"}``), the
+    prompt being the user turn a search asks the policy (:data:`GAME24_TEMPLATE`) and each
+    completion one line of the reply in the propose format, labelled by :func:`step_labels`.
+
+    Each puzzle gets ``per_puzzle`` replies, the kinds of :data:`VERIFIER_KINDS` in turn: a solution
+    (every line 1); a random walk of exact steps; a solution's first steps then a random turn that
+    leaves 24 out of reach; a solution's first steps then a slip (wrong arithmetic or wrong numbers
+    left) continued with exact steps; three exact steps whose last falsely claims 24, with the answer
+    they compose. A puzzle without a solution gets random walks instead."""
+    if per_puzzle < 1:
+        raise ValueError(f"per_puzzle must be >= 1, got {per_puzzle}")
+    rng = random.Random(f"peftscale-game24-verifier-{seed}")
+    rows = []
+    for puzzle in puzzles:
+        found = _plain(solutions(puzzle))
+        for n in range(per_puzzle):
+            kind = VERIFIER_KINDS[n % len(VERIFIER_KINDS)] if found else "walk"
+            lines = _verifier_reply(kind, puzzle, rng.choice(found) if found else None, rng)
+            rows.append(
+                {
+                    "prompt": user_turn(GAME24_TEMPLATE, puzzle),
+                    "completions": lines,
+                    "labels": step_labels(puzzle, lines),
+                    "kind": kind,
+                }
+            )
+    return rows
+
+
+def _verifier_reply(kind: str, puzzle: str, solution: tuple[list[Step], str] | None, rng: random.Random) -> list[str]:
+    if kind == "walk" or solution is None:
+        return _play_out(puzzle, [], rng)
+    steps, answer = solution
+    if kind == "trace":
+        return [*(str(s) for s in steps), f"Answer: {answer}"]
+    if kind == "turn":
+        return _play_out(puzzle, steps[: rng.randrange(len(steps))], rng, first_reachable=False)
+    if kind == "slip":
+        slipped = None
+        if rng.random() < 0.5:
+            slipped = _misbooking(list(steps[: rng.randrange(1, len(steps))]), puzzle, rng)
+        if slipped is None:
+            slipped = _miscalculation(list(steps[: rng.randrange(len(steps))]), puzzle, rng)
+        return _after_slip(slipped, rng)
+    false = None
+    while false is None:
+        false = _false_finish(puzzle, rng)
+    false_steps, false_answer = false
+    return [*(str(s) for s in false_steps), f"Answer: {false_answer}"]
 
 
 class ModelJudge:
@@ -399,8 +562,7 @@ class ModelJudge:
         assert isinstance(outs, list)
         self._tokens += outs[0].stats.tokens_forwarded
         self._flops += outs[0].stats.flops
-        score = {"sure": 1.0, "likely": 0.5, "impossible": 0.0, None: 0.0}
-        return sum(score[verdict(o.text or "")] for o in outs) / len(outs)
+        return sum(VERDICT_SCORES[verdict(o.text or "")] for o in outs) / len(outs)
 
     def peftscale_fingerprint(self) -> str:
         """What its rewards depend on (for resuming an evaluation): the model's weights, the
@@ -414,6 +576,41 @@ class ModelJudge:
         spent = (self._tokens, self._flops)
         self._tokens, self._flops = 0, 0.0
         return spent
+
+
+VERDICT_SCORES = {"sure": 1.0, "likely": 0.5, "impossible": 0.0, None: 0.0}
+"""A judgement's verdict as a value (no verdict counts as impossible)."""
+
+
+def judge_scores(
+    engine: Engine,
+    rows: Sequence[dict[str, Any]],
+    adapter: str | None,
+    batch_size: int = 32,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> list[list[float]]:
+    """The policy's own text judgement of every state of stepwise ``rows`` (a state: a reply's lines
+    up to a step): :data:`VALUE_QUESTION` in the chat template, one greedy reply of at most
+    :data:`VALUE_MAX_TOKENS` tokens and one line, its verdict scored by :data:`VERDICT_SCORES`; the
+    same states a verifier is scored on (:mod:`peftscale.eval.step_quality`), ``batch_size`` per call."""
+    from peftscale.strategies import Greedy
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    states = [(n, "\n".join(r["completions"][:k])) for n, r in enumerate(rows) for k in range(1, len(r["labels"]) + 1)]
+    scores: list[list[float]] = [[] for _ in rows]
+    starts: Iterable[int] = range(0, len(states), batch_size)
+    for start in progress(starts) if progress else starts:
+        batch = states[start : start + batch_size]
+        chats = [
+            engine.apply_chat_template([{"role": "user", "content": VALUE_QUESTION.replace("{state}", state)}])
+            for _, state in batch
+        ]
+        outs = engine.generate(chats, max_new_tokens=VALUE_MAX_TOKENS, strategy=Greedy(), adapter=adapter, stop=["\n"])
+        assert isinstance(outs, list)
+        for (n, _), out in zip(batch, outs, strict=True):
+            scores[n].append(VERDICT_SCORES[verdict(out.text or "")])
+    return scores
 
 
 def search_settings(engine: Engine, adapter: str | None = None) -> dict[str, dict[str, Any]]:
@@ -448,6 +645,34 @@ def _read_puzzles(data_dir: Path) -> list[str]:
         return [row["Puzzles"] for row in csv.DictReader(f)]
 
 
+def _judge_quality(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from peftscale import models
+    from peftscale.engine import Engine
+    from peftscale.eval.step_quality import quality, table
+
+    with open(args.rows, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    engine = Engine.load(args.model or models.smollm2_135m_instruct())
+    if args.adapter:
+        engine.load_adapter(args.adapter, name="policy")
+    scores = judge_scores(
+        engine,
+        rows,
+        "policy" if args.adapter else None,
+        args.batch_size,
+        lambda batches: tqdm(batches, desc="batches", unit="batch"),
+    )
+    q = quality(rows, scores)
+    print(table(q))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"adapter": args.adapter, "rows": args.rows, **q}, f, indent=2)
+            f.write("\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m peftscale.eval.game24", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -458,10 +683,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     d.add_argument("--traces-per-puzzle", type=int, default=2)
     d.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser(
+        "verifier-rows", help="write step-labelled rows for a verifier (method: prm), labelled by the solver"
+    )
+    v.add_argument("--out", required=True, help="a .jsonl file")
+    v.add_argument(
+        "--puzzles",
+        choices=("train", "test"),
+        default="train",
+        help="the puzzles outside rows 900-999 (train, the default) or rows 900-999 (test: held-out states)",
+    )
+    v.add_argument("--per-puzzle", type=int, default=len(VERIFIER_KINDS))
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument(
+        "--data-dir", default=None, help="where game24/24.csv lies (default: the copies shipped with peftscale)"
+    )
+    j = sub.add_parser(
+        "judge-quality",
+        help="the policy's own sure/likely/impossible judgement of stepwise rows' states: step AUC and accuracy",
+    )
+    j.add_argument("--rows", required=True, help="stepwise rows (verifier-rows --puzzles test)")
+    j.add_argument("--adapter", default=None, help="the policy's LoRA folder (default: the base model)")
+    j.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: packaged SmolLM2)")
+    j.add_argument("--batch-size", type=int, default=32)
+    j.add_argument("--out", default=None, help="write the figures as JSON here too")
     args = ap.parse_args(argv)
+    if args.command == "judge-quality":
+        return _judge_quality(args)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     puzzles = _read_puzzles(data_dir)
     train = [p for i, p in enumerate(puzzles) if i not in TEST_RANGE]
+    if args.command == "verifier-rows":
+        chosen = train if args.puzzles == "train" else [puzzles[i] for i in TEST_RANGE]
+        try:
+            vrows = verifier_rows(chosen, args.seed, args.per_puzzle)
+        except ValueError as e:
+            ap.error(str(e))
+        with open(args.out, "w", encoding="utf-8") as f:
+            for row in vrows:
+                f.write(json.dumps(row) + "\n")
+        steps = [x for r in vrows for x in r["labels"]]
+        print(
+            f"{len(vrows)} rows, {len(steps)} steps ({sum(steps) / max(1, len(steps)):.0%} labelled 1) from "
+            f"{len(chosen)} {args.puzzles} puzzles: {args.out}",
+            file=sys.stderr,
+        )
+        return 0
     rows = training_rows(train, args.traces_per_puzzle, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

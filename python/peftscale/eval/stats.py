@@ -1,4 +1,5 @@
-"""Confidence intervals for accuracies and for paired differences between two strategies."""
+"""Confidence intervals for accuracies and for paired differences between two strategies, and the
+ranking quality (AUC) of scores."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PairedDifference", "mcnemar_p", "paired_difference", "pass_at_k", "wilson_interval"]
+__all__ = ["PairedDifference", "auc", "mcnemar_p", "paired_difference", "pass_at_k", "wilson_interval"]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -88,3 +89,20 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], resamples: int = 10_
         only_b=sum(1 for d in diffs if d > 0),
         questions=n,
     )
+
+
+def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """The probability that a random positive outscores a random negative (ties count half)."""
+    pos = [s for s, y in zip(scores, positive, strict=True) if y]
+    neg = [s for s, y in zip(scores, positive, strict=True) if not y]
+    if not pos or not neg:
+        return float("nan")
+    ranked = sorted(scores)
+    # Midranks: the average 1-based rank of each value among all scores.
+    first: dict[float, int] = {}
+    count: dict[float, int] = {}
+    for i, s in enumerate(ranked, 1):
+        first.setdefault(s, i)
+        count[s] = count.get(s, 0) + 1
+    rank_sum = sum(first[s] + (count[s] - 1) / 2 for s in pos)
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from peftscale.eval.stats import auc
 from peftscale.train.config import ConfigError, DataConfig, TrainConfig
 from peftscale.train.data import hold_out, read_rows
 
@@ -194,23 +195,6 @@ def step_metrics(eval_pred: Any) -> dict[str, float]:
     p = torch.sigmoid(scores[real])
     y = labels[real] >= 0.5
     return {"step_accuracy": float(((p >= 0.5) == y).double().mean()), "step_auc": auc(p.tolist(), y.tolist())}
-
-
-def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """The probability that a random positive outscores a random negative (ties count half)."""
-    pos = [s for s, y in zip(scores, positive, strict=True) if y]
-    neg = [s for s, y in zip(scores, positive, strict=True) if not y]
-    if not pos or not neg:
-        return float("nan")
-    ranked = sorted(scores)
-    # Midranks: the average 1-based rank of each value among all scores.
-    first: dict[float, int] = {}
-    count: dict[float, int] = {}
-    for i, s in enumerate(ranked, 1):
-        first.setdefault(s, i)
-        count[s] = count.get(s, 0) + 1
-    rank_sum = sum(first[s] + (count[s] - 1) / 2 for s in pos)
-    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
 def objective(config: TrainConfig) -> Any:
