@@ -104,3 +104,19 @@ def test_rollout_labels_on_the_packaged_model_train_and_resume(smollm2_path: Pat
     assert (tmp_path / "labels.jsonl.done").read_text().split() == [q.id for q in task.questions[:3]]
     again = [json.loads(line) for line in out.read_text().splitlines()]
     assert again[: len(rows)] == rows and {r["id"] for r in again[len(rows) :]} <= {task.questions[2].id}
+
+
+def test_exact_labels_come_from_the_tasks_oracle_without_rollouts() -> None:
+    """Game of 24's solver labels the policy's own solutions: no rollouts, and a task without an
+    oracle is refused by name."""
+    task = load_task("game24")
+    q = Question(id="g", question="4 9 10 13", gold="4 9 10 13")
+    reply = "9 + 10 = 19 (left: 4 13 19)\n19 - 13 = 7 (left: 4 7)\n4 * 7 = 28 (left: 28)\nAnswer: 4 * 6 = 24"
+    engine = _Scripted({"<assistant>": [reply, "9 + 10 = 19 (left: 4 13 19)\n19 - 13 = 6 (left: 4 6)"]})
+    rows = label_question(engine, task, q, LabelSettings(solutions=2, label="exact"))  # type: ignore[arg-type]
+    assert [len(c) for c in engine.calls] == [2]  # the solutions only
+    assert rows[0]["labels"] == [1.0, 0.0, 0.0, 0.0] and rows[0]["correct"] is False
+    assert rows[1]["labels"] == [1.0, 1.0]
+    assert rows[0]["prompt"] == task.template.replace("{question}", q.question)
+    with pytest.raises(ps.InvalidArgument, match="no exact step oracle"):
+        label_question(engine, load_task("gsm8k"), q, LabelSettings(label="exact"))  # type: ignore[arg-type]

@@ -355,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     lb.add_argument("--top-k", type=int, default=50)
     lb.add_argument("--delimiter", default="\\n", help="where a solution splits into steps (escapes such as \\n read)")
     lb.add_argument("--max-new-tokens", type=int, default=256)
-    lb.add_argument("--label", default="soft", choices=["soft", "hard"], help="share of right completions, or any")
+    lb.add_argument(
+        "--label",
+        default="soft",
+        choices=["soft", "hard", "exact"],
+        help="share of right completions, or any; exact: the task's own step oracle (game24), no rollouts",
+    )
     lb.add_argument("--seed", type=int, default=0)
     lb.add_argument("--out", required=True, help="a JSONL file (rerun into it to continue)")
     lb.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -69,6 +69,9 @@ class Task:
     search: Callable[[Engine, str | None], dict[str, dict[str, Any]]] | None = None
     #: A user task's prompt builder: the question's whole user turn (replaces ``template``).
     prompt: Callable[[str], str] | None = None
+    #: ``(steps, gold)``: exact labels of a reply's steps, where the task has an oracle for them
+    #: (Game of 24's solver); ``peftscale label --label exact`` uses it instead of rollouts.
+    step_oracle: Callable[[Sequence[str], str], list[float]] | None = None
 
 
 def user_task(
@@ -245,6 +248,12 @@ def _game24_search(engine: Engine, adapter: str | None) -> dict[str, dict[str, A
     return search_settings(engine, adapter)
 
 
+def _game24_step_labels(steps: Sequence[str], puzzle: str) -> list[float]:
+    from peftscale.eval.game24 import step_labels
+
+    return step_labels(puzzle, steps)
+
+
 def _judge_game24(expression: str | None, puzzle: str) -> bool:
     return expression is not None and check_game24(expression, puzzle)
 
@@ -271,6 +280,7 @@ def _game24(data_dir: Path, shots: int) -> Task:
         template=GAME24_TEMPLATE,
         extract=extract_game24,
         search=_game24_search,
+        step_oracle=_game24_step_labels,
     )
 
 

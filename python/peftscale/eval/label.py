@@ -4,11 +4,15 @@ For each question the policy (the base model, or it with an adapter) writes ``so
 solutions; each is split into steps at ``delimiter``. From every step prefix the engine samples ``n``
 completions (all prefixes of a solution in one batched call); a step's soft label is the share of
 its completions that reach the gold answer, its hard label whether any does. The last step is
-labelled by the solution's own answer. Rows are written as each question finishes, in the stepwise
-format ``peftscale train`` reads (``prompt``, ``completions``, ``labels``) plus ``id``, ``soft``,
-``hard`` and ``correct``; rerunning into the same file skips the questions already done.
+labelled by the solution's own answer. Where the task has an exact oracle for its steps (Game of 24:
+the solver), ``label="exact"`` labels the policy's solutions by it instead, with no rollouts. Rows
+are written as each question finishes, in the stepwise format ``peftscale train`` reads
+(``prompt``, ``completions``, ``labels``) plus ``id``, ``correct`` and (from rollouts) ``soft`` and
+``hard``; rerunning into the same file skips the questions already done.
 
     peftscale label --dataset runs/arith-train.jsonl --slice 0:200 --n 8 --out runs/arith-rollout-labels.jsonl
+    peftscale label --dataset game24 --slice 900:1000 --adapter runs/game24-lora --solutions 8 --label exact \
+        --out runs/game24-policy-labels.jsonl
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ class LabelSettings:
     #: Where a solution splits into steps.
     delimiter: str = "\n"
     max_new_tokens: int = 256
-    #: Which label goes into ``labels``: the share of completions that are right, or whether any is.
-    label: Literal["soft", "hard"] = "soft"
+    #: Which label goes into ``labels``: the share of completions that are right, whether any is,
+    #: or the task's exact step oracle (no rollouts).
+    label: Literal["soft", "hard", "exact"] = "soft"
     seed: int = 0
 
     def check(self) -> None:
@@ -54,8 +59,8 @@ class LabelSettings:
             raise InvalidArgument(f"invalid argument: rollouts sample: temperature must be > 0, got {self.temperature}")
         if not self.delimiter:
             raise InvalidArgument("invalid argument: the step delimiter must not be empty")
-        if self.label not in ("soft", "hard"):
-            raise InvalidArgument(f"invalid argument: label must be 'soft' or 'hard', got {self.label!r}")
+        if self.label not in ("soft", "hard", "exact"):
+            raise InvalidArgument(f"invalid argument: label must be 'soft', 'hard' or 'exact', got {self.label!r}")
 
 
 def split_steps(text: str, delimiter: str) -> list[str]:
@@ -78,6 +83,11 @@ def label_question(
     engine: Engine, task: Task, question: Question, settings: LabelSettings, adapter: str | None = None
 ) -> list[dict[str, Any]]:
     """The labelled rows of one question, one per sampled solution with at least one step."""
+    oracle = task.step_oracle if settings.label == "exact" else None
+    if settings.label == "exact" and oracle is None:
+        raise InvalidArgument(
+            f"invalid argument: the task '{task.name}' has no exact step oracle; label with rollouts (soft or hard)"
+        )
     prompt = build_prompt(engine, task, question)
     strategy = Sampling(temperature=settings.temperature, top_k=settings.top_k, seed=_seed(settings.seed, question.id))
     solutions = engine.generate(
@@ -87,6 +97,16 @@ def label_question(
     for k, solution in enumerate(solutions):
         steps = split_steps(solution.text, settings.delimiter)
         if not steps:
+            continue
+        correct = task.grade(solution.text, question.gold).correct
+        row: dict[str, Any] = {
+            "id": question.id,
+            # What the verifier sees as the prompt: the user turn as the policy saw it.
+            "prompt": question_turn(task, question.question),
+            "completions": steps,
+        }
+        if oracle is not None:
+            rows.append({**row, "labels": oracle(steps, question.gold), "correct": correct})
             continue
         d = settings.delimiter
         heads = [d.join(steps[: i + 1]) + d for i in range(len(steps) - 1)]
@@ -104,21 +124,10 @@ def label_question(
             for i, head in enumerate(heads):
                 texts = [head + o.text for o in outs[i * settings.n : (i + 1) * settings.n]]
                 outcomes.append([task.grade(t, question.gold).correct for t in texts])
-        correct = task.grade(solution.text, question.gold).correct
         outcomes.append([correct])
         soft, hard = step_labels(outcomes)
-        rows.append(
-            {
-                "id": question.id,
-                # What the verifier sees as the prompt: the user turn as the policy saw it.
-                "prompt": question_turn(task, question.question),
-                "completions": steps,
-                "labels": soft if settings.label == "soft" else hard,
-                "soft": soft,
-                "hard": hard,
-                "correct": correct,
-            }
-        )
+        labels = hard if settings.label == "hard" else soft
+        rows.append({**row, "labels": labels, "soft": soft, "hard": hard, "correct": correct})
     return rows
 
 
