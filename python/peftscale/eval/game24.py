@@ -303,23 +303,40 @@ def _misbooking(steps: list[Step], puzzle: str, rng: random.Random) -> list[Step
     return [*steps, Step(nums[i], op, nums[j], value, remaining)]
 
 
+_Item = tuple[Fraction, str]
+"""A number left and the expression that made it from the puzzle's numbers."""
+
+
+def _combine(items: list[_Item], i: int, j: int, op: str, value: Fraction) -> tuple[Step, list[_Item]]:
+    rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+    expr = f"{items[i][1]} {op} {items[j][1]}"
+    merged = [*rest, (value, f"({expr})" if rest else expr)]
+    return Step(items[i][0], op, items[j][0], value, tuple(sorted(v for v, _ in merged))), merged
+
+
+def _replay(puzzle: str, steps: Sequence[Step]) -> list[_Item]:
+    """The numbers left after the exact ``steps``, with their expressions."""
+    items: list[_Item] = [(Fraction(int(n)), n) for n in puzzle.split()]
+    for s in steps:
+        i = next(k for k, (v, _) in enumerate(items) if v == s.left)
+        j = next(k for k, (v, _) in enumerate(items) if v == s.right and k != i)
+        _, items = _combine(items, i, j, s.op, s.result)
+    return items
+
+
 def _false_finish(puzzle: str, rng: random.Random) -> tuple[list[Step], str] | None:
     """Three exact steps that do not make 24 but whose last one claims it, and the answer they
     compose (which the checker rejects); ``None`` when the random path happens to be right."""
-    items = [(Fraction(int(n)), n) for n in puzzle.split()]
+    items = _replay(puzzle, [])
     steps: list[Step] = []
     while len(items) > 1:
-        nums = tuple(v for v, _ in items)
-        i, j, op, value = rng.choice(list(_moves(nums)))
-        rest = [items[k] for k in range(len(items)) if k not in (i, j)]
-        expr = f"{items[i][1]} {op} {items[j][1]}"
-        if not rest:
+        i, j, op, value = rng.choice(list(_moves(tuple(v for v, _ in items))))
+        if len(items) == 2:
             if value == 24:
                 return None
             value = Fraction(24)
-        merged = [*rest, (value, f"({expr})" if rest else expr)]
-        steps.append(Step(nums[i], op, nums[j], value, tuple(sorted(v for v, _ in merged))))
-        items = merged
+        step, items = _combine(items, i, j, op, value)
+        steps.append(step)
     return steps, f"{items[0][1]} = 24"
 
 
@@ -426,27 +443,6 @@ def step_labels(puzzle: str, lines: Sequence[str]) -> list[float]:
             left = step.remaining if step is not None else left
         labels.append(1.0 if sound else 0.0)
     return labels
-
-
-_Item = tuple[Fraction, str]
-"""A number left and the expression that made it from the puzzle's numbers."""
-
-
-def _combine(items: list[_Item], i: int, j: int, op: str, value: Fraction) -> tuple[Step, list[_Item]]:
-    rest = [items[k] for k in range(len(items)) if k not in (i, j)]
-    expr = f"{items[i][1]} {op} {items[j][1]}"
-    merged = [*rest, (value, f"({expr})" if rest else expr)]
-    return Step(items[i][0], op, items[j][0], value, tuple(sorted(v for v, _ in merged))), merged
-
-
-def _replay(puzzle: str, steps: Sequence[Step]) -> list[_Item]:
-    """The numbers left after the exact ``steps``, with their expressions."""
-    items: list[_Item] = [(Fraction(int(n)), n) for n in puzzle.split()]
-    for s in steps:
-        i = next(k for k, (v, _) in enumerate(items) if v == s.left)
-        j = next(k for k, (v, _) in enumerate(items) if v == s.right and k != i)
-        _, items = _combine(items, i, j, s.op, s.result)
-    return items
 
 
 def _play_out(puzzle: str, steps: list[Step], rng: random.Random, first_reachable: bool | None = None) -> list[str]:
