@@ -112,3 +112,15 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, gguf_tokenizer) -> Path
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory, gguf_tokenizer) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", gguf_tokenizer, seed=1)
+
+
+@pytest.fixture
+def python_handles_ctrl_c():  # type: ignore[no-untyped-def]
+    """For tests that send themselves SIGINT: a shell without job control starts a background job
+    with SIGINT ignored, and Python keeps it ignored (CI started with ``&``), so the test gives
+    Ctrl-C Python's usual handler, then puts back whatever was there."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -11,19 +11,9 @@ import time
 import peftscale as ps
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("python_handles_ctrl_c")]
 
 LONG = ["Tell me a long story about a dragon."] * 8
-
-
-@pytest.fixture(autouse=True)
-def _python_handles_ctrl_c():  # type: ignore[no-untyped-def]
-    """A shell without job control starts a background job with SIGINT ignored, and Python keeps it
-    ignored (CI started with ``&``): these tests give Ctrl-C Python's usual handler, then put back
-    whatever was there."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 def _interrupt_after(seconds: float) -> list[float]:

@@ -51,6 +51,7 @@ def test_self_consistency_cut_short_votes_over_the_samples_that_finished(smollm2
     assert out.answer is not None or all(c.answer is None for c in out.candidates)
 
 
+@pytest.mark.usefixtures("python_handles_ctrl_c")
 def test_ctrl_c_raises_interrupted_carrying_the_vote(smollm2_q: ps.Engine) -> None:
     eng = smollm2_q
     ids = _prompt(eng)
