@@ -257,13 +257,9 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_score_steps(args: argparse.Namespace) -> int:
-    from peftscale.eval.step_quality import quality, table, verifier_scores
-    from peftscale.train.config import ConfigError, DataConfig
-    from peftscale.train.data import read_jsonl
-    from peftscale.train.verifier import check_rows
+    from peftscale.eval.step_quality import quality, read_rows, report, verifier_scores
 
-    rows = read_jsonl(args.rows, ConfigError)
-    check_rows(rows, DataConfig(path=Path(args.rows), format="stepwise"), outcome=False)
+    rows = read_rows(args.rows)
     if args.batch_size < 1:
         raise InvalidArgument(f"invalid argument: --batch-size must be >= 1, got {args.batch_size}")
     eng = Engine.load(args.model or models.smollm2_135m_instruct(), device=args.device)
@@ -276,11 +272,7 @@ def cmd_score_steps(args: argparse.Namespace) -> int:
             return tqdm(batches, desc="batches", unit="batch")
 
     q = quality(rows, verifier_scores(eng, rows, batch_size=args.batch_size, progress=progress))
-    print(table(q))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"verifier": args.verifier, "rows": args.rows, **q}, f, indent=2)
-            f.write("\n")
+    report(q, args.out, verifier=args.verifier, rows=args.rows)
     return 0
 
 

@@ -32,6 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftscale.errors import PeftscaleError
 from peftscale.eval.datasets import GAME24_TEMPLATE, default_data_dir
 from peftscale.eval.grading import check_game24
 from peftscale.eval.prompts import user_turn
@@ -187,20 +188,24 @@ def _recomputed(steps: Sequence[Step]) -> Step | str:
     does not see the puzzle), or why it cannot be (it uses a number that is not left)."""
     last = steps[-1]
     if len(steps) > 1:
-        pool = list(steps[-2].remaining)
-    else:
-        pool = list(last.remaining)
-        if last.result in pool:
-            pool.remove(last.result)
-        pool += [last.left, last.right]
-    for n in (last.left, last.right):
+        return _redone(last, steps[-2].remaining)
+    pool = list(last.remaining)
+    if last.result in pool:
+        pool.remove(last.result)
+    return _redone(last, (*pool, last.left, last.right))
+
+
+def _redone(step: Step, before: Sequence[Fraction]) -> Step | str:
+    """``step`` worked out again from the numbers ``before`` it, or why it cannot be."""
+    pool = list(before)
+    for n in (step.left, step.right):
         if n not in pool:
             return f"{format_number(n)} is not left"
         pool.remove(n)
-    if last.op == "/" and last.right == 0:
+    if step.op == "/" and step.right == 0:
         return "no division by 0"
-    value = _OPS[last.op](last.left, last.right)
-    return Step(last.left, last.op, last.right, value, tuple(sorted([*pool, value])))
+    value = _OPS[step.op](step.left, step.right)
+    return Step(step.left, step.op, step.right, value, tuple(sorted([*pool, value])))
 
 
 def _pair_results(nums: tuple[Fraction, ...]) -> str:
@@ -412,20 +417,6 @@ def parse_step(line: str) -> Step | None:
     return Step(left, parts[1], right, result, remaining)
 
 
-def _sound(step: Step, before: tuple[Fraction, ...]) -> bool:
-    """Whether ``step`` combines two of the numbers ``before``, computes right, and leaves the rest
-    plus its result."""
-    pool = list(before)
-    for n in (step.left, step.right):
-        if n not in pool:
-            return False
-        pool.remove(n)
-    if step.op == "/" and step.right == 0:
-        return False
-    value = _OPS[step.op](step.left, step.right)
-    return value == step.result and tuple(sorted([*pool, value])) == step.remaining
-
-
 def step_labels(puzzle: str, lines: Sequence[str]) -> list[float]:
     """Exact labels of a reply's lines, one per line: 1.0 while every step so far is sound (parsed,
     its arithmetic right, its numbers left those the step before left less the two used plus the
@@ -439,7 +430,8 @@ def step_labels(puzzle: str, lines: Sequence[str]) -> list[float]:
             sound = check_game24(line.split(":", 1)[-1], puzzle)
         elif sound:
             step = parse_step(line)
-            sound = step is not None and _sound(step, left) and _reachable(step.remaining)
+            # Sound: it combines two of the numbers left, computes right, and leaves the rest plus its result.
+            sound = step is not None and _redone(step, left) == step and _reachable(step.remaining)
             left = step.remaining if step is not None else left
         labels.append(1.0 if sound else 0.0)
     return labels
@@ -453,9 +445,9 @@ def _play_out(puzzle: str, steps: list[Step], rng: random.Random, first_reachabl
     items = _replay(puzzle, steps)
     steps = list(steps)
     while len(items) > 1:
-        moves = list(_moves(tuple(v for v, _ in items)))
+        nums = tuple(v for v, _ in items)
+        moves = list(_moves(nums))
         if first_reachable is not None:
-            nums = tuple(v for v, _ in items)
             wanted = [m for m in moves if _reachable(_after(nums, *m[:2], m[3])) == first_reachable]
             moves, first_reachable = wanted or moves, None
         step, items = _combine(items, *rng.choice(moves))
@@ -646,10 +638,9 @@ def _judge_quality(args: argparse.Namespace) -> int:
 
     from peftscale import models
     from peftscale.engine import Engine
-    from peftscale.eval.step_quality import quality, table
+    from peftscale.eval.step_quality import quality, read_rows, report
 
-    with open(args.rows, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(args.rows)
     engine = Engine.load(args.model or models.smollm2_135m_instruct())
     if args.adapter:
         engine.load_adapter(args.adapter, name="policy")
@@ -660,12 +651,7 @@ def _judge_quality(args: argparse.Namespace) -> int:
         args.batch_size,
         lambda batches: tqdm(batches, desc="batches", unit="batch"),
     )
-    q = quality(rows, scores)
-    print(table(q))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"adapter": args.adapter, "rows": args.rows, **q}, f, indent=2)
-            f.write("\n")
+    report(quality(rows, scores), args.out, adapter=args.adapter, rows=args.rows)
     return 0
 
 
@@ -705,7 +691,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     j.add_argument("--out", default=None, help="write the figures as JSON here too")
     args = ap.parse_args(argv)
     if args.command == "judge-quality":
-        return _judge_quality(args)
+        if args.batch_size < 1:
+            ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        try:
+            return _judge_quality(args)
+        except PeftscaleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     puzzles = _read_puzzles(data_dir)
     train = [p for i, p in enumerate(puzzles) if i not in TEST_RANGE]

@@ -7,7 +7,9 @@ other judge's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftscale.eval.stats import auc
@@ -15,7 +17,18 @@ from peftscale.eval.stats import auc
 if TYPE_CHECKING:
     from peftscale.engine import Engine
 
-__all__ = ["quality", "summarize", "table", "verifier_scores"]
+__all__ = ["quality", "read_rows", "report", "summarize", "table", "verifier_scores"]
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Stepwise rows from a JSONL file, refused by row and field as training refuses them."""
+    from peftscale.train.config import ConfigError, DataConfig
+    from peftscale.train.data import read_jsonl
+    from peftscale.train.verifier import check_rows
+
+    rows = read_jsonl(path, ConfigError)
+    check_rows(rows, DataConfig(path=Path(path), format="stepwise"), outcome=False)
+    return rows
 
 
 def summarize(scores: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
@@ -82,3 +95,12 @@ def table(q: dict[str, Any]) -> str:
             f"| {name} | {s['steps']} | {s['step_auc']:.3f} | {s['step_accuracy']:.3f} | {s['share_good']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def report(q: dict[str, Any], out: str | Path | None, **about: Any) -> None:
+    """Prints :func:`table` of ``q``, and writes ``about`` and ``q`` to ``out`` as JSON when given."""
+    print(table(q))
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump({**about, **q}, f, indent=2)
+            f.write("\n")
